@@ -1,0 +1,265 @@
+"""Views: explicit geometric recipes for rendering one image onto a fixed canvas.
+
+A view is plain data (it round-trips through a JSON or Parquet row). The teacher renders
+a view once, when the label store is filled; the student renders the same view again,
+epochs later and possibly on another machine, and must get the same pixels. That is why
+`render` uses only integer-exact or single-library operations (PIL's resampling on uint8,
+numpy flips and copies), never a thread-count-dependent float kernel.
+
+Legend: M GT boxes; canvas H x W; boxes are ``(x1, y1, x2, y2)`` in pixels.
+
+Rendering order (and its inverse, `view_to_image_boxes`):
+    1. resize the decoded image (height h, width w) to ``(resized_h, resized_w)`` =
+       ``(round(h * scale), round(w * scale))`` with PIL bilinear resampling;
+    2. if ``flip``, mirror horizontally inside the resized image;
+    3. paste at ``(offset_x, offset_y)`` on a zero canvas (zero *after* normalisation,
+       as mmdetection pads), ``offset + resized <= canvas``.
+The valid region is ``(offset_x, offset_y, offset_x + resized_w, offset_y + resized_h)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+# ImageNet statistics in RGB order on the 0-255 scale (torchvision's and mmdetection's).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class ViewError(ValueError):
+    """A view recipe that cannot be rendered (it names the image and view)."""
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """One explicit geometric recipe for one image."""
+
+    image_id: int
+    """COCO image id of the source image."""
+    view_id: int
+    """Index of this view among the views of its image (0..K-1)."""
+    canvas_h: int
+    """Canvas height in pixels; one per store."""
+    canvas_w: int
+    """Canvas width in pixels; one per store."""
+    image_h: int
+    """Height of the decoded (EXIF-oriented) source image."""
+    image_w: int
+    """Width of the decoded (EXIF-oriented) source image."""
+    scale: float
+    """Absolute resize factor from source pixels to canvas pixels."""
+    flip: bool
+    """Mirror horizontally after resizing."""
+    offset_x: int = 0
+    """Left padding: column of the canvas where the resized image starts."""
+    offset_y: int = 0
+    """Top padding: row of the canvas where the resized image starts."""
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """``(image_id, view_id)``: unique within a store."""
+        return (self.image_id, self.view_id)
+
+    @property
+    def resized_hw(self) -> tuple[int, int]:
+        """``(height, width)`` of the image after resizing, before placement."""
+        return (max(1, int(round(self.image_h * self.scale))), max(1, int(round(self.image_w * self.scale))))
+
+    @property
+    def valid_region(self) -> tuple[int, int, int, int]:
+        """``(x1, y1, x2, y2)`` of the canvas covered by image pixels (the rest is padding)."""
+        rh, rw = self.resized_hw
+        return (self.offset_x, self.offset_y, self.offset_x + rw, self.offset_y + rh)
+
+    def validate(self) -> None:
+        """Raise `ViewError` if the recipe does not fit its canvas."""
+        where = f"image_id={self.image_id} view_id={self.view_id}"
+        if self.canvas_h <= 0 or self.canvas_w <= 0:
+            raise ViewError(f"View(canvas=) expects a positive size. Got {self.canvas_h}x{self.canvas_w} ({where}).")
+        if self.image_h <= 0 or self.image_w <= 0:
+            raise ViewError(f"View(image=) expects a positive size. Got {self.image_h}x{self.image_w} ({where}).")
+        if not (self.scale > 0 and np.isfinite(self.scale)):
+            raise ViewError(f"View(scale=) expects a positive finite number. Got {self.scale} ({where}).")
+        if self.offset_x < 0 or self.offset_y < 0:
+            raise ViewError(f"View(offset=) expects non-negative offsets. Got ({self.offset_x}, {self.offset_y}) ({where}).")
+        x1, y1, x2, y2 = self.valid_region
+        if x2 > self.canvas_w or y2 > self.canvas_h:
+            raise ViewError(
+                f"View expects the resized image to fit the canvas {self.canvas_h}x{self.canvas_w}. "
+                f"Got region {(x1, y1, x2, y2)} ({where}); lower the scale or the offset."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> "View":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - set(row) - {"offset_x", "offset_y"}
+        if missing:
+            raise ViewError(f"View.from_dict expects fields {sorted(names)}. Missing {sorted(missing)} in {row!r}.")
+        return cls(
+            image_id=int(row["image_id"]),
+            view_id=int(row["view_id"]),
+            canvas_h=int(row["canvas_h"]),
+            canvas_w=int(row["canvas_w"]),
+            image_h=int(row["image_h"]),
+            image_w=int(row["image_w"]),
+            scale=float(row["scale"]),
+            flip=bool(row["flip"]),
+            offset_x=int(row.get("offset_x", 0)),
+            offset_y=int(row.get("offset_y", 0)),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "View":
+        return cls.from_dict(json.loads(text))
+
+
+def fit_scale(image_h: int, image_w: int, canvas_h: int, canvas_w: int) -> float:
+    """The largest scale at which the whole image fits the canvas (aspect kept)."""
+    return min(canvas_h / image_h, canvas_w / image_w)
+
+
+def plan_views(
+    images: Iterable[tuple[int, int, int]],
+    *,
+    canvas_hw: tuple[int, int],
+    scales: Sequence[float] = (1.0,),
+    flip: bool = True,
+) -> list[View]:
+    """K = len(scales) * (2 if flip else 1) views per image.
+
+    Args:
+        images: ``(image_id, height, width)`` of each decoded image.
+        canvas_hw: the store's canvas ``(H, W)``.
+        scales: factors relative to the fit scale (1.0 fills the canvas on the limiting
+            side; 0.5 is half of that). Each must be in (0, 1].
+        flip: add a mirrored twin of every scale.
+
+    Returns views ordered by image, then scale, then (unflipped, flipped); placed at the
+    top-left corner, as mmdetection pads on the bottom and right.
+    """
+    canvas_h, canvas_w = canvas_hw
+    for s in scales:
+        if not (0 < s <= 1):
+            raise ViewError(f"plan_views(scales=) expects factors in (0, 1]. Got {list(scales)}.")
+    views: list[View] = []
+    for image_id, h, w in images:
+        base = fit_scale(h, w, canvas_h, canvas_w)
+        view_id = 0
+        for s in scales:
+            # h * base <= canvas_h up to float error, so round() never overshoots by a pixel.
+            scale = base * s
+            for mirrored in ((False, True) if flip else (False,)):
+                view = View(int(image_id), view_id, canvas_h, canvas_w, int(h), int(w), float(scale), mirrored)
+                view.validate()
+                views.append(view)
+                view_id += 1
+    return views
+
+
+def content_hash(pixels: np.ndarray) -> str:
+    """BLAKE2b-128 hex digest of decoded pixels (shape and dtype included).
+
+    Recorded with every stored view: the student recomputes it on the image it loads and
+    refuses a view whose source pixels changed since the teacher saw them.
+    """
+    array = np.ascontiguousarray(pixels)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{array.shape}|{array.dtype.str}".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedView:
+    """What `render` returns for one view."""
+
+    image: "Any"
+    """Tensor[3, H, W] float32, normalised, zero in the padding."""
+    gt_boxes: "Any"
+    """Tensor[M, 4] float32, (x1, y1, x2, y2) in canvas pixels."""
+    valid_region: tuple[int, int, int, int]
+    """(x1, y1, x2, y2) of the canvas covered by image pixels."""
+
+
+def render_array(pixels: np.ndarray, view: View) -> np.ndarray:
+    """Render to a normalised float32 array ``[3, H, W]`` (numpy; see module docstring)."""
+    from PIL import Image
+
+    where = f"image_id={view.image_id} view_id={view.view_id}"
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ViewError(f"render(pixels=) expects uint8 [H, W, 3] RGB. Got {pixels.dtype} {pixels.shape} ({where}).")
+    if pixels.shape[:2] != (view.image_h, view.image_w):
+        raise ViewError(
+            f"render expects the image size recorded in the view, {view.image_h}x{view.image_w}. "
+            f"Got {pixels.shape[0]}x{pixels.shape[1]} ({where}); the file changed since the views were planned."
+        )
+    view.validate()
+    rh, rw = view.resized_hw
+    if (rh, rw) == (view.image_h, view.image_w):
+        resized = pixels
+    else:
+        resized = np.asarray(Image.fromarray(pixels).resize((rw, rh), Image.BILINEAR))
+    if view.flip:
+        resized = resized[:, ::-1]
+    mean = np.asarray(PIXEL_MEAN, dtype=np.float32)
+    inv_std = np.asarray([1.0 / s for s in PIXEL_STD], dtype=np.float32)
+    canvas = np.zeros((3, view.canvas_h, view.canvas_w), dtype=np.float32)
+    normalised = (resized.astype(np.float32) - mean) * inv_std
+    canvas[:, view.offset_y : view.offset_y + rh, view.offset_x : view.offset_x + rw] = normalised.transpose(2, 0, 1)
+    return canvas
+
+
+def image_to_view_boxes(boxes: np.ndarray, view: View) -> np.ndarray:
+    """Map ``[M, 4]`` boxes from source-image to canvas pixels (resize, flip, place)."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    rh, rw = view.resized_hw
+    sx, sy = rw / view.image_w, rh / view.image_h
+    out = boxes * np.asarray([sx, sy, sx, sy], dtype=np.float32)
+    if view.flip:
+        out = np.stack([rw - out[:, 2], out[:, 1], rw - out[:, 0], out[:, 3]], axis=1)
+    return out + np.asarray([view.offset_x, view.offset_y, view.offset_x, view.offset_y], dtype=np.float32)
+
+
+def view_to_image_boxes(boxes: np.ndarray, view: View, clip: bool = True) -> np.ndarray:
+    """Inverse of `image_to_view_boxes`: canvas pixels back to source-image pixels."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    rh, rw = view.resized_hw
+    sx, sy = rw / view.image_w, rh / view.image_h
+    out = boxes - np.asarray([view.offset_x, view.offset_y, view.offset_x, view.offset_y], dtype=np.float32)
+    if view.flip:
+        out = np.stack([rw - out[:, 2], out[:, 1], rw - out[:, 0], out[:, 3]], axis=1)
+    out = out / np.asarray([sx, sy, sx, sy], dtype=np.float32)
+    if clip:
+        out[:, 0::2] = out[:, 0::2].clip(0, view.image_w)
+        out[:, 1::2] = out[:, 1::2].clip(0, view.image_h)
+    return out
+
+
+def render(pixels: np.ndarray, view: View, gt_boxes: np.ndarray | None = None) -> RenderedView:
+    """Render one view: normalised canvas tensor, transformed GT boxes and valid region.
+
+    Args:
+        pixels: uint8 ``[h, w, 3]`` RGB, as `detcore.images.load_image` returns.
+        view: the recipe; its recorded image size must match ``pixels``.
+        gt_boxes: ``[M, 4]`` boxes in source-image pixels, or None.
+
+    Deterministic and bit-identical across calls and processes for the same library
+    versions (tested in tests/detcore/test_views.py).
+    """
+    import torch
+
+    array = render_array(pixels, view)
+    boxes = np.zeros((0, 4), np.float32) if gt_boxes is None else image_to_view_boxes(gt_boxes, view)
+    return RenderedView(torch.from_numpy(array), torch.from_numpy(np.ascontiguousarray(boxes)), view.valid_region)

@@ -1,0 +1,87 @@
+"""The `distill` command: one entry point whose subcommands come from each package.
+
+Each package owns its subcommands in a `cli` module exposing ``register(subparsers)``;
+heavy imports (torch, ray, zarr) happen inside the command functions, so `--help` is fast.
+
+Exit codes: 0 success; 1 failure; 2 bad usage or input; 3 finished, but some items
+(images, views) failed and were reported; 130 interrupted (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+# Order is the order of `distill --help`.
+COMMAND_MODULES = (
+    "detcore.cli_data",
+    "detcore.cli_detector",
+    "teacher_service.cli",
+    "label_store.cli",
+    "student_trainer.cli",
+    "distillery.pipeline",
+)
+
+DESCRIPTION = """\
+Distil dense object detectors without the teacher in the training loop.
+
+A teacher runs once over explicit views of a COCO-format dataset (a Ray job) and writes
+its outputs into a compressed label store; students then train against the store.
+"""
+
+EPILOG = """\
+typical flow:
+  distill data synth --out data/synth
+  distill detector train --arch gfl_r18 --annotations data/synth/annotations/train.json \\
+      --images data/synth/train --out runs/teacher
+  distill precompute --teacher runs/teacher/final.pt --annotations ... --images ... --store stores/t.zarr
+  distill train --store stores/t.zarr --annotations ... --images ... --student gfl_tiny --out runs/ld
+  distill quickstart            # all of the above on the built-in default, quick preset
+
+exit codes: 0 ok, 1 failure, 2 bad usage or input, 3 done with some failed items, 130 interrupted
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from distillery import __version__
+
+    parser.add_argument("--version", action="version", version=f"distillery {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    func = getattr(args, "func", None)
+    if func is None:
+        # `distill` or `distill store` alone: show the help of the deepest parser reached.
+        (getattr(args, "_parser", None) or parser).print_help()
+        return EXIT_USAGE
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

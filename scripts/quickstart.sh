@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job on the built-in default: synthetic dataset -> teacher -> precompute on a local
+# Ray cluster -> label store -> students trained against it -> AP table.
+# Extra arguments go to `distill quickstart` (see `--help`).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$("$repo/scripts/env.sh")"
+cd "$repo"
+exec "$venv/bin/distill" quickstart "$@"
