@@ -29,7 +29,7 @@ if [ ! -f "$venv/.complete" ]; then
     touch "$venv/.complete"
 fi
 # The project itself is installed editable on every call: cheap, and it tracks the checkout.
-if ! "$venv/bin/python" -c 'import sys, distillery; sys.exit(not distillery.__file__.startswith(sys.argv[1]))' "$repo" 2>/dev/null; then
+if [ ! -x "$venv/bin/distill" ] || ! "$venv/bin/python" -I -c 'import sys, distillery; sys.exit(not distillery.__file__.startswith(sys.argv[1]))' "$repo" 2>/dev/null; then
     pip_quiet install -q --no-deps --no-build-isolation -e "$repo"
 fi
 echo "$venv"
