@@ -1,1 +1,55 @@
-"""losses."""
+"""Distillation losses: LD, BCD, FGD, HGD (one file each) and the released recipes.
+
+The loss functions are pure functions of raw student outputs, teacher targets and GT;
+they hold no loss weights (the recipes' config dataclasses do). Teacher inputs are
+detached inside. Inputs in fp16 or bf16 are computed in float32 and every loss is float32.
+Where a function takes ``weight`` and ``avg_factor`` it returns
+``sum_i weight_i * l_i / avg_factor``; ``weight=None`` means 1 and ``avg_factor=None``
+averages the weighted terms. See docs/losses.md for the formulas.
+"""
+
+from ._common import LossInputError
+from .bcd import bcd_cls_loss, iou_ld_loss
+from .fgd import FGD_DEFAULTS, FGDLoss, GcBlock, fgd_attention, fgd_masks
+from .hgd import DEFAULT_HGD_STAGES, HGDLoss
+from .ld import kd_cls_loss, kd_kl_div, ld_loss
+from .recipes import (
+    OPTIMISED_KEYS,
+    BCDConfig,
+    FGDConfig,
+    HGDConfig,
+    LDConfig,
+    PointAssignment,
+    assign_points,
+    bcd_recipe,
+    fgd_recipe,
+    hgd_recipe,
+    ld_recipe,
+)
+
+__all__ = [
+    "BCDConfig",
+    "DEFAULT_HGD_STAGES",
+    "FGDConfig",
+    "FGDLoss",
+    "FGD_DEFAULTS",
+    "GcBlock",
+    "HGDConfig",
+    "HGDLoss",
+    "LDConfig",
+    "LossInputError",
+    "OPTIMISED_KEYS",
+    "PointAssignment",
+    "assign_points",
+    "bcd_cls_loss",
+    "bcd_recipe",
+    "fgd_attention",
+    "fgd_masks",
+    "fgd_recipe",
+    "hgd_recipe",
+    "iou_ld_loss",
+    "kd_cls_loss",
+    "kd_kl_div",
+    "ld_loss",
+    "ld_recipe",
+]

@@ -1,0 +1,464 @@
+"""The released distillation recipes: per-batch loss dicts from per-level outputs.
+
+Legend: B images, L FPN levels, K classes, R reg_max, C channels, A points over all
+levels (level-major, row-major, as `detcore.outputs.level_anchors`), M_b GT boxes of
+image b in canvas pixels ``(x1, y1, x2, y2)``.
+
+Student inputs are per-level lists as in `detcore.outputs.DenseOutputs`; teacher inputs
+are the same per-level tensors, wherever they come from (label store, endpoint or an
+in-process teacher): the recipes detach them and move them to the student's device. Regions (ATSS positives, LD's valuable
+localization region, FGD's masks) are computed here from the view's GT, never taken from
+the teacher. Loss weights are arguments, held by the frozen config dataclasses below with
+the papers' released defaults; the run config holds these.
+
+Keys to add to the training loss are listed in `OPTIMISED_KEYS`; the other keys of a
+dict are detached, unweighted components for logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detcore.assign import atss_assign, vlr_region
+from detcore.outputs import distance_to_boxes, distribution_to_distance, level_anchors, level_points
+
+from ._common import LossInputError, as_float32, check_gt_boxes, describe
+from .bcd import bcd_cls_loss, iou_ld_loss
+from .fgd import FGD_DEFAULTS, FGDLoss
+from .hgd import DEFAULT_HGD_STAGES, HGDLoss
+from .ld import kd_cls_loss, ld_loss
+
+OPTIMISED_KEYS: dict[str, tuple[str, ...]] = {
+    "ld": ("ld_main", "ld_vlr", "ld_kd"),
+    "bcd": ("bcd_cls", "bcd_iou"),
+    "fgd": ("fgd",),
+    "hgd": ("hgd",),
+}
+"""Per recipe, the keys of its dict that are weighted losses to add to the training loss."""
+
+
+@dataclass(frozen=True, slots=True)
+class LDConfig:
+    """LD on GFL as released (HikariTJU/LD, ``ld_r101_r18_gflv1``-style configs)."""
+
+    main_weight: float = 0.25
+    """Loss weight of LD on the ATSS positives."""
+    main_temperature: float = 10.0
+    """Temperature of the main LD."""
+    main_avg_factor: float = 4.0
+    """avg_factor of the main LD: the released code's constant (not the number of positives)."""
+    vlr_weight: float = 0.25
+    """Loss weight of LD on the valuable localization region."""
+    vlr_avg_factor: float = 16.0
+    """avg_factor of the VLR LD: the released code's constant."""
+    vlr_temperature: float = 10.0
+    """Temperature of the VLR LD."""
+    kd_weight: float = 10.0
+    """Loss weight of the classification KD at the positives."""
+    kd_temperature: float = 2.0
+    """Temperature of the classification KD."""
+    alpha: float = 0.25
+    """Lower bound of the VLR as a fraction of the ATSS threshold."""
+    topk: int = 9
+    """ATSS candidates per level per GT."""
+    vlr_diou: str = "standard"
+    """DIoU flavour of `detcore.assign.vlr_region` (``standard`` or ``released``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BCDConfig:
+    """BCD on GFL as released (TinyTigerPan/BCKD)."""
+
+    cls_weight: float = 1.0
+    """Loss weight of `bcd_cls_loss`."""
+    iou_weight: float = 4.0
+    """Loss weight of `iou_ld_loss`."""
+    beta: float = 1.0
+    """Exponent of the modulating factor of `bcd_cls_loss`."""
+    topk: int = 9
+    """ATSS candidates per level per GT (positives give the avg_factor)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FGDConfig:
+    """FGD hyper-parameters (RetinaNet/GFL defaults; `for_family` for the others)."""
+
+    temperature: float = 0.5
+    """Temperature of the attentions."""
+    alpha: float = 1e-3
+    """Weight of the foreground feature loss."""
+    beta: float = 5e-4
+    """Weight of the background feature loss."""
+    gamma: float = 5e-4
+    """Weight of the attention (mask) loss."""
+    lambda_: float = 5e-6
+    """Weight of the global relation loss."""
+
+    @classmethod
+    def for_family(cls, family: str) -> "FGDConfig":
+        """Released values of ``retinanet``, ``gfl`` or ``fcos``."""
+        if family not in FGD_DEFAULTS:
+            raise LossInputError(f"FGDConfig.for_family(family=) expects one of {sorted(FGD_DEFAULTS)}. Got {family!r}.")
+        return cls(**FGD_DEFAULTS[family])
+
+    def build_modules(self, student_channels: int, teacher_channels: int, num_levels: int) -> nn.ModuleList:
+        """One `FGDLoss` per FPN level (the student's optimiser must include their parameters)."""
+        return nn.ModuleList(
+            FGDLoss(student_channels, teacher_channels, self.temperature, self.alpha, self.beta, self.gamma, self.lambda_)
+            for _ in range(num_levels)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HGDConfig:
+    """HGD (this project's interpretation, see `student_trainer.losses.hgd`)."""
+
+    weight: float = 1.0
+    """Loss weight of the HGD total. Not from the paper (no code or numbers available)."""
+    background_weight: float = 0.5
+    """rho: mass of the whole background relative to one object (micro weights)."""
+    macro_power: float = 1.0
+    """gamma of the macro stage weights (0: equal weights)."""
+    stages: tuple[str, ...] = DEFAULT_HGD_STAGES
+    """Stages distilled: backbone c3..c5 and FPN p3..p7."""
+
+    def build_module(self, student_channels: Mapping[str, int], teacher_channels: Mapping[str, int]) -> HGDLoss:
+        """`HGDLoss` over `stages` (channel dicts may name more stages; those are ignored)."""
+        missing = [s for s in self.stages if s not in student_channels or s not in teacher_channels]
+        if missing:
+            raise LossInputError(
+                f"HGDConfig.build_module() expects channels for the stages {list(self.stages)}. Missing {missing}."
+            )
+        return HGDLoss(
+            {s: student_channels[s] for s in self.stages},
+            {s: teacher_channels[s] for s in self.stages},
+            background_weight=self.background_weight,
+            macro_power=self.macro_power,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PointAssignment:
+    """ATSS assignment (and LD's valuable localization region) of every point of a batch."""
+
+    assigned_gt: Tensor
+    """LongTensor[B, A]: 0 for a negative, ``g + 1`` for a point assigned to GT g of its image."""
+    vlr: Tensor | None
+    """Tensor[B, A] VLR value (IoU inside the region, 0 outside), or None when not computed."""
+    num_level_points: tuple[int, ...]
+    """H_l * W_l of each level, summing to A."""
+
+
+def assign_points(
+    gt_boxes: Sequence[Tensor],
+    strides: Sequence[int],
+    shapes_hw: Sequence[tuple[int, int]],
+    *,
+    topk: int = 9,
+    vlr_alpha: float | None = 0.25,
+    vlr_diou: str = "standard",
+    device=None,
+) -> PointAssignment:
+    """ATSS over the GFL anchors of all levels, per image, from the view's GT.
+
+    Args:
+        gt_boxes: per image Tensor[M_b, 4] canvas pixels.
+        strides: stride of each level.
+        shapes_hw: (H_l, W_l) of each level.
+        topk: ATSS candidates per level per GT.
+        vlr_alpha: alpha of `detcore.assign.vlr_region`; None skips the VLR.
+        vlr_diou: DIoU flavour of the VLR.
+        device: of the anchors (default: the GT's).
+    """
+    if len(strides) != len(shapes_hw):
+        raise LossInputError(f"assign_points(shapes_hw=) expects one (H, W) per stride ({len(strides)}). Got {len(shapes_hw)}.")
+    if device is None:
+        device = gt_boxes[0].device if len(gt_boxes) else torch.device("cpu")
+    anchors_per_level = level_anchors(strides, shapes_hw, device=device)
+    num_level_points = tuple(int(a.shape[0]) for a in anchors_per_level)
+    anchors = torch.cat(anchors_per_level, dim=0)
+    assigned, regions = [], []
+    for boxes in gt_boxes:
+        boxes = boxes.detach().to(device=device, dtype=torch.float32)
+        assigned.append(atss_assign(anchors, num_level_points, boxes, topk=topk))
+        if vlr_alpha is not None:
+            regions.append(vlr_region(anchors, num_level_points, boxes, topk=topk, alpha=vlr_alpha, diou=vlr_diou))
+    num_points = anchors.shape[0]
+    assigned_gt = torch.stack(assigned) if assigned else torch.zeros(0, num_points, dtype=torch.long, device=device)
+    vlr = None
+    if vlr_alpha is not None:
+        vlr = torch.stack(regions) if regions else torch.zeros(0, num_points, device=device)
+    return PointAssignment(assigned_gt, vlr, num_level_points)
+
+
+def _flat(x: Tensor) -> Tensor:
+    """[B, X, H, W] -> [B*H*W, X], image-major then row-major (the order of `PointAssignment` rows)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _check_dense(
+    owner: str,
+    student_cls: Sequence[Tensor],
+    student_box: Sequence[Tensor],
+    teacher_cls: Sequence[Tensor],
+    teacher_box: Sequence[Tensor],
+    gt_boxes: Sequence[Tensor],
+    strides: Sequence[int],
+    reg_max: int,
+) -> list[tuple[int, int]]:
+    num_levels = len(strides)
+    for name, per_level in (
+        ("student_cls", student_cls),
+        ("student_box", student_box),
+        ("teacher_cls", teacher_cls),
+        ("teacher_box", teacher_box),
+    ):
+        if len(per_level) != num_levels:
+            raise LossInputError(
+                f"{owner}({name}=) expects one Tensor per level ({num_levels} strides). Got {describe(per_level)}."
+            )
+    shapes_hw = []
+    batch = None
+    for level, stride in enumerate(strides):
+        cls, box = student_cls[level], student_box[level]
+        if not isinstance(cls, Tensor) or cls.dim() != 4:
+            raise LossInputError(
+                f"{owner}(student_cls=) expects Tensor[B, K, H, W] per level. Got {describe(cls)} at stride {stride}."
+            )
+        batch = cls.shape[0] if batch is None else batch
+        b, _, h, w = cls.shape
+        expected_box = (b, 4 * (reg_max + 1), h, w)
+        if b != batch:
+            raise LossInputError(
+                f"{owner}(student_cls=) expects batch {batch} on every level. Got {describe(cls)} at stride {stride}."
+            )
+        if not isinstance(box, Tensor) or tuple(box.shape) != expected_box:
+            raise LossInputError(
+                f"{owner}(student_box=) expects Tensor{list(expected_box)} at stride {stride} (reg_max={reg_max}). "
+                f"Got {describe(box)}."
+            )
+        for name, teacher, student in (("teacher_cls", teacher_cls[level], cls), ("teacher_box", teacher_box[level], box)):
+            if not isinstance(teacher, Tensor) or teacher.shape != student.shape:
+                raise LossInputError(
+                    f"{owner}({name}=) expects the student's shape {list(student.shape)} at stride {stride}. "
+                    f"Got {describe(teacher)}."
+                )
+        shapes_hw.append((h, w))
+    check_gt_boxes(owner, gt_boxes, batch)
+    return shapes_hw
+
+
+def _check_assignment(owner: str, assignment: PointAssignment, batch: int, shapes_hw, need_vlr: bool) -> None:
+    expected = tuple(h * w for h, w in shapes_hw)
+    if assignment.num_level_points != expected or tuple(assignment.assigned_gt.shape) != (batch, sum(expected)):
+        raise LossInputError(
+            f"{owner}(assignment=) expects an assignment of {batch} images with points per level {list(expected)}. "
+            f"Got assigned_gt {describe(assignment.assigned_gt)} with points per level {list(assignment.num_level_points)}."
+        )
+    if need_vlr and (assignment.vlr is None or assignment.vlr.shape != assignment.assigned_gt.shape):
+        raise LossInputError(
+            f"{owner}(assignment=) expects a vlr Tensor[{batch}, {sum(expected)}]. Got {describe(assignment.vlr)}."
+        )
+
+
+def _zero_like(x: Tensor) -> Tensor:
+    # Connected to the graph, so that every parameter gets a (zero) gradient under DDP.
+    return as_float32(x).sum() * 0.0
+
+
+def ld_recipe(
+    student_cls: Sequence[Tensor],
+    student_box: Sequence[Tensor],
+    teacher_cls: Sequence[Tensor],
+    teacher_box: Sequence[Tensor],
+    gt_boxes: Sequence[Tensor],
+    strides: Sequence[int],
+    reg_max: int,
+    config: LDConfig = LDConfig(),
+    assignment: PointAssignment | None = None,
+) -> dict[str, Tensor]:
+    """LD on GFL as released, summed over levels; each level pools the batch's locations.
+
+    Per level: main LD on the ATSS positives, weighted by the student's max class sigmoid
+    (detached), ``avg_factor = main_avg_factor``; VLR LD on the points with VLR value > 0,
+    weighted by that value, ``avg_factor = vlr_avg_factor``; KD on the classes at the
+    positives with ``avg_factor`` = the level's number of positives. A level without
+    positives adds 0 to the main LD and the KD (and without VLR points, 0 to the VLR LD).
+
+    Args:
+        student_cls: per level Tensor[B, K, H, W].
+        student_box: per level Tensor[B, 4*(R+1), H, W].
+        teacher_cls, teacher_box: the same shapes, detached inside.
+        gt_boxes: per image Tensor[M_b, 4] canvas pixels.
+        strides: stride of each level.
+        reg_max: R.
+        config: weights, temperatures, avg factors, ATSS/VLR settings.
+        assignment: precomputed `assign_points` result with ``vlr`` (else computed here).
+    Returns:
+        dict of float32 scalars ``ld_main``, ``ld_vlr``, ``ld_kd`` (weighted).
+    """
+    shapes_hw = _check_dense("ld_recipe", student_cls, student_box, teacher_cls, teacher_box, gt_boxes, strides, reg_max)
+    batch = student_cls[0].shape[0]
+    if assignment is None:
+        assignment = assign_points(
+            gt_boxes, strides, shapes_hw, topk=config.topk, vlr_alpha=config.alpha, vlr_diou=config.vlr_diou,
+            device=student_cls[0].device,
+        )
+    _check_assignment("ld_recipe", assignment, batch, shapes_hw, need_vlr=True)
+    main, vlr_total, kd = [], [], []
+    start = 0
+    for level, count in enumerate(assignment.num_level_points):
+        assigned = assignment.assigned_gt[:, start : start + count].reshape(-1).to(student_cls[level].device)
+        region = assignment.vlr[:, start : start + count].reshape(-1).to(student_cls[level].device)
+        start += count
+        device = student_cls[level].device
+        s_cls, t_cls = _flat(student_cls[level]), _flat(teacher_cls[level].detach().to(device))
+        s_box, t_box = _flat(student_box[level]), _flat(teacher_box[level].detach().to(device))
+        positive = assigned > 0
+        if bool(positive.any()):
+            quality = as_float32(s_cls.detach()).sigmoid().max(dim=1).values[positive]
+            main.append(
+                config.main_weight
+                * ld_loss(s_box[positive], t_box[positive], quality, config.main_avg_factor, config.main_temperature)
+            )
+            kd.append(
+                config.kd_weight
+                * kd_cls_loss(s_cls[positive], t_cls[positive], None, float(positive.sum()), config.kd_temperature)
+            )
+        else:
+            main.append(_zero_like(s_box))
+            kd.append(_zero_like(s_cls))
+        in_region = region > 0
+        if bool(in_region.any()):
+            vlr_total.append(
+                config.vlr_weight
+                * ld_loss(s_box[in_region], t_box[in_region], region[in_region], config.vlr_avg_factor, config.vlr_temperature)
+            )
+        else:
+            vlr_total.append(_zero_like(s_box))
+    return {"ld_main": torch.stack(main).sum(), "ld_vlr": torch.stack(vlr_total).sum(), "ld_kd": torch.stack(kd).sum()}
+
+
+def bcd_recipe(
+    student_cls: Sequence[Tensor],
+    student_box: Sequence[Tensor],
+    teacher_cls: Sequence[Tensor],
+    teacher_box: Sequence[Tensor],
+    gt_boxes: Sequence[Tensor],
+    strides: Sequence[int],
+    reg_max: int,
+    config: BCDConfig = BCDConfig(),
+    assignment: PointAssignment | None = None,
+) -> dict[str, Tensor]:
+    """BCD on GFL as released, summed over levels.
+
+    Every location of a level (positives and negatives) takes part, with
+    ``avg_factor`` = the batch's number of ATSS positives over all levels. The IoU term
+    compares boxes decoded from each distribution's expected edges (``point -/+ stride *
+    E[edge]``), with per-location weight ``max_k |sigmoid(t) - sigmoid(s)|`` (detached).
+    A level without positives adds 0 (so does a batch without any).
+
+    Args: as `ld_recipe` (``assignment`` needs no ``vlr``).
+    Returns:
+        dict of float32 scalars ``bcd_cls``, ``bcd_iou`` (weighted).
+    """
+    shapes_hw = _check_dense("bcd_recipe", student_cls, student_box, teacher_cls, teacher_box, gt_boxes, strides, reg_max)
+    batch = student_cls[0].shape[0]
+    device = student_cls[0].device
+    if assignment is None:
+        assignment = assign_points(gt_boxes, strides, shapes_hw, topk=config.topk, vlr_alpha=None, device=device)
+    _check_assignment("bcd_recipe", assignment, batch, shapes_hw, need_vlr=False)
+    assigned_gt = assignment.assigned_gt.to(device)
+    num_positives = float((assigned_gt > 0).sum())
+    points_per_level = level_points(strides, shapes_hw, device=device)
+    cls_terms, iou_terms = [], []
+    start = 0
+    for level, count in enumerate(assignment.num_level_points):
+        positive = assigned_gt[:, start : start + count] > 0
+        start += count
+        device = student_cls[level].device
+        s_cls, t_cls = _flat(student_cls[level]), _flat(teacher_cls[level].detach().to(device))
+        s_box, t_box = _flat(student_box[level]), _flat(teacher_box[level].detach().to(device))
+        if not bool(positive.any()):
+            cls_terms.append(_zero_like(s_cls))
+            iou_terms.append(_zero_like(s_box))
+            continue
+        cls_terms.append(config.cls_weight * bcd_cls_loss(s_cls, t_cls, None, num_positives, config.beta))
+        gap = (as_float32(t_cls).sigmoid() - as_float32(s_cls.detach()).sigmoid()).abs().max(dim=1).values
+        points = points_per_level[level].repeat(batch, 1)
+        stride = float(strides[level])
+        s_boxes = distance_to_boxes(points, distribution_to_distance(s_box, reg_max) * stride)
+        t_boxes = distance_to_boxes(points, distribution_to_distance(t_box, reg_max) * stride)
+        iou_terms.append(config.iou_weight * iou_ld_loss(s_boxes, t_boxes, gap, num_positives))
+    return {"bcd_cls": torch.stack(cls_terms).sum(), "bcd_iou": torch.stack(iou_terms).sum()}
+
+
+def fgd_recipe(
+    fgd_modules: Sequence[FGDLoss],
+    student_fpn: Sequence[Tensor],
+    teacher_fpn: Sequence[Tensor],
+    gt_boxes: Sequence[Tensor],
+    canvas_hw: tuple[int, int],
+) -> dict[str, Tensor]:
+    """FGD summed over FPN levels, one `FGDLoss` per level.
+
+    Args:
+        fgd_modules: one `FGDLoss` per level (`FGDConfig.build_modules`).
+        student_fpn: per level Tensor[B, C_s, H, W].
+        teacher_fpn: per level Tensor[B, C_t, H, W], detached inside.
+        gt_boxes: per image Tensor[M_b, 4] canvas pixels.
+        canvas_hw: (canvas_h, canvas_w).
+    Returns:
+        dict of float32 scalars: ``fgd`` (the weighted total, to optimise) and the unweighted,
+        detached sums ``fgd_fg``, ``fgd_bg``, ``fgd_mask``, ``fgd_relation``.
+    """
+    if not (len(fgd_modules) == len(student_fpn) == len(teacher_fpn)) or len(fgd_modules) == 0:
+        raise LossInputError(
+            f"fgd_recipe(fgd_modules=, student_fpn=, teacher_fpn=) expect one entry per level each. "
+            f"Got {len(fgd_modules)} modules, {len(student_fpn)} student and {len(teacher_fpn)} teacher levels."
+        )
+    per_level = [module(s, t, gt_boxes, canvas_hw) for module, s, t in zip(fgd_modules, student_fpn, teacher_fpn)]
+    out = {"fgd": torch.stack([d["total"] for d in per_level]).sum()}
+    for key in ("fg", "bg", "mask", "relation"):
+        out[f"fgd_{key}"] = torch.stack([d[key].detach() for d in per_level]).sum()
+    return out
+
+
+def hgd_recipe(
+    hgd_module: HGDLoss,
+    student_feats: Mapping[str, Tensor],
+    teacher_feats: Mapping[str, Tensor],
+    gt_boxes: Sequence[Tensor],
+    canvas_hw: tuple[int, int],
+    config: HGDConfig = HGDConfig(),
+) -> dict[str, Tensor]:
+    """HGD over the module's stages.
+
+    Args:
+        hgd_module: `HGDLoss` (`HGDConfig.build_module`).
+        student_feats: stage name -> Tensor[B, C_s, h, w] (extra stages are ignored).
+        teacher_feats: stage name -> Tensor[B, C_t, H, W], detached inside.
+        gt_boxes: per image Tensor[M_b, 4] canvas pixels.
+        canvas_hw: (canvas_h, canvas_w).
+        config: holds the loss weight.
+    Returns:
+        dict of float32 scalars: ``hgd`` (``config.weight * total``, to optimise) and, detached,
+        ``hgd_imitation_<stage>`` and ``hgd_macro_<stage>``.
+    """
+    stages = hgd_module.stages
+    missing = [s for s in stages if s not in student_feats or s not in teacher_feats]
+    if missing:
+        raise LossInputError(
+            f"hgd_recipe(student_feats=, teacher_feats=) expect the stages {list(stages)}. Missing {missing} "
+            f"(student has {sorted(student_feats)}, teacher has {sorted(teacher_feats)})."
+        )
+    losses = hgd_module({s: student_feats[s] for s in stages}, {s: teacher_feats[s] for s in stages}, gt_boxes, canvas_hw)
+    out = {"hgd": config.weight * losses["total"]}
+    for key, value in losses.items():
+        if key != "total":
+            out[f"hgd_{key}"] = value.detach()
+    return out
