@@ -1,0 +1,292 @@
+"""Target codecs: how one view's float32 target becomes stored numbers, and back.
+
+Legend: C channels, H x W one level's map, Pc quantization parameters per view (0 for
+float storage, 1 for ``view`` scaling, C for ``channel`` and ``std`` scaling).
+
+A codec has two halves, named together as ``<storage>[+<compressor>]``:
+
+storage (done by this module, in numpy):
+    ``fp32``            float32, exact (the reference).
+    ``fp16``            float16; relative error <= 2**-11. Values beyond +-65504 are refused.
+    ``int<b>-channel``  b-bit codes (2 <= b <= 8, stored as uint8) with a scale and an
+                        offset per view and channel: ``x = offset_c + scale_c * code``,
+                        ``scale_c = (max_c - min_c) / (2**b - 1)``.
+    ``int<b>-view``     the same with one scale and offset per view.
+    ``int<b>-std<k>``   uniform step ``std(view) / k`` (std over the whole view target),
+                        offset ``min_c`` per channel; where a channel's range does not fit
+                        ``2**b - 1`` steps its step widens to ``range_c / (2**b - 1)``.
+                        The step, not the bit budget, sets the error (and entropy coding
+                        sets the size), so ``k`` is a finer knob than ``b``.
+    Every integer storage rounds to nearest: ``|x - decoded| <= scale_c / 2`` (plus float32
+    rounding), which is the error each codec states (`TargetCodec.error_bound`).
+    Logits are quantized as logits, never as probabilities.
+
+compressor (a zarr v3 core codec in the array metadata, after the ``bytes`` serializer):
+    (none)                    raw bytes
+    ``zstd<L>``               ``zstd`` at level L
+    ``blosc-zstd<L>-shuffle``     ``blosc`` (zstd, level L) with byte shuffle
+    ``blosc-zstd<L>-bitshuffle``  ``blosc`` (zstd, level L) with bit shuffle
+Every stored chunk also ends with a ``crc32c`` codec, so a flipped byte fails loudly.
+
+Examples: ``fp32``, ``fp16+blosc-zstd5-shuffle``, ``int8-channel+zstd5``,
+``int5-view+zstd5``, ``int8-std8+zstd5``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+FLOAT16_MAX = 65504.0
+
+_STORAGE_RE = re.compile(r"^(?:(?P<float>fp32|fp16)|int(?P<bits>[2-8])-(?P<scale>channel|view|std(?P<k>[1-9][0-9]{0,3})))$")
+_COMPRESSOR_RE = re.compile(r"^(?:zstd(?P<zlevel>-?[0-9]{1,2})|blosc-zstd(?P<blevel>[0-9])-(?P<shuffle>shuffle|bitshuffle))$")
+
+
+@dataclass(frozen=True, slots=True)
+class TargetCodec:
+    """The storage and compression of one target; parsed from and printed as its name."""
+
+    storage: str
+    """``"fp32"``, ``"fp16"`` or ``"int"`` (b-bit codes in uint8 with scale and offset)."""
+    bits: int
+    """Bits per stored value: 32, 16, or 2..8 for integer codes."""
+    scaling: str
+    """``"none"`` for floats; ``"channel"``, ``"view"`` or ``"std"`` for integer codes."""
+    steps_per_std: int
+    """k of ``int<b>-std<k>`` (quantization step = std(view) / k); 0 otherwise."""
+    compressor: str
+    """``"none"``, ``"zstd"``, ``"blosc-shuffle"`` or ``"blosc-bitshuffle"``."""
+    level: int
+    """Compression level of the compressor (0 when there is none)."""
+
+    def __post_init__(self) -> None:
+        # Everything is validated through the name grammar, so no invalid codec can exist.
+        if parse_codec(self.name) != self:
+            raise ValueError(f"TargetCodec expects fields that form a valid codec name. Got {self!r}.")
+
+    # ---- naming -------------------------------------------------------------------
+
+    @property
+    def storage_name(self) -> str:
+        if self.storage != "int":
+            return self.storage
+        suffix = f"std{self.steps_per_std}" if self.scaling == "std" else self.scaling
+        return f"int{self.bits}-{suffix}"
+
+    @property
+    def compressor_name(self) -> str:
+        if self.compressor == "none":
+            return ""
+        if self.compressor == "zstd":
+            return f"zstd{self.level}"
+        return f"blosc-zstd{self.level}-{self.compressor.removeprefix('blosc-')}"
+
+    @property
+    def name(self) -> str:
+        """Canonical name, e.g. ``"int8-channel+zstd5"``."""
+        return self.storage_name + (f"+{self.compressor_name}" if self.compressor != "none" else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., "configuration": {...}}`` in the style of zarr's codec metadata."""
+        return {
+            "name": self.name,
+            "configuration": {
+                "storage": self.storage,
+                "bits": self.bits,
+                "scaling": self.scaling,
+                "steps_per_std": self.steps_per_std,
+                "compressor": self.compressor,
+                "level": self.level,
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TargetCodec":
+        if not isinstance(data, dict) or "name" not in data:
+            raise ValueError(f"TargetCodec.from_dict(data=) expects a dict with a 'name'. Got {data!r}.")
+        codec = parse_codec(data["name"])
+        config = data.get("configuration")
+        if config is not None and config != codec.to_dict()["configuration"]:
+            raise ValueError(
+                f"TargetCodec.from_dict(data=) expects a configuration that matches the name {codec.name!r}. "
+                f"Got {config!r}."
+            )
+        return codec
+
+    # ---- storage ----------------------------------------------------------------
+
+    @property
+    def dtype(self) -> np.dtype:
+        """numpy dtype of the stored values."""
+        return np.dtype({"fp32": np.float32, "fp16": np.float16, "int": np.uint8}[self.storage])
+
+    @property
+    def quantized(self) -> bool:
+        return self.storage == "int"
+
+    def num_params(self, channels: int) -> int:
+        """Pc: how many (scale, offset) pairs one view stores for a target of C channels."""
+        if not self.quantized:
+            return 0
+        return 1 if self.scaling == "view" else channels
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Quantize one view's target.
+
+        Args:
+            x: float32 array[C, H, W], finite.
+        Returns:
+            ``(codes, scale, offset)``: codes array[C, H, W] of `dtype`; scale and offset
+            float32 array[Pc] (empty for float storage).
+        """
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 3:
+            raise ValueError(f"TargetCodec.encode(x=) expects an array[C, H, W]. Got shape {x.shape}.")
+        empty = np.zeros(0, np.float32)
+        if self.storage == "fp32":
+            return x, empty, empty
+        if self.storage == "fp16":
+            peak = float(np.abs(x).max()) if x.size else 0.0
+            if peak > FLOAT16_MAX:
+                raise ValueError(
+                    f"TargetCodec({self.name!r}).encode(x=) expects |values| <= {FLOAT16_MAX}. Got {peak}; "
+                    f"use an fp32 or int codec for this target."
+                )
+            return x.astype(np.float16), empty, empty
+        levels = (1 << self.bits) - 1
+        channels = x.shape[0]
+        flat = x.reshape(channels, -1)
+        if self.scaling == "view":
+            lo = np.array([flat.min()], np.float32)
+            hi = np.array([flat.max()], np.float32)
+            span = (hi.astype(np.float64) - lo) / levels
+        else:
+            lo = flat.min(axis=1)
+            hi = flat.max(axis=1)
+            span = (hi.astype(np.float64) - lo) / levels
+            if self.scaling == "std":
+                step = float(flat.std(dtype=np.float64)) / self.steps_per_std
+                span = np.maximum(span, step)
+        scale = span.astype(np.float32)
+        offset = lo.astype(np.float32)
+        inverse = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+        shape = (-1, 1) if scale.size > 1 else (1, 1)
+        codes = (flat - offset.reshape(shape)) * inverse.reshape(shape)
+        np.rint(codes, out=codes)
+        np.clip(codes, 0, levels, out=codes)
+        return codes.astype(np.uint8).reshape(x.shape), scale, offset
+
+    def decode(self, codes: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        """Inverse of `encode`: float32 array[C, H, W]."""
+        if not self.quantized:
+            return codes.astype(np.float32)
+        out = np.empty(codes.shape, np.float32)
+        shape = (-1, 1) if scale.size > 1 else (1, 1)
+        flat = out.reshape(out.shape[0], -1)
+        # one pass to multiply (uint8 promotes to float32), one to add
+        np.multiply(codes.reshape(codes.shape[0], -1), scale.reshape(shape), out=flat)
+        flat += offset.reshape(shape)
+        return out
+
+    def error_bound(self, x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """The stated elementwise bound on ``|x - decode(encode(x))|``: array[C, H, W]."""
+        x = np.asarray(x, np.float32)
+        eps32 = np.float32(2.0**-23)
+        if self.storage == "fp32":
+            return np.zeros_like(x)
+        if self.storage == "fp16":
+            # Half an fp16 ulp (relative 2**-11) or half the subnormal spacing 2**-24.
+            return np.maximum(np.abs(x) * 2.0**-11, 2.0**-25).astype(np.float32)
+        per_channel = np.broadcast_to(scale.reshape(-1, 1, 1), (x.shape[0], 1, 1))
+        return (per_channel / 2 * (1 + 1e-5) + (np.abs(x) + per_channel * ((1 << self.bits) - 1)) * 4 * eps32).astype(np.float32)
+
+    # ---- compression ------------------------------------------------------------
+
+    def zarr_compressors(self) -> list:
+        """zarr v3 bytes-to-bytes codecs for one inner chunk: the compressor, then crc32c."""
+        from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+        chain: list = []
+        if self.compressor == "zstd":
+            chain.append(ZstdCodec(level=self.level, checksum=False))
+        elif self.compressor.startswith("blosc-"):
+            shuffle = self.compressor.removeprefix("blosc-")
+            chain.append(BloscCodec(cname="zstd", clevel=self.level, shuffle=shuffle, typesize=self.dtype.itemsize, blocksize=0))
+        chain.append(Crc32cCodec())
+        return chain
+
+    def numcodecs_compressor(self):
+        """The numcodecs codec that zarr's compressor wraps (None without compression)."""
+        from numcodecs import Blosc, Zstd
+
+        if self.compressor == "zstd":
+            return Zstd(level=self.level)
+        if self.compressor.startswith("blosc-"):
+            shuffle = Blosc.SHUFFLE if self.compressor == "blosc-shuffle" else Blosc.BITSHUFFLE
+            return Blosc.from_config(
+                {"cname": "zstd", "clevel": self.level, "shuffle": shuffle, "blocksize": 0, "typesize": self.dtype.itemsize}
+            )
+        return None
+
+    def compressed_nbytes(self, codes: np.ndarray) -> int:
+        """Bytes one chunk of these codes takes in a store (compressed, plus the crc32c)."""
+        compressor = self.numcodecs_compressor()
+        raw = np.ascontiguousarray(codes)
+        size = raw.nbytes if compressor is None else len(compressor.encode(raw))
+        return size + 4
+
+
+def parse_codec(name: str) -> TargetCodec:
+    """Parse a codec name such as ``"int8-channel+zstd5"`` (see the module docstring)."""
+    if isinstance(name, str) and name in _PARSED:
+        return _PARSED[name]
+    codec = _parse_codec(name)
+    if len(_PARSED) < 1024:
+        _PARSED[name] = codec
+    return codec
+
+
+_PARSED: dict[str, TargetCodec] = {}
+
+
+def _parse_codec(name: str) -> TargetCodec:
+    if not isinstance(name, str):
+        raise ValueError(f"parse_codec(name=) expects a codec name string. Got {type(name).__name__} {name!r}.")
+    storage_text, plus, compressor_text = name.partition("+")
+    storage = _STORAGE_RE.match(storage_text)
+    compressor = _COMPRESSOR_RE.match(compressor_text) if compressor_text else None
+    if storage is None or (plus and compressor is None):
+        raise ValueError(
+            "parse_codec(name=) expects '<storage>[+<compressor>]' with storage fp32, fp16, int<b>-channel, "
+            "int<b>-view or int<b>-std<k> (b in 2..8) and compressor zstd<L>, blosc-zstd<L>-shuffle or "
+            f"blosc-zstd<L>-bitshuffle. Got {name!r}."
+        )
+    if storage.group("float"):
+        kind, bits, scaling, k = storage.group("float"), 32 if storage.group("float") == "fp32" else 16, "none", 0
+    else:
+        kind, bits = "int", int(storage.group("bits"))
+        k = int(storage.group("k")) if storage.group("k") else 0
+        scaling = "std" if k else storage.group("scale")
+    if compressor is None:
+        comp, level = "none", 0
+    elif compressor.group("zlevel") is not None:
+        comp, level = "zstd", int(compressor.group("zlevel"))
+        if not -7 <= level <= 22:
+            raise ValueError(f"parse_codec(name=) expects a zstd level in -7..22. Got {level} in {name!r}.")
+    else:
+        comp, level = f"blosc-{compressor.group('shuffle')}", int(compressor.group("blevel"))
+    codec = object.__new__(TargetCodec)
+    for field_name, value in (
+        ("storage", kind),
+        ("bits", bits),
+        ("scaling", scaling),
+        ("steps_per_std", k),
+        ("compressor", comp),
+        ("level", level),
+    ):
+        object.__setattr__(codec, field_name, value)
+    return codec

@@ -1,0 +1,254 @@
+"""Checking, cleaning and describing a store: `verify_store`, `gc_store`, `inspect_store`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from label_store._fs import LAYOUT, Location
+from label_store._manifest import load_parts
+from label_store.encoding import view_checksum
+from label_store.errors import CorruptDataError
+from label_store.reader import StoreReader, open_store
+from label_store.writer import QUANT_ARRAY, WRITER_LEASE, _process_start_time
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """Outcome of `verify_store`."""
+
+    url: str
+    """The store checked."""
+    parts: int
+    """Committed parts checked."""
+    checked_views: int
+    """Committed view rows checked (including copies shadowed by an earlier commit)."""
+    bad_views: tuple[dict, ...] = field(default_factory=tuple)
+    """One ``{image_id, view_id, part, reason}`` per view that failed a check."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_views
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "parts": self.parts, "checked_views": self.checked_views, "ok": self.ok, "bad_views": list(self.bad_views)}
+
+
+def verify_store(
+    url: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    batch_views: int = 64,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> VerifyReport:
+    """Read every committed view's stored bytes and check them.
+
+    Checks, per view: the shard files exist and their indexes pass crc32c (a truncated or
+    overwritten shard fails here), every chunk passes crc32c and decompresses to the
+    right size (a flipped byte fails here), and the BLAKE2b-128 of the view's encoded
+    bytes equals the checksum recorded at write time.
+
+    Args:
+        on_progress: called with (views checked, views total) after each batch.
+    """
+    reader = open_store(url, storage_options=storage_options, threads=1)
+    table = reader._table
+    total = 0 if table is None else table.num_rows
+    names = [spec.name for spec in reader.targets]
+    bad: list[dict] = []
+    done = 0
+    if total:
+        import numpy as np
+
+        image_ids = table.column("image_id").to_pylist()
+        view_ids = table.column("view_id").to_pylist()
+        checksums = table.column("checksum").to_pylist()
+    for part_index, entry in enumerate(reader._parts):
+        rows = np.flatnonzero(reader._part_index == part_index).tolist() if total else []
+        for start in range(0, len(rows), batch_views):
+            indexes = rows[start : start + batch_views]
+            try:
+                encoded = reader._read_encoded(indexes, names)
+            except CorruptDataError as error:  # e.g. the part's array metadata is gone
+                encoded = [error] * len(indexes)
+            for index, item in zip(indexes, encoded):
+                reason = None
+                if isinstance(item, CorruptDataError):
+                    reason = str(item)
+                elif view_checksum(reader.targets, item) != checksums[index]:
+                    reason = "view checksum mismatch (stored bytes differ from what was written)"
+                if reason:
+                    bad.append({"image_id": image_ids[index], "view_id": view_ids[index], "part": entry.part_id, "reason": reason})
+            done += len(indexes)
+            if on_progress is not None:
+                on_progress(done, total)
+    return VerifyReport(url=url, parts=len(reader._parts), checked_views=done, bad_views=tuple(bad))
+
+
+def _newest_mtime(location: Location, path: str) -> float | None:
+    try:
+        infos = location.fs.find(path, detail=True)
+    except FileNotFoundError:
+        return None
+    newest = None
+    for info in infos.values():
+        stamp = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+        if isinstance(stamp, _dt.datetime):
+            stamp = stamp.timestamp()
+        if stamp is not None:
+            newest = float(stamp) if newest is None else max(newest, float(stamp))
+    return newest
+
+
+def _writer_dead(location: Location, part_path: str) -> bool:
+    """True when the part's lease names a process on this host that no longer runs."""
+    try:
+        lease = json.loads(location.read_bytes(f"{part_path}/{WRITER_LEASE}"))
+    except (FileNotFoundError, ValueError):
+        return False
+    if lease.get("host") != socket.gethostname():
+        return False
+    current = _process_start_time(int(lease["pid"]))
+    return current is None or (lease.get("pid_start_time") is not None and current != lease["pid_start_time"])
+
+
+def gc_store(
+    url: str,
+    *,
+    older_than_s: float = 3600.0,
+    dry_run: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Remove parts that were never committed (crashed, killed or aborted writers).
+
+    An uncommitted part directory is removed when its writer ran on this host and is no
+    longer alive, or when nothing in it changed for ``older_than_s`` seconds (writers on
+    other hosts: pass 0 once no writer is running). Committed parts are never touched.
+
+    Returns:
+        The removed (with ``dry_run``: removable) part directory names, sorted.
+    """
+    location = Location(url, dict(storage_options or {}))
+    from label_store._manifest import read_store_meta
+
+    read_store_meta(location)  # refuses a path that is not a store
+    committed = {entry.part_dir for entry in load_parts(location)}
+    parts_root = location.path(LAYOUT["parts"])
+    now = time.time()
+    removed = []
+    for name in location.list_names(parts_root):
+        if name == "zarr.json" or name in committed:
+            continue
+        path = f"{parts_root}/{name}"
+        newest = _newest_mtime(location, path)
+        stale = newest is None or now - newest >= older_than_s
+        if stale or _writer_dead(location, path):
+            removed.append(name)
+            if not dry_run:
+                location.remove_tree(path)
+    if location.is_local and not dry_run:
+        import os
+
+        for directory in (LAYOUT["manifest_parts"], LAYOUT["manifest_failures"]):
+            full = location.path(directory)
+            if not os.path.isdir(full):
+                continue
+            for entry in os.scandir(full):
+                if entry.name.startswith(".tmp-") and now - entry.stat().st_mtime >= older_than_s:
+                    os.unlink(entry.path)
+    return sorted(removed)
+
+
+def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON-able description of a store.
+
+    Keys: url, schema_version, created_at, teacher (fingerprint), targets (name, shape, codec,
+    fp32 and stored bytes per view, ratio vs fp32), groups (the same per group), views
+    (visible views), images (distinct image ids with a committed view), parts, duplicate_views
+    (copies shadowed by an earlier commit), uncommitted_parts, failures (list of
+    {image_id, view_id, reason}), bytes_on_disk, bytes_committed, bytes_per_view,
+    fp32_bytes_per_view, ratio_vs_fp32, fidelity.
+    """
+    reader: StoreReader = open_store(url, storage_options=storage_options, threads=1)
+    location = reader._location
+    from label_store.writer import Store
+
+    store = Store(location, reader._meta, reader._meta.views_per_shard)
+    failures = store.failures()
+    location.refresh(location.root)
+    try:
+        listing = location.fs.find(location.root, detail=True)
+    except FileNotFoundError:
+        listing = {}
+    sizes = {path: int(info.get("size") or 0) for path, info in listing.items() if info.get("type", "file") != "directory"}
+    bytes_on_disk = sum(sizes.values())
+    parts_root = location.path(LAYOUT["parts"])
+    committed_dirs = {entry.part_dir for entry in reader._parts}
+    by_array: dict[tuple[str, str], int] = {}  # (part_dir, array name) -> chunk bytes
+    by_dir: dict[str, int] = {}
+    for path, size in sizes.items():
+        if not path.startswith(parts_root + "/"):
+            continue
+        part_dir, _, rest = path[len(parts_root) + 1 :].partition("/")
+        if not rest:
+            continue  # parts/zarr.json
+        by_dir[part_dir] = by_dir.get(part_dir, 0) + size
+        if "/c/" in rest:
+            key = (part_dir, rest.split("/c/", 1)[0])
+            by_array[key] = by_array.get(key, 0) + size
+    rows = sum(entry.num_views for entry in reader._parts)
+
+    def chunk_bytes(array_name: str) -> int:
+        return sum(by_array.get((part_dir, array_name), 0) for part_dir in committed_dirs)
+
+    raw_params = {spec.name: 8 * spec.target_codec.num_params(spec.shape[0]) for spec in reader.targets}
+    params_total = chunk_bytes(QUANT_ARRAY) if sum(raw_params.values()) else 0
+    targets, groups = [], {}
+    for spec in reader.targets:
+        share = params_total * raw_params[spec.name] / sum(raw_params.values()) if params_total else 0.0
+        stored = (chunk_bytes(spec.name) + share) / rows if rows else 0.0
+        targets.append(
+            {
+                "name": spec.name,
+                "shape": list(spec.shape),
+                "codec": spec.codec,
+                "fp32_bytes_per_view": spec.fp32_nbytes,
+                "stored_bytes_per_view": stored,
+                "ratio_vs_fp32": spec.fp32_nbytes / stored if stored else None,
+            }
+        )
+        group = groups.setdefault(spec.group, {"group": spec.group, "codecs": [], "fp32_bytes_per_view": 0, "stored_bytes_per_view": 0.0})
+        if spec.codec not in group["codecs"]:
+            group["codecs"].append(spec.codec)
+        group["fp32_bytes_per_view"] += spec.fp32_nbytes
+        group["stored_bytes_per_view"] += stored
+    for group in groups.values():
+        group["ratio_vs_fp32"] = group["fp32_bytes_per_view"] / group["stored_bytes_per_view"] if group["stored_bytes_per_view"] else None
+    bytes_committed = sum(by_dir.get(part_dir, 0) for part_dir in committed_dirs)
+    fp32_per_view = sum(spec.fp32_nbytes for spec in reader.targets)
+    per_view = bytes_committed / rows if rows else 0.0
+    visible = reader.views()
+    return {
+        "url": url,
+        "schema_version": reader.schema_version,
+        "created_at": reader._meta.created_at,
+        "teacher": reader.fingerprint.to_dict(),
+        "targets": targets,
+        "groups": list(groups.values()),
+        "views": len(reader),
+        "images": len(set(visible.column("image_id").to_pylist())),
+        "parts": len(reader._parts),
+        "duplicate_views": rows - len(reader),
+        "uncommitted_parts": len(set(by_dir) - committed_dirs),
+        "failures": failures,
+        "bytes_on_disk": bytes_on_disk,
+        "bytes_committed": bytes_committed,
+        "bytes_per_view": per_view,
+        "fp32_bytes_per_view": fp32_per_view,
+        "ratio_vs_fp32": fp32_per_view / per_view if per_view else None,
+        "fidelity": reader.fidelity,
+    }

@@ -1,0 +1,293 @@
+"""What a store holds: the teacher fingerprint and the target specs.
+
+Legend: K classes, R reg_max, C channels, H x W one level's map (``ceil(canvas / stride)``).
+
+Target names are ``<group>/<level>``: ``cls/p3`` (K sigmoid logits), ``box/p3``
+(4 * (R + 1) edge-distribution logits, channel ``e * (R + 1) + j`` is bin j of edge e in
+(left, top, right, bottom)), ``fpn/p3`` (C FPN features) and ``backbone/c3`` (backbone
+stage features). Every target of a view is float32 array[C, H, W] before encoding and
+after decoding; the canvas is fixed per store, so every view has the same shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from label_store.codecs import TargetCodec, parse_codec
+
+SCHEMA_VERSION = 1
+"""Version of the on-disk layout; readers refuse versions they do not know."""
+
+TARGET_GROUPS = ("cls", "box", "fpn", "backbone")
+"""Known target groups; each has a reference loss in `label_store.fidelity`."""
+
+BACKBONE_STRIDES = {"c3": 8, "c4": 16, "c5": 32}
+"""Stride of each backbone stage (matches detcore.outputs, which label_store must not import)."""
+
+# Chosen by benchmarks/store_codecs.py (see benchmarks/RESULTS.md, "Label store"): per
+# group the smallest encoding whose reference-loss error stays under 0.5% (cls, box) or
+# 1% (fpn, backbone) on teacher-like synthetic arrays. Re-run it on real teacher outputs
+# (or call label_store.choose_codecs) before filling a large store.
+DEFAULT_CODECS = {
+    "cls": "int8-std4+zstd5",
+    "box": "int5-view+zstd5",
+    "fpn": "int7-view+zstd5",
+    "backbone": "int8-std4+zstd5",
+}
+
+_NAME_RE = re.compile(r"^(cls|box|fpn|backbone)/([a-z][a-z0-9_]{0,15})$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def level_name(stride: int) -> str:
+    """FPN level name of a stride: 8 -> ``p3``, 128 -> ``p7``."""
+    if not isinstance(stride, int) or stride <= 0 or stride & (stride - 1):
+        raise ValueError(f"level_name(stride=) expects a positive power of two. Got {stride!r}.")
+    return f"p{stride.bit_length() - 1}"
+
+
+def _canonical_json(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{what} expects JSON types (dict, list, str, number, bool, None). Got {value!r}: {error}.") from None
+
+
+@dataclass(frozen=True, slots=True)
+class TeacherFingerprint:
+    """Everything about the teacher that changes its outputs; a store holds exactly one."""
+
+    architecture: str
+    """Model name and configuration, e.g. ``"gfl_r50_fpn"``."""
+    checkpoint_sha256: str
+    """SHA-256 (64 lowercase hex digits) of the checkpoint file or state dict."""
+    classes: tuple[str, ...]
+    """Class names in logit-channel order (K of them)."""
+    canvas_hw: tuple[int, int]
+    """``(height, width)`` of the fixed canvas every view is rendered onto."""
+    strides: tuple[int, ...]
+    """FPN strides, e.g. ``(8, 16, 32, 64, 128)``."""
+    reg_max: int
+    """R: each box edge distribution has R + 1 bins."""
+    preprocessing: dict = field(default_factory=dict, hash=False)
+    """Pixel normalisation and rendering details (JSON types), e.g. mean, std, resampling."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.architecture, str) or not self.architecture:
+            raise ValueError(f"TeacherFingerprint(architecture=) expects a non-empty string. Got {self.architecture!r}.")
+        if not isinstance(self.checkpoint_sha256, str) or not _SHA256_RE.match(self.checkpoint_sha256):
+            raise ValueError(
+                f"TeacherFingerprint(checkpoint_sha256=) expects 64 lowercase hex digits. Got {self.checkpoint_sha256!r}."
+            )
+        classes = tuple(self.classes) if not isinstance(self.classes, str) else None
+        if not classes or not all(isinstance(c, str) and c for c in classes):
+            raise ValueError(f"TeacherFingerprint(classes=) expects a non-empty sequence of names. Got {self.classes!r}.")
+        object.__setattr__(self, "classes", classes)
+        canvas = tuple(self.canvas_hw)
+        if len(canvas) != 2 or not all(isinstance(v, int) and v > 0 for v in canvas):
+            raise ValueError(f"TeacherFingerprint(canvas_hw=) expects two positive ints. Got {self.canvas_hw!r}.")
+        object.__setattr__(self, "canvas_hw", canvas)
+        strides = tuple(self.strides)
+        if not strides or not all(isinstance(s, int) and s > 0 and not s & (s - 1) for s in strides):
+            raise ValueError(f"TeacherFingerprint(strides=) expects positive powers of two. Got {self.strides!r}.")
+        if list(strides) != sorted(set(strides)):
+            raise ValueError(f"TeacherFingerprint(strides=) expects strictly increasing strides. Got {self.strides!r}.")
+        object.__setattr__(self, "strides", strides)
+        if not isinstance(self.reg_max, int) or isinstance(self.reg_max, bool) or self.reg_max <= 0:
+            raise ValueError(f"TeacherFingerprint(reg_max=) expects a positive int. Got {self.reg_max!r}.")
+        if not isinstance(self.preprocessing, dict):
+            raise ValueError(f"TeacherFingerprint(preprocessing=) expects a dict. Got {type(self.preprocessing).__name__}.")
+        object.__setattr__(self, "preprocessing", _canonical_json(self.preprocessing, "TeacherFingerprint(preprocessing=)"))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists)."""
+        return {
+            "architecture": self.architecture,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "classes": list(self.classes),
+            "canvas_hw": list(self.canvas_hw),
+            "strides": list(self.strides),
+            "reg_max": self.reg_max,
+            "preprocessing": self.preprocessing,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TeacherFingerprint":
+        expected = {"architecture", "checkpoint_sha256", "classes", "canvas_hw", "strides", "reg_max", "preprocessing"}
+        if not isinstance(data, Mapping) or set(data) != expected:
+            got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+            raise ValueError(f"TeacherFingerprint.from_dict(data=) expects exactly the keys {sorted(expected)}. Got {got}.")
+        return cls(
+            architecture=data["architecture"],
+            checkpoint_sha256=data["checkpoint_sha256"],
+            classes=tuple(data["classes"]),
+            canvas_hw=tuple(data["canvas_hw"]),
+            strides=tuple(data["strides"]),
+            reg_max=data["reg_max"],
+            preprocessing=dict(data["preprocessing"]),
+        )
+
+    def diff(self, other: "TeacherFingerprint") -> list[str]:
+        """Human-readable differences, ``self`` read as the store and ``other`` as the caller.
+
+        Example: ``["canvas_hw: store has (256, 256), caller expects (320, 320)"]``.
+        """
+        out = []
+        for name in ("architecture", "checkpoint_sha256", "canvas_hw", "strides", "reg_max", "preprocessing"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                out.append(f"{name}: store has {mine!r}, caller expects {theirs!r}")
+        if self.classes != other.classes:
+            out.append(f"classes: store has {_describe_classes(self.classes, other.classes)}, caller expects {_describe_classes(other.classes, self.classes)}")
+        return out
+
+
+def _describe_classes(mine: tuple[str, ...], theirs: tuple[str, ...]) -> str:
+    if len(mine) <= 8:
+        text = repr(mine)
+    else:
+        text = f"{len(mine)} classes"
+    for index, (a, b) in enumerate(zip(mine, theirs)):
+        if a != b:
+            return f"{text} (class {index} is {a!r})"
+    return f"{text} ({len(mine)} names)"
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSpec:
+    """One stored target: its name, the shape of one view, and its codec."""
+
+    name: str
+    """``<group>/<level>`` with group in cls, box, fpn, backbone, e.g. ``"box/p4"``."""
+    shape: tuple[int, int, int]
+    """``(C, H, W)`` of one view (float32 logits or features before encoding)."""
+    codec: str
+    """Codec name (see `label_store.codecs`), e.g. ``"int8-channel+zstd5"``."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise ValueError(
+                f"TargetSpec(name=) expects '<group>/<level>' with group in {TARGET_GROUPS} and a lowercase level "
+                f"such as 'p3' or 'c4'. Got {self.name!r}."
+            )
+        shape = tuple(self.shape) if isinstance(self.shape, (tuple, list)) else None
+        if shape is None or len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
+            raise ValueError(f"TargetSpec(shape=) expects (C, H, W), three positive ints. Got {self.shape!r} for {self.name!r}.")
+        object.__setattr__(self, "shape", shape)
+        try:
+            codec = parse_codec(self.codec)
+        except ValueError as error:
+            raise ValueError(f"TargetSpec(codec=) expects a valid codec name for {self.name!r}. Got {self.codec!r}: {error}") from None
+        object.__setattr__(self, "codec", codec.name)
+        if self.group == "box" and (shape[0] % 4 or shape[0] // 4 < 2):
+            raise ValueError(
+                f"TargetSpec(shape=) expects 4 * (R + 1) channels for box target {self.name!r}. Got C={shape[0]}."
+            )
+
+    @property
+    def group(self) -> str:
+        """``"cls"``, ``"box"``, ``"fpn"`` or ``"backbone"``."""
+        return self.name.split("/", 1)[0]
+
+    @property
+    def level(self) -> str:
+        """``"p3"``, ``"c4"``, ..."""
+        return self.name.split("/", 1)[1]
+
+    @property
+    def target_codec(self) -> TargetCodec:
+        return parse_codec(self.codec)
+
+    @property
+    def num_elements(self) -> int:
+        c, h, w = self.shape
+        return c * h * w
+
+    @property
+    def fp32_nbytes(self) -> int:
+        """Bytes of one view of this target as float32 (the reference size)."""
+        return 4 * self.num_elements
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "codec": self.codec}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TargetSpec":
+        if not isinstance(data, Mapping) or set(data) != {"name", "shape", "codec"}:
+            raise ValueError(f"TargetSpec.from_dict(data=) expects keys ['codec', 'name', 'shape']. Got {data!r}.")
+        return cls(name=data["name"], shape=tuple(data["shape"]), codec=data["codec"])
+
+
+def default_target_specs(
+    num_classes: int,
+    reg_max: int,
+    canvas_hw: tuple[int, int],
+    strides: Sequence[int],
+    fpn_channels: int,
+    backbone_channels: Sequence[int] | Mapping[str, int] | None = None,
+    groups: Sequence[str] = ("cls", "box", "fpn"),
+    codecs: Mapping[str, str] | None = None,
+) -> list[TargetSpec]:
+    """The targets of a GFL-style teacher, one per group and level, with measured default codecs.
+
+    Args:
+        num_classes: K.
+        reg_max: R.
+        canvas_hw: ``(H, W)`` of the store's canvas; each level is ``ceil(H / s), ceil(W / s)``.
+        strides: FPN strides, e.g. ``(8, 16, 32, 64, 128)``.
+        fpn_channels: C of every FPN level.
+        backbone_channels: channels of stages ``(c3, c4, c5)`` (a sequence or a mapping from
+            stage name); required when ``"backbone"`` is in ``groups``.
+        groups: which target groups to store, any of ``cls``, ``box``, ``fpn``, ``backbone``.
+        codecs: codec per group overriding `DEFAULT_CODECS`.
+    Returns:
+        Specs in group order, then level order.
+    """
+    unknown = [g for g in groups if g not in TARGET_GROUPS]
+    if unknown or not groups or len(set(groups)) != len(groups):
+        raise ValueError(f"default_target_specs(groups=) expects distinct names from {TARGET_GROUPS}. Got {tuple(groups)!r}.")
+    chosen = dict(DEFAULT_CODECS)
+    for group, name in (codecs or {}).items():
+        if group not in TARGET_GROUPS:
+            raise ValueError(f"default_target_specs(codecs=) expects keys from {TARGET_GROUPS}. Got {group!r}.")
+        chosen[group] = parse_codec(name).name
+    for name, value in (("num_classes", num_classes), ("reg_max", reg_max), ("fpn_channels", fpn_channels)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"default_target_specs({name}=) expects a positive int. Got {value!r}.")
+    canvas = tuple(canvas_hw)
+    if len(canvas) != 2 or not all(isinstance(v, int) and v > 0 for v in canvas):
+        raise ValueError(f"default_target_specs(canvas_hw=) expects two positive ints. Got {canvas_hw!r}.")
+
+    def hw(stride: int) -> tuple[int, int]:
+        return (math.ceil(canvas[0] / stride), math.ceil(canvas[1] / stride))
+
+    levels = [(level_name(s), hw(s)) for s in strides]
+    channels = {"cls": num_classes, "box": 4 * (reg_max + 1), "fpn": fpn_channels}
+    specs: list[TargetSpec] = []
+    for group in groups:
+        if group == "backbone":
+            if backbone_channels is None:
+                raise ValueError("default_target_specs(backbone_channels=) expects the (c3, c4, c5) channels when groups include 'backbone'. Got None.")
+            if isinstance(backbone_channels, Mapping):
+                stages = dict(backbone_channels)
+            else:
+                values = tuple(backbone_channels)
+                if len(values) != len(BACKBONE_STRIDES):
+                    raise ValueError(f"default_target_specs(backbone_channels=) expects 3 values (c3, c4, c5). Got {values!r}.")
+                stages = dict(zip(BACKBONE_STRIDES, values))
+            for stage, num in stages.items():
+                if stage not in BACKBONE_STRIDES:
+                    raise ValueError(f"default_target_specs(backbone_channels=) expects stages {tuple(BACKBONE_STRIDES)}. Got {stage!r}.")
+                specs.append(TargetSpec(f"backbone/{stage}", (num, *hw(BACKBONE_STRIDES[stage])), chosen["backbone"]))
+            continue
+        for level, (h, w) in levels:
+            specs.append(TargetSpec(f"{group}/{level}", (channels[group], h, w), chosen[group]))
+    return specs

@@ -1,0 +1,517 @@
+"""Creating a store and writing parts to it.
+
+Store layout (a zarr v3 hierarchy; N views in a part, S views per shard)::
+
+    <root>/zarr.json                      group; attributes["label_store"]: schema version,
+                                          teacher fingerprint, targets with codecs
+    <root>/parts/<part_dir>/<group>/<level>   codes[N, C, H, W] (uint8 | float16 | float32),
+                                          inner chunk [1, C, H, W] (one view), shard [S, C, H, W]
+    <root>/parts/<part_dir>/quant         float32[N, P]: scale and offset of every int-coded
+                                          target of a view (same chunking)
+    <root>/parts/<part_dir>/_writer.json  lease: host, pid and start time of the writer
+    <root>/manifest/parts/<part_id>.parquet   the commit: one row per view (image id, view id,
+                                          view recipe JSON, content hash, valid region, row,
+                                          checksum); its appearance makes the part visible
+    <root>/manifest/failures/<time>-<uuid>.parquet   views that could not be produced
+
+Concurrency and failure rules:
+    * A part is written by one `PartWriter` into its own directory (``<part_id>.<attempt>``,
+      a fresh attempt suffix each time), so no two writers ever touch the same shard and a
+      retried task never collides with the wreck of its previous attempt.
+    * Arrays are written whole, shard by shard; the manifest entry is published last and
+      atomically (local: temporary file, fsync, link into place; object stores: one PUT).
+      A task that crashes, is killed or aborts before that leaves only an unreferenced
+      directory: invisible to readers, removed by `gc_store`.
+    * A part id commits at most once (`PartExistsError` on a second commit): a retried task
+      whose first attempt committed can skip (`Store.is_committed`).
+    * A view committed by two different parts is read from the part committed first (then
+      by part id): later copies are ignored, never mixed. `PartWriter.append` rejects a
+      view already appended to the same part.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import socket
+import time
+import uuid
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from label_store._fs import LAYOUT, Location
+from label_store._manifest import (
+    MAX_IMAGE_ID,
+    MAX_VIEW_ID,
+    StoreMeta,
+    failures_bytes,
+    load_failures,
+    load_parts,
+    part_entry_bytes,
+    read_store_meta,
+    view_key,
+)
+from label_store.encoding import EncodedTarget, check_targets, decode_encoded, encode_view, view_checksum
+from label_store.errors import PartExistsError, PartStateError, StoreMismatchError, StoreNotFoundError
+from label_store.fidelity import FidelityAccumulator
+from label_store.schema import BACKBONE_STRIDES, SCHEMA_VERSION, TargetSpec, TeacherFingerprint, level_name
+
+DEFAULT_VIEWS_PER_SHARD = 16
+"""Views per shard file (see benchmarks/RESULTS.md, "Label store", for the measurement)."""
+DEFAULT_FIDELITY_VIEWS = 2
+"""Views per part whose codec fidelity is measured at write time."""
+
+_PART_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+QUANT_ARRAY = "quant"
+WRITER_LEASE = "_writer.json"
+
+
+def _process_start_time(pid: int) -> str | None:
+    """Start time of a process from /proc (Linux), to tell a live writer from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _check_targets_match(fingerprint: TeacherFingerprint, targets: Sequence[TargetSpec]) -> None:
+    """Shapes must follow from the fingerprint: K, 4 * (R + 1), ceil(canvas / stride)."""
+    if not targets:
+        raise ValueError("create_store(targets=) expects at least one TargetSpec. Got none.")
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"create_store(targets=) expects distinct target names. Got {names}.")
+    strides = {level_name(s): s for s in fingerprint.strides}
+    for spec in targets:
+        if not isinstance(spec, TargetSpec):
+            raise ValueError(f"create_store(targets=) expects TargetSpec items. Got {type(spec).__name__}.")
+        stride = BACKBONE_STRIDES.get(spec.level) if spec.group == "backbone" else strides.get(spec.level)
+        if stride is None:
+            raise ValueError(
+                f"create_store(targets=) expects levels of the fingerprint's strides {tuple(strides)} (or c3..c5 for backbone). "
+                f"Got {spec.name!r}."
+            )
+        height, width = (-(-fingerprint.canvas_hw[0] // stride), -(-fingerprint.canvas_hw[1] // stride))
+        channels = {"cls": fingerprint.num_classes, "box": 4 * (fingerprint.reg_max + 1)}.get(spec.group, spec.shape[0])
+        if spec.shape != (channels, height, width):
+            raise ValueError(
+                f"create_store(targets=) expects {spec.name} of shape {(channels, height, width)} for canvas "
+                f"{fingerprint.canvas_hw}, {fingerprint.num_classes} classes and reg_max {fingerprint.reg_max}. Got {spec.shape}."
+            )
+
+
+def _target_set_diff(stored: Sequence[TargetSpec], given: Sequence[TargetSpec]) -> list[str]:
+    mine = {t.name: t for t in stored}
+    theirs = {t.name: t for t in given}
+    out = []
+    for name in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(name), theirs.get(name)
+        if a is None:
+            out.append(f"target {name}: store does not have it, caller adds {b.shape} {b.codec}")
+        elif b is None:
+            out.append(f"target {name}: store has {a.shape} {a.codec}, caller omits it")
+        elif a != b:
+            out.append(f"target {name}: store has shape {a.shape} codec {a.codec}, caller expects shape {b.shape} codec {b.codec}")
+    return out
+
+
+def create_store(
+    url: str,
+    fingerprint: TeacherFingerprint | Mapping[str, Any],
+    targets: Sequence[TargetSpec],
+    *,
+    views_per_shard: int | None = None,
+    exist_ok: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> "Store":
+    """Create a label store at ``url`` (local path or fsspec URL), or open it for writing.
+
+    Args:
+        url: store root, e.g. ``"/data/coco_gfl.zarr"`` or ``"s3://bucket/coco_gfl.zarr"``.
+        fingerprint: the teacher (a `TeacherFingerprint` or its ``to_dict()``).
+        targets: what to store; shapes must follow from the fingerprint.
+        views_per_shard: S, views per shard file for parts written through this handle
+            (default: the store's, 16 for a new store).
+        exist_ok: open an existing store with the same fingerprint and targets (otherwise
+            an existing store raises ``FileExistsError``).
+        storage_options: fsspec options (credentials, ``client_kwargs``...).
+    Raises:
+        StoreMismatchError: the existing store has another fingerprint or target set.
+    """
+    if not isinstance(fingerprint, TeacherFingerprint):
+        fingerprint = TeacherFingerprint.from_dict(fingerprint)
+    targets = list(targets)
+    _check_targets_match(fingerprint, targets)
+    if views_per_shard is not None and (not isinstance(views_per_shard, int) or views_per_shard <= 0):
+        raise ValueError(f"create_store(views_per_shard=) expects a positive int. Got {views_per_shard!r}.")
+    location = Location(url, dict(storage_options or {}))
+    try:
+        existing = read_store_meta(location)
+    except StoreNotFoundError:
+        existing = None
+    if existing is None:
+        import zarr
+
+        meta = StoreMeta(
+            schema_version=SCHEMA_VERSION,
+            fingerprint=fingerprint,
+            targets=tuple(targets),
+            views_per_shard=views_per_shard or DEFAULT_VIEWS_PER_SHARD,
+            created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        store = location.zarr_store()
+        try:
+            zarr.create_group(store, attributes=meta.to_attributes(), overwrite=False)
+        except Exception:  # a concurrent creator won the race: fall through to the comparison
+            pass
+        try:
+            zarr.create_group(store, path=LAYOUT["parts"], overwrite=False)
+        except Exception:
+            pass
+        existing = read_store_meta(location)
+    elif not exist_ok:
+        raise FileExistsError(f"create_store(exist_ok=False) expects no store at {url!r}. Got one; choose a new path.")
+    problems = existing.fingerprint.diff(fingerprint) + _target_set_diff(existing.targets, targets)
+    if problems:
+        raise StoreMismatchError(
+            f"create_store(url={url!r}) found a store for another teacher or target set:\n  - "
+            + "\n  - ".join(problems)
+            + "\nWrite these targets to a new store path (--store), or delete the old store."
+        )
+    return Store(location, existing, views_per_shard or existing.views_per_shard)
+
+
+class Store:
+    """A store opened for writing. Picklable (to Ray tasks): it carries no open handles."""
+
+    def __init__(self, location: Location, meta: StoreMeta, views_per_shard: int) -> None:
+        self._location = location
+        self._meta = meta
+        self.views_per_shard = views_per_shard
+
+    def __repr__(self) -> str:
+        return f"Store(url={self.url!r}, targets={len(self.targets)}, views_per_shard={self.views_per_shard})"
+
+    @property
+    def url(self) -> str:
+        return self._location.url
+
+    @property
+    def fingerprint(self) -> TeacherFingerprint:
+        return self._meta.fingerprint
+
+    @property
+    def targets(self) -> tuple[TargetSpec, ...]:
+        """Targets in the store's order (the order of the checksum and of `encode_targets`)."""
+        return self._meta.targets
+
+    def open_part(self, part_id: str, *, fidelity_views: int = DEFAULT_FIDELITY_VIEWS) -> "PartWriter":
+        """Start writing part ``part_id`` (letters, digits, ``_`` and ``-``; one per writer task).
+
+        Raises:
+            PartExistsError: the part is already committed.
+        """
+        if not isinstance(part_id, str) or not 0 < len(part_id) <= 128 or not set(part_id) <= _PART_ID_CHARS:
+            raise ValueError(f"Store.open_part(part_id=) expects 1-128 letters, digits, '_' or '-'. Got {part_id!r}.")
+        if self.is_committed(part_id):
+            raise PartExistsError(f"Store.open_part(part_id={part_id!r}) expects a new part. Got one already committed in {self.url}; skip it.")
+        return PartWriter(self, part_id, fidelity_views=fidelity_views)
+
+    def is_committed(self, part_id: str) -> bool:
+        path = self._location.path(LAYOUT["manifest_parts"], f"{part_id}.parquet")
+        self._location.refresh(path.rsplit("/", 1)[0])
+        return self._location.fs.exists(path)
+
+    def committed_parts(self) -> list[str]:
+        return [entry.part_id for entry in load_parts(self._location)]
+
+    def committed_keys(self) -> set[tuple[int, int]]:
+        """``(image_id, view_id)`` of every committed view."""
+        keys: set[tuple[int, int]] = set()
+        for entry in load_parts(self._location):
+            keys.update(zip(entry.table.column("image_id").to_pylist(), entry.table.column("view_id").to_pylist()))
+        return keys
+
+    def record_failures(self, rows: Sequence[Mapping[str, Any]]) -> str | None:
+        """Append views that could not be produced: dicts with image_id, view_id (-1: the whole image), reason.
+
+        Written as one new Parquet file, published atomically. Returns its path (None for no rows).
+        """
+        rows = list(rows)
+        for index, row in enumerate(rows):
+            if not isinstance(row, Mapping) or not {"image_id", "view_id", "reason"} <= set(row):
+                raise ValueError(f"Store.record_failures(rows[{index}]=) expects a dict with image_id, view_id, reason. Got {row!r}.")
+            if not isinstance(row["reason"], str) or not row["reason"]:
+                raise ValueError(f"Store.record_failures(rows[{index}]=) expects a non-empty reason. Got {row['reason']!r}.")
+            if int(row["image_id"]) < 0 or int(row["view_id"]) < -1:
+                raise ValueError(f"Store.record_failures(rows[{index}]=) expects image_id >= 0 and view_id >= -1. Got {row!r}.")
+        if not rows:
+            return None
+        now = time.time_ns()
+        path = self._location.path(LAYOUT["manifest_failures"], f"{now:020d}-{uuid.uuid4().hex[:12]}.parquet")
+        self._location.publish(path, failures_bytes(rows, now), exclusive=True)
+        return path
+
+    def failures(self, *, include_resolved: bool = False) -> list[dict]:
+        """Recorded failures, latest reason per view; without ``include_resolved`` views since committed are left out."""
+        table = load_failures(self._location)
+        latest: dict[tuple[int, int], dict] = {}
+        for row in sorted(table.to_pylist(), key=lambda r: r["recorded_at_ns"]):
+            latest[(row["image_id"], row["view_id"])] = {"image_id": row["image_id"], "view_id": row["view_id"], "reason": row["reason"]}
+        if not include_resolved:
+            committed = self.committed_keys()
+            committed_images = {image for image, _ in committed}
+            latest = {
+                key: row
+                for key, row in latest.items()
+                if key not in committed and not (key[1] == -1 and key[0] in committed_images)
+            }
+        return [latest[key] for key in sorted(latest)]
+
+    def reader(self):
+        """A `StoreReader` of what is committed now."""
+        from label_store.reader import open_store
+
+        return open_store(self.url, expected_fingerprint=self.fingerprint, storage_options=self._location.storage_options)
+
+
+class PartWriter:
+    """Writes one part: append views, then `commit` (or `abort`). Not thread-safe.
+
+    Leaving a ``with`` block without `commit` aborts the part.
+    """
+
+    def __init__(self, store: Store, part_id: str, *, fidelity_views: int = DEFAULT_FIDELITY_VIEWS) -> None:
+        if not isinstance(fidelity_views, int) or fidelity_views < 0:
+            raise ValueError(f"PartWriter(fidelity_views=) expects an int >= 0. Got {fidelity_views!r}.")
+        self.store = store
+        self.part_id = part_id
+        self.part_dir = f"{part_id}.{uuid.uuid4().hex[:12]}"
+        self.fidelity_views = fidelity_views
+        self._location = store._location
+        self._specs = store.targets
+        self._quantized = [spec for spec in self._specs if spec.target_codec.quantized]
+        self._views_per_shard = store.views_per_shard
+        self._state = "open"
+        self._records: list[dict] = []
+        self._keys: set[int] = set()
+        self._pending: list[dict[str, EncodedTarget]] = []
+        self._flushed = 0
+        self._arrays: dict[str, Any] = {}
+        self._zarr_store = None
+        self._fidelity = FidelityAccumulator()
+        self._fidelity_sampled = 0
+
+    def __repr__(self) -> str:
+        return f"PartWriter(part_id={self.part_id!r}, views={len(self._records)}, state={self._state!r})"
+
+    def __enter__(self) -> "PartWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._state == "open":
+            self.abort()
+
+    @property
+    def num_views(self) -> int:
+        return len(self._records)
+
+    @property
+    def part_path(self) -> str:
+        return self._location.path(LAYOUT["parts"], self.part_dir)
+
+    def _check_open(self, method: str) -> None:
+        if self._state != "open":
+            raise PartStateError(f"PartWriter.{method}() expects an open part. Got part {self.part_id!r} already {self._state}.")
+
+    def _check_record(self, record: Mapping[str, Any]) -> dict:
+        required = {"image_id", "view_id", "view", "content_hash", "valid_region"}
+        if not isinstance(record, Mapping) or set(record) != required:
+            got = sorted(record) if isinstance(record, Mapping) else type(record).__name__
+            raise ValueError(f"PartWriter.append(record=) expects exactly the keys {sorted(required)}. Got {got}.")
+        image_id, view_id = record["image_id"], record["view_id"]
+        if not isinstance(image_id, (int, np.integer)) or isinstance(image_id, bool) or not 0 <= int(image_id) < MAX_IMAGE_ID:
+            raise ValueError(f"PartWriter.append(record=) expects image_id an int in [0, 2**43). Got {image_id!r}.")
+        if not isinstance(view_id, (int, np.integer)) or isinstance(view_id, bool) or not 0 <= int(view_id) < MAX_VIEW_ID:
+            raise ValueError(f"PartWriter.append(record=) expects view_id an int in [0, 2**20). Got {view_id!r} (image_id={image_id}).")
+        where = f"(image_id={int(image_id)}, view_id={int(view_id)})"
+        view = record["view"]
+        if isinstance(view, Mapping):
+            view = json.dumps(dict(view), sort_keys=True)
+        try:
+            parsed = json.loads(view) if isinstance(view, str) else None
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"PartWriter.append(record=) expects view as a JSON object string (View.to_json()). Got {view!r} {where}.")
+        if not isinstance(record["content_hash"], str) or not record["content_hash"]:
+            raise ValueError(f"PartWriter.append(record=) expects content_hash a non-empty string. Got {record['content_hash']!r} {where}.")
+        region = tuple(record["valid_region"]) if isinstance(record["valid_region"], (tuple, list, np.ndarray)) else ()
+        canvas_h, canvas_w = self.store.fingerprint.canvas_hw
+        if (
+            len(region) != 4
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in region)
+            or not (0 <= region[0] < region[2] <= canvas_w and 0 <= region[1] < region[3] <= canvas_h)
+        ):
+            raise ValueError(
+                f"PartWriter.append(record=) expects valid_region (x1, y1, x2, y2) ints inside the {canvas_h}x{canvas_w} canvas. "
+                f"Got {record['valid_region']!r} {where}."
+            )
+        return {
+            "image_id": int(image_id),
+            "view_id": int(view_id),
+            "view": view,
+            "content_hash": record["content_hash"],
+            "valid_region": [int(v) for v in region],
+        }
+
+    def append(self, record: Mapping[str, Any], targets: Mapping[str, np.ndarray]) -> None:
+        """Add one view.
+
+        Args:
+            record: ``image_id`` (int), ``view_id`` (int), ``view`` (JSON string of the view
+                recipe, e.g. ``View.to_json()``), ``content_hash`` (str), ``valid_region``
+                ``(x1, y1, x2, y2)`` in canvas pixels.
+            targets: name -> float32 array[C, H, W] for every target of the store.
+        Raises:
+            ValueError: bad record, missing/extra target, wrong shape, NaN/inf, or a view
+                already appended to this part (the part stays usable).
+            OSError and other storage errors while writing a full shard: the part is failed;
+                only `abort` remains.
+        """
+        self._check_open("append")
+        row = self._check_record(record)
+        key = int(view_key(row["image_id"], row["view_id"]))
+        if key in self._keys:
+            raise ValueError(
+                f"PartWriter.append(record=) expects each view once per part. Got image_id={row['image_id']} "
+                f"view_id={row['view_id']} twice in part {self.part_id!r}."
+            )
+        arrays = check_targets(targets, self._specs, f"PartWriter.append(targets=) (image_id={row['image_id']}, view_id={row['view_id']})")
+        encoded = encode_view(arrays, self._specs)
+        if self._fidelity_sampled < self.fidelity_views:
+            for spec in self._specs:
+                self._fidelity.add(spec, arrays[spec.name], decode_encoded(spec, encoded[spec.name]))
+            self._fidelity_sampled += 1
+        row["row"] = len(self._records)
+        row["checksum"] = view_checksum(self._specs, encoded)
+        if not self._records:
+            self._write_lease()
+        self._records.append(row)
+        self._keys.add(key)
+        self._pending.append(encoded)
+        if len(self._pending) == self._views_per_shard:
+            try:
+                self._flush()
+            except BaseException:
+                self._state = "failed"  # storage error mid-shard: only abort() is left
+                raise
+
+    def _write_lease(self) -> None:
+        lease = {
+            "part_id": self.part_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start_time": _process_start_time(os.getpid()),
+            "started_at_ns": time.time_ns(),
+        }
+        self._location.write_small(f"{self.part_path}/{WRITER_LEASE}", json.dumps(lease).encode())
+
+    def _array(self, name: str, shape: tuple[int, ...], dtype, codec) -> Any:
+        import zarr
+        from zarr.codecs import BytesCodec
+
+        array = self._arrays.get(name)
+        if array is not None:
+            array.resize(shape)
+            return array
+        if self._zarr_store is None:
+            self._zarr_store = self._location.zarr_store()
+        shard = (self._views_per_shard, *shape[1:])
+        array = zarr.create_array(
+            self._zarr_store,
+            name=f"{LAYOUT['parts']}/{self.part_dir}/{name}",
+            shape=shape,
+            dtype=dtype,
+            chunks=(1, *shape[1:]),
+            shards=shard,
+            serializer=BytesCodec(),
+            compressors=codec,
+            fill_value=0,
+            dimension_names=("view",) + (("channel", "y", "x") if len(shape) == 4 else ("param",)),
+            config={"write_empty_chunks": True},
+        )
+        self._arrays[name] = array
+        return array
+
+    def _flush(self) -> None:
+        """Write the pending views (one whole shard, or the last partial one)."""
+        if not self._pending:
+            return
+        start, count = self._flushed, len(self._pending)
+        stop = start + count
+        for spec in self._specs:
+            codec = spec.target_codec
+            block = np.stack([view[spec.name].codes for view in self._pending])
+            array = self._array(spec.name, (stop, *spec.shape), codec.dtype, codec.zarr_compressors())
+            array[start:stop] = block
+        if self._quantized:
+            from zarr.codecs import Crc32cCodec, ZstdCodec
+
+            params = np.stack(
+                [np.concatenate([np.concatenate([view[s.name].scale, view[s.name].offset]) for s in self._quantized]) for view in self._pending]
+            ).astype(np.float32)
+            array = self._array(QUANT_ARRAY, (stop, params.shape[1]), np.float32, [ZstdCodec(level=3), Crc32cCodec()])
+            array[start:stop] = params
+        self._flushed = stop
+        self._pending = []
+
+    def commit(self) -> dict:
+        """Write the remaining arrays, then publish the part's manifest entry atomically.
+
+        Returns:
+            ``{"part_id", "part_dir", "num_views", "committed_at_ns"}``.
+        Raises:
+            PartExistsError: another attempt of this part id committed first (this attempt's
+                arrays are removed).
+        """
+        self._check_open("commit")
+        try:
+            self._flush()
+        except BaseException:
+            self.abort()
+            raise
+        committed_at = time.time_ns()
+        rows = {name: [r[name] for r in self._records] for name in ("image_id", "view_id", "view", "content_hash", "valid_region", "row", "checksum")}
+        data = part_entry_bytes(
+            part_id=self.part_id,
+            part_dir=self.part_dir,
+            committed_at_ns=committed_at,
+            targets=[spec.name for spec in self._specs],
+            fidelity=self._fidelity.stats,
+            writer={"host": socket.gethostname(), "pid": os.getpid()},
+            rows=rows,
+        )
+        path = self._location.path(LAYOUT["manifest_parts"], f"{self.part_id}.parquet")
+        try:
+            self._location.publish(path, data, exclusive=True)
+        except FileExistsError:
+            self.abort()
+            raise PartExistsError(
+                f"PartWriter.commit() expects part {self.part_id!r} to be committed once. Got an earlier commit in {self.store.url}; this attempt was discarded."
+            ) from None
+        self._state = "committed"
+        return {"part_id": self.part_id, "part_dir": self.part_dir, "num_views": len(self._records), "committed_at_ns": committed_at}
+
+    def abort(self) -> None:
+        """Discard the part: remove what it wrote. Safe to call more than once."""
+        if self._state == "committed":
+            raise PartStateError(f"PartWriter.abort() expects an uncommitted part. Got part {self.part_id!r} already committed.")
+        self._state = "aborted"
+        self._pending = []
+        self._arrays = {}
+        self._location.remove_tree(self.part_path)

@@ -1,0 +1,138 @@
+"""Codec names, storage round trips within each codec's stated error, and compression."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from label_store.codecs import TargetCodec, parse_codec
+from label_store.schema import TargetSpec
+from label_store.testing import synthetic_targets
+
+ALL_CODECS = [
+    "fp32",
+    "fp16",
+    "fp16+blosc-zstd5-shuffle",
+    "int8-channel+zstd5",
+    "int8-view",
+    "int7-channel+blosc-zstd5-bitshuffle",
+    "int6-view+zstd3",
+    "int5-view+zstd5",
+    "int4-channel+zstd5",
+    "int2-view",
+    "int8-std16+zstd5",
+    "int8-std4+zstd5",
+    "int6-std8",
+]
+
+
+@pytest.mark.parametrize("name", ALL_CODECS)
+def test_name_round_trip(name):
+    codec = parse_codec(name)
+    assert codec.name == name
+    assert TargetCodec.from_dict(codec.to_dict()) == codec
+    assert parse_codec(codec.name) is codec or parse_codec(codec.name) == codec
+
+
+@pytest.mark.parametrize("bad", ["", "fp64", "int9-view", "int1-channel", "int8", "int8-chan", "int8-std0", "fp16+gzip", "int8-view+zstd99", "fp32+", 3])
+def test_bad_names_raise_with_grammar(bad):
+    with pytest.raises(ValueError, match="expects"):
+        parse_codec(bad)
+
+
+def test_from_dict_rejects_inconsistent_configuration():
+    data = parse_codec("int8-view+zstd5").to_dict()
+    data["configuration"]["bits"] = 4
+    with pytest.raises(ValueError, match="matches the name"):
+        TargetCodec.from_dict(data)
+
+
+def _samples():
+    spec_cls = TargetSpec("cls/p3", (5, 12, 10), "fp32")
+    spec_box = TargetSpec("box/p3", (4 * 8, 12, 10), "fp32")
+    spec_fpn = TargetSpec("fpn/p3", (16, 12, 10), "fp32")
+    out = synthetic_targets([spec_cls, spec_box, spec_fpn], seed=3)
+    return list(out.values())
+
+
+@pytest.mark.parametrize("name", ALL_CODECS)
+def test_round_trip_within_stated_error(name):
+    codec = parse_codec(name)
+    for x in _samples():
+        codes, scale, offset = codec.encode(x)
+        assert codes.dtype == codec.dtype and codes.shape == x.shape
+        assert scale.shape == offset.shape == (codec.num_params(x.shape[0]),)
+        decoded = codec.decode(codes, scale, offset)
+        assert decoded.dtype == np.float32 and decoded.shape == x.shape
+        error = np.abs(decoded - x)
+        bound = codec.error_bound(x, scale)
+        assert np.all(error <= bound), f"{name}: max excess {(error - bound).max()}"
+        if codec.quantized:
+            assert codes.max() <= (1 << codec.bits) - 1
+            # rounding to nearest: the worst error is close to half a step, not a whole one
+            assert error.max() >= 0.25 * scale.min()
+
+
+def test_fp32_is_exact_and_fp16_relative():
+    x = _samples()[2]
+    codes, _, _ = parse_codec("fp32").encode(x)
+    assert np.array_equal(parse_codec("fp32").decode(codes, np.zeros(0), np.zeros(0)), x)
+    half = parse_codec("fp16")
+    decoded = half.decode(*half.encode(x))
+    assert np.max(np.abs(decoded - x) / np.maximum(np.abs(x), 1e-3)) < 2**-10
+
+
+def test_fp16_refuses_overflow():
+    x = np.full((1, 2, 2), 7.0e4, np.float32)
+    with pytest.raises(ValueError, match="65504"):
+        parse_codec("fp16").encode(x)
+
+
+def test_constant_channel_is_exact():
+    x = np.zeros((3, 4, 4), np.float32)
+    x[1] = -6.25
+    x[2] = np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4)
+    for name in ("int8-channel", "int4-channel", "int8-std8"):
+        codec = parse_codec(name)
+        decoded = codec.decode(*codec.encode(x))
+        assert np.array_equal(decoded[:2], x[:2]), name
+
+
+def test_std_step_widens_when_range_needs_more_codes():
+    x = np.zeros((1, 8, 8), np.float32)
+    x[0, 0, 0] = 1000.0  # one outlier: std is small, range is huge
+    codec = parse_codec("int4-std16")
+    codes, scale, offset = codec.encode(x)
+    assert scale[0] == pytest.approx(1000.0 / 15, rel=1e-6)
+    assert codes.max() == 15
+    assert np.abs(codec.decode(codes, scale, offset) - x).max() <= scale[0] / 2 * (1 + 1e-5)
+
+
+def test_view_scaling_uses_one_pair_and_channel_scaling_one_per_channel():
+    x = _samples()[0]
+    _, scale_v, _ = parse_codec("int8-view").encode(x)
+    _, scale_c, _ = parse_codec("int8-channel").encode(x)
+    assert scale_v.shape == (1,) and scale_c.shape == (x.shape[0],)
+    span = x.reshape(x.shape[0], -1)
+    assert np.allclose(scale_c, (span.max(1) - span.min(1)) / 255, rtol=1e-6)
+
+
+def test_compression_shrinks_and_bitshuffle_differs():
+    x = synthetic_targets([TargetSpec("cls/p3", (8, 32, 32), "fp32")], seed=1)["cls/p3"]
+    raw = parse_codec("int5-view")
+    codes, _, _ = raw.encode(x)
+    assert raw.compressed_nbytes(codes) == codes.nbytes + 4
+    zstd = parse_codec("int5-view+zstd5").compressed_nbytes(codes)
+    bitshuffle = parse_codec("int5-view+blosc-zstd5-bitshuffle").compressed_nbytes(codes)
+    assert zstd < 0.75 * codes.nbytes
+    assert bitshuffle < 0.9 * codes.nbytes and bitshuffle != zstd
+
+
+def test_zarr_compressors_end_with_crc32c():
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+    chain = parse_codec("fp16+blosc-zstd5-shuffle").zarr_compressors()
+    assert isinstance(chain[0], BloscCodec) and chain[0].typesize == 2 and isinstance(chain[-1], Crc32cCodec)
+    chain = parse_codec("int8-view+zstd7").zarr_compressors()
+    assert isinstance(chain[0], ZstdCodec) and chain[0].level == 7
+    assert [type(c) for c in parse_codec("fp32").zarr_compressors()] == [Crc32cCodec]

@@ -1,0 +1,131 @@
+"""Reference losses (hand-computed cases), fidelity sums, and codec choice."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from label_store import choose_codecs, measure_fidelity
+from label_store.fidelity import (
+    FidelityAccumulator,
+    bce_sigmoid_targets,
+    feature_mse,
+    group_summary,
+    ld_kl,
+    reference_student,
+)
+from label_store.schema import TargetSpec
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_bce_hand_computed():
+    student = np.array([0.0, 2.0], np.float32)
+    teacher = np.array([0.0, -1.0], np.float32)
+    expected = 0.0
+    for s, t in zip(student, teacher):
+        p, q = _sigmoid(t), _sigmoid(s)
+        expected += -(p * math.log(q) + (1 - p) * math.log(1 - q))
+    assert bce_sigmoid_targets(student, teacher) == pytest.approx(expected / 2, rel=1e-9)
+
+
+def test_ld_kl_hand_computed_and_zero_when_equal():
+    temperature = 10.0
+    teacher = np.zeros((8, 1, 1), np.float32)  # R = 1: two bins per edge, uniform teacher
+    student = np.zeros((8, 1, 1), np.float32)
+    student[0::2] = temperature * math.log(3.0)  # softmax(s / T) = (3/4, 1/4) on every edge
+    expected = temperature**2 * 0.5 * math.log(4.0 / 3.0)
+    assert ld_kl(student, teacher, temperature) == pytest.approx(expected, rel=1e-6)
+    assert ld_kl(teacher, teacher, temperature) == 0.0
+    assert ld_kl(teacher, student, temperature) > 0
+
+
+def test_feature_mse():
+    a = np.array([[[1.0, 2.0]]], np.float32)
+    b = np.array([[[0.0, 4.0]]], np.float32)
+    assert feature_mse(a, b) == pytest.approx(2.5)
+
+
+def test_reference_student_is_fixed_and_close():
+    teacher = np.random.default_rng(0).normal(-5, 2, (4, 8, 8)).astype(np.float32)
+    a, b = reference_student(teacher), reference_student(teacher)
+    assert np.array_equal(a, b)
+    assert np.std(a - teacher) == pytest.approx(0.5 * teacher.std(), rel=0.15)
+
+
+def _sample(specs, make_targets, n=2):
+    return [make_targets(specs, i) for i in range(n)]
+
+
+def test_fp32_fidelity_is_exact(specs, make_targets):
+    fp32 = [TargetSpec(s.name, s.shape, "fp32") for s in specs]
+    report = measure_fidelity(_sample(fp32, make_targets), fp32)
+    assert set(report) == {s.name for s in specs}
+    for row in report.values():
+        assert row["views"] == 2
+        assert row["max_abs_error"] == 0 and row["loss_rel_error"] == 0 and row["grad_rel_error"] == 0
+
+
+def test_coarse_codec_has_larger_error(specs, make_targets):
+    sample = _sample(specs, make_targets)
+    fine = [TargetSpec(s.name, s.shape, "int8-channel") for s in specs]
+    coarse = [TargetSpec(s.name, s.shape, "int3-view") for s in specs]
+    fine_report, coarse_report = measure_fidelity(sample, fine), measure_fidelity(sample, coarse)
+    for spec in specs:
+        assert coarse_report[spec.name]["mean_abs_error"] > 4 * fine_report[spec.name]["mean_abs_error"]
+        assert coarse_report[spec.name]["grad_rel_error"] > fine_report[spec.name]["grad_rel_error"]
+        assert 0 < fine_report[spec.name]["max_abs_error"] < 0.1
+        assert coarse_report[spec.name]["loss"] in ("bce_sigmoid_targets", "ld_kl_t10", "feature_mse")
+
+
+def test_accumulator_merge_equals_joint(specs, make_targets):
+    sample = _sample(specs, make_targets, 3)
+    joint = FidelityAccumulator()
+    first, second = FidelityAccumulator(), FidelityAccumulator()
+    for index, view in enumerate(sample):
+        for spec in specs:
+            codec = spec.target_codec
+            decoded = codec.decode(*codec.encode(view[spec.name]))
+            joint.add(spec, view[spec.name], decoded)
+            (first if index < 2 else second).add(spec, view[spec.name], decoded)
+    first.merge(second.stats)
+    merged, expected = first.report(), joint.report()
+    for name in expected:
+        for key in ("views", "elements", "max_abs_error", "worst_view_loss_rel_error"):
+            assert merged[name][key] == expected[name][key]
+        for key in ("mean_abs_error", "loss_rel_error", "grad_rel_error"):
+            assert merged[name][key] == pytest.approx(expected[name][key], rel=1e-12)
+
+
+def test_group_summary_weights_levels_by_elements():
+    report = {
+        "cls/p3": {"codec": "x", "loss": "bce", "views": 1, "elements": 300, "sum_abs_error": 3.0, "max_abs_error": 0.1,
+                   "loss_fp32_sum": 1.0, "loss_decoded_sum": 1.01, "grad_sq_diff_sum": 1.0, "grad_sq_ref_sum": 100.0, "loss_rel_error": 0.01},
+        "cls/p4": {"codec": "x", "loss": "bce", "views": 1, "elements": 100, "sum_abs_error": 1.0, "max_abs_error": 0.2,
+                   "loss_fp32_sum": 1.0, "loss_decoded_sum": 0.95, "grad_sq_diff_sum": 0.0, "grad_sq_ref_sum": 100.0, "loss_rel_error": 0.05},
+    }
+    summary = group_summary(report)["cls"]
+    # (300 * 0.01 - 100 * 0.05) / (300 + 100)
+    assert summary["loss_rel_error"] == pytest.approx(abs(300 * 0.01 - 100 * 0.05) / 400)
+    assert summary["worst_level_loss_rel_error"] == 0.05
+    assert summary["max_abs_error"] == 0.2
+    assert summary["grad_rel_error"] == pytest.approx(math.sqrt(1.0 / 200.0))
+    assert summary["mean_abs_error"] == pytest.approx(4.0 / 400)
+
+
+def test_choose_codecs_picks_smallest_within_budget(specs, make_targets):
+    sample = _sample(specs, make_targets)
+    result = choose_codecs(sample, specs, candidates=["int8-channel+zstd5", "int2-view+zstd5"], budgets={"cls": 0.005, "box": 0.005, "fpn": 0.01})
+    rows = {(r["group"], r["codec"]): r for r in result["rows"]}
+    for group in ("cls", "box", "fpn"):
+        assert rows[(group, "fp32")]["ratio"] < 1.0  # the crc32c makes fp32 slightly larger than raw
+        assert rows[(group, "fp32")]["loss_rel_error"] == 0
+        assert rows[(group, "int2-view+zstd5")]["bytes_per_view"] < rows[(group, "int8-channel+zstd5")]["bytes_per_view"]
+        passing = [r for r in result["rows"] if r["group"] == group and r["passes"]]
+        assert result["chosen"][group] == min(passing, key=lambda r: r["bytes_per_view"])["codec"]
+    assert not rows[("fpn", "int2-view+zstd5")]["passes"]
+    assert result["chosen"]["fpn"] == "int8-channel+zstd5"

@@ -1,0 +1,78 @@
+"""Reading from torch DataLoader worker processes, pickling, and the torch adapter."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from label_store import create_store, open_store
+
+torch = pytest.importorskip("torch")
+
+
+class _TargetsDataset(torch.utils.data.Dataset):
+    def __init__(self, reader):
+        self.reader = reader
+        self.keys = reader.keys()
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, index):
+        from label_store.torch_adapter import to_torch
+
+        return to_torch(self.reader.read(*self.keys[index]))
+
+
+def _fill(tmp_path, fingerprint, specs, make_record, make_targets, count=6):
+    url = str(tmp_path / "store.zarr")
+    store = create_store(url, fingerprint, specs, views_per_shard=4)
+    with store.open_part("p") as part:
+        for image_id in range(count):
+            part.append(make_record(image_id), make_targets(specs, image_id))
+        part.commit()
+    return url
+
+
+def test_dataloader_workers_read_the_same_targets(tmp_path, fingerprint, specs, make_record, make_targets):
+    from label_store.torch_adapter import collate_targets
+
+    reader = open_store(_fill(tmp_path, fingerprint, specs, make_record, make_targets), expected_fingerprint=fingerprint, threads=2)
+    direct = [reader.read(*key) for key in reader.keys()]  # the parent opens its handles first
+    loader = torch.utils.data.DataLoader(_TargetsDataset(reader), batch_size=2, num_workers=2, collate_fn=collate_targets)
+    batches = list(loader)
+    assert len(batches) == 3
+    for b, batch in enumerate(batches):
+        for name, tensor in batch.items():
+            assert tensor.dtype == torch.float32 and tensor.shape[0] == 2
+            expected = np.stack([direct[2 * b][name], direct[2 * b + 1][name]])
+            assert np.array_equal(tensor.numpy(), expected)
+
+
+def test_reader_pickles_without_handles(tmp_path, fingerprint, specs, make_record, make_targets):
+    reader = open_store(_fill(tmp_path, fingerprint, specs, make_record, make_targets, count=2), threads=2)
+    first = reader.read_many(reader.keys())
+    assert reader._state is not None and reader._state.executor is not None
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone._state is None and len(clone) == 2
+    again = clone.read_many(clone.keys())
+    for a, b in zip(first, again):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_torch_adapter_shapes_and_errors():
+    from label_store.torch_adapter import collate_targets, to_torch
+
+    view = {"cls/p3": np.ones((3, 2, 2), np.float32), "box/p3": np.zeros((8, 2, 2), np.float32)}
+    tensors = to_torch(view)
+    assert tensors["cls/p3"].shape == (3, 2, 2) and tensors["cls/p3"].dtype == torch.float32
+    batch = collate_targets([view, tensors])
+    assert batch["box/p3"].shape == (2, 8, 2, 2) and float(batch["cls/p3"].sum()) == 24.0
+    with pytest.raises(ValueError, match="float32"):
+        to_torch({"cls/p3": np.ones((1, 1, 1), np.float64)})
+    with pytest.raises(ValueError, match="same targets"):
+        collate_targets([view, {"cls/p3": view["cls/p3"]}])
+    with pytest.raises(ValueError, match="empty"):
+        collate_targets([])
