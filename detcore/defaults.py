@@ -62,3 +62,63 @@ def default_home() -> Path:
     return Path(os.environ.get("DISTILLERY_HOME", "distillery_runs")).resolve()
 
 
+
+
+def default_paths(preset: Preset | str = "quick", home: Path | None = None) -> dict[str, Path]:
+    """Where the built-in default's dataset, teacher and store live for a preset."""
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    home = Path(home) if home is not None else default_home()
+    data = home / "data" / f"synth-{preset.name}"
+    teacher_dir = home / "teacher" / f"{preset.name}-{preset.teacher_arch}"
+    return {
+        "data": data,
+        "train_annotations": data / "annotations" / "train.json",
+        "train_images": data / "train",
+        "val_annotations": data / "annotations" / "val.json",
+        "val_images": data / "val",
+        "teacher_dir": teacher_dir,
+        "teacher": teacher_dir / "final.pt",
+        "store": home / "stores" / f"{preset.name}-{preset.teacher_arch}.zarr",
+        "students": home / "students" / preset.name,
+    }
+
+
+def ensure_default_dataset(preset: Preset | str = "quick", home: Path | None = None) -> tuple[Path, Path, Path, Path]:
+    """Generate the preset's synthetic dataset unless it exists.
+
+    Returns ``(train_annotations, train_images, val_annotations, val_images)``.
+    """
+    from detcore.synth import generate
+
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    paths = default_paths(preset, home)
+    # val.json is written last by the generator, so its presence means a complete dataset.
+    if not paths["val_annotations"].exists():
+        generate(paths["data"], num_train=preset.num_train, num_val=preset.num_val, seed=0)
+    return paths["train_annotations"], paths["train_images"], paths["val_annotations"], paths["val_images"]
+
+
+def ensure_default_teacher(preset: Preset | str = "quick", home: Path | None = None) -> Path:
+    """Train the preset's teacher with `detcore.train` unless ``final.pt`` exists (resumes a killed run)."""
+    from detcore.train import TrainConfig, train_detector
+
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    paths = default_paths(preset, home)
+    if not paths["teacher"].exists():
+        train_ann, train_img, val_ann, val_img = ensure_default_dataset(preset, home)
+        config = TrainConfig(
+            annotations=str(train_ann),
+            images=str(train_img),
+            arch=preset.teacher_arch,
+            out_dir=str(paths["teacher_dir"]),
+            canvas=(preset.canvas, preset.canvas),
+            epochs=preset.teacher_epochs,
+            batch_size=preset.batch_size,
+            lr=preset.teacher_lr,
+            fpn_channels=preset.teacher_channels,
+            head_channels=preset.teacher_channels,
+            val_annotations=str(val_ann),
+            val_images=str(val_img),
+        )
+        train_detector(config)
+    return paths["teacher"]

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from detcore.defaults import PRESETS, Preset, default_home
+from detcore.defaults import PRESETS, Preset, default_home, default_paths
 
 
 @dataclass
@@ -57,12 +57,10 @@ def _run(step: Step, env: dict[str, str]) -> None:
 def run_quickstart(preset: Preset, home: Path) -> int:
     from detcore.evaluate import format_ap_table
 
-    data = home / "data" / f"synth-{preset.name}"
-    train_ann, val_ann = data / "annotations" / "train.json", data / "annotations" / "val.json"
-    train_img, val_img = data / "train", data / "val"
-    teacher_dir = home / "teacher" / f"{preset.name}-{preset.teacher_arch}"
-    store = home / "stores" / f"{preset.name}-{preset.teacher_arch}.zarr"
-    students = home / "students" / preset.name
+    paths = default_paths(preset, home)
+    data, teacher_dir, store, students = paths["data"], paths["teacher_dir"], paths["store"], paths["students"]
+    train_ann, val_ann = paths["train_annotations"], paths["val_annotations"]
+    train_img, val_img = paths["train_images"], paths["val_images"]
     canvas = f"{preset.canvas}x{preset.canvas}"
     env = dict(os.environ)
     val_args = ["--val-annotations", str(val_ann), "--val-images", str(val_img)]
@@ -120,7 +118,7 @@ def run_quickstart(preset: Preset, home: Path) -> int:
 
 def _read_ap(path: Path) -> dict[str, float]:
     metrics = json.loads(path.read_text())
-    ap = metrics.get("coco") or metrics.get("ap") or metrics
+    ap = metrics.get("val") or metrics.get("coco") or metrics.get("ap") or metrics
     return {k: float(ap[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
 
 

@@ -1,0 +1,328 @@
+"""Training data over the views of a label store: same pixels the teacher saw, same GT, its targets.
+
+Legend: B views in a batch, M GT boxes of one view, C/H/W the shape of one stored target.
+
+Each epoch samples ONE of the K stored views of every image (seeded by ``(seed, epoch)``,
+`detcore.datasets.EpochViewSampler`), renders it with exactly the recipe stored for it
+(`detcore.views.View.from_json` of the store's record), checks the decoded image's content
+hash against the hash recorded at precompute time, transforms the GT boxes the same way
+and, for the offline sources, reads the view's targets inside the DataLoader worker (the
+store reader is opened lazily once per worker process).
+
+An image that changed on disk since precompute, or that no longer decodes, never stops a
+run: its item is a `detcore.datasets.DecodeFailure` naming the image id and the reason
+(``image 17 changed on disk since precompute (hash ab.. != cd..)``), the batch goes on
+without it and the trainer prints a summary at the end. ``strict_hash=True`` raises
+`ImageChangedError` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from detcore.datasets import DecodeFailure, EpochViewSampler, ViewDataset, collate_views
+from detcore.views import PIXEL_MEAN, PIXEL_STD, View
+
+if TYPE_CHECKING:
+    from detcore.coco import CocoDataset
+
+CHANGED_PREFIX = "changed on disk since precompute"
+
+
+class ImageChangedError(ValueError):
+    """An image whose pixels differ from those the teacher saw (strict mode)."""
+
+
+class StoreFitError(ValueError):
+    """A label store whose teacher fingerprint or targets do not fit the student or the dataset."""
+
+
+def check_store_fits(
+    fingerprint: Any,
+    specs: Sequence[Any],
+    *,
+    store: str,
+    classes: Sequence[str],
+    strides: Sequence[int],
+    reg_max: int,
+    canvas_hw: tuple[int, int] | None,
+    needed: Sequence[str],
+) -> None:
+    """Refuse a store (or endpoint) whose teacher does not fit the student run.
+
+    Args:
+        fingerprint: the store's `label_store.TeacherFingerprint`.
+        specs: its `label_store.TargetSpec` list.
+        store: URL, for the message.
+        classes: the training annotations' class names (label order).
+        strides, reg_max: the student's.
+        canvas_hw: the canvas the run config asks for, or None to accept the store's.
+        needed: target names the enabled losses read.
+
+    Raises:
+        StoreFitError: listing every difference, one per line.
+    """
+    problems = []
+    if tuple(fingerprint.classes) != tuple(classes):
+        problems.append(
+            f"classes: store has {len(fingerprint.classes)} {_short(fingerprint.classes)}, "
+            f"the annotations have {len(classes)} {_short(classes)}"
+        )
+    if tuple(fingerprint.strides) != tuple(strides):
+        problems.append(f"strides: store has {tuple(fingerprint.strides)}, the student has {tuple(strides)}")
+    if int(fingerprint.reg_max) != int(reg_max):
+        problems.append(f"reg_max: store has {fingerprint.reg_max}, the student has {reg_max}")
+    if canvas_hw is not None and tuple(fingerprint.canvas_hw) != tuple(canvas_hw):
+        problems.append(f"canvas: store has {tuple(fingerprint.canvas_hw)}, the run config asks for {tuple(canvas_hw)}")
+    available = {spec.name for spec in specs}
+    missing = [name for name in needed if name not in available]
+    if missing:
+        problems.append(
+            f"targets: the enabled losses need {missing}, which the store does not hold (it has {sorted(available)}); "
+            "precompute with the missing --targets groups or disable the losses that need them"
+        )
+    if problems:
+        raise StoreFitError(
+            f"The label store {store} does not fit this run:\n  - " + "\n  - ".join(problems)
+        )
+
+
+def _short(names: Sequence[str]) -> str:
+    names = list(names)
+    return repr(names) if len(names) <= 6 else repr(names[:6])[:-1] + ", ...]"
+
+
+class StoreTargetReader:
+    """Reads one view's targets from a label store; picklable, opens the store lazily per process.
+
+    Args:
+        url: store URL or path.
+        names: target names to read.
+        expected_fingerprint: checked by `label_store.open_store` on every open.
+    """
+
+    def __init__(self, url: str, names: Sequence[str], expected_fingerprint: Any = None) -> None:
+        self.url = str(url)
+        self.names = list(names)
+        self.expected_fingerprint = expected_fingerprint
+        self._reader = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_reader"] = None
+        state["_pid"] = None
+        return state
+
+    @property
+    def reader(self):
+        if self._reader is None or self._pid != os.getpid():
+            from label_store import open_store
+
+            self._reader = open_store(self.url, expected_fingerprint=self.expected_fingerprint)
+            self._pid = os.getpid()
+        return self._reader
+
+    def read(self, image_id: int, view_id: int) -> dict[str, np.ndarray]:
+        """name -> float32 array[C, H, W] of one view."""
+        return self.reader.read(image_id, view_id, names=self.names)
+
+
+class StoreViewDataset(Dataset):
+    """Rendered stored views with hash check, GT and (optionally) their targets.
+
+    Args:
+        dataset: the training annotations and images.
+        views: the views to render; several per image (the store's K views).
+        expected_hashes: ``(image_id, view_id) -> content hash`` recorded at precompute
+            time; views without an entry are not checked (views planned for a
+            read-through or remote run).
+        target_reader: reads targets in the worker (`StoreTargetReader`); None leaves
+            ``targets`` None for the trainer's target source to fill.
+        readable_keys: keys the reader can serve (the store's views); other items get
+            ``targets`` None. None means every key.
+        strict_hash: raise `ImageChangedError` instead of reporting a skip.
+        photometric: jitter brightness and contrast of the rendered image (an
+            approximation: the teacher saw the unjittered pixels).
+
+    Item: the dict of `detcore.datasets.ViewDataset` plus ``targets`` (name -> float32
+    array[C, H, W], or None) and ``image_path``; or a `DecodeFailure`.
+    """
+
+    def __init__(
+        self,
+        dataset: "CocoDataset",
+        views: Sequence[View],
+        *,
+        expected_hashes: Mapping[tuple[int, int], str] | None = None,
+        target_reader: StoreTargetReader | None = None,
+        readable_keys: set[tuple[int, int]] | None = None,
+        strict_hash: bool = False,
+        photometric: bool = False,
+    ) -> None:
+        self.base = ViewDataset(dataset, views)
+        self.views = self.base.views
+        self.expected_hashes = dict(expected_hashes or {})
+        self.target_reader = target_reader
+        self.readable_keys = readable_keys
+        self.strict_hash = bool(strict_hash)
+        self.photometric = bool(photometric)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | DecodeFailure:
+        item = self.base[index]
+        view = self.views[index]
+        path = str(self.base.dataset.image_path(view.image_id))
+        if isinstance(item, DecodeFailure):
+            return item
+        expected = self.expected_hashes.get(view.key)
+        if expected is not None and item["content_hash"] != expected:
+            reason = f"image {view.image_id} {CHANGED_PREFIX} (hash {item['content_hash']} != {expected})"
+            if self.strict_hash:
+                raise ImageChangedError(
+                    f"StoreViewDataset expects the pixels the teacher saw. Got {reason} at {path}; "
+                    "re-run precompute for it, or drop strict_hash to skip it with a report."
+                )
+            return DecodeFailure(view.image_id, view.view_id, path, reason)
+        item["image_path"] = path
+        item["targets"] = None
+        if self.target_reader is not None and (self.readable_keys is None or view.key in self.readable_keys):
+            item["targets"] = self.target_reader.read(view.image_id, view.view_id)
+        if self.photometric:
+            item["image"] = photometric_jitter(item["image"], item["valid_region"])
+        return item
+
+
+def photometric_jitter(image: torch.Tensor, valid_region: tuple[int, int, int, int], strength: float = 0.2) -> torch.Tensor:
+    """Brightness and contrast jitter of a normalised canvas Tensor[3, H, W], inside the valid region.
+
+    Draws from torch's RNG (seeded per DataLoader worker); padding stays zero.
+    """
+    mean = torch.tensor(PIXEL_MEAN, dtype=image.dtype).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD, dtype=image.dtype).view(3, 1, 1)
+    contrast = 1.0 + (torch.rand(()) * 2 - 1) * strength
+    brightness = (torch.rand(()) * 2 - 1) * strength * 255.0
+    x1, y1, x2, y2 = valid_region
+    out = image.clone()
+    pixels = out[:, y1:y2, x1:x2] * std + mean
+    pixels = ((pixels - 127.5) * contrast + 127.5 + brightness).clamp(0, 255)
+    out[:, y1:y2, x1:x2] = (pixels - mean) / std
+    return out
+
+
+def collate_train(batch: Sequence[dict[str, Any] | DecodeFailure | None]) -> dict[str, Any]:
+    """`detcore.datasets.collate_views` plus targets and image paths.
+
+    Adds ``image_paths`` (list of B) and ``targets``: name -> Tensor[B, C, H, W] when every
+    item carries its targets, else None with ``missing`` (indices of the items without)
+    and ``partial_targets`` (per item dict or None) for the target source to complete.
+    """
+    out = collate_views(batch)
+    items = [item for item in batch if isinstance(item, dict)]
+    out["image_paths"] = [item["image_path"] for item in items]
+    per_item = [item.get("targets") for item in items]
+    out["missing"] = [i for i, t in enumerate(per_item) if t is None]
+    if items and not out["missing"]:
+        names = list(per_item[0])
+        out["targets"] = {name: torch.from_numpy(np.stack([t[name] for t in per_item])) for name in names}
+        out["partial_targets"] = None
+    else:
+        out["targets"] = None
+        out["partial_targets"] = per_item
+    return out
+
+
+class ShardedViewSampler(Sampler[int]):
+    """`EpochViewSampler` split over data-parallel ranks; one view per image per epoch.
+
+    The epoch's order is padded (repeating from its start) to a multiple of
+    ``num_replicas`` so every rank takes the same number of steps; rank r takes positions
+    r, r + n, r + 2n ... ``set_epoch(epoch, start)`` skips the first ``start`` items of
+    this rank's share (resume within an epoch).
+    """
+
+    def __init__(self, views: Sequence[View], seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
+        if num_replicas < 1 or not (0 <= rank < num_replicas):
+            raise ValueError(f"ShardedViewSampler(rank=, num_replicas=) expects 0 <= rank < num_replicas. Got {rank}, {num_replicas}.")
+        self.inner = EpochViewSampler(views, seed=seed, shuffle=shuffle)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def num_images(self) -> int:
+        return len(self.inner._groups)
+
+    @property
+    def per_rank(self) -> int:
+        return -(-self.num_images // self.num_replicas)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = int(epoch)
+        self.start = int(start)
+
+    def order(self, epoch: int) -> list[int]:
+        full = self.inner.order(epoch)
+        total = self.per_rank * self.num_replicas
+        if full and len(full) < total:
+            full = full + full[: total - len(full)]
+        return full[self.rank :: self.num_replicas]
+
+    def __len__(self) -> int:
+        return max(0, self.per_rank - self.start)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order(self.epoch)[self.start :])
+
+
+@dataclass
+class FailureLog:
+    """Images skipped during a run (changed on disk or undecodable), reported by id at the end."""
+
+    changed: dict[int, str]
+    """image id -> reason, for images whose content hash differs from the store's."""
+    undecodable: dict[int, str]
+    """image id -> reason, for images that failed to decode or render."""
+
+    @classmethod
+    def empty(cls) -> "FailureLog":
+        return cls({}, {})
+
+    def add(self, failures: Sequence[DecodeFailure]) -> list[DecodeFailure]:
+        """Record failures; returns those not seen before (to log once)."""
+        new = []
+        for failure in failures:
+            bucket = self.changed if CHANGED_PREFIX in failure.reason else self.undecodable
+            if failure.image_id not in bucket:
+                bucket[failure.image_id] = f"{failure.reason} ({failure.path})"
+                new.append(failure)
+        return new
+
+    @property
+    def count(self) -> int:
+        return len(self.changed) + len(self.undecodable)
+
+    def summary(self) -> str:
+        lines = []
+        if self.changed:
+            lines.append(f"{len(self.changed)} image(s) changed on disk since precompute and were skipped:")
+            lines += [f"  image {i}: {r}" for i, r in sorted(self.changed.items())]
+        if self.undecodable:
+            lines.append(f"{len(self.undecodable)} image(s) could not be decoded and were skipped:")
+            lines += [f"  image {i}: {r}" for i, r in sorted(self.undecodable.items())]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "changed": {str(k): v for k, v in sorted(self.changed.items())},
+            "undecodable": {str(k): v for k, v in sorted(self.undecodable.items())},
+        }

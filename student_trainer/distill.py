@@ -1,0 +1,230 @@
+"""The student with its distillation terms: one module whose forward returns every loss.
+
+Legend: B images, L FPN levels, K classes, R reg_max, C channels (C_s student, C_t
+teacher), A points over all levels, M_b GT boxes of image b (canvas pixels, x1y1x2y2).
+
+`DistillationModel` owns the student and the trainable parts of the losses (FGD's align
+convs and GcBlocks, HGD's adapters), so one optimizer, one ``state_dict`` and one DDP
+wrapper (Ray Train) cover all of them. Its forward runs the student, assigns ATSS targets
+once (`GFLDetector.assign`) and shares that assignment with LD and BCD, computes the
+GFL loss and the enabled distillation recipes with the weights of the run config, and
+returns the weighted terms to add plus detached components for logging.
+
+Teacher targets enter as a dict by label-store name (``cls/p3`` ... ``backbone/c5``) of
+Tensor[B, C, H, W]; `check_targets` refuses any whose shape does not fit the student.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detcore.assign import vlr_region
+from detcore.outputs import BACKBONE_STAGES, level_name
+from student_trainer.config import LossConfig
+from student_trainer.losses.recipes import (
+    OPTIMISED_KEYS,
+    PointAssignment,
+    bcd_recipe,
+    fgd_recipe,
+    hgd_recipe,
+    ld_recipe,
+)
+
+
+class TargetShapeError(ValueError):
+    """Teacher targets whose shapes do not fit the student's outputs."""
+
+
+def needed_target_names(losses: LossConfig, strides: Sequence[int]) -> list[str]:
+    """Label-store names the enabled terms read, in store order (cls, box, fpn, backbone)."""
+    levels = [level_name(s) for s in strides]
+    names: list[str] = []
+    if losses.uses("ld_main", "ld_vlr", "ld_kd", "bcd"):
+        names += [f"cls/{lv}" for lv in levels] + [f"box/{lv}" for lv in levels]
+    fpn_levels = set(levels) if losses.uses("fgd") else set()
+    backbone: list[str] = []
+    if losses.uses("hgd"):
+        for stage in losses.hgd.stages:
+            if stage in BACKBONE_STAGES:
+                backbone.append(stage)
+            else:
+                fpn_levels.add(stage)
+    names += [f"fpn/{lv}" for lv in levels if lv in fpn_levels]
+    names += [f"backbone/{stage}" for stage in BACKBONE_STAGES if stage in backbone]
+    return names
+
+
+def check_targets(targets: Mapping[str, Tensor], outputs, names: Sequence[str], where: str = "") -> None:
+    """Raise `TargetShapeError` unless every needed target fits the student's outputs.
+
+    ``cls`` and ``box`` must match the student's shapes exactly; ``fpn`` and ``backbone``
+    must match in batch and spatial size (channels may differ: adapters map them).
+    """
+    student = {}
+    for lv, cls, box, feat in zip(outputs.level_names, outputs.cls_logits, outputs.box_logits, outputs.fpn_features):
+        student[f"cls/{lv}"], student[f"box/{lv}"], student[f"fpn/{lv}"] = cls, box, feat
+    if outputs.backbone_features is not None:
+        for stage, feat in zip(BACKBONE_STAGES, outputs.backbone_features):
+            student[f"backbone/{stage}"] = feat
+    for name in names:
+        if name not in targets:
+            raise TargetShapeError(f"DistillationModel(targets=) expects target {name!r}. Got {sorted(targets)}{where}.")
+        t, s = targets[name], student.get(name)
+        if s is None:
+            raise TargetShapeError(f"DistillationModel(targets=) got {name!r}, which the student does not produce{where}.")
+        exact = name.split("/", 1)[0] in ("cls", "box")
+        same = tuple(t.shape) == tuple(s.shape) if exact else (t.shape[0] == s.shape[0] and tuple(t.shape[2:]) == tuple(s.shape[2:]))
+        if t.ndim != 4 or not same:
+            expected = list(s.shape) if exact else [s.shape[0], "C", *s.shape[2:]]
+            raise TargetShapeError(
+                f"DistillationModel(targets=) expects {name!r} as Tensor{expected}. Got {list(t.shape)}{where}; "
+                "the store's canvas, classes or reg_max do not fit the student."
+            )
+
+
+class DistillationModel(nn.Module):
+    """Student detector + trainable distillation modules; forward returns the losses.
+
+    Args:
+        student: a `detcore.models.gfl.GFLDetector`.
+        losses: which terms and their recipe configs (weights, temperatures).
+        canvas_hw: the store's canvas (FGD masks, HGD micro weights).
+        teacher_channels: channels of every teacher feature target by name
+            (``fpn/p3`` ..., ``backbone/c3`` ...), from the source's target specs.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        losses: LossConfig,
+        canvas_hw: tuple[int, int],
+        teacher_channels: Mapping[str, int],
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.losses = losses
+        self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
+        self.names = needed_target_names(losses, student.strides)
+        self.levels = [level_name(s) for s in student.strides]
+        self.fgd = None
+        self.hgd = None
+        if losses.uses("fgd"):
+            channels = {teacher_channels[f"fpn/{lv}"] for lv in self.levels}
+            if len(channels) != 1:
+                raise TargetShapeError(f"DistillationModel expects one teacher FPN width over all levels. Got {sorted(channels)}.")
+            self.fgd = losses.fgd.build_modules(student.config.fpn_channels, channels.pop(), len(self.levels))
+        if losses.uses("hgd"):
+            student_channels = {lv: student.config.fpn_channels for lv in self.levels}
+            for stage, channels in zip(BACKBONE_STAGES, student.backbone.out_channels):
+                student_channels[stage] = int(channels)
+            teacher = {}
+            for stage in losses.hgd.stages:
+                key = f"backbone/{stage}" if stage in BACKBONE_STAGES else f"fpn/{stage}"
+                if key in teacher_channels:
+                    teacher[stage] = int(teacher_channels[key])
+            self.hgd = losses.hgd.build_module(student_channels, teacher)
+
+    @property
+    def distill_modules(self) -> nn.ModuleDict:
+        """The trainable loss modules (saved with the checkpoints)."""
+        out = nn.ModuleDict()
+        if self.fgd is not None:
+            out["fgd"] = self.fgd
+        if self.hgd is not None:
+            out["hgd"] = self.hgd
+        return out
+
+    def distill_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu() for k, v in self.distill_modules.state_dict().items()}
+
+    def load_distill_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.distill_modules.load_state_dict(dict(state))
+
+    def _assignment(self, gfl_targets, gt_boxes: Sequence[Tensor], need_vlr: bool) -> PointAssignment:
+        """ATSS from the detector's own assignment (computed once per batch) plus LD's VLR (zeros when off)."""
+        assigned_gt = gfl_targets.gt_index + 1
+        # Without the VLR term its region is all zero, so ld_recipe adds 0 for it at no cost.
+        vlr = torch.zeros_like(assigned_gt, dtype=torch.float32)
+        if need_vlr:
+            config = self.losses.ld
+            regions = [
+                vlr_region(
+                    gfl_targets.anchors, gfl_targets.num_level_anchors, boxes.to(gfl_targets.anchors.device).float(),
+                    topk=config.topk, alpha=config.alpha, diou=config.vlr_diou,
+                )
+                for boxes in gt_boxes
+            ]
+            if regions:
+                vlr = torch.stack(regions)
+        return PointAssignment(assigned_gt, vlr, tuple(int(n) for n in gfl_targets.num_level_anchors))
+
+    def forward(
+        self,
+        images: Tensor,
+        gt_boxes: Sequence[Tensor],
+        gt_labels: Sequence[Tensor],
+        targets: Mapping[str, Tensor] | None = None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Args:
+            images: Tensor[B, 3, H, W] rendered views.
+            gt_boxes: per image Tensor[M_b, 4] canvas pixels.
+            gt_labels: per image LongTensor[M_b].
+            targets: teacher targets by name, Tensor[B, C, H, W] each (None when no term is on).
+
+        Returns:
+            ``(terms, logs)``: the weighted loss terms to sum (``qfl``, ``dfl``, ``giou`` and
+            the enabled ones of ``ld_main``, ``ld_vlr``, ``ld_kd``, ``bcd_cls``, ``bcd_iou``,
+            ``fgd``, ``hgd``), and detached, unweighted components for logging.
+        """
+        losses = self.losses
+        outputs = self.student(images, with_backbone=self.hgd is not None)
+        gfl_targets = self.student.assign(outputs, gt_boxes, gt_labels)
+        det = self.student.loss(outputs, gt_boxes, gt_labels, targets=gfl_targets)
+        terms = {name: value * losses.detector_weight for name, value in det.items()}
+        logs: dict[str, Tensor] = {}
+        if not self.names:
+            return terms, logs
+        if targets is None:
+            raise TargetShapeError(f"DistillationModel.forward(targets=) expects the teacher targets {self.names}. Got None.")
+        check_targets(targets, outputs, self.names)
+        strides, reg_max = outputs.strides, outputs.reg_max
+        if losses.uses("ld_main", "ld_vlr", "ld_kd", "bcd"):
+            teacher_cls = [targets[f"cls/{lv}"] for lv in self.levels]
+            teacher_box = [targets[f"box/{lv}"] for lv in self.levels]
+            same_atss = losses.ld.topk == self.student.config.atss_topk
+            if losses.uses("ld_main", "ld_vlr", "ld_kd"):
+                need_vlr = losses.uses("ld_vlr")
+                assignment = self._assignment(gfl_targets, gt_boxes, need_vlr=need_vlr) if same_atss else None
+                ld = ld_recipe(
+                    outputs.cls_logits, outputs.box_logits, teacher_cls, teacher_box, gt_boxes, strides, reg_max,
+                    config=losses.ld, assignment=assignment,
+                )
+                terms.update({key: ld[key] for key in OPTIMISED_KEYS["ld"] if key in losses.enabled})
+            if losses.uses("bcd"):
+                same_atss = losses.bcd.topk == self.student.config.atss_topk
+                assignment = self._assignment(gfl_targets, gt_boxes, need_vlr=False) if same_atss else None
+                bcd = bcd_recipe(
+                    outputs.cls_logits, outputs.box_logits, teacher_cls, teacher_box, gt_boxes, strides, reg_max,
+                    config=losses.bcd, assignment=assignment,
+                )
+                terms.update({key: bcd[key] for key in OPTIMISED_KEYS["bcd"]})
+        if self.fgd is not None:
+            fgd = fgd_recipe(
+                self.fgd, outputs.fpn_features, [targets[f"fpn/{lv}"] for lv in self.levels], gt_boxes, self.canvas_hw
+            )
+            terms["fgd"] = fgd.pop("fgd")
+            logs.update(fgd)
+        if self.hgd is not None:
+            student_feats = dict(zip(self.levels, outputs.fpn_features))
+            student_feats.update(zip(BACKBONE_STAGES, outputs.backbone_features))
+            teacher_feats = {}
+            for stage in self.hgd.stages:
+                key = f"backbone/{stage}" if stage in BACKBONE_STAGES else f"fpn/{stage}"
+                teacher_feats[stage] = targets[key]
+            hgd = hgd_recipe(self.hgd, student_feats, teacher_feats, gt_boxes, self.canvas_hw, config=losses.hgd)
+            terms["hgd"] = hgd.pop("hgd")
+            logs.update(hgd)
+        return terms, logs

@@ -1,0 +1,553 @@
+"""Target sources: where the teacher's outputs for a batch of views come from.
+
+Legend: B views in a batch; every target is Tensor[B, C, H, W] float32 (logits or
+features, decoded), named as in the label store (``cls/p3``, ``box/p3``, ``fpn/p3``,
+``backbone/c3``).
+
+One interface, `TargetSource`, four implementations:
+
+- `StoreSource` (offline, the default): reads a label store. Its reads happen inside the
+  DataLoader workers (`TargetSource.worker_reader`), so the training process only stacks.
+- `RemoteSource` (online): asks the teacher endpoint, ``POST {url}/v1/targets``, over
+  HTTP with the original image bytes and the view recipes; retries a 503 (honouring
+  ``Retry-After``) and connection errors with bounded exponential backoff.
+- `ReadThroughSource`: the store, with views it does not hold filled by the endpoint.
+- `InProcessTeacherSource`: the teacher loaded in this process and run under no_grad on
+  exactly the rendered views the student sees. A comparison baseline only, never the
+  default: the product's promise is training without the teacher in the process.
+
+This module never imports `teacher_service`; a remote teacher is reached over HTTP only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from detcore.views import View
+from student_trainer.data import StoreTargetReader
+
+
+class TargetSourceError(RuntimeError):
+    """A target source could not deliver the targets of a batch (names the views and the cause)."""
+
+
+class RemoteSourceError(TargetSourceError, ConnectionError):
+    """The teacher endpoint failed, refused the request, or stayed overloaded past the retry budget."""
+
+
+class TeacherMismatchError(ValueError):
+    """Two teachers that must be the same (store and endpoint, or a teacher that changed mid-run) differ."""
+
+
+def _stack(per_view: Sequence[Mapping[str, np.ndarray | Tensor]], names: Sequence[str]) -> dict[str, Tensor]:
+    """Per-view dicts of [C, H, W] arrays -> name -> Tensor[B, C, H, W] float32."""
+    if not per_view:
+        return {}
+    out = {}
+    for name in names:
+        arrays = [item[name] for item in per_view]
+        if isinstance(arrays[0], Tensor):
+            out[name] = torch.stack([a.float() for a in arrays])
+        else:
+            out[name] = torch.from_numpy(np.stack([np.asarray(a, dtype=np.float32) for a in arrays]))
+    return out
+
+
+class TargetSource(ABC):
+    """The trainer's one way of getting teacher targets.
+
+    Attributes:
+        names: the target names this source delivers (what the enabled losses need).
+    """
+
+    kind: str = ""
+    names: list[str]
+
+    @property
+    @abstractmethod
+    def fingerprint(self):
+        """The teacher's `label_store.TeacherFingerprint`."""
+
+    @property
+    @abstractmethod
+    def specs(self) -> list[Any]:
+        """`label_store.TargetSpec` of every target the teacher can deliver (shapes give channels)."""
+
+    @abstractmethod
+    def get(
+        self,
+        views: Sequence[View],
+        *,
+        images: Tensor | None = None,
+        image_paths: Sequence[str] | None = None,
+        content_hashes: Sequence[str] | None = None,
+    ) -> dict[str, Tensor]:
+        """Targets of ``views``: name -> Tensor[B, C, H, W] float32 on the CPU (or the teacher's device).
+
+        Args:
+            views: the B views, in batch order.
+            images: Tensor[B, 3, H, W], the rendered canvases (needed by the in-process teacher).
+            image_paths: the B source image files (needed by the endpoint, which renders itself).
+            content_hashes: `detcore.views.content_hash` of each decoded source image, to check
+                that the endpoint saw the same pixels.
+        """
+
+    def worker_reader(self) -> StoreTargetReader | None:
+        """A picklable reader for DataLoader workers, or None when targets are fetched per batch."""
+        return None
+
+    def readable_keys(self) -> set[tuple[int, int]] | None:
+        """Keys `worker_reader` can serve (None: all)."""
+        return None
+
+    def complete(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Targets of a `student_trainer.data.collate_train` batch, fetching what the workers did not read."""
+        if batch["targets"] is not None:
+            return dict(batch["targets"])
+        partial = batch["partial_targets"]
+        missing = batch["missing"]
+        images = batch["images"]
+        fetched = self.get(
+            [batch["views"][i] for i in missing],
+            images=None if images is None else images[missing],
+            image_paths=[batch["image_paths"][i] for i in missing],
+            content_hashes=[batch["content_hashes"][i] for i in missing],
+        )
+        out = {}
+        for name in self.names:
+            rows: list[Tensor] = []
+            next_fetched = iter(range(len(missing)))
+            for item in partial:
+                if item is None:
+                    rows.append(fetched[name][next(next_fetched)].float().cpu())
+                else:
+                    rows.append(torch.as_tensor(np.asarray(item[name], dtype=np.float32)))
+            out[name] = torch.stack(rows)
+        return out
+
+    def close(self) -> None:
+        """Release connections or models."""
+
+    def describe(self) -> dict[str, Any]:
+        """Plain description for the run record."""
+        return {"kind": self.kind, "names": list(self.names)}
+
+
+class StoreSource(TargetSource):
+    """Offline targets from a label store (the default).
+
+    Args:
+        url: store URL or path (local, or fsspec).
+        names: target names to read.
+        expected_fingerprint: refuse a store made by another teacher (`label_store.FingerprintMismatchError`).
+    """
+
+    kind = "store"
+
+    def __init__(self, url: str, names: Sequence[str], expected_fingerprint: Any = None) -> None:
+        from label_store import open_store
+
+        self.url = str(url)
+        self.names = list(names)
+        self.expected_fingerprint = expected_fingerprint
+        self.reader = open_store(self.url, expected_fingerprint=expected_fingerprint)
+        self._keys = None
+
+    @property
+    def fingerprint(self):
+        return self.reader.fingerprint
+
+    @property
+    def specs(self) -> list[Any]:
+        return list(self.reader.targets)
+
+    def keys(self) -> list[tuple[int, int]]:
+        if self._keys is None:
+            self._keys = [(int(i), int(v)) for i, v in self.reader.keys()]
+        return list(self._keys)
+
+    def stored_views(self) -> list[tuple[View, str]]:
+        """Every committed view with the content hash recorded at precompute time."""
+        table = self.reader.views()
+        columns = {name: table.column(name).to_pylist() for name in ("image_id", "view_id", "view", "content_hash")}
+        out = []
+        for image_id, view_id, view, digest in zip(*columns.values()):
+            record = {"view": view}
+            out.append((_record_view(record, int(image_id), int(view_id), self.url), str(digest)))
+        return out
+
+    def worker_reader(self) -> StoreTargetReader:
+        return StoreTargetReader(self.url, self.names, expected_fingerprint=self.fingerprint)
+
+    def readable_keys(self) -> set[tuple[int, int]]:
+        return set(self.keys())
+
+    def get(self, views, *, images=None, image_paths=None, content_hashes=None) -> dict[str, Tensor]:
+        keys = [view.key for view in views]
+        return _stack(self.reader.read_many(keys, names=self.names), self.names)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "store": self.url}
+
+
+def _record_view(record: Mapping[str, Any], image_id: int, view_id: int, url: str) -> View:
+    for key in ("view", "view_json", "recipe"):
+        if key in record:
+            value = record[key]
+            view = View.from_json(value) if isinstance(value, str) else View.from_dict(value)
+            if view.key != (image_id, view_id):
+                raise TargetSourceError(
+                    f"StoreSource expects the record of ({image_id}, {view_id}) to hold its own view. "
+                    f"Got view {view.key} in {url}; the store is inconsistent (run `distill store verify`)."
+                )
+            return view
+    raise TargetSourceError(
+        f"StoreSource expects a view recipe in every view record. Got keys {sorted(record)} for "
+        f"image_id={image_id} view_id={view_id} in {url}."
+    )
+
+
+class RemoteSource(TargetSource):
+    """Online targets from the teacher endpoint (``POST {url}/v1/targets``).
+
+    Args:
+        url: endpoint base URL, e.g. ``http://teacher:8000``.
+        names: target names to fetch (the request asks for their groups).
+        token: bearer token.
+        expected_fingerprint: refuse an endpoint serving another teacher.
+        timeout_s: per-request timeout.
+        max_retries: retries of a 503 or a connection failure before giving up.
+        backoff_s, max_backoff_s: exponential backoff ``min(max, backoff * 2**attempt)``; a
+            ``Retry-After`` header is honoured up to ``max_backoff_s``.
+        transport: an ``httpx`` transport (tests).
+    """
+
+    kind = "remote"
+
+    def __init__(
+        self,
+        url: str,
+        names: Sequence[str],
+        *,
+        token: str | None = None,
+        expected_fingerprint: Any = None,
+        timeout_s: float = 120.0,
+        max_retries: int = 6,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        transport: Any = None,
+    ) -> None:
+        import httpx
+
+        from label_store import TargetSpec, TeacherFingerprint
+        from label_store.wire import fingerprint_digest
+
+        self.url = str(url).rstrip("/")
+        self.names = list(names)
+        self.max_retries = int(max_retries)
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self.retries_done = 0
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        kwargs = {"transport": transport} if transport is not None else {}
+        self._client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers, **kwargs)
+        response = self._request("GET", "/v1/teacher", what="the teacher description")
+        try:
+            info = response.json()
+            self._fingerprint = TeacherFingerprint.from_dict(info["fingerprint"])
+            self._specs = [TargetSpec.from_dict(row) for row in info["targets"]]
+        except (ValueError, KeyError, TypeError) as error:
+            raise RemoteSourceError(
+                f"RemoteSource(url=) expects GET {self.url}/v1/teacher to return fingerprint, targets and digest. "
+                f"Got {response.text[:200]!r}: {error}."
+            ) from error
+        self.digest = fingerprint_digest(self._fingerprint.to_dict())
+        if info.get("digest") not in (None, self.digest):
+            raise RemoteSourceError(
+                f"RemoteSource expects the endpoint's digest to match its fingerprint. Got {info.get('digest')} != {self.digest} from {self.url}."
+            )
+        if expected_fingerprint is not None:
+            differences = expected_fingerprint.diff(self._fingerprint)
+            if differences:
+                raise TeacherMismatchError(
+                    f"RemoteSource(url=) expects the teacher of the store. {self.url} serves another one:\n  - "
+                    + "\n  - ".join(d.replace("store has", "store/config has").replace("caller expects", "endpoint has") for d in differences)
+                )
+        available = {spec.name for spec in self._specs}
+        missing = [n for n in self.names if n not in available]
+        if missing:
+            raise RemoteSourceError(f"RemoteSource(names=) expects targets the endpoint serves ({sorted(available)}). Missing {missing}.")
+        self.groups = sorted({n.split("/", 1)[0] for n in self.names}, key=["cls", "box", "fpn", "backbone"].index)
+
+    @property
+    def fingerprint(self):
+        return self._fingerprint
+
+    @property
+    def specs(self) -> list[Any]:
+        return list(self._specs)
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after is not None:
+            try:
+                return min(self.max_backoff_s, max(0.0, float(retry_after)))
+            except ValueError:
+                pass
+        return min(self.max_backoff_s, self.backoff_s * (2**attempt))
+
+    def _request(self, method: str, path: str, *, what: str, **kwargs):
+        import httpx
+
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            try:
+                response = self._client.request(method, path, **kwargs)
+            except (httpx.TransportError,) as error:  # connect/read/write errors, timeouts, protocol errors
+                last = f"{type(error).__name__}: {error}"
+            else:
+                if response.status_code == 200:
+                    return response
+                if response.status_code not in (502, 503, 504):
+                    hint = " (check --token)" if response.status_code in (401, 403) else ""
+                    raise RemoteSourceError(
+                        f"RemoteSource expects 200 from {method} {self.url}{path} for {what}. "
+                        f"Got {response.status_code}{hint}: {response.text[:300]}"
+                    )
+                last = f"HTTP {response.status_code}"
+                retry_after = response.headers.get("Retry-After")
+            if attempt == self.max_retries:
+                break
+            self.retries_done += 1
+            time.sleep(self._delay(attempt, retry_after))
+        raise RemoteSourceError(
+            f"RemoteSource gave up on {method} {self.url}{path} for {what} after {self.max_retries + 1} attempts. "
+            f"Last: {last}. Is the endpoint up (distill serve)? Raise --retries or retry later."
+        )
+
+    def get(self, views, *, images=None, image_paths=None, content_hashes=None) -> dict[str, Tensor]:
+        from label_store.wire import FINGERPRINT_HEADER, fingerprint_digest, unpack_targets
+
+        views = list(views)
+        if not views:
+            return {}
+        if image_paths is None or len(image_paths) != len(views):
+            raise TargetSourceError(
+                f"RemoteSource.get(image_paths=) expects one image file per view ({len(views)}). "
+                f"Got {None if image_paths is None else len(image_paths)}."
+            )
+        files = [("images", (Path(p).name, Path(p).read_bytes(), "application/octet-stream")) for p in image_paths]
+        data = {"views": json.dumps([v.to_dict() for v in views]), "targets": ",".join(self.groups)}
+        keys = [v.key for v in views]
+        response = self._request("POST", "/v1/targets", what=f"views {keys[:4]}{'...' if len(keys) > 4 else ''}", data=data, files=files)
+        header = response.headers.get(FINGERPRINT_HEADER)
+        if header is not None and header != self.digest:
+            raise TeacherMismatchError(
+                f"RemoteSource expects the teacher it started with (fingerprint {self.digest[:12]}). "
+                f"{self.url} now answers with {header[:12]}; the endpoint's teacher changed mid-run."
+            )
+        fingerprint, _, entries = unpack_targets(response.content)
+        if fingerprint_digest(fingerprint) != self.digest:
+            raise TeacherMismatchError(f"RemoteSource expects targets from the teacher {self.digest[:12]}. The body names another teacher.")
+        got = [(e["image_id"], e["view_id"]) for e in entries]
+        if got != keys:
+            raise RemoteSourceError(f"RemoteSource expects targets for views {keys} in order. Got {got}.")
+        if content_hashes is not None:
+            for entry, expected in zip(entries, content_hashes):
+                if expected is not None and entry["content_hash"] != expected:
+                    raise RemoteSourceError(
+                        f"RemoteSource expects the endpoint to render the pixels the trainer loaded. Image "
+                        f"{entry['image_id']}: endpoint hash {entry['content_hash']} != local {expected}."
+                    )
+        return _stack([e["targets"] for e in entries], self.names)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "endpoint": self.url, "retries": self.retries_done}
+
+
+class ReadThroughSource(TargetSource):
+    """The store first; views the store does not hold are fetched from the endpoint.
+
+    The endpoint must serve the store's teacher (checked at start, `TeacherMismatchError`).
+    """
+
+    kind = "read-through"
+
+    def __init__(self, store: StoreSource, remote: RemoteSource) -> None:
+        differences = store.fingerprint.diff(remote.fingerprint)
+        if differences:
+            raise TeacherMismatchError(
+                f"ReadThroughSource expects the endpoint {remote.url} to serve the teacher of the store {store.url}. "
+                "Differences:\n  - " + "\n  - ".join(differences)
+            )
+        self.store = store
+        self.remote = remote
+        self.names = list(store.names)
+        self.fetched_views = 0
+
+    @property
+    def fingerprint(self):
+        return self.store.fingerprint
+
+    @property
+    def specs(self) -> list[Any]:
+        return self.store.specs
+
+    def worker_reader(self) -> StoreTargetReader:
+        return self.store.worker_reader()
+
+    def readable_keys(self) -> set[tuple[int, int]]:
+        return self.store.readable_keys()
+
+    def get(self, views, *, images=None, image_paths=None, content_hashes=None) -> dict[str, Tensor]:
+        views = list(views)
+        stored = self.store.readable_keys()
+        in_store = [i for i, v in enumerate(views) if v.key in stored]
+        remote = [i for i, v in enumerate(views) if v.key not in stored]
+        parts: dict[int, dict[str, Tensor]] = {}
+        if in_store:
+            got = self.store.get([views[i] for i in in_store])
+            for j, i in enumerate(in_store):
+                parts[i] = {n: got[n][j] for n in self.names}
+        if remote:
+            got = self.remote.get(
+                [views[i] for i in remote],
+                image_paths=None if image_paths is None else [image_paths[i] for i in remote],
+                content_hashes=None if content_hashes is None else [content_hashes[i] for i in remote],
+            )
+            self.fetched_views += len(remote)
+            for j, i in enumerate(remote):
+                parts[i] = {n: got[n][j] for n in self.names}
+        return _stack([parts[i] for i in range(len(views))], self.names)
+
+    def close(self) -> None:
+        self.remote.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "store": self.store.url, "endpoint": self.remote.url, "fetched_views": self.fetched_views}
+
+
+class InProcessTeacherSource(TargetSource):
+    """The teacher in the training process: the online baseline offline results are compared with.
+
+    Loads the checkpoint with `detcore.checkpoint.load_detector` and runs it under
+    ``torch.no_grad`` on the very canvases the student is given (same views, same pixels).
+    Never the default; it costs a teacher forward per step and the teacher's memory.
+
+    Args:
+        checkpoint: the teacher's detcore checkpoint.
+        names: target names to return.
+        device: where the teacher runs.
+    """
+
+    kind = "inprocess"
+
+    def __init__(self, checkpoint: str, names: Sequence[str], device: str | torch.device = "cpu") -> None:
+        from detcore.checkpoint import load_detector, teacher_fingerprint
+        from detcore.outputs import BACKBONE_STAGES, BACKBONE_STRIDES, feature_hw, level_name
+        from label_store import TargetSpec, TeacherFingerprint
+
+        self.checkpoint = str(checkpoint)
+        self.names = list(names)
+        self.device = torch.device(device)
+        self.teacher, meta = load_detector(self.checkpoint, map_location=self.device)
+        self.teacher.eval()
+        for parameter in self.teacher.parameters():
+            parameter.requires_grad_(False)
+        self._fingerprint = TeacherFingerprint.from_dict(teacher_fingerprint(self.checkpoint))
+        config = self.teacher.config
+        canvas = tuple(meta["canvas_hw"])
+        specs = []
+        for stride in config.strides:
+            h, w = feature_hw(canvas, stride)
+            level = level_name(stride)
+            specs.append(TargetSpec(f"cls/{level}", (config.num_classes, h, w), "fp32"))
+            specs.append(TargetSpec(f"box/{level}", (4 * (config.reg_max + 1), h, w), "fp32"))
+            specs.append(TargetSpec(f"fpn/{level}", (config.fpn_channels, h, w), "fp32"))
+        backbone_channels = getattr(self.teacher.backbone, "out_channels", None)
+        if backbone_channels is not None:
+            for stage, channels in zip(BACKBONE_STAGES, backbone_channels):
+                h, w = feature_hw(canvas, BACKBONE_STRIDES[stage])
+                specs.append(TargetSpec(f"backbone/{stage}", (int(channels), h, w), "fp32"))
+        self._specs = specs
+        self.with_backbone = any(n.startswith("backbone/") for n in self.names)
+        self.teacher_seconds = 0.0
+
+    @property
+    def fingerprint(self):
+        return self._fingerprint
+
+    @property
+    def specs(self) -> list[Any]:
+        return list(self._specs)
+
+    def get(self, views, *, images=None, image_paths=None, content_hashes=None) -> dict[str, Tensor]:
+        if images is None or images.ndim != 4 or images.shape[0] != len(views):
+            raise TargetSourceError(
+                f"InProcessTeacherSource.get(images=) expects the rendered Tensor[B, 3, H, W] of the {len(views)} views. "
+                f"Got {None if images is None else tuple(images.shape)}."
+            )
+        start = time.perf_counter()
+        with torch.no_grad():
+            outputs = self.teacher(images.to(self.device), with_backbone=self.with_backbone)
+        targets = outputs.targets()
+        out = {name: targets[name].float() for name in self.names}
+        self.teacher_seconds += time.perf_counter() - start
+        return out
+
+    def complete(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        # The whole batch, on the teacher's device: no CPU round trip.
+        return self.get(batch["views"], images=batch["images"])
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "teacher": self.checkpoint, "teacher_seconds": round(self.teacher_seconds, 3)}
+
+
+def build_source(config, names: Sequence[str], *, device: str | torch.device = "cpu", expected_fingerprint: Any = None) -> TargetSource:
+    """The source a run config asks for (`student_trainer.config.SourceConfig`)."""
+    import os
+
+    source = config.source
+    token = source.token or os.environ.get("DISTILL_TOKEN")
+    kind = source.kind
+    if kind == "store":
+        return StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint)
+    if kind == "remote":
+        return RemoteSource(
+            source.endpoint, names, token=token, expected_fingerprint=expected_fingerprint,
+            timeout_s=source.timeout_s, max_retries=source.max_retries,
+        )
+    if kind == "read-through":
+        store = StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint)
+        remote = RemoteSource(
+            source.endpoint, names, token=token, expected_fingerprint=store.fingerprint,
+            timeout_s=source.timeout_s, max_retries=source.max_retries,
+        )
+        return ReadThroughSource(store, remote)
+    if kind == "inprocess":
+        return InProcessTeacherSource(source.teacher, names, device=device)
+    raise ValueError(f"build_source(config.source.kind=) expects one of store, remote, read-through, inprocess. Got {kind!r}.")
+
+
+__all__ = [
+    "InProcessTeacherSource",
+    "ReadThroughSource",
+    "RemoteSource",
+    "RemoteSourceError",
+    "StoreSource",
+    "TargetSource",
+    "TargetSourceError",
+    "TeacherMismatchError",
+    "build_source",
+]

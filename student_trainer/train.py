@@ -1,0 +1,527 @@
+"""`distill train`: a student trained against teacher targets with no teacher in the process.
+
+One loop, `train_student`, serves the local run and every Ray Train worker
+(`student_trainer.ray_train` passes a `DistContext`). Per step: a batch of stored views
+(rendered, hash-checked, targets read in the DataLoader workers), the student forward,
+the GFL loss and the enabled distillation recipes (`student_trainer.distill`), one
+optimizer over the student and the FGD/HGD modules.
+
+Outputs in ``config.out``:
+    run_config.json   the resolved run config (approximations listed)
+    metrics.jsonl     one JSON line per ``log_every`` steps (every loss term, lr, img/s)
+                      and one per evaluation
+    tb/               TensorBoard event files (the same scalars)
+    last.pt           resume state, every ``checkpoint_every`` steps and at epoch ends;
+                      a detcore checkpoint (``distill detector eval`` loads it)
+    final.pt          the trained student (detcore checkpoint; FGD/HGD modules in ``training``)
+    results.json      final COCO AP (``coco``), timings, the source, skipped images
+
+Re-running the same command after a kill resumes from ``last.pt`` at the exact step and
+position in the epoch; a different configuration in the same folder is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from student_trainer.config import TrainRunConfig
+
+logger = logging.getLogger("student_trainer.train")
+
+# Config keys that may change between a run and its resumption (they do not change the result).
+_RESUME_FREE_KEYS = (
+    "out",
+    "device",
+    "num_threads",
+    "address",
+    "data.num_workers",
+    "data.val_annotations",
+    "data.val_images",
+    "schedule",
+    "source.endpoint",
+    "source.token",
+    "source.timeout_s",
+    "source.max_retries",
+)
+
+
+class ResumeMismatchError(ValueError):
+    """``out/last.pt`` belongs to a run with another configuration."""
+
+
+@dataclass
+class DistContext:
+    """How a data-parallel worker differs from a local run (filled by `student_trainer.ray_train`)."""
+
+    rank: int = 0
+    """This worker's global rank."""
+    world_size: int = 1
+    """Number of workers."""
+    device: Any = None
+    """torch.device of this worker (None: from the run config)."""
+    wrap_model: Callable[[Any], Any] | None = None
+    """Wraps the `DistillationModel` for data-parallel training (DDP); None: no wrapper."""
+    broadcast: Callable[[Any], Any] | None = None
+    """Sends a picklable object from rank 0 to every rank and returns it (resume state)."""
+    gather: Callable[[Any], list[Any]] | None = None
+    """Collects a picklable object from every rank on every rank (failure reports)."""
+    on_epoch_end: Callable[[dict[str, Any], Path | None], None] | None = None
+    """Called on every rank at each epoch end with metrics (and last.pt on rank 0)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_identity(config: TrainRunConfig) -> dict[str, Any]:
+    """The settings that define the result (compared on resume), paths resolved."""
+    flat = _flatten(config.to_dict())
+    out = {}
+    for key, value in flat.items():
+        if any(key == free or key.startswith(free + ".") for free in _RESUME_FREE_KEYS):
+            continue
+        if key in ("data.store", "data.annotations", "data.images", "source.teacher", "student.init") and value:
+            value = str(Path(value).resolve()) if "://" not in str(value) else value
+        out[key] = value
+    return out
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard + console, written by rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_step: int) -> None:
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if self.path.exists():
+            # Drop lines past the resumed step: they belong to steps that will run again.
+            kept = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if int(json.loads(line).get("step", 0)) <= resume_step:
+                        kept.append(line)
+                except (ValueError, AttributeError):
+                    continue
+            self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, record: dict[str, Any], scalars: dict[str, float], step: int, prefix: str) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record, sort_keys=True, default=float) + "\n")
+        if self.writer is not None:
+            for name, value in scalars.items():
+                if value is not None and value == value:  # skip NaN (e.g. APl without large objects)
+                    self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _resolve_views(config: TrainRunConfig, coco, store_source, canvas_hw) -> tuple[list, dict, str]:
+    """Views to train on, the stored content hashes, and a note on where they came from."""
+    from detcore.views import plan_views
+
+    known = set(coco.image_ids)
+    views, hashes = [], {}
+    note = ""
+    if store_source is not None:
+        dropped = set()
+        for view, digest in store_source.stored_views():
+            if view.image_id not in known:
+                dropped.add(view.image_id)
+                continue
+            views.append(view)
+            hashes[view.key] = digest
+        if dropped:
+            logger.warning("%d image(s) of the store are not in %s and are left out: %s", len(dropped), config.data.annotations,
+                           sorted(dropped)[:20])
+        note = f"{len(views)} stored views"
+    in_store = {v.image_id for v in views}
+    if store_source is None or config.source.kind == "read-through":
+        missing = [i for i in coco.image_ids if i not in in_store]
+        if missing:
+            planned = plan_views(
+                [(i, coco.record(i).height, coco.record(i).width) for i in missing],
+                canvas_hw=canvas_hw, scales=config.data.scales, flip=config.data.flip,
+            )
+            views += planned
+            note += f"{' + ' if note else ''}{len(planned)} planned views of {len(missing)} images not in the store"
+    if config.data.max_images is not None:
+        keep = set(sorted({v.image_id for v in views})[: config.data.max_images])
+        views = [v for v in views if v.image_id in keep]
+    views.sort(key=lambda v: v.key)
+    return views, hashes, note
+
+
+def train_student(
+    config: TrainRunConfig,
+    *,
+    dist: DistContext | None = None,
+    stop_after_steps: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or resume) a student; returns the content of ``results.json``.
+
+    Args:
+        config: the run (`student_trainer.config.build_run_config`).
+        dist: data-parallel context (Ray Train workers); None for a local run.
+        stop_after_steps: stop after this many steps of this call with ``last.pt`` written,
+            as if killed there (tests, time-boxed jobs); the result has ``finished`` False.
+        progress: tqdm progress bar with the loss and images/s.
+
+    Raises:
+        student_trainer.data.StoreFitError: the store does not fit the student or the data.
+        label_store.FingerprintMismatchError, TeacherMismatchError: teachers differ.
+        ResumeMismatchError: ``out/last.pt`` holds another run.
+    """
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from detcore.checkpoint import load_checkpoint, save_checkpoint
+    from detcore.coco import CocoDataset
+    from detcore.models.gfl import build_detector
+    from detcore.train import _autocast, _param_groups, evaluate_model, learning_rate_factor, resolve_device
+    from student_trainer.data import FailureLog, ShardedViewSampler, StoreViewDataset, check_store_fits, collate_train
+    from student_trainer.distill import DistillationModel, needed_target_names
+    from student_trainer.sources import StoreSource, build_source
+
+    dist = dist or DistContext()
+    is_main = dist.is_main
+    device = dist.device if dist.device is not None else resolve_device(config.device)
+    if config.num_threads:
+        torch.set_num_threads(int(config.num_threads))
+    out = Path(config.out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    last_path, final_path = out / "last.pt", out / "final.pt"
+    student_cfg, optim, losses = config.student, config.optim, config.losses
+
+    # -- data, source, fingerprint check -----------------------------------------------
+    coco = CocoDataset(config.data.annotations, config.data.images)
+    names = needed_target_names(losses, student_cfg.strides)
+    source = build_source(config, names, device=device) if names or config.source.kind != "store" else None
+    store_for_views = None
+    if config.data.store:
+        if isinstance(getattr(source, "store", None), StoreSource):
+            store_for_views = source.store
+        elif isinstance(source, StoreSource):
+            store_for_views = source
+        else:
+            store_for_views = StoreSource(config.data.store, [])
+    reference = source if source is not None else store_for_views
+    if reference is None:
+        raise ValueError("train_student(config=) expects a store or a target source. Got neither.")
+    fingerprint = reference.fingerprint
+    canvas_hw = tuple(fingerprint.canvas_hw)
+    check_store_fits(
+        fingerprint, reference.specs, store=config.data.store or config.source.endpoint or config.source.teacher or "",
+        classes=coco.classes, strides=student_cfg.strides, reg_max=student_cfg.reg_max,
+        canvas_hw=tuple(config.data.canvas) if config.data.canvas else None, needed=names,
+    )
+    if store_for_views is not None and store_for_views is not reference:
+        differences = store_for_views.fingerprint.diff(fingerprint)
+        if differences:
+            from student_trainer.sources import TeacherMismatchError
+
+            raise TeacherMismatchError(
+                f"train_student expects the {config.source.kind} teacher to be the store's teacher ({config.data.store}). "
+                "Differences:\n  - " + "\n  - ".join(differences)
+            )
+    views, hashes, views_note = _resolve_views(config, coco, store_for_views, canvas_hw)
+    if not views:
+        raise ValueError(f"train_student expects views to train on. Got none ({views_note or 'empty store'}).")
+    worker_reader = source.worker_reader() if source is not None and names else None
+    dataset = StoreViewDataset(
+        coco, views, expected_hashes=hashes, target_reader=worker_reader,
+        readable_keys=source.readable_keys() if worker_reader is not None else None,
+        strict_hash=config.data.strict_hash, photometric=config.data.photometric,
+    )
+    sampler = ShardedViewSampler(views, seed=optim.seed, num_replicas=dist.world_size, rank=dist.rank)
+    per_rank = sampler.per_rank
+    drop_last = per_rank >= optim.batch_size  # BatchNorm needs more than one value per channel
+    iters_per_epoch = per_rank // optim.batch_size if drop_last else 1
+    total_steps = int(optim.iters) if optim.iters is not None else int(optim.epochs) * iters_per_epoch
+    warmup = int(optim.warmup_iters) if optim.warmup_iters is not None else min(500, total_steps // 10)
+    schedule = "cosine" if optim.optimizer == "adamw" else "step"
+
+    # -- model, distillation modules, optimizer ----------------------------------------
+    torch.manual_seed(optim.seed)
+    student = build_detector(
+        student_cfg.arch, len(coco.classes), fpn_channels=student_cfg.fpn_channels, head_channels=student_cfg.head_channels,
+        num_convs=student_cfg.num_convs, reg_max=student_cfg.reg_max, strides=student_cfg.strides,
+    )
+    if student_cfg.init:
+        student.load_state_dict(load_checkpoint(student_cfg.init)["model_state"])
+    teacher_channels = {spec.name: int(spec.shape[0]) for spec in reference.specs}
+    model = DistillationModel(student, losses, canvas_hw, teacher_channels).to(device)
+    optimizer_groups = _param_groups(model, optim.decay)
+    if optim.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(optimizer_groups, lr=optim.peak_lr, betas=(0.9, 0.999))
+    else:
+        optimizer = torch.optim.SGD(optimizer_groups, lr=optim.peak_lr, momentum=0.9)
+    autocast, use_scaler = _autocast(device, optim.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+    # -- resume ------------------------------------------------------------------------
+    identity = config_identity(config)
+    state = None
+    if is_main and last_path.exists():
+        state = load_checkpoint(last_path, map_location="cpu")
+        saved = (state.get("training") or {}).get("config_identity")
+        if saved != identity:
+            differing = sorted(k for k in set(saved or {}) | set(identity) if (saved or {}).get(k) != identity.get(k))
+            raise ResumeMismatchError(
+                f"train_student(config=) expects the configuration of the run in {str(out)!r} to resume it. Got different "
+                f"{differing[:8]} (saved {[(saved or {}).get(k) for k in differing[:8]]}, now {[identity.get(k) for k in differing[:8]]}); "
+                f"use another --out or delete {str(last_path)!r}."
+            )
+    if dist.broadcast is not None:
+        state = dist.broadcast(state)
+    step, history, train_seconds, images_seen, nonfinite_steps = 0, [], 0.0, 0, 0
+    failures = FailureLog.empty()
+    evals: list[dict[str, Any]] = []
+    if state is not None:
+        training = state["training"]
+        student.load_state_dict(state["model_state"])
+        model.load_distill_state_dict(training["distill_state"])
+        optimizer.load_state_dict(training["optimizer"])
+        if training.get("scaler"):
+            scaler.load_state_dict(training["scaler"])
+        torch.set_rng_state(training["torch_rng"])
+        step = int(training["step"])
+        train_seconds = float(training.get("train_seconds", 0.0))
+        images_seen = int(training.get("images_seen", 0))
+        nonfinite_steps = int(training.get("nonfinite_steps", 0))
+        evals = list(training.get("evals", []))
+        failures = FailureLog({int(k): v for k, v in training["failures"]["changed"].items()},
+                              {int(k): v for k, v in training["failures"]["undecodable"].items()})
+        if is_main:
+            print(f"Resuming {student_cfg.arch} from {last_path} at step {step}/{total_steps}.", file=sys.stderr)
+    train_model = dist.wrap_model(model) if dist.wrap_model is not None else model
+
+    def save_last() -> None:
+        if not is_main:
+            return
+        training_state = {
+            "kind": "distill.student",
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if use_scaler else None,
+            "torch_rng": torch.get_rng_state(),
+            "distill_state": model.distill_state_dict(),
+            "config_identity": identity,
+            "run_config": config.to_dict(),
+            "train_seconds": train_seconds,
+            "images_seen": images_seen,
+            "nonfinite_steps": nonfinite_steps,
+            "evals": evals,
+            "failures": failures.to_dict(),
+        }
+        save_checkpoint(last_path, student, classes=coco.classes, canvas_hw=canvas_hw, training=training_state)
+
+    if is_main:
+        record = config.to_dict()
+        record["approximations"] = config.approximations
+        record["resolved"] = {
+            "canvas_hw": list(canvas_hw), "teacher_fingerprint": fingerprint.to_dict(), "target_names": names,
+            "views": views_note, "num_images": sampler.num_images, "iters_per_epoch": iters_per_epoch,
+            "total_steps": total_steps, "warmup_iters": warmup, "world_size": dist.world_size,
+        }
+        _write_json_atomic(out / "run_config.json", record)
+        for note in config.approximations:
+            logger.warning("approximation: %s", note)
+    log = MetricsLog(out, is_main, config.schedule.tensorboard, step)
+    val_dataset = None
+    if is_main and config.data.val_annotations:
+        val_dataset = CocoDataset(config.data.val_annotations, config.data.val_images)
+
+    num_workers = config.data.num_workers
+    loader = DataLoader(
+        dataset, batch_size=optim.batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_train,
+        drop_last=drop_last, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+    )
+
+    def evaluate(tag: str) -> dict[str, Any] | None:
+        if val_dataset is None:
+            return None
+        result = evaluate_model(student, val_dataset, canvas_hw, batch_size=optim.batch_size, device=device, progress=False)
+        entry = {"step": step, "epoch": round(step / iters_per_epoch, 3), "tag": tag, **result}
+        evals.append(entry)
+        log.write({"step": step, "eval": entry}, {k: result[k] for k in ("AP", "AP50", "AP75") if k in result}, step, "val")
+        return result
+
+    start_step = step
+    window: dict[str, list[float]] = {}
+    window_images, window_seconds = 0, 0.0
+    stopped = False
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {student_cfg.arch} [{','.join(losses.enabled) or 'no KD'}]",
+               unit="step", disable=not (progress and is_main), dynamic_ncols=True)
+    try:
+        while step < total_steps and not stopped:
+            epoch, within = divmod(step, iters_per_epoch)
+            sampler.set_epoch(epoch, start=within * optim.batch_size)
+            tick = time.perf_counter()
+            for batch in loader:
+                for failure in failures.add(batch["failures"]):
+                    bar.write(f"skipping image {failure.image_id}: {failure.reason}")
+                if batch["images"] is not None:
+                    lr = optim.peak_lr * learning_rate_factor(step, total_steps, warmup, schedule)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    images = batch["images"].to(device, non_blocking=True)
+                    gt_boxes = [b.to(device) for b in batch["gt_boxes"]]
+                    gt_labels = [lb.to(device) for lb in batch["gt_labels"]]
+                    targets = None
+                    if names:
+                        targets = {k: v.to(device, non_blocking=True) for k, v in source.complete(batch).items()}
+                    with autocast:
+                        terms, extras = train_model(images, gt_boxes, gt_labels, targets)
+                    loss = sum(terms.values())
+                    optimizer.zero_grad(set_to_none=True)
+                    if torch.isfinite(loss):
+                        scaler.scale(loss).backward()
+                        if optim.grad_clip is not None:
+                            scaler.unscale_(optimizer)
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+                        scaler.step(optimizer)
+                        scaler.update()
+                        for key, value in {**terms, **extras}.items():
+                            window.setdefault(key, []).append(float(value.detach()))
+                        window.setdefault("loss", []).append(float(loss.detach()))
+                    else:
+                        nonfinite_steps += 1
+                        bar.write(f"step {step}: non-finite loss {float(loss)} skipped ({ {k: float(v) for k, v in terms.items()} })")
+                    images_seen += images.shape[0] * dist.world_size
+                    window_images += images.shape[0] * dist.world_size
+                step += 1
+                now = time.perf_counter()
+                train_seconds += now - tick
+                window_seconds += now - tick
+                tick = now
+                bar.update(1)
+                if window.get("loss"):
+                    bar.set_postfix(loss=f"{window['loss'][-1]:.3f}", img_s=f"{images_seen / max(train_seconds, 1e-9):.1f}")
+                if step % config.schedule.log_every == 0 or step == total_steps:
+                    if window:
+                        means = {k: float(np.mean(v)) for k, v in window.items()}
+                        img_s = window_images / max(window_seconds, 1e-9)
+                        entry = {"step": step, "epoch": round(step / iters_per_epoch, 3), "lr": lr, "img_s": round(img_s, 3), **means}
+                        history.append(entry)
+                        log.write(entry, {**means, "lr": lr, "img_s": img_s}, step, "train")
+                        if is_main:
+                            line = f"step {step}/{total_steps} lr={lr:.2e} img/s={img_s:.1f} " + " ".join(
+                                f"{k}={v:.4g}" for k, v in means.items()
+                            )
+                            if progress:
+                                bar.write(line)
+                            else:
+                                logger.info("%s", line)
+                    window, window_images, window_seconds = {}, 0, 0.0
+                epoch_done = step % iters_per_epoch == 0
+                if step % config.schedule.checkpoint_every == 0 or step == total_steps or epoch_done:
+                    save_last()
+                if epoch_done or step == total_steps:
+                    done_epochs = step // iters_per_epoch
+                    every = config.schedule.eval_every
+                    if every and done_epochs % every == 0 and step < total_steps:
+                        result = evaluate(f"epoch {done_epochs}")
+                        if result is not None:
+                            bar.write(f"epoch {done_epochs} (step {step}): AP {result.get('AP', float('nan')):.4f}")
+                        tick = time.perf_counter()
+                    if dist.on_epoch_end is not None:
+                        dist.on_epoch_end({"step": step, "epoch": done_epochs, **(history[-1] if history else {})},
+                                          last_path if is_main else None)
+                if stop_after_steps is not None and step - start_step >= stop_after_steps and step < total_steps:
+                    save_last()
+                    stopped = True
+                    break
+                if step >= total_steps or epoch_done:
+                    break
+    finally:
+        bar.close()
+
+    if dist.gather is not None:
+        for report in dist.gather(failures.to_dict()):
+            for bucket in ("changed", "undecodable"):
+                getattr(failures, bucket).update({int(k): v for k, v in report[bucket].items()})
+    summary: dict[str, Any] = {
+        "finished": not stopped,
+        "student": student_cfg.arch,
+        "losses": list(losses.enabled),
+        "source": source.describe() if source is not None else {"kind": "none", "store": config.data.store},
+        "step": step,
+        "total_steps": total_steps,
+        "iters_per_epoch": iters_per_epoch,
+        "epochs": round(step / iters_per_epoch, 3),
+        "world_size": dist.world_size,
+        "train_seconds": round(train_seconds, 3),
+        "images_per_second": round(images_seen / train_seconds, 3) if train_seconds > 0 else None,
+        "num_parameters": int(sum(p.numel() for p in student.parameters())),
+        "num_distill_parameters": int(sum(p.numel() for p in model.distill_modules.parameters())),
+        "nonfinite_steps": nonfinite_steps,
+        "skipped_images": failures.to_dict(),
+        "approximations": config.approximations,
+        "device": str(device),
+        "canvas_hw": list(canvas_hw),
+        "teacher_fingerprint": fingerprint.to_dict(),
+        "evals": evals,
+        "coco": None,
+        "config": config.to_dict(),
+    }
+    if source is not None:
+        source.close()
+    if stopped or not is_main:
+        log.close()
+        return summary
+    summary["coco"] = evaluate("final")
+    metadata = {k: summary[k] for k in ("step", "train_seconds", "images_per_second", "losses") if summary[k] is not None}
+    if summary["coco"] is not None:
+        metadata["val"] = summary["coco"]
+    save_checkpoint(
+        final_path, student, classes=coco.classes, canvas_hw=canvas_hw, metadata=metadata,
+        training={"kind": "distill.student.final", "distill_state": model.distill_state_dict(), "run_config": config.to_dict()},
+    )
+    _write_json_atomic(out / "results.json", summary)
+    log.close()
+    if failures.count:
+        print(failures.summary(), file=sys.stderr)
+    if summary["coco"] is not None:
+        print(f"final COCO AP {summary['coco'].get('AP', float('nan')):.4f} "
+              f"(AP50 {summary['coco'].get('AP50', float('nan')):.4f}) -> {out / 'results.json'}", file=sys.stderr)
+    return summary

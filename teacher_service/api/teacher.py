@@ -1,0 +1,244 @@
+"""The teacher as the online endpoint runs it: decode, render, forward, slice per view.
+
+Legend: B views in a batch, K classes, R reg_max, C channels, canvas H x W.
+
+`OnlineTeacher` wraps a loaded `GFLDetector` with what the endpoint needs to answer:
+the canvas every view must use, the target specs (the same `label_store` specs a store
+of this teacher holds), the fingerprint and its digest. `prepare_view` (any thread) turns
+uploaded bytes plus a view into the normalised canvas; `forward` (the single batcher
+thread) runs one batch and returns per-view float32 arrays without the batch dimension.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from detcore.views import View, ViewError, content_hash, render_array
+from label_store.wire import fingerprint_digest
+from teacher_service.api.problems import RequestProblem
+
+logger = logging.getLogger(__name__)
+
+TARGET_GROUPS = ("cls", "box", "fpn", "backbone")
+DEFAULT_GROUPS = ("cls", "box", "fpn")
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedView:
+    """One view ready for the forward pass."""
+
+    view: View
+    """The recipe (validated, teacher canvas)."""
+    content_hash: str
+    """`detcore.views.content_hash` of the decoded source pixels."""
+    canvas: np.ndarray
+    """float32 ``[3, H, W]``: `detcore.views.render_array` of the view."""
+    names: tuple[str, ...]
+    """Target names to return for this view."""
+
+
+def group_of(name: str) -> str:
+    """``cls/p3`` -> ``cls``; ``backbone/c3`` -> ``backbone``."""
+    return name.split("/", 1)[0]
+
+
+def decode_image_bytes(data: bytes, image_id: int | None) -> np.ndarray:
+    """Decode an upload with `detcore.images.decode_image_bytes`: the policy of `load_image`,
+    so the same file gives the pixels (and content hash) the precompute job saw.
+
+    Returns uint8 ``[h, w, 3]`` RGB. Raises `detcore.images.ImageDecodeError`.
+    """
+    from detcore.images import decode_image_bytes as decode
+
+    return decode(data, image_id=image_id, name="<upload>")
+
+
+class OnlineTeacher:
+    """A loaded teacher plus the contract of its answers (canvas, specs, fingerprint).
+
+    Args:
+        model: a `GFLDetector` in eval mode on ``device``.
+        device: torch device string.
+        canvas_hw: the canvas ``(H, W)`` every view must use.
+        specs: `label_store.TargetSpec` of every target the teacher can produce, in order.
+        fingerprint: the teacher fingerprint dict (`detcore.checkpoint.teacher_fingerprint`).
+        default_groups: groups answered when a request names none.
+        amp_dtype: torch autocast dtype, or None for float32.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: str,
+        canvas_hw: tuple[int, int],
+        specs: Sequence[Any],
+        fingerprint: dict[str, Any],
+        default_groups: Sequence[str] = DEFAULT_GROUPS,
+        amp_dtype: Any = None,
+    ) -> None:
+        self.model = model
+        self.amp_dtype = amp_dtype
+        self.device = device
+        self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
+        self.specs = list(specs)
+        self.fingerprint = dict(fingerprint)
+        self.digest = fingerprint_digest(self.fingerprint)
+        self._by_name = {spec.name: spec for spec in self.specs}
+        self.groups = tuple(g for g in TARGET_GROUPS if any(group_of(s.name) == g for s in self.specs))
+        self.default_names = tuple(s.name for s in self.specs if group_of(s.name) in default_groups)
+
+    # loading -------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        canvas_hw: tuple[int, int] | None = None,
+        codecs: dict[str, str] | None = None,
+        torch_threads: int | None = None,
+    ) -> "OnlineTeacher":
+        """Load a checkpoint; specs and fingerprint are built as the precompute job builds a store's.
+
+        Args:
+            checkpoint: `detcore.checkpoint` file.
+            device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+            precision: autocast as in precompute: ``auto`` (bf16/fp16 on GPU, fp32 on CPU),
+                ``fp32``, ``bf16``, ``fp16``.
+            canvas_hw: the canvas views must use; None: the checkpoint's.
+            codecs: codec overrides by target group (``{"fpn": "int8-channel"}``), the
+                same as the store's so that the bytes are the same.
+            torch_threads: intra-op threads on the CPU (None: torch's default).
+        """
+        import torch
+
+        from detcore.checkpoint import load_detector, teacher_fingerprint
+        from label_store import TeacherFingerprint, default_target_specs
+        from teacher_service.pipeline_stages import autocast_dtype, select_device
+
+        if torch_threads is not None:
+            torch.set_num_threads(int(torch_threads))
+        device = select_device(device)
+        fingerprint = dict(teacher_fingerprint(str(checkpoint)))
+        model, _ = load_detector(str(checkpoint), map_location=device)
+        model = model.to(device).eval()
+        canvas_hw = tuple(int(v) for v in (canvas_hw or fingerprint["canvas_hw"]))
+        # The store records the canvas it was made for; an endpoint for that store must too.
+        fingerprint["canvas_hw"] = list(canvas_hw)
+        # Normalised exactly as a store's manifest holds it, so that the digests agree.
+        fingerprint = TeacherFingerprint.from_dict(fingerprint).to_dict()
+        # One warm-up pass at the real canvas: channel counts, level shapes, and the allocator.
+        with torch.inference_mode():
+            probe = model(torch.zeros(1, 3, *canvas_hw, device=device), with_backbone=True)
+        backbone_channels = tuple(int(t.shape[1]) for t in probe.backbone_features) if probe.backbone_features else None
+        groups = TARGET_GROUPS if backbone_channels else DEFAULT_GROUPS
+        unknown = [name for name in (codecs or {}) if name not in groups]
+        if unknown:
+            raise ValueError(f"OnlineTeacher.load(codecs=) expects target groups from {list(groups)}. Got {unknown}.")
+        specs = default_target_specs(
+            num_classes=len(fingerprint["classes"]),
+            reg_max=int(fingerprint["reg_max"]),
+            canvas_hw=canvas_hw,
+            strides=tuple(int(s) for s in fingerprint["strides"]),
+            fpn_channels=int(probe.fpn_features[0].shape[1]),
+            backbone_channels=backbone_channels,
+            groups=groups,
+            codecs=dict(codecs) if codecs else None,
+        )
+        shapes = {name: tuple(t.shape[1:]) for name, t in probe.targets().items()}
+        for spec in specs:
+            if tuple(spec.shape) != shapes.get(spec.name):
+                raise ValueError(
+                    f"OnlineTeacher.load expects the model to produce {spec.name} of shape {tuple(spec.shape)}. "
+                    f"Got {shapes.get(spec.name)} (checkpoint={checkpoint})."
+                )
+        logger.info("teacher %s loaded on %s: canvas %s, %d targets", checkpoint, device, canvas_hw, len(specs))
+        return cls(
+            model,
+            device=device,
+            canvas_hw=canvas_hw,
+            specs=specs,
+            fingerprint=fingerprint,
+            amp_dtype=autocast_dtype(device, precision),
+        )
+
+    # request side --------------------------------------------------------------------
+    def resolve_targets(self, requested: str | Sequence[str] | None) -> list[Any]:
+        """The specs a request asks for: groups (``cls``) and/or names (``cls/p3``), comma-separated.
+
+        Raises `RequestProblem` ("unknown-target") naming every unknown entry.
+        """
+        if requested is None or (isinstance(requested, str) and requested.strip() == ""):
+            names = set(self.default_names)
+        else:
+            items = requested.split(",") if isinstance(requested, str) else list(requested)
+            names: set[str] = set()
+            unknown = []
+            for raw in items:
+                item = str(raw).strip()
+                if item in self.groups:
+                    names.update(s.name for s in self.specs if group_of(s.name) == item)
+                elif item in self._by_name:
+                    names.add(item)
+                else:
+                    unknown.append(item)
+            if unknown or not names:
+                raise RequestProblem(
+                    "unknown-target",
+                    f"targets= expects groups {list(self.groups)} or names {list(self._by_name)}. Got {unknown or items}.",
+                    errors=[{"field": "targets", "value": item, "detail": "unknown target group or name"} for item in unknown],
+                )
+        return [spec for spec in self.specs if spec.name in names]
+
+    def check_view(self, view: View) -> None:
+        """Raise `ViewError` unless ``view`` is valid and uses this teacher's canvas."""
+        view.validate()
+        if (view.canvas_h, view.canvas_w) != self.canvas_hw:
+            raise ViewError(
+                f"View(canvas=) expects the teacher canvas {self.canvas_hw[0]}x{self.canvas_hw[1]}. "
+                f"Got {view.canvas_h}x{view.canvas_w} (image_id={view.image_id} view_id={view.view_id})."
+            )
+
+    def prepare_view(self, view: View, data: bytes, names: Sequence[str]) -> PreparedView:
+        """Decode ``data``, check its size against the view, render. Thread-safe.
+
+        Raises `detcore.images.ImageDecodeError` or `detcore.views.ViewError`.
+        """
+        pixels = decode_image_bytes(data, view.image_id)
+        if pixels.shape[:2] != (view.image_h, view.image_w):
+            raise ImageSizeMismatch(
+                f"View(image_h=, image_w=) expects the uploaded image to be {view.image_h}x{view.image_w}. "
+                f"Got {pixels.shape[0]}x{pixels.shape[1]} (image_id={view.image_id} view_id={view.view_id})."
+            )
+        return PreparedView(view, content_hash(pixels), render_array(pixels, view), tuple(names))
+
+    # batcher side --------------------------------------------------------------------
+    def forward(self, batch: Sequence[PreparedView]) -> list[dict[str, np.ndarray]]:
+        """One forward pass over a batch; per view, name -> float32 ``[C, H_l, W_l]``."""
+        import torch
+
+        with_backbone = any(group_of(n) == "backbone" for item in batch for n in item.names)
+        images = torch.from_numpy(np.stack([item.canvas for item in batch])).to(self.device)
+        with torch.inference_mode():
+            if self.amp_dtype is None:
+                outputs = self.model(images, with_backbone=with_backbone)
+            else:
+                with torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp_dtype):
+                    outputs = self.model(images, with_backbone=with_backbone)
+            wanted = {n for item in batch for n in item.names}
+            arrays = {name: t.float().cpu().numpy() for name, t in outputs.targets().items() if name in wanted}
+        return [{name: arrays[name][i] for name in item.names} for i, item in enumerate(batch)]
+
+
+class ImageSizeMismatch(ViewError):
+    """The uploaded image's decoded size differs from the size recorded in its view."""
+
+
+__all__ = ["OnlineTeacher", "PreparedView", "ImageSizeMismatch", "decode_image_bytes", "group_of"]

@@ -1,0 +1,143 @@
+"""The online teacher endpoint: FastAPI app factory.
+
+Protocol (version 1):
+
+``POST /v1/targets`` (bearer token)
+    multipart/form-data with ``views`` = JSON list of `detcore.views.View.to_dict` dicts,
+    ``images`` = one encoded image file per view in the same order, optional
+    ``targets`` = comma-separated groups (``cls,box,fpn,backbone``) or names
+    (``cls/p3``); default ``cls,box,fpn``. Answer 200
+    ``application/vnd.distillery.targets``: a `label_store.wire` body (the store's
+    per-view encoding), header ``X-Teacher-Fingerprint`` = `fingerprint_digest`.
+``GET /v1/teacher`` (bearer token)
+    JSON ``{fingerprint, digest, targets: [TargetSpec dicts], default_targets, limits, ...}``.
+``GET /healthz`` (alive), ``GET /readyz`` (teacher loaded), ``GET /metrics`` (Prometheus).
+
+Errors are RFC 9457 problem documents (`teacher_service.api.problems`): 401 token,
+413 body or view count too large, 415 not multipart, 422 bad view / image / size /
+target name (naming the view index and image id), 503 + Retry-After when the bounded
+queue is full or the teacher is not loaded.
+
+Run with ``distill serve`` (uvicorn or Ray Serve), or
+``uvicorn teacher_service.app:app_from_env --factory`` with ``DISTILLERY_*`` variables.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from teacher_service.api import routes
+from teacher_service.api.batching import BatchFailedError
+from teacher_service.api.metrics import ServiceMetrics
+from teacher_service.api.middleware import LimitAndMeasureMiddleware
+from teacher_service.api.problems import PROBLEM_MEDIA_TYPE, RequestProblem, kind_for_status, problem_document
+from teacher_service.api.service import TargetService
+from teacher_service.api.settings import ServeSettings
+from teacher_service.api.teacher import OnlineTeacher
+
+logger = logging.getLogger(__name__)
+
+TeacherLoader = Callable[[ServeSettings], OnlineTeacher]
+
+
+def load_teacher(settings: ServeSettings) -> OnlineTeacher:
+    """Default loader: `OnlineTeacher.load` of ``settings.teacher`` with the settings' device,
+    precision, canvas and codecs."""
+    return OnlineTeacher.load(
+        settings.teacher,
+        device=settings.device,
+        precision=settings.precision,
+        canvas_hw=settings.canvas_hw,
+        codecs=settings.codecs or None,
+        torch_threads=settings.torch_threads,
+    )
+
+
+def _problem_response(request: Request, kind: str, detail: str, errors=None, headers=None) -> JSONResponse:
+    request.app.state.metrics.errors.labels(kind=kind).inc()
+    document = problem_document(kind, detail, errors=errors, instance=request.url.path)
+    return JSONResponse(document, status_code=document["status"], headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+async def _on_problem(request: Request, error: RequestProblem) -> JSONResponse:
+    return _problem_response(request, error.kind, error.detail, error.errors, error.headers)
+
+
+async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    return _problem_response(request, kind_for_status(error.status_code), str(error.detail), headers=error.headers)
+
+
+async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    errors = [{"field": ".".join(str(p) for p in e.get("loc", ())), "detail": e.get("msg", "")} for e in error.errors()]
+    return _problem_response(request, "invalid-request", "The request does not match the route's parameters.", errors)
+
+
+async def _on_batch_failed(request: Request, error: BatchFailedError) -> JSONResponse:
+    return _problem_response(request, "internal-error", str(error))
+
+
+async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
+    logger.exception("unexpected error on %s", request.url.path)
+    return _problem_response(request, "internal-error", f"Unexpected {type(error).__name__}; see the server log.")
+
+
+def create_app(settings: ServeSettings, *, teacher_loader: TeacherLoader = load_teacher) -> FastAPI:
+    """Build the app; nothing is loaded until the lifespan starts.
+
+    Args:
+        settings: validated settings (unsafe ones were refused on construction).
+        teacher_loader: ``settings -> OnlineTeacher``, run once in a thread at startup.
+            Tests pass a loader of a tiny teacher.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        import anyio
+
+        teacher = await anyio.to_thread.run_sync(teacher_loader, settings)
+        service = TargetService(teacher, settings, app.state.metrics)
+        service.start()
+        app.state.service = service
+        app.state.metrics.ready.set(1)
+        try:
+            yield
+        finally:
+            app.state.metrics.ready.set(0)
+            app.state.service = None
+            await service.close()
+
+    app = FastAPI(
+        title="distillery teacher",
+        summary="Dense teacher targets for explicit views, in the label store's encoding.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
+    app.state.service = None
+    app.include_router(routes.probes)
+    app.include_router(routes.v1)
+    app.add_exception_handler(RequestProblem, _on_problem)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(BatchFailedError, _on_batch_failed)
+    app.add_exception_handler(Exception, _on_unexpected)
+    app.add_middleware(
+        LimitAndMeasureMiddleware, max_request_bytes=settings.max_request_bytes, metrics=app.state.metrics
+    )
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """``uvicorn teacher_service.app:app_from_env --factory``: settings from ``DISTILLERY_*``."""
+    return create_app(ServeSettings())
+
+
+__all__ = ["create_app", "app_from_env", "load_teacher", "ServeSettings"]

@@ -1,0 +1,241 @@
+"""`distill precompute` (and, from `teacher_service.serve_cli`, `distill serve`).
+
+Heavy imports (torch, ray, zarr) happen inside the command functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+PRECOMPUTE_DESCRIPTION = """\
+Run a teacher once over every view of a COCO-format dataset on a Ray cluster and write
+its outputs (class logits, box-edge distributions, FPN and backbone features) into a
+compressed label store.
+
+Views: each image is rendered onto one fixed canvas per store at each --scales factor,
+plus a mirrored twin unless --no-flip. Re-running the same command resumes: committed
+views are skipped. A store made by another teacher, canvas or target set is refused.
+A corrupt or missing image does not stop the job: its views go to the store's failures
+table with the reason, and the exit code is 3.
+
+With no arguments, runs on the built-in default (synthetic dataset and default teacher,
+made by the project's own commands if missing).
+"""
+
+PRECOMPUTE_EPILOG = """\
+examples:
+  distill precompute --annotations data/synth/annotations/train.json --images data/synth/train \\
+      --teacher runs/teacher/final.pt --store stores/t.zarr
+  distill precompute ... --store s3://bucket/t.zarr --storage-option anon=false --codec fpn=int8-channel
+  distill precompute ... --address 10.0.0.1:6379 --num-actors 8      # join a running cluster
+
+exit codes: 0 all views stored, 2 bad input (missing file, teacher/store mismatch),
+            3 finished with some views failed (see the store's failures table), 1 other failure
+"""
+
+
+def _canvas(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        if len(parts) == 1:
+            h = w = int(parts[0])
+        elif len(parts) == 2:
+            h, w = int(parts[0]), int(parts[1])
+        else:
+            raise ValueError(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--canvas expects HxW (e.g. 256x256) or one side. Got {text!r}.") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"--canvas expects positive sides. Got {text!r}.")
+    return (h, w)
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--scales expects comma-separated numbers in (0, 1]. Got {text!r}.") from None
+    if not values or any(not (0 < v <= 1) for v in values):
+        raise argparse.ArgumentTypeError(f"--scales expects comma-separated numbers in (0, 1]. Got {text!r}.")
+    return values
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    from teacher_service.precompute import TARGET_GROUPS
+
+    groups = tuple(g.strip() for g in text.split(",") if g.strip())
+    unknown = [g for g in groups if g not in TARGET_GROUPS]
+    if not groups or unknown:
+        raise argparse.ArgumentTypeError(f"--targets expects a comma-separated subset of {','.join(TARGET_GROUPS)}. Got {text!r}.")
+    return groups
+
+
+def _key_value(option: str):
+    def parse(text: str) -> tuple[str, str]:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"{option} expects KEY=VALUE. Got {text!r}.")
+        return (key.strip(), value.strip())
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a positive integer. Got {text!r}.") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects a positive integer. Got {text!r}.")
+    return value
+
+
+def _storage_value(value: str):
+    """fsspec options come in as text; JSON literals (true, 3, null) become their values."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "precompute",
+        help="run a teacher over every view of a dataset on Ray and fill a label store",
+        description=PRECOMPUTE_DESCRIPTION,
+        epilog=PRECOMPUTE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data = parser.add_argument_group("inputs (all four, or none for the built-in default)")
+    data.add_argument("--annotations", metavar="FILE", help="COCO annotation JSON of the images to precompute")
+    data.add_argument("--images", metavar="DIR", help="folder that the annotations' file_name entries are relative to")
+    data.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (distill detector train writes one)")
+    data.add_argument("--store", metavar="PATH_OR_URL", help="label store path or fsspec URL; created, or resumed if it exists")
+    views = parser.add_argument_group("views and targets (fixed per store)")
+    views.add_argument("--canvas", type=_canvas, metavar="HxW", help="store canvas (default: the teacher checkpoint's canvas)")
+    views.add_argument("--scales", type=_scales, default=(1.0,), metavar="S[,S...]",
+                       help="view scales relative to fitting the canvas, each in (0, 1] (default: 1.0)")
+    views.add_argument("--no-flip", action="store_true", help="do not add a mirrored twin of every view")
+    views.add_argument("--targets", type=_targets, default=("cls", "box", "fpn"), metavar="GROUPS",
+                       help="target groups to store, from cls,box,fpn,backbone (default: cls,box,fpn)")
+    views.add_argument("--codec", type=_key_value("--codec"), action="append", default=[], metavar="NAME=CODEC",
+                       help="codec override for a group or target, e.g. fpn=int8-channel or cls/p3=fp16 (repeatable)")
+    job = parser.add_argument_group("execution")
+    job.add_argument("--batch-size", type=_positive_int, default=8, help="views per teacher forward pass (default: 8)")
+    job.add_argument("--num-actors", type=_positive_int, default=1,
+                     help="teacher actors; one GPU each where the cluster has GPUs (default: 1)")
+    job.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per teacher actor (default: 1)")
+    job.add_argument("--torch-threads", type=_positive_int, default=None,
+                     help="intra-op threads of each CPU teacher actor (default: --cpus-per-actor)")
+    job.add_argument("--views-per-part", type=_positive_int, default=32,
+                     help="views written and committed together by one write task (default: 32)")
+    job.add_argument("--device", default="auto", help="teacher device: auto, cpu, cuda (default: auto)")
+    job.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                     help="autocast on GPU: auto = bf16 where supported, else fp16; fp32 on CPU (default: auto)")
+    job.add_argument("--max-views", type=int, default=None, help="process at most this many remaining views (resume later)")
+    job.add_argument("--address", default=None,
+                     help="join this Ray cluster (host:port of `ray start --head`); default: start a local one")
+    job.add_argument("--num-cpus", type=_positive_int, default=None,
+                     help="CPUs of the local Ray cluster started without --address (default: all)")
+    job.add_argument("--storage-option", type=_key_value("--storage-option"), action="append", default=[],
+                     metavar="KEY=VALUE", help="fsspec option for a remote store, e.g. endpoint_url=... (repeatable)")
+    job.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON to FILE")
+    job.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_precompute_command, _parser=parser)
+    return parser
+
+
+def register(subparsers) -> None:
+    """Add `precompute` (and `serve`, when its module is present) to the `distill` parser."""
+    add_precompute_parser(subparsers)
+    try:
+        from teacher_service.serve_cli import register_serve
+    except ModuleNotFoundError as error:
+        if error.name != "teacher_service.serve_cli":
+            raise
+    else:
+        register_serve(subparsers)
+
+
+def _default_inputs(args: argparse.Namespace) -> tuple[str, str, str, str] | str:
+    """Fill the inputs from the built-in default; an error message if only some were given."""
+    given = {name: getattr(args, name) for name in ("annotations", "images", "teacher")}
+    if all(given.values()):
+        if not args.store:
+            return "distill precompute expects --store with --annotations, --images and --teacher. Got no --store."
+        return (args.annotations, args.images, args.teacher, args.store)
+    if any(given.values()):
+        missing = ", ".join(f"--{name}" for name, value in given.items() if not value)
+        return (
+            "distill precompute expects --annotations, --images and --teacher together (or none of them, for the "
+            f"built-in default). Missing: {missing}."
+        )
+    from detcore import defaults
+
+    train_annotations, train_images, _, _ = defaults.ensure_default_dataset()
+    teacher = defaults.ensure_default_teacher()
+    store = args.store
+    if not store:
+        store_path = getattr(defaults, "default_store_path", None)
+        store = str(store_path()) if callable(store_path) else str(defaults.default_home() / "stores" / "default.zarr")
+    return (str(train_annotations), str(train_images), str(teacher), store)
+
+
+def run_precompute_command(args: argparse.Namespace) -> int:
+    """`distill precompute`: returns 0, 2 or 3 (module docstring of `distillery.cli`)."""
+    from teacher_service.precompute import PrecomputeConfig, PrecomputeInputError, run_precompute
+
+    inputs = _default_inputs(args)
+    if isinstance(inputs, str):
+        print(f"error: {inputs}", file=sys.stderr)
+        return EXIT_USAGE
+    annotations, images, teacher, store = inputs
+    config = PrecomputeConfig(
+        annotations=annotations,
+        images_dir=images,
+        teacher=teacher,
+        store=store,
+        canvas_hw=args.canvas,
+        scales=tuple(args.scales),
+        flip=not args.no_flip,
+        target_groups=tuple(args.targets),
+        codecs=tuple(args.codec),
+        batch_size=args.batch_size,
+        num_actors=args.num_actors,
+        cpus_per_actor=args.cpus_per_actor,
+        torch_threads=args.torch_threads,
+        device=args.device,
+        precision=args.precision,
+        views_per_part=args.views_per_part,
+        storage_options=tuple((k, _storage_value(v)) for k, v in args.storage_option),
+        max_views=args.max_views,
+        ray_address=args.address,
+        num_cpus=args.num_cpus,
+        show_progress=not args.no_progress and os.environ.get("TQDM_DISABLE", "") in ("", "0"),
+    )
+    from detcore.checkpoint import CheckpointError
+    from label_store.errors import StoreMismatchError
+
+    try:
+        summary = run_precompute(config)
+    except (PrecomputeInputError, StoreMismatchError, CheckpointError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(summary.format())
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    if summary.views_failed:
+        print(
+            f"{summary.views_failed} view(s) failed; they are listed with their reasons in the failures table of "
+            f"{summary.store} (`distill store inspect {summary.store}`). Fix or remove the images and re-run "
+            f"the same command to retry them.",
+            file=sys.stderr,
+        )
+        return EXIT_PARTIAL
+    return EXIT_OK

@@ -1,0 +1,204 @@
+"""Ray pieces of the precompute job: the label-store Datasink and a progress counter.
+
+Imported only inside `teacher_service.precompute.run_precompute` (it imports Ray).
+
+Exactly-once writes. Each `Datasink.write` call (one Ray write task) writes its good rows
+into one part and commits it last; the store writes every *attempt* of a part into a
+directory of its own (``<part_id>.<attempt>``), and a part that was never committed is
+invisible to readers. The part id is derived from the views the task holds
+(`part_id_for`), not drawn at random, so that every retry of a task uses the same id:
+
+- an attempt killed before its commit leaves an unreferenced directory; the retry writes
+  a fresh one and commits it;
+- an attempt killed *after* its commit, before Ray saw it return, is retried: the retry
+  finds its part id committed (`Store.is_committed`, one existence check) and skips, or
+  loses the race at commit (`PartExistsError`) and discards its copy;
+- a stale task of an interrupted earlier run holding the same views does the same.
+
+Views never reach two write tasks of one run (each view is one row of the input), and a
+resumed run plans only uncommitted views, so no view is committed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import ray
+from ray.data import Datasink
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource.datasink import WriteResult
+
+from teacher_service.pipeline_stages import maybe_inject_fault
+
+# One opened store per worker process and store URL: opening reads the manifest.
+_STORES: dict[tuple[str, str], Any] = {}
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Views stored and failed so far, reported by write tasks and polled by the driver."""
+
+    def __init__(self) -> None:
+        self.stored = 0
+        self.failed = 0
+        self.parts = 0
+
+    def add(self, stored: int, failed: int, parts: int) -> None:
+        self.stored += int(stored)
+        self.failed += int(failed)
+        self.parts += int(parts)
+
+    def get(self) -> tuple[int, int, int]:
+        return (self.stored, self.failed, self.parts)
+
+
+def part_id_for(keys: Iterable[tuple[int, int]]) -> str:
+    """A part id determined by the set of ``(image_id, view_id)`` it holds (any order)."""
+    array = np.asarray(sorted(keys), dtype=np.int64).reshape(-1, 2)
+    digest = hashlib.blake2b(array.tobytes(), digest_size=12).hexdigest()
+    first = array[0] if len(array) else (0, 0)
+    return f"i{int(first[0])}-v{int(first[1])}-n{len(array)}-{digest}"
+
+
+def _tree_bytes(url: str, storage_options: Mapping[str, Any], path: str) -> int:
+    """Bytes under ``path`` (a part directory) on the store's filesystem; 0 if it cannot be listed."""
+    import fsspec
+
+    try:
+        fs, _ = fsspec.core.url_to_fs(url, **dict(storage_options))
+        return int(fs.du(path, total=True))
+    except Exception:  # the size is for the summary only
+        return 0
+
+
+def _row_failure(batch: Mapping[str, np.ndarray], i: int) -> dict[str, Any]:
+    return {"image_id": int(batch["image_id"][i]), "view_id": int(batch["view_id"][i]), "reason": str(batch["error"][i])}
+
+
+class LabelStoreDatasink(Datasink):
+    """Writes teacher outputs into a label store, one committed part per write task.
+
+    Args:
+        store_url: the store's path or fsspec URL (the store exists already).
+        fingerprint: the teacher fingerprint the store was created with (a dict).
+        target_specs: the store's `label_store.TargetSpec` list, in store order.
+        storage_options: fsspec options for remote stores.
+        views_per_part: rows Ray Data gathers for one write task, hence one part.
+        progress: a `ProgressCounter` handle, or None.
+        fault: testing hook, see `teacher_service.pipeline_stages.FAULT_ENV`.
+
+    After `Dataset.write_datasink` returns, ``result`` holds the aggregated
+    `WriteTotals` of all tasks (set by `on_write_complete` on the driver).
+    """
+
+    def __init__(
+        self,
+        store_url: str,
+        fingerprint: Mapping[str, Any],
+        target_specs: Iterable[Any],
+        storage_options: Mapping[str, Any] | None = None,
+        views_per_part: int | None = None,
+        progress: Any = None,
+        fault: tuple[str, str] | None = None,
+    ) -> None:
+        self.store_url = store_url
+        self.fingerprint = dict(fingerprint)
+        self.target_specs = tuple(target_specs)
+        self.target_names = tuple(spec.name for spec in self.target_specs)
+        self.storage_options = dict(storage_options or {})
+        self.views_per_part = views_per_part
+        self.progress = progress
+        self.fault = fault
+        self.result: dict[str, Any] | None = None
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self.views_per_part
+
+    def _store(self):
+        from label_store.writer import create_store
+
+        key = (self.store_url, repr(sorted(self.storage_options.items())))
+        if key not in _STORES:
+            # exist_ok: opens the store and checks it still has this fingerprint and targets.
+            _STORES[key] = create_store(
+                self.store_url,
+                self.fingerprint,
+                list(self.target_specs),
+                exist_ok=True,
+                storage_options=self.storage_options or None,
+            )
+        return _STORES[key]
+
+    def write(self, blocks: Iterable[Block], ctx) -> dict[str, Any]:
+        from label_store.errors import PartExistsError
+
+        start = time.perf_counter()
+        store = self._store()
+        batches = [BlockAccessor.for_block(block).to_batch_format("numpy") for block in blocks]
+        stage = {name: float(sum(np.sum(b[name]) for b in batches)) for name in ("decode_s", "forward_s", "encode_s")}
+        failures = [_row_failure(b, i) for b in batches for i in range(len(b["error"])) if b["error"][i] != ""]
+        good = [(b, i) for b in batches for i in range(len(b["error"])) if b["error"][i] == ""]
+        part_id = part_id_for([(int(b["image_id"][i]), int(b["view_id"][i])) for b, i in good]) if good else None
+        recovered = False
+        nbytes = 0
+        if part_id is not None and store.is_committed(part_id):
+            recovered = True  # an earlier attempt of this task committed, then died
+        elif part_id is not None:
+            part = store.open_part(part_id)
+            try:
+                for batch, i in good:
+                    record = {
+                        "image_id": int(batch["image_id"][i]),
+                        "view_id": int(batch["view_id"][i]),
+                        "view": str(batch["view"][i]),
+                        "content_hash": str(batch["content_hash"][i]),
+                        "valid_region": tuple(int(v) for v in batch["valid_region"][i]),
+                    }
+                    part.append(record, {name: np.asarray(batch[name][i], dtype=np.float32) for name in self.target_names})
+                maybe_inject_fault(self.fault, "write-before-commit")
+                part.commit()
+            except PartExistsError:
+                recovered = True  # a concurrent attempt committed first; commit() discarded ours
+            except BaseException:
+                part.abort()
+                raise
+            else:
+                nbytes = _tree_bytes(self.store_url, self.storage_options, part.part_path)
+                maybe_inject_fault(self.fault, "write-after-commit")
+        if self.progress is not None:
+            self.progress.add.remote(len(good), len(failures), int(part_id is not None))
+        return {
+            "part_id": part_id,
+            "recovered": recovered,
+            "stored": len(good),
+            "failures": failures,
+            "bytes": nbytes,
+            "write_s": time.perf_counter() - start,
+            **stage,
+        }
+
+    def on_write_complete(self, write_result: WriteResult) -> None:
+        totals: dict[str, Any] = {
+            "parts": 0,
+            "recovered_parts": 0,
+            "stored": 0,
+            "bytes": 0,
+            "write_s": 0.0,
+            "decode_s": 0.0,
+            "forward_s": 0.0,
+            "encode_s": 0.0,
+            "failures": [],
+        }
+        for ret in write_result.write_returns:
+            totals["parts"] += int(ret["part_id"] is not None)
+            totals["recovered_parts"] += int(ret["recovered"])
+            for name in ("stored", "bytes", "write_s", "decode_s", "forward_s", "encode_s"):
+                totals[name] += ret[name]
+            totals["failures"].extend(ret["failures"])
+        unique = {(f["image_id"], f["view_id"]): f for f in totals["failures"]}
+        totals["failures"] = [unique[key] for key in sorted(unique)]
+        self.result = totals

@@ -1,0 +1,263 @@
+"""Worker-side stages of the precompute job: decode + render, teacher inference, fault hooks.
+
+Legend: N views in a batch, canvas H x W, C channels of one target.
+
+Every stage works on Ray Data numpy batches (``dict[str, ndarray]``, one entry per
+column, N rows). The columns carried from stage to stage:
+
+    image_id      int64[N]
+    view_id       int64[N]
+    view          object[N]         `detcore.views.View.to_json` of the recipe
+    content_hash  object[N]         `detcore.views.content_hash` of the decoded pixels ("" on error)
+    valid_region  int64[N, 4]       (x1, y1, x2, y2) of the canvas covered by image pixels
+    error         object[N]         "" for a good view, else why it could not be produced
+    pixels        float32[N, 3, H, W]   rendered canvas (zeros on error); dropped by the teacher
+    <target>      float32[N, C, H_l, W_l] or float16, one column per store target
+                  (``cls/p3`` ...); zeros on error rows; added by the teacher
+    decode_s, forward_s, encode_s   float64[N]  each row's share of its batch's stage time
+
+A view that cannot be produced (missing, corrupt or resized image) becomes a row whose
+``error`` says why, never an exception: one bad image must not fail a block of good ones.
+Nothing here imports Ray, so the stages are testable as plain functions.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+PASSTHROUGH_COLUMNS = ("image_id", "view_id", "view", "content_hash", "valid_region", "error", "decode_s")
+"""Columns the teacher stage copies from its input to its output unchanged."""
+
+FAULT_ENV = "DISTILLERY_PRECOMPUTE_FAULT"
+"""Testing hook, read on the driver: ``<point>:<marker_dir>`` makes the first process that
+reaches ``<point>`` SIGKILL itself once (the marker file makes it once per job, across
+processes and retries). Points: ``decode``, ``teacher``, ``write-before-commit``,
+``write-after-commit``."""
+
+FAULT_POINTS = ("decode", "teacher", "write-before-commit", "write-after-commit")
+
+
+class FaultSpecError(ValueError):
+    """A malformed `FAULT_ENV` value."""
+
+
+def parse_fault(spec: str | None) -> tuple[str, str] | None:
+    """``"teacher:/tmp/x"`` -> ``("teacher", "/tmp/x")``; None or "" -> None."""
+    if not spec:
+        return None
+    point, sep, marker_dir = spec.partition(":")
+    if not sep or point not in FAULT_POINTS or not marker_dir:
+        raise FaultSpecError(
+            f"{FAULT_ENV} expects '<point>:<marker_dir>' with point in {list(FAULT_POINTS)}. Got {spec!r}."
+        )
+    return (point, marker_dir)
+
+
+def maybe_inject_fault(fault: tuple[str, str] | None, point: str) -> None:
+    """SIGKILL this process if ``fault`` targets ``point`` and no process has done so yet."""
+    if fault is None or fault[0] != point:
+        return
+    marker = Path(fault[1]) / f"killed-{point}"
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line naming the exception type and its message (the failures table's ``reason``)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def decode_and_render(batch: Mapping[str, np.ndarray], *, fault: tuple[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Decode each image once per batch and render its views onto the canvas.
+
+    Args:
+        batch: columns ``image_id``, ``view_id``, ``view`` (JSON) and ``path`` (image file).
+        fault: testing hook, see `FAULT_ENV`.
+
+    Returns:
+        The columns of the module docstring up to ``decode_s`` (``pixels`` included).
+    """
+    from detcore.images import load_image
+    from detcore.views import View, content_hash, render_array
+
+    maybe_inject_fault(fault, "decode")
+    start = time.perf_counter()
+    views = [View.from_json(str(text)) for text in batch["view"]]
+    paths = [str(p) for p in batch["path"]]
+    num_views = len(views)
+    canvas_h, canvas_w = (views[0].canvas_h, views[0].canvas_w) if views else (0, 0)
+    pixels = np.zeros((num_views, 3, canvas_h, canvas_w), dtype=np.float32)
+    hashes = np.full(num_views, "", dtype=object)
+    errors = np.full(num_views, "", dtype=object)
+    regions = np.zeros((num_views, 4), dtype=np.int64)
+    # The views of one image (flip twins, scales) are adjacent, so most decode once per batch.
+    decoded: dict[str, tuple[np.ndarray, str] | BaseException] = {}
+    for i, (view, path) in enumerate(zip(views, paths)):
+        regions[i] = view.valid_region
+        if path not in decoded:
+            try:
+                image = load_image(path, view.image_id)
+                decoded[path] = (image, content_hash(image))
+            except Exception as error:  # any decode failure is this image's, not the job's
+                decoded[path] = error
+        entry = decoded[path]
+        if isinstance(entry, BaseException):
+            errors[i] = describe_error(entry)
+            continue
+        try:
+            if (view.canvas_h, view.canvas_w) != (canvas_h, canvas_w):
+                raise ValueError(
+                    f"decode_and_render expects one canvas per store, {canvas_h}x{canvas_w}. "
+                    f"Got {view.canvas_h}x{view.canvas_w} (image_id={view.image_id} view_id={view.view_id})."
+                )
+            pixels[i] = render_array(entry[0], view)
+            hashes[i] = entry[1]
+        except Exception as error:  # e.g. the file's size changed since the views were planned
+            errors[i] = describe_error(error)
+    elapsed = time.perf_counter() - start
+    return {
+        "image_id": np.asarray([v.image_id for v in views], dtype=np.int64),
+        "view_id": np.asarray([v.view_id for v in views], dtype=np.int64),
+        "view": np.asarray([str(t) for t in batch["view"]], dtype=object),
+        "content_hash": hashes,
+        "valid_region": regions,
+        "error": errors,
+        "pixels": pixels,
+        "decode_s": np.full(num_views, elapsed / max(num_views, 1), dtype=np.float64),
+    }
+
+
+def select_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``; others unchanged."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def autocast_dtype(device: str, precision: str):
+    """The autocast dtype for a device and precision name, or None for float32.
+
+    ``auto`` is bfloat16 on a GPU that supports it (float16 on older ones) and float32 on
+    the CPU, where autocast is slower than float32 for these convolutions.
+    """
+    import torch
+
+    if precision == "fp32" or (precision == "auto" and not device.startswith("cuda")):
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class TeacherPredictor:
+    """Teacher inference as a Ray Data actor: loads the checkpoint once, then maps batches.
+
+    Args:
+        teacher_path: the detcore checkpoint.
+        target_shapes: ``{name: (C, H_l, W_l)}`` of every store target, in store order.
+        batch_size: images per forward pass.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; GPU only in practice).
+        torch_threads: intra-op threads on the CPU (None leaves torch's default).
+        transfer_dtypes: ``{name: "float16"}`` for targets whose codec stores float16
+            exactly, so they cross the object store at half the size; others go as float32.
+        fault: testing hook, see `FAULT_ENV`.
+    """
+
+    def __init__(
+        self,
+        teacher_path: str,
+        target_shapes: Mapping[str, Sequence[int]],
+        batch_size: int,
+        device: str = "auto",
+        precision: str = "auto",
+        torch_threads: int | None = None,
+        transfer_dtypes: Mapping[str, str] | None = None,
+        fault: tuple[str, str] | None = None,
+    ) -> None:
+        import torch
+
+        from detcore.checkpoint import load_detector
+
+        if torch_threads is not None:
+            torch.set_num_threads(int(torch_threads))
+        self.device = select_device(device)
+        self.amp_dtype = autocast_dtype(self.device, precision)
+        self.model, _ = load_detector(teacher_path, map_location=self.device)
+        self.model.eval()
+        self.target_shapes = {name: tuple(int(s) for s in shape) for name, shape in target_shapes.items()}
+        self.with_backbone = any(name.startswith("backbone/") for name in self.target_shapes)
+        self.batch_size = int(batch_size)
+        self.transfer_dtypes = {name: np.dtype((transfer_dtypes or {}).get(name, "float32")) for name in self.target_shapes}
+        self.fault = fault
+
+    def forward(self, pixels: np.ndarray) -> dict[str, Any]:
+        """Tensor[B, 3, H, W] float32 canvas batch -> ``{name: Tensor[B, C, H_l, W_l]}`` on the device."""
+        import torch
+
+        images = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            if self.amp_dtype is None:
+                outputs = self.model(images, with_backbone=self.with_backbone)
+            else:
+                with torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp_dtype):
+                    outputs = self.model(images, with_backbone=self.with_backbone)
+        produced = outputs.targets()
+        missing = [name for name in self.target_shapes if name not in produced]
+        if missing:
+            raise KeyError(f"TeacherPredictor expects the teacher to produce targets {missing}. Got {sorted(produced)}.")
+        return {name: produced[name] for name in self.target_shapes}
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        maybe_inject_fault(self.fault, "teacher")
+        num_views = len(batch["error"])
+        good = np.flatnonzero(np.asarray([e == "" for e in batch["error"]], dtype=bool))
+        out = {name: np.asarray(batch[name]) for name in PASSTHROUGH_COLUMNS}
+        targets = {
+            name: np.zeros((num_views, *shape), dtype=self.transfer_dtypes[name])
+            for name, shape in self.target_shapes.items()
+        }
+        forward_s = np.zeros(num_views, dtype=np.float64)
+        encode_s = np.zeros(num_views, dtype=np.float64)
+        pixels = batch["pixels"]
+        for first in range(0, len(good), self.batch_size):
+            index = good[first : first + self.batch_size]
+            start = time.perf_counter()
+            produced = self.forward(np.ascontiguousarray(pixels[index]))
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            forwarded = time.perf_counter()
+            for name, tensor in produced.items():
+                if tuple(tensor.shape[1:]) != self.target_shapes[name]:
+                    raise ValueError(
+                        f"TeacherPredictor expects target {name} of shape [B, {', '.join(map(str, self.target_shapes[name]))}]. "
+                        f"Got {list(tensor.shape)}; the checkpoint does not match the store's target specs."
+                    )
+                # Cast on the device: a float16 transfer halves device->host and object-store bytes.
+                dtype = torch.float16 if self.transfer_dtypes[name] == np.float16 else torch.float32
+                targets[name][index] = tensor.to(dtype).cpu().numpy()
+            encoded = time.perf_counter()
+            forward_s[index] = (forwarded - start) / len(index)
+            encode_s[index] = (encoded - forwarded) / len(index)
+        out.update(targets)
+        out["forward_s"] = forward_s
+        out["encode_s"] = encode_s
+        return out

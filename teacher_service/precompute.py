@@ -1,0 +1,586 @@
+"""The precompute job: run a teacher over every view of a dataset and fill a label store.
+
+Pipeline (Ray Data, streaming)::
+
+    plan views (annotation sizes)  ->  skip views already committed (resume)
+      -> ray.data.from_items
+      -> map_batches(decode_and_render)            CPU tasks; a bad image -> error rows
+      -> map_batches(TeacherPredictor)             actor pool, one actor per GPU or CPU actors
+      -> write_datasink(LabelStoreDatasink)        one committed part per write task
+      -> failures table (driver)                   every view that could not be produced
+
+The view recipe is planned from the annotation file's image sizes; rendering checks the
+decoded size against it, so an image changed since annotation fails its views instead of
+storing targets for other pixels.
+
+Stage seconds in `PrecomputeSummary` are worker-seconds summed over tasks (decode:
+decoding and rendering; forward: the teacher's forward pass; encode: device-to-host copy
+and dtype cast of the outputs; write: codec encoding, compression and the part commit),
+so they can add up to more than the wall time when stages overlap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+logger = logging.getLogger("teacher_service.precompute")
+
+TARGET_GROUPS = ("cls", "box", "fpn", "backbone")
+"""Target groups a store can hold (names ``cls/p3``, ``box/p3``, ``fpn/p3``, ``backbone/c3`` ...)."""
+
+DEVICES = ("auto", "cpu", "cuda")
+MAX_RETRIES = 3
+"""Retries of a task, and restarts of a teacher actor, after its process died (then the job fails)."""
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class PrecomputeInputError(ValueError):
+    """Bad input to the precompute job (missing file, bad config, classes that differ)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PrecomputeConfig:
+    """Everything one precompute run needs; built by the CLI or by a script."""
+
+    annotations: str
+    """COCO annotation JSON of the images to precompute."""
+    images_dir: str
+    """Folder that the annotation file's ``file_name`` entries are relative to."""
+    teacher: str
+    """Teacher checkpoint (`detcore.checkpoint`)."""
+    store: str
+    """Label store path or fsspec URL; created if missing, resumed if it exists."""
+    canvas_hw: tuple[int, int] | None = None
+    """Store canvas ``(H, W)``; None uses the canvas recorded in the teacher checkpoint."""
+    scales: tuple[float, ...] = (1.0,)
+    """View scales relative to the fit scale, each in (0, 1]."""
+    flip: bool = True
+    """Add a mirrored twin of every scale."""
+    target_groups: tuple[str, ...] = ("cls", "box", "fpn")
+    """Target groups to store, from `TARGET_GROUPS`."""
+    codecs: tuple[tuple[str, str], ...] = ()
+    """Codec overrides ``((group or target name, codec name), ...)``, e.g. ``(("fpn", "int8-channel"),)``."""
+    batch_size: int = 8
+    """Views per teacher forward pass."""
+    num_actors: int = 1
+    """Teacher actors (one per GPU on GPU nodes)."""
+    cpus_per_actor: float = 1.0
+    """CPUs Ray reserves for each teacher actor."""
+    cpus_per_task: float = 1.0
+    """CPUs Ray reserves for each decode and write task."""
+    torch_threads: int | None = None
+    """Intra-op threads of each CPU actor; None: ``max(1, int(cpus_per_actor))``."""
+    device: str = "auto"
+    """Teacher device: ``auto`` (a GPU where the actor's node has one), ``cpu`` or ``cuda``."""
+    precision: str = "auto"
+    """Autocast: ``auto`` (bf16 or fp16 on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``."""
+    views_per_part: int = 32
+    """Views a write task gathers into one part (the last part of a run may be smaller)."""
+    storage_options: tuple[tuple[str, str], ...] = ()
+    """fsspec options for a remote store, ``((key, value), ...)``."""
+    image_ids: tuple[int, ...] | None = None
+    """Only these images (None: all images of the annotation file)."""
+    max_views: int | None = None
+    """Process at most this many of the views not yet committed (a later run does the rest)."""
+    ray_address: str | None = None
+    """Ray cluster to join; None starts a local one (ignored when Ray is already initialised)."""
+    num_cpus: int | None = None
+    """CPUs of a local cluster started here; None: ``os.cpu_count()``."""
+    show_progress: bool = True
+    """Show a tqdm progress bar (views/s, ETA) on stderr."""
+
+    def validate(self) -> None:
+        """Raise `PrecomputeInputError` naming the first field that is not usable."""
+        for name in ("annotations", "teacher"):
+            path = Path(getattr(self, name))
+            if not path.is_file():
+                raise PrecomputeInputError(f"PrecomputeConfig({name}=) expects an existing file. Got {str(path)!r}.")
+        if not Path(self.images_dir).is_dir():
+            raise PrecomputeInputError(f"PrecomputeConfig(images_dir=) expects an existing folder. Got {self.images_dir!r}.")
+        if self.canvas_hw is not None and (len(self.canvas_hw) != 2 or min(self.canvas_hw) <= 0):
+            raise PrecomputeInputError(f"PrecomputeConfig(canvas_hw=) expects two positive ints (H, W). Got {self.canvas_hw}.")
+        if not self.scales or any(not (0 < s <= 1) for s in self.scales):
+            raise PrecomputeInputError(f"PrecomputeConfig(scales=) expects factors in (0, 1]. Got {list(self.scales)}.")
+        unknown = [g for g in self.target_groups if g not in TARGET_GROUPS]
+        if not self.target_groups or unknown:
+            raise PrecomputeInputError(
+                f"PrecomputeConfig(target_groups=) expects a non-empty subset of {list(TARGET_GROUPS)}. "
+                f"Got {list(self.target_groups)}."
+            )
+        for name in ("batch_size", "num_actors", "views_per_part"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise PrecomputeInputError(f"PrecomputeConfig({name}=) expects a positive int. Got {value!r}.")
+        for name in ("cpus_per_actor", "cpus_per_task"):
+            if not getattr(self, name) > 0:
+                raise PrecomputeInputError(f"PrecomputeConfig({name}=) expects a positive number. Got {getattr(self, name)!r}.")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise PrecomputeInputError(f"PrecomputeConfig(device=) expects one of {list(DEVICES)}. Got {self.device!r}.")
+        if self.precision not in PRECISIONS:
+            raise PrecomputeInputError(f"PrecomputeConfig(precision=) expects one of {list(PRECISIONS)}. Got {self.precision!r}.")
+        if self.max_views is not None and self.max_views < 0:
+            raise PrecomputeInputError(f"PrecomputeConfig(max_views=) expects None or >= 0. Got {self.max_views}.")
+
+
+@dataclass(frozen=True, slots=True)
+class PrecomputeSummary:
+    """What one precompute run did."""
+
+    store: str
+    """The store's path or URL."""
+    views_planned: int
+    """Views of the selected images (all scales and flips)."""
+    views_skipped: int
+    """Views already committed by an earlier run, not recomputed."""
+    views_stored: int
+    """Views committed by this run."""
+    views_failed: int
+    """Views that could not be produced; each is in the store's failures table with its reason."""
+    views_left: int
+    """Views neither committed nor failed (only when ``max_views`` cut the run short)."""
+    num_parts: int
+    """Parts committed by this run."""
+    bytes_written: int
+    """Bytes of the parts committed by this run (as the store reports them)."""
+    seconds: float
+    """Wall time of the run, Ray start-up included."""
+    ray_init_seconds: float
+    """Of which starting or joining the Ray cluster."""
+    decode_seconds: float
+    """Worker-seconds decoding and rendering."""
+    forward_seconds: float
+    """Worker-seconds in the teacher's forward pass."""
+    encode_seconds: float
+    """Worker-seconds moving outputs off the device and casting them."""
+    write_seconds: float
+    """Worker-seconds in write tasks (codec encoding, compression, commit)."""
+    failures: tuple[tuple[int, int, str], ...] = ()
+    """``(image_id, view_id, reason)`` of the views that failed in this run."""
+
+    @property
+    def views_per_second(self) -> float:
+        """Views committed per second of wall time (0 when nothing ran)."""
+        return self.views_stored / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["failures"] = [list(f) for f in self.failures]
+        out["views_per_second"] = self.views_per_second
+        return out
+
+    def format(self) -> str:
+        """The end-of-run table."""
+        rows = [
+            ("store", self.store),
+            ("views planned", f"{self.views_planned}"),
+            ("already committed (skipped)", f"{self.views_skipped}"),
+            ("stored", f"{self.views_stored} in {self.num_parts} part(s)"),
+            ("failed", f"{self.views_failed}"),
+        ]
+        if self.views_left:
+            rows.append(("left for a later run", f"{self.views_left}"))
+        rows += [
+            ("bytes written", _format_bytes(self.bytes_written)),
+            ("wall time", f"{self.seconds:.1f} s (Ray start {self.ray_init_seconds:.1f} s)"),
+            ("throughput", f"{self.views_per_second:.2f} views/s"),
+            ("decode + render", f"{self.decode_seconds:.1f} worker-s"),
+            ("teacher forward", f"{self.forward_seconds:.1f} worker-s"),
+            ("encode (to host)", f"{self.encode_seconds:.1f} worker-s"),
+            ("write (codecs + commit)", f"{self.write_seconds:.1f} worker-s"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"  {name:<{width}}  {value}" for name, value in rows]
+        if self.failures:
+            lines.append(f"  first failures (all {self.views_failed} are in the store's failures table):")
+            for image_id, view_id, reason in self.failures[:5]:
+                lines.append(f"    image_id={image_id} view_id={view_id}: {reason}")
+        return "\n".join(lines)
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLayout:
+    """What the teacher checkpoint and the config decide about the store."""
+
+    fingerprint: dict[str, Any]
+    """Teacher fingerprint as stored in the manifest (canvas set to the store's canvas)."""
+    target_specs: tuple[Any, ...]
+    """`label_store.TargetSpec` of every stored target, in store order."""
+    canvas_hw: tuple[int, int]
+    """The store's canvas ``(H, W)``."""
+    classes: tuple[str, ...]
+    """Teacher class names by label."""
+
+    @property
+    def target_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{name: (C, H_l, W_l)}``."""
+        return {spec.name: tuple(int(s) for s in spec.shape) for spec in self.target_specs}
+
+
+def split_codecs(codecs: Sequence[tuple[str, str]], target_groups: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Codec overrides -> ``(per group, per target name)``, checked against the stored groups."""
+    per_group: dict[str, str] = {}
+    per_target: dict[str, str] = {}
+    for name, codec in codecs:
+        group = name.split("/", 1)[0]
+        if group not in target_groups:
+            raise PrecomputeInputError(
+                f"PrecomputeConfig(codecs=) expects a group or target of the stored groups {list(target_groups)}. "
+                f"Got {name!r}={codec!r}."
+            )
+        (per_target if "/" in name else per_group)[name] = codec
+    return per_group, per_target
+
+
+def store_layout(config: PrecomputeConfig) -> StoreLayout:
+    """Fingerprint and target specs of the store that ``config`` fills (loads the teacher once)."""
+    import torch
+
+    from detcore.checkpoint import load_detector, teacher_fingerprint
+    from label_store.schema import default_target_specs
+
+    fingerprint = dict(teacher_fingerprint(config.teacher))
+    canvas_hw = tuple(int(v) for v in (config.canvas_hw or fingerprint["canvas_hw"]))
+    fingerprint["canvas_hw"] = list(canvas_hw)
+    model, _ = load_detector(config.teacher, map_location="cpu")
+    model.eval()
+    strides = tuple(int(s) for s in fingerprint["strides"])
+    # Channel counts do not depend on the canvas: probe with the smallest one every level sees,
+    # on one thread (a tiny forward; intra-op threads only cost time on a busy machine).
+    side = max(strides)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            probe = model(torch.zeros(1, 3, side, side), with_backbone=True)
+    finally:
+        torch.set_num_threads(threads)
+    backbone_channels = tuple(int(t.shape[1]) for t in probe.backbone_features) if probe.backbone_features else None
+    per_group, per_target = split_codecs(config.codecs, config.target_groups)
+    try:
+        specs = default_target_specs(
+            num_classes=len(fingerprint["classes"]),
+            reg_max=int(fingerprint["reg_max"]),
+            canvas_hw=canvas_hw,
+            strides=strides,
+            fpn_channels=int(probe.fpn_features[0].shape[1]),
+            backbone_channels=backbone_channels,
+            groups=tuple(config.target_groups),
+            codecs=per_group or None,
+        )
+        unknown = sorted(set(per_target) - {spec.name for spec in specs})
+        if unknown:
+            raise PrecomputeInputError(
+                f"PrecomputeConfig(codecs=) expects target names of this store {[s.name for s in specs]}. Got {unknown}."
+            )
+        specs = [dataclasses.replace(s, codec=per_target[s.name]) if s.name in per_target else s for s in specs]
+    except PrecomputeInputError:
+        raise
+    except ValueError as error:  # an unknown codec name: the message carries the grammar
+        raise PrecomputeInputError(str(error)) from error
+    return StoreLayout(fingerprint, tuple(specs), canvas_hw, tuple(fingerprint["classes"]))
+
+
+def plan_job(config: PrecomputeConfig, dataset, canvas_hw: tuple[int, int]) -> list:
+    """Every view of the selected images, in image-id order (`detcore.views.plan_views`)."""
+    from detcore.views import plan_views
+
+    image_ids = dataset.image_ids if config.image_ids is None else list(config.image_ids)
+    unknown = sorted(set(image_ids) - set(dataset.image_ids))
+    if unknown:
+        raise PrecomputeInputError(
+            f"PrecomputeConfig(image_ids=) expects ids from {config.annotations}. Got unknown ids {unknown[:10]}."
+        )
+    records = [dataset.record(i) for i in image_ids]
+    return plan_views(
+        [(r.image_id, r.height, r.width) for r in records],
+        canvas_hw=canvas_hw,
+        scales=tuple(config.scales),
+        flip=config.flip,
+    )
+
+
+def transfer_dtypes(target_specs: Sequence[Any], device: str) -> dict[str, str]:
+    """Targets that may cross the object store as float16 without changing the stored bytes.
+
+    Only on a GPU (where the cast is free) and only for targets whose codec stores
+    float16 values: a float16 -> float32 -> float16 round trip is exact.
+    """
+    if device == "cpu":
+        return {}
+    return {spec.name: "float16" for spec in target_specs if str(spec.codec).split("+", 1)[0] == "fp16"}
+
+
+class _ProgressPoller:
+    """Polls the `ProgressCounter` actor from a daemon thread and drives a tqdm bar."""
+
+    def __init__(self, counter, total: int, show: bool, on_progress: Callable[[int, int, int], None] | None) -> None:
+        from tqdm.auto import tqdm
+
+        self.counter = counter
+        self.total = total
+        self.on_progress = on_progress
+        self.bar = tqdm(total=total, unit="view", desc="precompute", disable=not show, dynamic_ncols=True)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="precompute-progress", daemon=True)
+        self.seen = 0
+
+    def _poll(self) -> None:
+        import ray
+
+        stored, failed, _ = ray.get(self.counter.get.remote(), timeout=10)
+        done = stored + failed
+        if done > self.seen:
+            self.bar.update(done - self.seen)
+            self.seen = done
+        self.bar.set_postfix(failed=failed, refresh=False)
+        if self.on_progress is not None:
+            self.on_progress(stored, failed, self.total)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            try:
+                self._poll()
+            except Exception as error:  # progress is cosmetic; never let it end the job
+                logger.debug("progress poll failed: %s", error)
+
+    def __enter__(self) -> "_ProgressPoller":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        if exc[0] is None:
+            try:
+                self._poll()
+            except Exception as error:
+                logger.debug("final progress poll failed: %s", error)
+        self.bar.close()
+
+
+def _init_ray(config: PrecomputeConfig) -> bool:
+    """Join or start a Ray cluster unless one is initialised; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    # Workers import detcore / label_store / teacher_service from the driver's source tree.
+    pythonpath = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
+    if config.ray_address:
+        ray.init(address=config.ray_address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=config.num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=False,
+        )
+    return True
+
+
+def run_precompute(
+    config: PrecomputeConfig,
+    *,
+    on_progress: Callable[[int, int, int], None] | None = None,
+) -> PrecomputeSummary:
+    """Fill (or resume filling) ``config.store`` with the teacher's targets for every view.
+
+    Args:
+        config: the job.
+        on_progress: called about twice a second from a background thread with
+            ``(views stored, views failed, views to do)`` of this run.
+
+    Raises:
+        PrecomputeInputError: a missing file, an unknown image id, teacher and dataset
+            classes that differ, a bad config value.
+        label_store.StoreMismatchError: the store exists and was made by another
+            teacher, canvas or target set (the message lists the differences).
+        KeyboardInterrupt: interrupted; committed parts stay, re-run to resume.
+    """
+    started = time.perf_counter()
+    config.validate()
+    from detcore.coco import AnnotationError, CocoDataset
+    from label_store.writer import create_store
+
+    try:
+        dataset = CocoDataset(config.annotations, config.images_dir)
+    except AnnotationError as error:
+        raise PrecomputeInputError(str(error)) from error
+    layout = store_layout(config)
+    if tuple(dataset.classes) != layout.classes:
+        raise PrecomputeInputError(
+            f"run_precompute expects the dataset's classes to be the teacher's {list(layout.classes)}. "
+            f"Got {list(dataset.classes)} in {config.annotations}."
+        )
+    storage_options = dict(config.storage_options) or None
+    store = create_store(
+        config.store, layout.fingerprint, list(layout.target_specs), exist_ok=True, storage_options=storage_options
+    )
+    views = plan_job(config, dataset, layout.canvas_hw)
+    committed = store.committed_keys()
+    todo = [v for v in views if v.key not in committed]
+    skipped = len(views) - len(todo)
+    if config.max_views is not None:
+        todo = todo[: config.max_views]
+    left = len(views) - skipped - len(todo)
+    logger.info("precompute: %d views planned, %d already committed, %d to do", len(views), skipped, len(todo))
+
+    totals: dict[str, Any] = {"parts": 0, "stored": 0, "bytes": 0, "failures": []}
+    for name in ("decode_s", "forward_s", "encode_s", "write_s"):
+        totals[name] = 0.0
+    ray_init_seconds = 0.0
+    if todo:
+        ray_started = time.perf_counter()
+        started_ray = _init_ray(config)
+        ray_init_seconds = time.perf_counter() - ray_started
+        try:
+            totals = _run_pipeline(config, dataset, layout, todo, on_progress)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+        if totals["failures"]:
+            store.record_failures(totals["failures"])
+    failures = tuple((f["image_id"], f["view_id"], f["reason"]) for f in totals["failures"])
+    return PrecomputeSummary(
+        store=config.store,
+        views_planned=len(views),
+        views_skipped=skipped,
+        views_stored=int(totals["stored"]),
+        views_failed=len(failures),
+        views_left=left + max(0, len(todo) - int(totals["stored"]) - len(failures)),
+        num_parts=int(totals["parts"]),
+        bytes_written=int(totals["bytes"]),
+        seconds=time.perf_counter() - started,
+        ray_init_seconds=ray_init_seconds,
+        decode_seconds=float(totals["decode_s"]),
+        forward_seconds=float(totals["forward_s"]),
+        encode_seconds=float(totals["encode_s"]),
+        write_seconds=float(totals["write_s"]),
+        failures=failures,
+    )
+
+
+def _run_pipeline(config: PrecomputeConfig, dataset, layout: StoreLayout, todo: list, on_progress) -> dict[str, Any]:
+    """Build and run the Ray Data pipeline over ``todo`` views; the aggregated write totals."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from teacher_service.pipeline_ray import LabelStoreDatasink, ProgressCounter
+    from teacher_service.pipeline_stages import FAULT_ENV, TeacherPredictor, decode_and_render, parse_fault
+
+    fault = parse_fault(os.environ.get(FAULT_ENV))
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+    items = [
+        {"image_id": v.image_id, "view_id": v.view_id, "view": v.to_json(), "path": str(dataset.image_path(v.image_id))}
+        for v in todo
+    ]
+    num_blocks = max(1, min(math.ceil(len(items) / config.batch_size), 4096))
+    cuda = _cluster_has_gpus() and config.device != "cpu"
+    device = config.device if config.device != "auto" else ("cuda" if cuda else "cpu")
+    torch_threads = config.torch_threads or max(1, int(config.cpus_per_actor))
+    actor_resources: dict[str, Any] = {"num_cpus": config.cpus_per_actor}
+    if device.startswith("cuda"):
+        actor_resources["num_gpus"] = 1
+    task_concurrency = _task_concurrency(config)
+
+    with warnings.catch_warnings():
+        # Bounded retries need max_retries / max_restarts / max_task_retries, which Ray 2.60
+        # takes only through the deprecated **ray_remote_args (its defaults retry forever).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        pipeline = (
+            ray.data.from_items(items, override_num_blocks=num_blocks)
+            .map_batches(
+                decode_and_render,
+                batch_size=config.batch_size,
+                batch_format="numpy",
+                fn_kwargs={"fault": fault},
+                num_cpus=config.cpus_per_task,
+                concurrency=task_concurrency,
+                max_retries=MAX_RETRIES,
+            )
+            .map_batches(
+                TeacherPredictor,
+                batch_size=config.batch_size,
+                batch_format="numpy",
+                compute=ActorPoolStrategy(size=config.num_actors),
+                fn_constructor_kwargs={
+                    "teacher_path": str(Path(config.teacher).resolve()),
+                    "target_shapes": layout.target_shapes,
+                    "batch_size": config.batch_size,
+                    "device": device,
+                    "precision": config.precision,
+                    "torch_threads": None if device.startswith("cuda") else torch_threads,
+                    "transfer_dtypes": transfer_dtypes(layout.target_specs, device),
+                    "fault": fault,
+                },
+                max_restarts=MAX_RETRIES,
+                max_task_retries=MAX_RETRIES,
+                **actor_resources,
+            )
+        )
+    counter = ProgressCounter.remote()
+    sink = LabelStoreDatasink(
+        config.store,
+        layout.fingerprint,
+        layout.target_specs,
+        storage_options=dict(config.storage_options) or None,
+        views_per_part=config.views_per_part,
+        progress=counter,
+        fault=fault,
+    )
+    try:
+        with _ProgressPoller(counter, len(todo), config.show_progress, on_progress):
+            pipeline.write_datasink(
+                sink,
+                ray_remote_args={"num_cpus": config.cpus_per_task, "max_retries": MAX_RETRIES},
+                concurrency=task_concurrency,
+            )
+    finally:
+        ray.kill(counter)
+    if sink.result is None:
+        raise RuntimeError("LabelStoreDatasink expects on_write_complete to run after a successful write. It did not.")
+    return sink.result
+
+
+def _task_concurrency(config: PrecomputeConfig) -> int:
+    """Decode (and write) tasks in flight at once: the CPUs the teacher actors leave free.
+
+    Without a cap, decode tasks can take every CPU of a small cluster before the teacher
+    actors are placed, and the actors' start-up (seconds: torch import, checkpoint load)
+    no longer overlaps with decoding.
+    """
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    free = cpus - config.num_actors * config.cpus_per_actor
+    return max(1, int(free // config.cpus_per_task))
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1

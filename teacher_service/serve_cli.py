@@ -1,0 +1,191 @@
+"""``distill serve``: run the online teacher endpoint (uvicorn, or Ray Serve with ``--ray``).
+
+`register_serve(subparsers)` adds the subcommand; `teacher_service.cli.register` calls it.
+Heavy imports (torch, ray, uvicorn) happen inside `run_serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """\
+Serve a teacher's dense targets over HTTP for views that were not precomputed.
+
+POST /v1/targets takes multipart/form-data (views = JSON list of view dicts, images = one
+file per view, optional targets = cls,box,fpn,backbone or names like cls/p3) and answers
+the label store's per-view encoding (application/vnd.distillery.targets) with the teacher
+fingerprint digest in X-Teacher-Fingerprint. GET /v1/teacher, /healthz, /readyz, /metrics.
+
+Every option can also come from the environment (DISTILLERY_TEACHER, DISTILLERY_HOST,
+DISTILLERY_PORT, DISTILLERY_TOKEN, DISTILLERY_AUTH_DISABLED, DISTILLERY_MAX_BATCH,
+DISTILLERY_MAX_WAIT_MS, DISTILLERY_MAX_QUEUE, DISTILLERY_MAX_REQUEST_BYTES,
+DISTILLERY_DEVICE); command-line options win. A token is required unless --no-auth is
+given with a loopback --host.
+"""
+
+EPILOG = """\
+examples:
+  DISTILLERY_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))') \\
+      distill serve --teacher runs/teacher/final.pt --host 0.0.0.0
+  distill serve --teacher runs/teacher/final.pt --no-auth            # loopback only
+  distill serve --teacher runs/teacher/final.pt --ray --address ray-head:6379 --replicas 2
+"""
+
+
+def register_serve(subparsers) -> None:
+    """Add ``serve`` to an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve teacher targets over HTTP (FastAPI on uvicorn, or Ray Serve with --ray)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (env DISTILLERY_TEACHER)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1; non-loopback needs a token)")
+    parser.add_argument("--port", type=int, help="TCP port (default 8000)")
+    parser.add_argument(
+        "--token",
+        help="bearer token clients must send; prefer env DISTILLERY_TOKEN (a command line is visible in ps)",
+    )
+    parser.add_argument(
+        "--no-auth", action="store_true", help="serve without a token (refused unless --host is loopback)"
+    )
+    parser.add_argument("--max-batch", type=int, help="most views per teacher forward pass (default 8)")
+    parser.add_argument("--max-wait-ms", type=float, help="longest wait to fill a batch, in ms (default 5)")
+    parser.add_argument(
+        "--max-queue", type=int, help="most views waiting for a forward pass; beyond it 503 (default 64)"
+    )
+    parser.add_argument("--max-request-bytes", type=int, help="largest request body; beyond it 413 (default 64 MiB)")
+    parser.add_argument("--device", help="torch device: auto (default), cpu, cuda, cuda:1 ...")
+    parser.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16", "fp16"), help="autocast as in precompute (default auto)"
+    )
+    parser.add_argument("--canvas", type=_canvas, help="canvas HxW views must use (default: the checkpoint's)")
+    parser.add_argument(
+        "--codec",
+        action="append",
+        type=_codec_override,
+        metavar="GROUP=CODEC",
+        help="codec override by target group, as given to the store (repeatable), e.g. fpn=int8-channel",
+    )
+    parser.add_argument("--torch-threads", type=int, help="intra-op threads of the forward pass on the CPU")
+    parser.add_argument("--ray", action="store_true", help="deploy as a Ray Serve application (FastAPI ingress)")
+    parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray; default 1)")
+    parser.add_argument(
+        "--address", help="Ray cluster to join, e.g. ray-head:6379 (with --ray; default: start a local one)"
+    )
+    parser.set_defaults(func=run_serve, _parser=parser)
+
+
+_SETTING_ARGS = {
+    "teacher": "teacher",
+    "host": "host",
+    "port": "port",
+    "token": "token",
+    "max_batch": "max_batch",
+    "max_wait_ms": "max_wait_ms",
+    "max_queue": "max_queue",
+    "max_request_bytes": "max_request_bytes",
+    "device": "device",
+    "precision": "precision",
+    "canvas": "canvas_hw",
+    "torch_threads": "torch_threads",
+}
+
+
+def _canvas(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"--canvas expects HxW (e.g. 256x256). Got {text!r}.") from None
+    if len(parts) > 2 or h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"--canvas expects HxW with positive sides. Got {text!r}.")
+    return (h, w)
+
+
+def _codec_override(text: str) -> tuple[str, str]:
+    name, sep, codec = text.partition("=")
+    if not sep or not name.strip() or not codec.strip():
+        raise argparse.ArgumentTypeError(f"--codec expects GROUP=CODEC (e.g. fpn=int8-channel). Got {text!r}.")
+    return (name.strip(), codec.strip())
+
+
+def settings_from_args(args: argparse.Namespace):
+    """`ServeSettings` from the environment, overridden by the options given on the command line."""
+    from teacher_service.api.settings import ServeSettings
+
+    overrides = {field: getattr(args, name) for name, field in _SETTING_ARGS.items() if getattr(args, name, None) is not None}
+    if getattr(args, "codec", None):
+        overrides["codecs"] = dict(args.codec)
+    if getattr(args, "no_auth", False):
+        overrides["auth_disabled"] = True
+    if getattr(args, "verbose", False):
+        overrides["log_level"] = "debug"
+    return ServeSettings(**overrides)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    log = logging.getLogger("distill.serve")
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as error:
+        for item in error.errors():
+            where = ".".join(str(p) for p in item.get("loc", ())) or "settings"
+            message = str(item.get("msg", "")).removeprefix("Value error, ")
+            if item.get("type") == "missing":
+                message = f"required; pass --{where.replace('_', '-')} or set DISTILLERY_{where.upper()}"
+            print(f"distill serve: {where}: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    if not settings.teacher.is_file():
+        print(f"distill serve: --teacher expects a checkpoint file. Got {str(settings.teacher)!r} (not found).", file=sys.stderr)
+        return EXIT_USAGE
+    if args.replicas < 1:
+        print(f"distill serve: --replicas expects >= 1. Got {args.replicas}.", file=sys.stderr)
+        return EXIT_USAGE
+    if args.ray:
+        from teacher_service.serve_deployment import deploy
+
+        return deploy(settings, num_replicas=args.replicas, address=args.address)
+    if args.address or args.replicas != 1:
+        print("distill serve: --address and --replicas need --ray.", file=sys.stderr)
+        return EXIT_USAGE
+    import uvicorn
+
+    from teacher_service.app import create_app
+
+    log.info("serving %s on http://%s:%d (auth %s)", settings.teacher, settings.host, settings.port,
+             "disabled" if settings.auth_disabled else "required")
+    try:
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=10,
+        )
+    except SystemExit as stop:  # uvicorn exits with 3 when the lifespan (teacher load) fails
+        if stop.code not in (0, None):
+            print(f"distill serve: startup failed (uvicorn exit {stop.code}); see the log above.", file=sys.stderr)
+            return EXIT_FAILURE
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m teacher_service.serve_cli ...``: the ``serve`` subcommand alone."""
+    parser = argparse.ArgumentParser(prog="distill")
+    register_serve(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

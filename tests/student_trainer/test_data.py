@@ -1,0 +1,142 @@
+"""The training dataset: stored views rendered as recorded, one view per image per epoch, targets in workers."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _views(num_images=5, per_image=2):
+    from detcore.views import View
+
+    return [View(i, v, 64, 64, 50, 60, 1.0, bool(v % 2)) for i in range(1, num_images + 1) for v in range(per_image)]
+
+
+def test_sampler_takes_one_view_per_image_each_epoch_reproducibly():
+    from student_trainer.data import ShardedViewSampler
+
+    views = _views()
+    sampler = ShardedViewSampler(views, seed=3)
+    orders = []
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(views[i].image_id for i in order) == [1, 2, 3, 4, 5]
+        orders.append(order)
+    again = ShardedViewSampler(views, seed=3)
+    again.set_epoch(4)
+    assert list(again) == orders[4]
+    chosen = {views[i].view_id for order in orders for i in order}
+    assert chosen == {0, 1}  # both views of the images get sampled over the epochs
+    assert len({tuple(o) for o in orders}) > 1
+
+
+def test_sampler_shards_evenly_and_resumes_mid_epoch():
+    from student_trainer.data import ShardedViewSampler
+
+    views = _views(num_images=5)
+    shards = [ShardedViewSampler(views, seed=1, num_replicas=2, rank=r) for r in range(2)]
+    for shard in shards:
+        shard.set_epoch(2)
+    a, b = list(shards[0]), list(shards[1])
+    assert len(a) == len(b) == 3  # 5 images padded to 6
+    assert {views[i].image_id for i in a + b} == {1, 2, 3, 4, 5}
+    full = ShardedViewSampler(views, seed=1)
+    full.set_epoch(2)
+    whole = list(full)
+    assert a == (whole + whole[:1])[0::2] and b == (whole + whole[:1])[1::2]  # interleaved shares of one order
+    shards[0].set_epoch(2, start=2)
+    assert list(shards[0]) == a[2:] and len(shards[0]) == 1
+    with pytest.raises(ValueError, match="rank"):
+        ShardedViewSampler(views, num_replicas=2, rank=2)
+
+
+def test_dataset_renders_the_stored_recipe_and_reads_its_targets(world):
+    from detcore.coco import CocoDataset
+    from detcore.views import image_to_view_boxes, render
+    from label_store import open_store
+    from student_trainer.data import StoreViewDataset, collate_train
+    from student_trainer.sources import StoreSource
+
+    source = StoreSource(str(world.store), ["cls/p3", "fpn/p4"])
+    stored = source.stored_views()
+    assert len(stored) == 8 and {v.flip for v, _ in stored} == {False, True}
+    views = [v for v, _ in stored]
+    coco = CocoDataset(world.annotations, world.images)
+    dataset = StoreViewDataset(coco, views, expected_hashes=dict((v.key, h) for v, h in stored),
+                               target_reader=pickle.loads(pickle.dumps(source.worker_reader())))
+    index = next(i for i, v in enumerate(views) if v.key == (2, 1))
+    item = dataset[index]
+    pixels = coco.load(2)
+    expected = render(pixels, views[index], coco.targets(2).gt_boxes)
+    assert torch.equal(item["image"], expected.image)
+    np.testing.assert_allclose(item["gt_boxes"].numpy(), image_to_view_boxes(coco.targets(2).gt_boxes, views[index]))
+    reader = open_store(str(world.store))
+    record = reader.record(2, 1)
+    assert tuple(item["valid_region"]) == tuple(record["valid_region"])
+    assert item["content_hash"] == record["content_hash"]
+    for name in ("cls/p3", "fpn/p4"):
+        np.testing.assert_array_equal(item["targets"][name], reader.read(2, 1)[name])
+
+    batch = collate_train([dataset[0], dataset[index]])
+    assert batch["targets"]["cls/p3"].shape == (2, 2, 8, 8) and batch["missing"] == []
+
+
+def test_items_without_targets_are_listed_for_the_source():
+    from detcore.datasets import DecodeFailure
+    from student_trainer.data import collate_train
+
+    item = {"image": torch.zeros(3, 8, 8), "gt_boxes": torch.zeros(0, 4), "gt_labels": torch.zeros(0, dtype=torch.long),
+            "ignore_boxes": torch.zeros(0, 4), "view": None, "image_id": 1, "valid_region": (0, 0, 8, 8),
+            "content_hash": "h", "image_path": "p"}
+    with_targets = {**item, "targets": {"cls/p3": np.ones((2, 1, 1), np.float32)}}
+    without = {**item, "targets": None}
+    failure = DecodeFailure(9, 0, "x.png", "image 9 changed on disk since precompute (hash a != b)")
+    batch = collate_train([with_targets, failure, without])
+    assert batch["targets"] is None and batch["missing"] == [1]
+    assert batch["partial_targets"][0]["cls/p3"].shape == (2, 1, 1)
+    assert [f.image_id for f in batch["failures"]] == [9]
+
+
+def test_failure_log_separates_changed_and_undecodable_images():
+    from detcore.datasets import DecodeFailure
+    from student_trainer.data import FailureLog
+
+    log = FailureLog.empty()
+    new = log.add([DecodeFailure(3, 0, "a.png", "image 3 changed on disk since precompute (hash 1 != 2)"),
+                   DecodeFailure(5, 1, "b.png", "zero-byte file")])
+    assert len(new) == 2 and log.count == 2
+    assert log.add([DecodeFailure(3, 1, "a.png", "image 3 changed on disk since precompute (hash 1 != 2)")]) == []
+    assert "image 3" in log.summary() and "image 5" in log.summary()
+    assert list(log.to_dict()["changed"]) == ["3"] and list(log.to_dict()["undecodable"]) == ["5"]
+
+
+def test_fit_check_lists_every_difference(world):
+    from label_store import open_store
+    from student_trainer.data import StoreFitError, check_store_fits
+
+    reader = open_store(str(world.store))
+    check_store_fits(reader.fingerprint, reader.targets, store="s", classes=("square", "disc"), strides=(8, 16, 32, 64, 128),
+                     reg_max=16, canvas_hw=(64, 64), needed=["cls/p3", "backbone/c5"])
+    with pytest.raises(StoreFitError) as info:
+        check_store_fits(reader.fingerprint, reader.targets, store="s", classes=("a", "b", "c"), strides=(8, 16, 32),
+                         reg_max=7, canvas_hw=(128, 128), needed=["fpn/p9"])
+    message = str(info.value)
+    for part in ("classes: store has 2", "strides: store has (8, 16, 32, 64, 128), the student has (8, 16, 32)",
+                 "reg_max: store has 16, the student has 7", "canvas: store has (64, 64)", "['fpn/p9']"):
+        assert part in message
+    assert message.count("\n  - ") == 5
+
+
+def test_photometric_jitter_keeps_padding_and_changes_pixels():
+    from student_trainer.data import photometric_jitter
+
+    torch.manual_seed(0)
+    image = torch.zeros(3, 16, 16)
+    image[:, :8, :10] = 0.5
+    out = photometric_jitter(image, (0, 0, 10, 8))
+    assert torch.equal(out[:, 8:, :], image[:, 8:, :]) and torch.equal(out[:, :, 10:], image[:, :, 10:])
+    assert not torch.allclose(out[:, :8, :10], image[:, :8, :10])

@@ -1,0 +1,477 @@
+"""The Ray precompute job, on a tiny dataset (8 images of 30-64 px, canvas 64) and a random gfl_tiny teacher.
+
+First the stages as plain functions (no Ray), then the whole job on one local Ray cluster
+shared by the module (2 CPUs): targets against a direct forward, resume, a killed worker
+at three points, corrupt and missing images, CLI exit codes, and last a two-node
+`ray.cluster_utils.Cluster`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detcore.checkpoint import save_checkpoint
+from detcore.coco import CocoDataset
+from detcore.models.gfl import build_detector
+from detcore.views import View, plan_views, render_array
+from teacher_service.pipeline_stages import (
+    FAULT_ENV,
+    FaultSpecError,
+    TeacherPredictor,
+    decode_and_render,
+    parse_fault,
+)
+from teacher_service.precompute import PrecomputeConfig, PrecomputeInputError, run_precompute
+
+CANVAS = (64, 64)
+CLASSES = ("disc", "square")
+IMAGE_SIZES = [(48, 64), (64, 48), (40, 40), (64, 64), (50, 70), (30, 60), (64, 32), (56, 56)]
+FP32_CODECS = (("cls", "fp32"), ("box", "fp32"), ("fpn", "fp32"), ("backbone", "fp32"))
+
+
+def _write_dataset(root: Path, sizes=IMAGE_SIZES) -> tuple[Path, Path]:
+    from PIL import Image
+
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for index, (h, w) in enumerate(sizes):
+        image_id = 10 + index
+        pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        name = f"{image_id:04d}.png"
+        Image.fromarray(pixels).save(images_dir / name)
+        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+        annotations.append(
+            {"id": index + 1, "image_id": image_id, "category_id": 1 + 2 * (index % 2),
+             "bbox": [2.0, 3.0, w / 2, h / 3], "area": w * h / 6, "iscrowd": 0}
+        )
+    categories = [{"id": 1, "name": CLASSES[0]}, {"id": 3, "name": CLASSES[1]}]
+    annotations_path = root / "annotations.json"
+    annotations_path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return annotations_path, images_dir
+
+
+def _write_teacher(path: Path, seed: int = 0, canvas_hw=CANVAS) -> Path:
+    torch.manual_seed(seed)
+    model = build_detector("gfl_tiny", num_classes=len(CLASSES))
+    return save_checkpoint(path, model, classes=CLASSES, canvas_hw=canvas_hw)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("precompute-data")
+    annotations, images = _write_dataset(root)
+    teacher = _write_teacher(root / "teacher.pt")
+    return {"root": root, "annotations": annotations, "images": images, "teacher": teacher}
+
+
+@pytest.fixture(scope="module")
+def teacher_model(data):
+    from detcore.checkpoint import load_detector
+
+    model, _ = load_detector(data["teacher"], map_location="cpu")
+    return model.eval()
+
+
+def _config(data, store, **overrides) -> PrecomputeConfig:
+    values = dict(
+        annotations=str(data["annotations"]), images_dir=str(data["images"]), teacher=str(data["teacher"]),
+        store=str(store), batch_size=3, views_per_part=4, cpus_per_actor=0.5, cpus_per_task=0.5,
+        torch_threads=1, show_progress=False,
+    )
+    values.update(overrides)
+    return PrecomputeConfig(**values)
+
+
+def _direct_targets(model, pixels_chw: np.ndarray, with_backbone: bool) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        out = model(torch.from_numpy(pixels_chw)[None], with_backbone=with_backbone)
+    return {name: t[0].numpy() for name, t in out.targets().items()}
+
+
+# ---- stages as plain functions -------------------------------------------------------------
+
+
+def _decode_batch(dataset: CocoDataset, views: list[View]) -> dict[str, np.ndarray]:
+    return {
+        "image_id": np.asarray([v.image_id for v in views]),
+        "view_id": np.asarray([v.view_id for v in views]),
+        "view": np.asarray([v.to_json() for v in views], dtype=object),
+        "path": np.asarray([str(dataset.image_path(v.image_id)) for v in views], dtype=object),
+    }
+
+
+def test_decode_and_render_turns_bad_images_into_error_rows(data, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(data["images"], images)
+    dataset = CocoDataset(data["annotations"], images)
+    ids = dataset.image_ids[:4]
+    (images / dataset.record(ids[1]).file_name).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (images / dataset.record(ids[2]).file_name).unlink()
+    from PIL import Image
+
+    h, w = dataset.record(ids[3]).height, dataset.record(ids[3]).width
+    Image.fromarray(np.zeros((h + 2, w, 3), np.uint8)).save(images / dataset.record(ids[3]).file_name)
+    views = plan_views([(i, dataset.record(i).height, dataset.record(i).width) for i in ids], canvas_hw=CANVAS)
+
+    out = decode_and_render(_decode_batch(dataset, views))
+
+    assert len(out["error"]) == len(views) == 8
+    good = [k for k, v in enumerate(views) if v.image_id == ids[0]]
+    for k, view in enumerate(views):
+        if k in good:
+            assert out["error"][k] == ""
+            expected = render_array(dataset.load(view.image_id), view)
+            np.testing.assert_array_equal(out["pixels"][k], expected)
+            assert tuple(out["valid_region"][k]) == view.valid_region
+            assert len(out["content_hash"][k]) == 32
+        else:
+            assert out["error"][k] != ""
+            assert float(np.abs(out["pixels"][k]).max()) == 0.0
+    reasons = {int(out["image_id"][k]): out["error"][k] for k in range(len(views))}
+    assert "ImageDecodeError" in reasons[ids[1]]
+    assert "file not found" in reasons[ids[2]]
+    assert "ViewError" in reasons[ids[3]] and f"{h}x{w}" in reasons[ids[3]]
+    assert out["decode_s"].shape == (8,) and float(out["decode_s"].min()) >= 0.0
+
+
+def test_teacher_predictor_matches_direct_forward_and_skips_error_rows(data, teacher_model):
+    dataset = CocoDataset(data["annotations"], data["images"])
+    ids = dataset.image_ids[:3]
+    views = plan_views([(i, dataset.record(i).height, dataset.record(i).width) for i in ids], canvas_hw=CANVAS)
+    batch = decode_and_render(_decode_batch(dataset, views))
+    batch["error"][2] = "ImageDecodeError: injected"
+    shapes = {name: tuple(t.shape[1:]) for name, t in teacher_model(torch.zeros(1, 3, *CANVAS), with_backbone=True).targets().items()}
+    predictor = TeacherPredictor(
+        str(data["teacher"]), shapes, batch_size=2, device="cpu", torch_threads=1,
+        transfer_dtypes={"fpn/p3": "float16"},
+    )
+
+    out = predictor(batch)
+
+    assert set(shapes) <= set(out) and "pixels" not in out
+    for k, view in enumerate(views):
+        if k == 2:
+            assert all(float(np.abs(out[name][k]).max()) == 0.0 for name in shapes)
+            assert out["forward_s"][k] == 0.0
+            continue
+        expected = _direct_targets(teacher_model, batch["pixels"][k], with_backbone=True)
+        for name in shapes:
+            if name == "fpn/p3":
+                assert out[name].dtype == np.float16
+                np.testing.assert_allclose(out[name][k].astype(np.float32), expected[name], rtol=2e-3, atol=1e-4)
+            else:
+                np.testing.assert_allclose(out[name][k], expected[name], rtol=1e-4, atol=1e-5)
+        assert out["forward_s"][k] > 0.0
+
+
+def test_parse_fault():
+    assert parse_fault(None) is None and parse_fault("") is None
+    assert parse_fault("teacher:/tmp/x") == ("teacher", "/tmp/x")
+    with pytest.raises(FaultSpecError, match="point"):
+        parse_fault("nowhere:/tmp/x")
+    with pytest.raises(FaultSpecError):
+        parse_fault("teacher")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"annotations": "/nonexistent.json"}, "annotations="),
+        ({"images_dir": "/nonexistent-dir"}, "images_dir="),
+        ({"scales": (1.5,)}, "scales="),
+        ({"target_groups": ("cls", "logits")}, "target_groups="),
+        ({"batch_size": 0}, "batch_size="),
+        ({"precision": "fp8"}, "precision="),
+        ({"canvas_hw": (64, 0)}, "canvas_hw="),
+    ],
+)
+def test_config_validation(data, tmp_path, overrides, match):
+    with pytest.raises(PrecomputeInputError, match=match):
+        _config(data, tmp_path / "s.zarr", **overrides).validate()
+
+
+def _cli(argv: list[str]) -> int:
+    from teacher_service.cli import register
+
+    parser = argparse.ArgumentParser(prog="distill")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_bad_input_exits_2_before_starting_ray(data, tmp_path, capsys):
+    import ray
+
+    common = ["--images", str(data["images"]), "--teacher", str(data["teacher"]), "--store", str(tmp_path / "s.zarr")]
+    assert _cli(["precompute", "--annotations", str(tmp_path / "missing.json"), *common]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert _cli(["precompute", "--annotations", str(data["annotations"]), "--images", str(data["images"])]) == 2
+    assert "Missing: --teacher" in capsys.readouterr().err
+    assert _cli(["precompute", "--annotations", str(data["annotations"]), *common, "--codec", "fpn=int9-view"]) == 2
+    assert "int9-view" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+# ---- the whole job on Ray ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ray")
+
+
+@pytest.fixture()
+def local_ray(ray_cluster_dir):
+    """One local 2-CPU Ray instance for the module (restarted if a test shut it down)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
+    yield ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shutdown_ray_after_module():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _store_contents(url: str) -> dict[tuple[int, int], tuple[dict, dict[str, np.ndarray]]]:
+    from label_store.reader import open_store
+
+    reader = open_store(url)
+    out = {}
+    for key in sorted(reader.keys()):
+        record = reader.record(*key)
+        out[key] = (record, reader.read(*key))
+    return out
+
+
+def _committed_rows(url: str) -> list[tuple[int, int]]:
+    """Every committed manifest row's key, duplicates included (readers hide them), to check exactly-once."""
+    from label_store._fs import Location
+    from label_store._manifest import load_parts
+
+    rows = []
+    for entry in load_parts(Location(url)):
+        rows += zip(entry.table.column("image_id").to_pylist(), entry.table.column("view_id").to_pylist())
+    return rows
+
+
+def _failures(url: str) -> list[dict]:
+    from label_store.reader import open_store
+    from label_store.writer import create_store
+
+    reader = open_store(url)
+    return create_store(url, reader.fingerprint, reader.targets).failures()
+
+
+@pytest.fixture(scope="module")
+def fp32_store(data, ray_cluster_dir, tmp_path_factory):
+    """One complete fp32 store of all views (with backbone targets), the reference for several tests."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
+    store = tmp_path_factory.mktemp("stores") / "fp32.zarr"
+    summary = run_precompute(_config(data, store, codecs=FP32_CODECS, target_groups=("cls", "box", "fpn", "backbone")))
+    return store, summary
+
+
+def test_fp32_store_equals_direct_teacher_forward(data, teacher_model, fp32_store, local_ray):
+    store, summary = fp32_store
+    dataset = CocoDataset(data["annotations"], data["images"])
+    views = plan_views([(i, dataset.record(i).height, dataset.record(i).width) for i in dataset.image_ids], canvas_hw=CANVAS)
+    assert (summary.views_planned, summary.views_stored, summary.views_failed, summary.views_skipped) == (16, 16, 0, 0)
+    assert summary.num_parts >= 2 and summary.bytes_written > 0  # views_per_part=4 < 16 views
+    assert summary.forward_seconds > 0 and summary.decode_seconds > 0 and summary.write_seconds > 0
+
+    contents = _store_contents(str(store))
+    assert sorted(contents) == sorted(v.key for v in views)
+    assert sorted(_committed_rows(str(store))) == sorted(v.key for v in views)
+    from detcore.views import content_hash
+
+    for view in views:
+        record, targets = contents[view.key]
+        pixels = dataset.load(view.image_id)
+        assert View.from_json(record["view"]) == view
+        assert record["content_hash"] == content_hash(pixels)
+        assert tuple(record["valid_region"]) == view.valid_region
+        expected = _direct_targets(teacher_model, render_array(pixels, view), with_backbone=True)
+        assert set(targets) == set(expected)
+        for name, array in targets.items():
+            np.testing.assert_allclose(array, expected[name], rtol=1e-4, atol=1e-5, err_msg=f"{view.key} {name}")
+
+
+def test_default_codecs_within_stated_error(data, teacher_model, local_ray, tmp_path):
+    from label_store.encoding import encode_view
+    from label_store.reader import open_store
+
+    store = tmp_path / "default.zarr"
+    dataset = CocoDataset(data["annotations"], data["images"])
+    ids = dataset.image_ids[:3]
+    summary = run_precompute(_config(data, store, image_ids=tuple(ids), batch_size=4))
+    assert (summary.views_stored, summary.views_failed) == (6, 0)
+
+    reader = open_store(str(store))
+    specs = {spec.name: spec for spec in reader.targets}
+    assert {name.split("/")[0] for name in specs} == {"cls", "box", "fpn"}
+    assert all(spec.target_codec.quantized for spec in specs.values())
+    checked, quantization_error = 0, 0.0
+    for key in sorted(reader.keys()):
+        record = reader.record(*key)
+        view = View.from_json(record["view"])
+        expected = _direct_targets(teacher_model, render_array(dataset.load(view.image_id), view), with_backbone=False)
+        for name, array in reader.read(*key).items():
+            spec = specs[name]
+            scale = encode_view({name: expected[name]}, [spec])[name].scale
+            bound = spec.target_codec.error_bound(expected[name], scale)
+            excess = float((np.abs(array - expected[name]) - bound * 1.01).max())
+            assert excess <= 1e-5, (key, name, excess)
+            quantization_error += float(np.abs(array - expected[name]).sum())
+            checked += 1
+    assert checked == 6 * len(specs)
+    assert quantization_error > 0.0  # the store really quantized (a 1x1 level can decode exactly)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(data, fp32_store, local_ray, tmp_path):
+    reference, _ = fp32_store
+    store = tmp_path / "resumed.zarr"
+    config = _config(data, store, codecs=FP32_CODECS, target_groups=("cls", "box", "fpn", "backbone"))
+
+    first = run_precompute(dataclasses_replace(config, max_views=5))
+    assert (first.views_stored, first.views_left) == (5, 11)
+    second = run_precompute(config)
+    assert (second.views_skipped, second.views_stored, second.views_left) == (5, 11, 0)
+    third = run_precompute(config)  # nothing left: no Ray work at all
+    assert (third.views_skipped, third.views_stored, third.num_parts) == (16, 0, 0)
+
+    expected, got = _store_contents(str(reference)), _store_contents(str(store))
+    assert sorted(got) == sorted(expected)
+    assert sorted(_committed_rows(str(store))) == sorted(got)
+    for key, (record, targets) in expected.items():
+        got_record, got_targets = got[key]
+        for field in ("view", "content_hash", "valid_region"):
+            assert got_record[field] == record[field]
+        for name, array in targets.items():
+            # Same pixels and weights; other batch compositions may move the last float bits.
+            np.testing.assert_allclose(got_targets[name], array, rtol=1e-5, atol=1e-6)
+
+
+def dataclasses_replace(config: PrecomputeConfig, **changes) -> PrecomputeConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+@pytest.mark.parametrize("point", ["teacher", "write-before-commit", "write-after-commit"])
+def test_killed_worker_every_view_stored_exactly_once(data, fp32_store, local_ray, tmp_path, monkeypatch, point):
+    reference, _ = fp32_store
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv(FAULT_ENV, f"{point}:{markers}")
+    store = tmp_path / "killed.zarr"
+
+    summary = run_precompute(_config(data, store, codecs=FP32_CODECS, target_groups=("cls", "box", "fpn", "backbone")))
+
+    killed = (markers / f"killed-{point}").read_text().split()
+    assert len(killed) == 1 and int(killed[0]) != os.getpid()  # a worker really died
+    assert (summary.views_stored, summary.views_failed) == (16, 0) or point == "write-after-commit"
+    rows = _committed_rows(str(store))
+    assert len(rows) == len(set(rows)) == 16
+    expected, got = _store_contents(str(reference)), _store_contents(str(store))
+    assert sorted(got) == sorted(expected)
+    for key, (_, targets) in expected.items():
+        for name, array in targets.items():
+            np.testing.assert_allclose(got[key][1][name], array, rtol=1e-5, atol=1e-6)
+
+
+def test_corrupt_and_missing_images_go_to_failures_and_exit_3(data, local_ray, tmp_path, capsys):
+    from label_store.reader import open_store
+
+    images = tmp_path / "images"
+    shutil.copytree(data["images"], images)
+    dataset = CocoDataset(data["annotations"], images)
+    corrupt, missing = dataset.image_ids[1], dataset.image_ids[4]
+    path = images / dataset.record(corrupt).file_name
+    path.write_bytes(path.read_bytes()[:60])  # truncated PNG
+    (images / dataset.record(missing).file_name).unlink()
+    store = tmp_path / "partial.zarr"
+    argv = ["precompute", "--annotations", str(data["annotations"]), "--images", str(images),
+            "--teacher", str(data["teacher"]), "--store", str(store), "--batch-size", "3", "--views-per-part", "4",
+            "--cpus-per-actor", "0.5", "--no-progress", "--summary-json", str(tmp_path / "summary.json")]
+
+    code = _cli(argv)
+
+    captured = capsys.readouterr()
+    assert code == 3
+    assert "4 view(s) failed" in captured.err and str(store) in captured.err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["views_stored"], summary["views_failed"]) == (12, 4)
+    reader = open_store(str(store))
+    assert sorted(reader.keys()) == sorted((i, v) for i in dataset.image_ids if i not in (corrupt, missing) for v in (0, 1))
+    failures = {(int(f["image_id"]), int(f["view_id"])): f["reason"] for f in _failures(str(store))}
+    assert sorted(failures) == [(corrupt, 0), (corrupt, 1), (missing, 0), (missing, 1)]
+    assert "file not found" in failures[(missing, 0)]
+    assert "ImageDecodeError" in failures[(corrupt, 1)] and str(path) in failures[(corrupt, 1)]
+
+    # The images come back: the same command retries exactly the failed views.
+    shutil.copy(data["images"] / dataset.record(corrupt).file_name, path)
+    shutil.copy(data["images"] / dataset.record(missing).file_name, images / dataset.record(missing).file_name)
+    assert _cli(argv) == 0
+    assert len(open_store(str(store)).keys()) == 16
+
+
+def test_store_made_by_another_teacher_or_canvas_is_refused(data, fp32_store, local_ray, tmp_path, capsys):
+    store, _ = fp32_store
+    other_teacher = _write_teacher(tmp_path / "other.pt", seed=1)
+    base = ["precompute", "--annotations", str(data["annotations"]), "--images", str(data["images"]),
+            "--store", str(store), "--targets", "cls,box,fpn,backbone", "--no-progress",
+            *[arg for group, codec in FP32_CODECS for arg in ("--codec", f"{group}={codec}")]]
+
+    assert _cli([*base, "--teacher", str(other_teacher)]) == 2
+    assert "checkpoint_sha256" in capsys.readouterr().err
+    assert _cli([*base, "--teacher", str(data["teacher"]), "--canvas", "96x96"]) == 2
+    assert "canvas" in capsys.readouterr().err
+    assert _cli([*base[:-8], "--teacher", str(data["teacher"])]) == 2  # default codecs: another target set
+    assert capsys.readouterr().err.strip() != ""
+    assert _cli([*base, "--teacher", str(data["teacher"])]) == 0  # the same job resumes: nothing to do
+    assert "already committed (skipped)  16" in capsys.readouterr().out.replace("   ", "  ")
+
+
+def test_two_node_cluster_stores_every_view_once(data, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        store = tmp_path / "cluster.zarr"
+        summary = run_precompute(_config(data, store, num_actors=2, cpus_per_actor=0.5, cpus_per_task=0.25))
+        assert (summary.views_stored, summary.views_failed) == (16, 0)
+        rows = _committed_rows(str(store))
+        assert len(rows) == len(set(rows)) == 16
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
