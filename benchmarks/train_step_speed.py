@@ -11,15 +11,15 @@ Setup (realistic sizes for this machine): the synthetic benchmark's images
 (`detcore.synth`), canvas 256, batch 8, a gfl_tiny student, a gfl_r18 teacher with 64 FPN
 and head channels (random weights: speed does not depend on them), a store written with
 `label_store` from that teacher's forward over {original, flip} views with the default
-codecs, all four target groups. Every configuration runs the product's own loop
-(`student_trainer.train.train_student`) for --warmup + --steps steps with a metrics line
-per step; a step's time covers loading its batch (render, hash check, store read and
-decode when DataLoader workers are 0), the student forward and backward, the losses and
-the optimizer step. Configurations are interleaved over --rounds rounds and each figure
-is the median step time over every measured step of every round (and the minimum, the
-steadier figure on a shared machine).
+codecs, all four target groups. Each configuration holds the training loop's own parts
+(`StoreViewDataset` + DataLoader, the target source, `DistillationModel`, AdamW); a step
+covers loading its batch (render, hash check, and the store read and decode when the
+DataLoader workers are 0), completing its targets, the student forward and backward, the
+losses, clipping and the optimizer step. The configurations' steps alternate, so the
+shared machine's changing load hits them alike; a ratio is the median over steps of the
+ratio of two configurations' adjacent steps.
 
-    python benchmarks/train_step_speed.py [--threads 2] [--steps 12] [--rounds 2] [--num-workers 0]
+    python benchmarks/train_step_speed.py [--threads 2] [--steps 30] [--num-workers 0]
 """
 
 from __future__ import annotations
@@ -95,26 +95,74 @@ def prepare(work: Path, num_images: int, canvas: int) -> dict[str, Path]:
     return {"annotations": annotations, "images": data / "train", "teacher": teacher, "store": store}
 
 
-def measure(paths: dict[str, Path], out: Path, *, losses: str, source: str, args) -> list[float]:
-    """Per-step seconds of the measured steps of one train_student run."""
-    import shutil
+class Config:
+    """One measured configuration: its own data loader, target source, student and optimizer.
 
-    from student_trainer.config import build_run_config
-    from student_trainer.train import train_student
+    A step is exactly the work of one iteration of `student_trainer.train.train_student`:
+    take the next batch from the DataLoader (render, hash check, and the store read and
+    decode when the workers are 0), complete its targets from the source, student forward,
+    GFL + distillation losses, backward, gradient clipping, AdamW step.
+    """
 
-    shutil.rmtree(out, ignore_errors=True)
-    overrides = {
-        "store": str(paths["store"]), "annotations": str(paths["annotations"]), "images": str(paths["images"]),
-        "student": "gfl_tiny", "out": str(out), "losses": losses, "source": source, "iters": args.warmup + args.steps,
-        "batch_size": args.batch_size, "num_workers": args.num_workers, "threads": args.threads, "device": args.device,
-        "log_every": 1, "checkpoint_every": 10**6, "seed": 0,
-    }
-    if source == "inprocess":
-        overrides["teacher"] = str(paths["teacher"])
-    config = build_run_config(None, overrides, ["schedule.tensorboard=false"])
-    train_student(config, progress=False)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [args.batch_size / line["img_s"] for line in lines if "img_s" in line][args.warmup :]
+    def __init__(self, paths: dict[str, Path], losses: str, source_kind: str, args) -> None:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from detcore.coco import CocoDataset
+        from detcore.models.gfl import build_detector
+        from student_trainer.config import build_run_config
+        from student_trainer.data import ShardedViewSampler, StoreViewDataset, collate_train
+        from student_trainer.distill import DistillationModel, needed_target_names
+        from student_trainer.sources import InProcessTeacherSource, StoreSource
+
+        self.name = f"{losses} ({'in-process teacher' if source_kind == 'inprocess' else 'offline'})" if losses != "none" else "none"
+        self.losses, self.source_kind = losses, source_kind
+        config = build_run_config(None, {"store": str(paths["store"]), "annotations": str(paths["annotations"]),
+                                         "images": str(paths["images"]), "losses": losses})
+        self.names = needed_target_names(config.losses, config.student.strides)
+        store = StoreSource(str(paths["store"]), self.names)
+        stored = store.stored_views()
+        coco = CocoDataset(paths["annotations"], paths["images"])
+        views = [v for v, _ in stored]
+        offline = source_kind == "store" and bool(self.names)
+        dataset = StoreViewDataset(coco, views, expected_hashes={v.key: h for v, h in stored},
+                                   target_reader=store.worker_reader() if offline else None)
+        self.source = store if source_kind == "store" else InProcessTeacherSource(str(paths["teacher"]), self.names)
+        self.sampler = ShardedViewSampler(views, seed=0)
+        self.loader = DataLoader(dataset, batch_size=args.batch_size, sampler=self.sampler, collate_fn=collate_train,
+                                 num_workers=args.num_workers, drop_last=True, persistent_workers=args.num_workers > 0)
+        self.epoch, self.iterator = 0, None
+        torch.manual_seed(0)
+        student = build_detector("gfl_tiny", len(coco.classes))
+        self.model = DistillationModel(student, config.losses, tuple(store.fingerprint.canvas_hw),
+                                       {spec.name: spec.shape[0] for spec in store.specs})
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.times: list[float] = []
+
+    def _next_batch(self):
+        while True:
+            if self.iterator is None:
+                self.sampler.set_epoch(self.epoch)
+                self.iterator = iter(self.loader)
+            try:
+                return next(self.iterator)
+            except StopIteration:
+                self.epoch += 1
+                self.iterator = None
+
+    def step(self) -> float:
+        import torch
+
+        start = time.perf_counter()
+        batch = self._next_batch()
+        targets = self.source.complete(batch) if self.names else None
+        terms, _ = self.model(batch["images"], batch["gt_boxes"], batch["gt_labels"], targets)
+        loss = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 35.0)
+        self.optimizer.step()
+        return time.perf_counter() - start
 
 
 def main() -> int:
@@ -125,9 +173,8 @@ def main() -> int:
     parser.add_argument("--num-images", type=int, default=48, help="synthetic images in the store (x2 views)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: loading is inside the step time)")
-    parser.add_argument("--steps", type=int, default=12, help="measured steps per configuration and round")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30, help="measured steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--losses", default="ld,all", help="distillation configurations to compare (comma: ld,all,...)")
     parser.add_argument("--json-out", help="also write the figures to this JSON file")
@@ -145,47 +192,53 @@ def main() -> int:
     paths = prepare(work, args.num_images, args.canvas)
     print(f"setup {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
 
-    configs = [("none", "store")]
+    specs = [("none", "store")]
     for losses in args.losses.split(","):
-        configs += [(losses, "store"), (losses, "inprocess")]
-    times: dict[tuple[str, str], list[float]] = {c: [] for c in configs}
+        specs += [(losses, "store"), (losses, "inprocess")]
+    configs = [Config(paths, losses, kind, args) for losses, kind in specs]
     load = []
-    for round_index in range(args.rounds):
-        for losses, source in configs:
-            load.append(os.getloadavg()[0])
-            steps = measure(paths, work / "runs" / f"{losses}-{source}", losses=losses, source=source, args=args)
-            times[(losses, source)] += steps
-            print(f"round {round_index + 1} {losses:>5} {source:>9}: median {statistics.median(steps) * 1e3:.0f} ms/step",
-                  file=sys.stderr)
+    # Steps of the configurations alternate (order rotated every round), so a change in the
+    # machine's load hits them alike; ratios are medians of ratios of adjacent steps.
+    for index in range(args.warmup + args.steps):
+        load.append(os.getloadavg()[0])
+        order = configs[index % len(configs):] + configs[: index % len(configs)]
+        for config in order:
+            seconds = config.step()
+            if index >= args.warmup:
+                config.times.append(seconds)
+        if index >= args.warmup and (index - args.warmup) % 5 == 4:
+            print(f"step {index + 1}: " + ", ".join(f"{c.name} {c.times[-1] * 1e3:.0f} ms" for c in configs), file=sys.stderr)
 
-    def med(key):
-        return statistics.median(times[key])
+    by_name = {(c.losses, c.source_kind): c for c in configs}
+    base = by_name[("none", "store")]
 
-    def low(key):
-        return min(times[key])
+    def paired(a, b):
+        return statistics.median(x / y for x, y in zip(a.times, b.times))
 
     rows = []
-    base = ("none", "store")
     for losses in args.losses.split(","):
-        offline, online = (losses, "store"), (losses, "inprocess")
+        offline, online = by_name[(losses, "store")], by_name[(losses, "inprocess")]
         rows.append({
             "losses": losses,
-            "none_ms": med(base) * 1e3, "offline_ms": med(offline) * 1e3, "inprocess_ms": med(online) * 1e3,
-            "offline_over_none": med(offline) / med(base), "inprocess_over_offline": med(online) / med(offline),
-            "offline_over_none_min": low(offline) / low(base), "inprocess_over_offline_min": low(online) / low(offline),
+            "none_ms": statistics.median(base.times) * 1e3,
+            "offline_ms": statistics.median(offline.times) * 1e3,
+            "inprocess_ms": statistics.median(online.times) * 1e3,
+            "offline_over_none": paired(offline, base),
+            "inprocess_over_offline": paired(online, offline),
+            "offline_over_none_of_medians": statistics.median(offline.times) / statistics.median(base.times),
+            "inprocess_over_offline_of_medians": statistics.median(online.times) / statistics.median(offline.times),
         })
     print(f"\ncanvas {args.canvas}, batch {args.batch_size}, student gfl_tiny, teacher gfl_r18 (64 ch), "
-          f"threads {args.threads}, DataLoader workers {args.num_workers}, {args.steps} steps x {args.rounds} rounds, "
-          f"load average {min(load):.1f}-{max(load):.1f}\n")
+          f"threads {args.threads}, DataLoader workers {args.num_workers}, {args.steps} measured steps per configuration "
+          f"(after {args.warmup}), load average {min(load):.1f}-{max(load):.1f}\n")
     print("| losses | no KD ms/step | offline ms/step | in-process ms/step | offline / no KD (goal <= 1.15) | in-process / offline |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['losses']} | {r['none_ms']:.0f} | {r['offline_ms']:.0f} | {r['inprocess_ms']:.0f} | "
-              f"{r['offline_over_none']:.3f} (min-based {r['offline_over_none_min']:.3f}) | "
-              f"{r['inprocess_over_offline']:.2f} (min-based {r['inprocess_over_offline_min']:.2f}) |")
+              f"{r['offline_over_none']:.3f} | {r['inprocess_over_offline']:.2f} |")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"args": vars(args), "rows": rows, "load": load,
-                                                   "times_s": {f"{k[0]}|{k[1]}": v for k, v in times.items()}}, indent=2))
+                                                   "times_s": {c.name: c.times for c in configs}}, indent=2))
     return 0
 
 

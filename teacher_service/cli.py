@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -119,11 +121,13 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--store", metavar="PATH_OR_URL", help="label store path or fsspec URL; created, or resumed if it exists")
     views = parser.add_argument_group("views and targets (fixed per store)")
     views.add_argument("--canvas", type=_canvas, metavar="HxW", help="store canvas (default: the teacher checkpoint's canvas)")
-    views.add_argument("--scales", type=_scales, default=(1.0,), metavar="S[,S...]",
-                       help="view scales relative to fitting the canvas, each in (0, 1] (default: 1.0)")
+    views.add_argument("--scales", type=_scales, default=None, metavar="S[,S...]",
+                       help="view scales relative to fitting the canvas, each in (0, 1] (default: 1.0; the built-in "
+                            "default uses its preset's scales)")
     views.add_argument("--no-flip", action="store_true", help="do not add a mirrored twin of every view")
-    views.add_argument("--targets", type=_targets, default=("cls", "box", "fpn"), metavar="GROUPS",
-                       help="target groups to store, from cls,box,fpn,backbone (default: cls,box,fpn)")
+    views.add_argument("--targets", type=_targets, default=None, metavar="GROUPS",
+                       help="target groups to store, from cls,box,fpn,backbone (default: cls,box,fpn; the built-in "
+                            "default stores all four, as `distill quickstart` does)")
     views.add_argument("--codec", type=_key_value("--codec"), action="append", default=[], metavar="NAME=CODEC",
                        help="codec override for a group or target, e.g. fpn=int8-channel or cls/p3=fp16 (repeatable)")
     job = parser.add_argument_group("execution")
@@ -163,48 +167,81 @@ def register(subparsers) -> None:
         register_serve(subparsers)
 
 
-def _default_inputs(args: argparse.Namespace) -> tuple[str, str, str, str] | str:
-    """Fill the inputs from the built-in default; an error message if only some were given."""
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    """What `distill precompute` runs on, after the built-in default filled what was not given."""
+
+    annotations: str
+    """COCO annotation file."""
+    images: str
+    """Image folder."""
+    teacher: str
+    """Teacher checkpoint."""
+    store: str
+    """Store path or URL."""
+    scales: tuple[float, ...]
+    """View scales."""
+    targets: tuple[str, ...]
+    """Target groups."""
+
+
+def _resolve_inputs(args: argparse.Namespace) -> _Inputs | str:
+    """Explicit inputs, or the built-in default's; an error message if only some were given."""
     given = {name: getattr(args, name) for name in ("annotations", "images", "teacher")}
     if all(given.values()):
         if not args.store:
             return "distill precompute expects --store with --annotations, --images and --teacher. Got no --store."
-        return (args.annotations, args.images, args.teacher, args.store)
+        return _Inputs(
+            args.annotations, args.images, args.teacher, args.store,
+            args.scales or (1.0,), args.targets or ("cls", "box", "fpn"),
+        )
     if any(given.values()):
         missing = ", ".join(f"--{name}" for name, value in given.items() if not value)
         return (
             "distill precompute expects --annotations, --images and --teacher together (or none of them, for the "
             f"built-in default). Missing: {missing}."
         )
+    # The built-in default: the same store, views and targets as `distill quickstart` (quick preset),
+    # so either command resumes the other's work instead of meeting a target-set mismatch.
     from detcore import defaults
 
-    train_annotations, train_images, _, _ = defaults.ensure_default_dataset()
-    teacher = defaults.ensure_default_teacher()
-    store = args.store
-    if not store:
-        store_path = getattr(defaults, "default_store_path", None)
-        store = str(store_path()) if callable(store_path) else str(defaults.default_home() / "stores" / "default.zarr")
-    return (str(train_annotations), str(train_images), str(teacher), store)
+    preset = defaults.PRESETS["quick"]
+    train_annotations, train_images, _, _ = defaults.ensure_default_dataset(preset)
+    teacher = defaults.ensure_default_teacher(preset)
+    store = args.store or str(defaults.default_paths(preset)["store"])
+    return _Inputs(
+        str(train_annotations), str(train_images), str(teacher), store,
+        args.scales or tuple(preset.scales), args.targets or ("cls", "box", "fpn", "backbone"),
+    )
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data logs every execution to the console at INFO; the progress bar and summary say it
+    better. Its session log file keeps everything."""
+    import ray.data  # noqa: F401  (importing configures the "ray.data" logger; adjust it after)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if "File" not in type(handler).__name__:  # keep the session log file (SessionFileHandler)
+            handler.setLevel(logging.WARNING)
 
 
 def run_precompute_command(args: argparse.Namespace) -> int:
     """`distill precompute`: returns 0, 2 or 3 (module docstring of `distillery.cli`)."""
     from teacher_service.precompute import PrecomputeConfig, PrecomputeInputError, run_precompute
 
-    inputs = _default_inputs(args)
+    inputs = _resolve_inputs(args)
     if isinstance(inputs, str):
         print(f"error: {inputs}", file=sys.stderr)
         return EXIT_USAGE
-    annotations, images, teacher, store = inputs
     config = PrecomputeConfig(
-        annotations=annotations,
-        images_dir=images,
-        teacher=teacher,
-        store=store,
+        annotations=inputs.annotations,
+        images_dir=inputs.images,
+        teacher=inputs.teacher,
+        store=inputs.store,
         canvas_hw=args.canvas,
-        scales=tuple(args.scales),
+        scales=inputs.scales,
         flip=not args.no_flip,
-        target_groups=tuple(args.targets),
+        target_groups=inputs.targets,
         codecs=tuple(args.codec),
         batch_size=args.batch_size,
         num_actors=args.num_actors,
@@ -221,6 +258,9 @@ def run_precompute_command(args: argparse.Namespace) -> int:
     )
     from detcore.checkpoint import CheckpointError
     from label_store.errors import StoreMismatchError
+
+    if not getattr(args, "verbose", False):
+        _quiet_ray_data_console()
 
     try:
         summary = run_precompute(config)

@@ -31,7 +31,7 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
-from teacher_service.pipeline_stages import maybe_inject_fault
+from teacher_service.pipeline_stages import maybe_inject_fault, run_at_lower_priority
 
 # One opened store per worker process and store URL: opening reads the manifest.
 _STORES: dict[tuple[str, str], Any] = {}
@@ -88,6 +88,7 @@ class LabelStoreDatasink(Datasink):
         storage_options: fsspec options for remote stores.
         views_per_part: rows Ray Data gathers for one write task, hence one part.
         progress: a `ProgressCounter` handle, or None.
+        niceness: run the encoding and writing at this lower CPU priority.
         fault: testing hook, see `teacher_service.pipeline_stages.FAULT_ENV`.
 
     After `Dataset.write_datasink` returns, ``result`` holds the aggregated
@@ -102,6 +103,7 @@ class LabelStoreDatasink(Datasink):
         storage_options: Mapping[str, Any] | None = None,
         views_per_part: int | None = None,
         progress: Any = None,
+        niceness: int = 0,
         fault: tuple[str, str] | None = None,
     ) -> None:
         self.store_url = store_url
@@ -111,6 +113,7 @@ class LabelStoreDatasink(Datasink):
         self.storage_options = dict(storage_options or {})
         self.views_per_part = views_per_part
         self.progress = progress
+        self.niceness = niceness
         self.fault = fault
         self.result: dict[str, Any] | None = None
 
@@ -134,11 +137,15 @@ class LabelStoreDatasink(Datasink):
         return _STORES[key]
 
     def write(self, blocks: Iterable[Block], ctx) -> dict[str, Any]:
+        # The part id comes from the rows (see the module docstring), not from ``ctx``.
+        start = time.perf_counter()
+        batches = [BlockAccessor.for_block(block).to_batch_format("numpy") for block in blocks]
+        return run_at_lower_priority(self.niceness, self._write, batches, start)
+
+    def _write(self, batches: list[dict[str, np.ndarray]], start: float) -> dict[str, Any]:
         from label_store.errors import PartExistsError
 
-        start = time.perf_counter()
         store = self._store()
-        batches = [BlockAccessor.for_block(block).to_batch_format("numpy") for block in blocks]
         stage = {name: float(sum(np.sum(b[name]) for b in batches)) for name in ("decode_s", "forward_s", "encode_s")}
         failures = [_row_failure(b, i) for b in batches for i in range(len(b["error"])) if b["error"][i] != ""]
         good = [(b, i) for b in batches for i in range(len(b["error"])) if b["error"][i] == ""]

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -73,22 +75,62 @@ def maybe_inject_fault(fault: tuple[str, str] | None, point: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def run_at_lower_priority(niceness: int, fn, /, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a helper thread whose CPU priority is lowered by ``niceness``.
+
+    Decoding and writing only have to keep pace with the teacher; where they share cores
+    with a CPU teacher, a lower priority lets them use the cycles the forward pass leaves
+    idle instead of slowing it down. On Linux the nice value is per thread, so only this
+    short-lived thread is affected (never the pooled Ray worker, which may later host a
+    teacher actor); elsewhere, or with ``niceness=0``, ``fn`` runs in the calling thread.
+    Lowering one's own priority needs no privilege.
+    """
+    if niceness <= 0 or not sys.platform.startswith("linux"):
+        return fn(*args, **kwargs)
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
+        except OSError:  # e.g. a seccomp profile that forbids it: run at normal priority
+            pass
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as error:  # re-raised in the calling thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="precompute-low-priority")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def describe_error(error: BaseException) -> str:
     """One line naming the exception type and its message (the failures table's ``reason``)."""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def decode_and_render(batch: Mapping[str, np.ndarray], *, fault: tuple[str, str] | None = None) -> dict[str, np.ndarray]:
+def decode_and_render(
+    batch: Mapping[str, np.ndarray], *, fault: tuple[str, str] | None = None, niceness: int = 0
+) -> dict[str, np.ndarray]:
     """Decode each image once per batch and render its views onto the canvas.
 
     Args:
         batch: columns ``image_id``, ``view_id``, ``view`` (JSON) and ``path`` (image file).
         fault: testing hook, see `FAULT_ENV`.
+        niceness: run at this lower CPU priority (`run_at_lower_priority`).
 
     Returns:
         The columns of the module docstring up to ``decode_s`` (``pixels`` included).
     """
+    return run_at_lower_priority(niceness, _decode_and_render, batch, fault)
+
+
+def _decode_and_render(batch: Mapping[str, np.ndarray], fault: tuple[str, str] | None) -> dict[str, np.ndarray]:
     from detcore.images import load_image
     from detcore.views import View, content_hash, render_array
 
@@ -231,6 +273,7 @@ class TeacherPredictor:
         num_views = len(batch["error"])
         good = np.flatnonzero(np.asarray([e == "" for e in batch["error"]], dtype=bool))
         out = {name: np.asarray(batch[name]) for name in PASSTHROUGH_COLUMNS}
+        out["error"] = np.array(out["error"], dtype=object)  # a writable copy: the forward may add errors
         targets = {
             name: np.zeros((num_views, *shape), dtype=self.transfer_dtypes[name])
             for name, shape in self.target_shapes.items()
@@ -245,15 +288,20 @@ class TeacherPredictor:
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
             forwarded = time.perf_counter()
+            finite = torch.ones(len(index), dtype=torch.bool, device=self.device)
             for name, tensor in produced.items():
                 if tuple(tensor.shape[1:]) != self.target_shapes[name]:
                     raise ValueError(
                         f"TeacherPredictor expects target {name} of shape [B, {', '.join(map(str, self.target_shapes[name]))}]. "
                         f"Got {list(tensor.shape)}; the checkpoint does not match the store's target specs."
                     )
+                finite &= torch.isfinite(tensor).flatten(1).all(dim=1)
                 # Cast on the device: a float16 transfer halves device->host and object-store bytes.
                 dtype = torch.float16 if self.transfer_dtypes[name] == np.float16 else torch.float32
                 targets[name][index] = tensor.to(dtype).cpu().numpy()
+            # A non-finite output is that view's failure (the store refuses NaN/inf), not the job's.
+            for k in np.flatnonzero(~finite.cpu().numpy()):
+                out["error"][index[k]] = "TeacherOutputError: the teacher produced NaN or inf for this view"
             encoded = time.perf_counter()
             forward_s[index] = (forwarded - start) / len(index)
             encode_s[index] = (encoded - forwarded) / len(index)

@@ -85,6 +85,9 @@ class PrecomputeConfig:
     """Autocast: ``auto`` (bf16 or fp16 on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``."""
     views_per_part: int = 32
     """Views a write task gathers into one part (the last part of a run may be smaller)."""
+    cpu_stage_niceness: int = 10
+    """Lower the CPU priority of decoding and writing by this nice increment (Linux, per
+    thread; 0 keeps it): they then fill the cycles a CPU teacher leaves idle."""
     storage_options: tuple[tuple[str, str], ...] = ()
     """fsspec options for a remote store, ``((key, value), ...)``."""
     image_ids: tuple[int, ...] | None = None
@@ -127,6 +130,10 @@ class PrecomputeConfig:
             raise PrecomputeInputError(f"PrecomputeConfig(device=) expects one of {list(DEVICES)}. Got {self.device!r}.")
         if self.precision not in PRECISIONS:
             raise PrecomputeInputError(f"PrecomputeConfig(precision=) expects one of {list(PRECISIONS)}. Got {self.precision!r}.")
+        if not isinstance(self.cpu_stage_niceness, int) or not 0 <= self.cpu_stage_niceness <= 19:
+            raise PrecomputeInputError(
+                f"PrecomputeConfig(cpu_stage_niceness=) expects an int in [0, 19]. Got {self.cpu_stage_niceness!r}."
+            )
         if self.max_views is not None and self.max_views < 0:
             raise PrecomputeInputError(f"PrecomputeConfig(max_views=) expects None or >= 0. Got {self.max_views}.")
 
@@ -484,28 +491,39 @@ def run_precompute(
 def _run_pipeline(config: PrecomputeConfig, dataset, layout: StoreLayout, todo: list, on_progress) -> dict[str, Any]:
     """Build and run the Ray Data pipeline over ``todo`` views; the aggregated write totals."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     from teacher_service.pipeline_ray import LabelStoreDatasink, ProgressCounter
     from teacher_service.pipeline_stages import FAULT_ENV, TeacherPredictor, decode_and_render, parse_fault
 
     fault = parse_fault(os.environ.get(FAULT_ENV))
-    context = DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
 
     items = [
         {"image_id": v.image_id, "view_id": v.view_id, "view": v.to_json(), "path": str(dataset.image_path(v.image_id))}
         for v in todo
     ]
     num_blocks = max(1, min(math.ceil(len(items) / config.batch_size), 4096))
-    cuda = _cluster_has_gpus() and config.device != "cpu"
-    device = config.device if config.device != "auto" else ("cuda" if cuda else "cpu")
+    resources = ray.cluster_resources()
+    num_gpus = int(resources.get("GPU", 0))
+    device = config.device if config.device != "auto" else ("cuda" if num_gpus and config.device != "cpu" else "cpu")
+    if device.startswith("cuda") and config.num_actors > num_gpus:
+        raise PrecomputeInputError(
+            f"PrecomputeConfig(num_actors=) expects at most one teacher actor per GPU of the cluster ({num_gpus}). "
+            f"Got {config.num_actors}; lower --num-actors or add GPU nodes."
+        )
+    if config.num_actors * config.cpus_per_actor > float(resources.get("CPU", 0)):
+        raise PrecomputeInputError(
+            f"PrecomputeConfig(num_actors=, cpus_per_actor=) expects the actors to fit the cluster's "
+            f"{resources.get('CPU', 0):g} CPUs. Got {config.num_actors} x {config.cpus_per_actor:g}."
+        )
     torch_threads = config.torch_threads or max(1, int(config.cpus_per_actor))
     actor_resources: dict[str, Any] = {"num_cpus": config.cpus_per_actor}
     if device.startswith("cuda"):
         actor_resources["num_gpus"] = 1
     task_concurrency = _task_concurrency(config)
+    # No more tasks than inputs (Ray Data warns about a cap it cannot reach).
+    decode_concurrency = min(task_concurrency, num_blocks)
+    write_concurrency = min(task_concurrency, max(1, math.ceil(len(items) / config.views_per_part)))
 
     with warnings.catch_warnings():
         # Bounded retries need max_retries / max_restarts / max_task_retries, which Ray 2.60
@@ -517,9 +535,9 @@ def _run_pipeline(config: PrecomputeConfig, dataset, layout: StoreLayout, todo: 
                 decode_and_render,
                 batch_size=config.batch_size,
                 batch_format="numpy",
-                fn_kwargs={"fault": fault},
+                fn_kwargs={"fault": fault, "niceness": config.cpu_stage_niceness},
                 num_cpus=config.cpus_per_task,
-                concurrency=task_concurrency,
+                compute=TaskPoolStrategy(size=decode_concurrency),
                 max_retries=MAX_RETRIES,
             )
             .map_batches(
@@ -550,16 +568,22 @@ def _run_pipeline(config: PrecomputeConfig, dataset, layout: StoreLayout, todo: 
         storage_options=dict(config.storage_options) or None,
         views_per_part=config.views_per_part,
         progress=counter,
+        niceness=config.cpu_stage_niceness,
         fault=fault,
     )
+    context = DataContext.get_current()
+    saved = (context.enable_progress_bars, context.print_on_execution_start)
+    # Our own bar counts committed views; Ray Data's per-operator bars would interleave with it.
+    context.enable_progress_bars, context.print_on_execution_start = False, False
     try:
         with _ProgressPoller(counter, len(todo), config.show_progress, on_progress):
             pipeline.write_datasink(
                 sink,
                 ray_remote_args={"num_cpus": config.cpus_per_task, "max_retries": MAX_RETRIES},
-                concurrency=task_concurrency,
+                concurrency=write_concurrency,
             )
     finally:
+        context.enable_progress_bars, context.print_on_execution_start = saved
         ray.kill(counter)
     if sink.result is None:
         raise RuntimeError("LabelStoreDatasink expects on_write_complete to run after a successful write. It did not.")
@@ -578,9 +602,3 @@ def _task_concurrency(config: PrecomputeConfig) -> int:
     cpus = float(ray.cluster_resources().get("CPU", 0))
     free = cpus - config.num_actors * config.cpus_per_actor
     return max(1, int(free // config.cpus_per_task))
-
-
-def _cluster_has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) >= 1

@@ -150,6 +150,7 @@ def test_teacher_predictor_matches_direct_forward_and_skips_error_rows(data, tea
     views = plan_views([(i, dataset.record(i).height, dataset.record(i).width) for i in ids], canvas_hw=CANVAS)
     batch = decode_and_render(_decode_batch(dataset, views))
     batch["error"][2] = "ImageDecodeError: injected"
+    batch["pixels"][4, :, 5, 5] = np.nan  # a teacher output that the store would refuse
     shapes = {name: tuple(t.shape[1:]) for name, t in teacher_model(torch.zeros(1, 3, *CANVAS), with_backbone=True).targets().items()}
     predictor = TeacherPredictor(
         str(data["teacher"]), shapes, batch_size=2, device="cpu", torch_threads=1,
@@ -159,10 +160,14 @@ def test_teacher_predictor_matches_direct_forward_and_skips_error_rows(data, tea
     out = predictor(batch)
 
     assert set(shapes) <= set(out) and "pixels" not in out
+    assert [k for k in range(len(views)) if out["error"][k] != ""] == [2, 4]
+    assert out["error"][2] == "ImageDecodeError: injected" and "NaN" in out["error"][4]
     for k, view in enumerate(views):
         if k == 2:
             assert all(float(np.abs(out[name][k]).max()) == 0.0 for name in shapes)
             assert out["forward_s"][k] == 0.0
+            continue
+        if k == 4:
             continue
         expected = _direct_targets(teacher_model, batch["pixels"][k], with_backbone=True)
         for name in shapes:
@@ -220,6 +225,29 @@ def test_cli_bad_input_exits_2_before_starting_ray(data, tmp_path, capsys):
     assert _cli(["precompute", "--annotations", str(data["annotations"]), *common, "--codec", "fpn=int9-view"]) == 2
     assert "int9-view" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_cli_without_inputs_uses_the_quickstart_store_views_and_targets(data, tmp_path, monkeypatch):
+    from detcore import defaults
+    from teacher_service import cli
+
+    calls = []
+    monkeypatch.setattr(defaults, "ensure_default_dataset", lambda preset: calls.append(preset.name) or (
+        data["annotations"], data["images"], tmp_path / "val.json", tmp_path / "val"))
+    monkeypatch.setattr(defaults, "ensure_default_teacher", lambda preset: data["teacher"])
+    monkeypatch.setenv("DISTILLERY_HOME", str(tmp_path / "home"))
+    parser = argparse.ArgumentParser(prog="distill")
+    cli.register(parser.add_subparsers(dest="command"))
+
+    inputs = cli._resolve_inputs(parser.parse_args(["precompute"]))
+
+    assert calls == ["quick"]
+    assert (inputs.annotations, inputs.teacher) == (str(data["annotations"]), str(data["teacher"]))
+    assert inputs.store == str(tmp_path / "home" / "stores" / "quick-gfl_r18.zarr")
+    assert inputs.targets == ("cls", "box", "fpn", "backbone")
+    assert inputs.scales == tuple(defaults.PRESETS["quick"].scales)
+    explicit = cli._resolve_inputs(parser.parse_args(["precompute", "--targets", "cls", "--scales", "0.5"]))
+    assert (explicit.targets, explicit.scales) == (("cls",), (0.5,))
 
 
 # ---- the whole job on Ray ------------------------------------------------------------------
@@ -356,8 +384,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(data, fp32_store, local_r
 
     first = run_precompute(dataclasses_replace(config, max_views=5))
     assert (first.views_stored, first.views_left) == (5, 11)
-    second = run_precompute(config)
+    progress: list[tuple[int, int, int]] = []
+    second = run_precompute(config, on_progress=lambda *counts: progress.append(counts))
     assert (second.views_skipped, second.views_stored, second.views_left) == (5, 11, 0)
+    assert progress[-1] == (11, 0, 11) and all(a[0] <= b[0] for a, b in zip(progress, progress[1:]))
     third = run_precompute(config)  # nothing left: no Ray work at all
     assert (third.views_skipped, third.views_stored, third.num_parts) == (16, 0, 0)
 
