@@ -10,7 +10,10 @@ training images/s (forward + GFL loss + backward + AdamW step on random images w
 three GT boxes each; N timed steps after one warm-up). Each figure is given as best /
 median: on a shared machine other jobs only ever add time, so the best run is the
 closest to the machine's own speed, and the median shows how much the load moved it.
-The 1-minute load average before and after is printed.
+With ``--threads 1`` the process CPU time per image is printed as well ("cpu"): it is
+nearly independent of other jobs (no second thread to wait for), so it is the most
+reproducible figure on a shared machine. The 1-minute load average before and after is
+printed.
 """
 
 from __future__ import annotations
@@ -50,36 +53,40 @@ def measure(
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     model.eval()
-    times = []
+    times, cpu_times = [], []
     with torch.no_grad():
         for index in range(repeats + 2):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             model(images)
             if index >= 2:
                 times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
     row = {
         "arch": arch,
         "channels": channels,
         "params": params,
         "forward_ms_per_image": 1000 * min(times) / batch,
         "forward_ms_per_image_median": 1000 * statistics.median(times) / batch,
+        "forward_cpu_ms_per_image": 1000 * min(cpu_times) / batch,
     }
     if train_steps > 0:
         generator = torch.Generator().manual_seed(0)
         boxes, labels = _gt(batch, canvas, num_classes, generator)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         model.train()
-        step_times = []
+        step_times, step_cpu_times = [], []
         for index in range(train_steps + 1):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             losses = model.loss(model(images), boxes, labels)
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             optimizer.step()
             if index >= 1:
                 step_times.append(time.perf_counter() - start)
+                step_cpu_times.append(time.process_time() - cpu_start)
         row["train_images_per_second"] = batch / min(step_times)
         row["train_images_per_second_median"] = batch / statistics.median(step_times)
+        row["train_images_per_cpu_second"] = batch / min(step_cpu_times)
     return row
 
 
@@ -104,6 +111,8 @@ def main() -> None:
     header = f"{'arch':<10}{'ch':>5}{'params':>12}{'fwd ms/img best/median':>26}"
     if args.train_steps:
         header += f"{'train img/s best/median':>26}"
+    if args.threads == 1:
+        header += f"{'cpu: fwd ms/img':>17}" + (f"{'train img/cpu-s':>17}" if args.train_steps else "")
     print(header)
     for spec in args.archs.split(","):
         arch, channels = spec.split(":")
@@ -114,6 +123,10 @@ def main() -> None:
         if args.train_steps:
             train = f"{row['train_images_per_second']:.1f} / {row['train_images_per_second_median']:.1f}"
             line += f"{train:>26}"
+        if args.threads == 1:
+            line += f"{row['forward_cpu_ms_per_image']:>17.1f}"
+            if args.train_steps:
+                line += f"{row['train_images_per_cpu_second']:>17.1f}"
         print(line, flush=True)
     print(f"load average after {os.getloadavg()[0]:.2f}")
 

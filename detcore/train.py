@@ -97,7 +97,7 @@ class TrainConfig:
     amp: bool = True
     """Mixed precision (bfloat16, or float16 with loss scaling), on CUDA only."""
     channels_last: bool = True
-    """Channels-last memory format (on CPU too: +20 % (R18) to +40 % (tiny) training speed measured here)."""
+    """Channels-last memory format, on every device (on the 2-core CPU: forward ~20 % cheaper, see benchmarks/RESULTS.md)."""
     num_threads: int | None = None
     """torch intra-op threads (None: torch's default, one per core)."""
 

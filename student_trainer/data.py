@@ -253,6 +253,7 @@ class ShardedViewSampler(Sampler[int]):
         if num_replicas < 1 or not (0 <= rank < num_replicas):
             raise ValueError(f"ShardedViewSampler(rank=, num_replicas=) expects 0 <= rank < num_replicas. Got {rank}, {num_replicas}.")
         self.inner = EpochViewSampler(views, seed=seed, shuffle=shuffle)
+        self._num_images = len({view.image_id for view in views})
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.epoch = 0
@@ -260,7 +261,7 @@ class ShardedViewSampler(Sampler[int]):
 
     @property
     def num_images(self) -> int:
-        return len(self.inner._groups)
+        return self._num_images
 
     @property
     def per_rank(self) -> int:

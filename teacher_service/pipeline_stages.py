@@ -16,8 +16,9 @@ column, N rows). The columns carried from stage to stage:
                   (``cls/p3`` ...); zeros on error rows; added by the teacher
     decode_s, forward_s, encode_s   float64[N]  each row's share of its batch's stage time
 
-A view that cannot be produced (missing, corrupt or resized image) becomes a row whose
-``error`` says why, never an exception: one bad image must not fail a block of good ones.
+A view that cannot be produced (missing, corrupt or resized image; a teacher output with
+NaN or inf) becomes a row whose ``error`` says why, never an exception: one bad image must
+not fail a block of good ones.
 Nothing here imports Ray, so the stages are testable as plain functions.
 """
 
@@ -34,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 PASSTHROUGH_COLUMNS = ("image_id", "view_id", "view", "content_hash", "valid_region", "error", "decode_s")
-"""Columns the teacher stage copies from its input to its output unchanged."""
+"""Columns the teacher stage copies from its input to its output (``error`` may gain entries)."""
 
 FAULT_ENV = "DISTILLERY_PRECOMPUTE_FAULT"
 """Testing hook, read on the driver: ``<point>:<marker_dir>`` makes the first process that
