@@ -7,7 +7,6 @@ the caller (`detcore.models.gfl.GFLDetector.loss`) and in its run config.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detcore.checkpoint import load_checkpoint, load_detector
+from detcore.checkpoint import load_checkpoint
 from detcore.coco import CocoDataset
 from detcore.datasets import DecodeFailure, EpochViewSampler, ViewDataset, collate_views
 from detcore.train import (

@@ -17,7 +17,7 @@ from detcore.models.gfl import (
     predict_detections,
 )
 from detcore.models.head import group_norm_groups
-from detcore.outputs import DenseOutputs, feature_hw, level_points
+from detcore.outputs import DenseOutputs, feature_hw
 
 
 @pytest.fixture(autouse=True)
