@@ -47,6 +47,8 @@ class Preset:
 
 
 PRESETS = {
+    # A minute or two: proves every step's wiring (used by tests/test_quickstart.py).
+    "smoke": Preset("smoke", 12, 6, 64, "gfl_tiny", 32, 1, 2e-3, "gfl_tiny", 1, 2e-3, 4),
     # About 12 minutes on 2 CPU cores: proves the pipeline, not the method (budgets too small).
     "quick": Preset("quick", 600, 100, 128, "gfl_r18", 64, 8, 2e-3, "gfl_tiny", 6, 2e-3, 16),
     # The benchmark recipe of benchmarks/RESULTS.md (hours on 2 cores; minutes on a GPU).
