@@ -26,6 +26,9 @@ FGD_DEFAULTS: dict[str, dict[str, float]] = {
 }
 """Loss hyper-parameters of the released FGD configs, by detector family."""
 
+FGD_NORMALIZE = ("teacher_rms", "none")
+"""Feature scalings `FGDLoss` accepts before the loss (see its docstring)."""
+
 
 def fgd_attention(feat: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """Spatial and channel attention of a feature map.
@@ -152,6 +155,15 @@ class FGDLoss(nn.Module):
     The attentions of the teacher are constants; the student's attention keeps its gradient
     in the mask term (as released). ``align`` is a 1x1 convolution with bias when C_s != C_t.
     The hyper-parameters are the released ones per family (`FGD_DEFAULTS`, `for_family`).
+
+    ``normalize="teacher_rms"`` (the default) first divides S (after ``align``) and T by
+    the teacher level's root mean square over the batch (a detached scalar), so the
+    released weights and temperature meet features of unit scale whatever the teacher's
+    FPN magnitude; ``normalize="none"`` is the released code exactly. Why: the released
+    weights were tuned on mmdetection's COCO teachers; a from-scratch teacher here has FPN
+    features with RMS 6-15, where mean|F| / T ~ 20 turns the spatial attention into a
+    near one-hot map (one cell weighted H*W) and the weighted term outgrows the detection
+    loss 25-fold (docs/losses.md, "FGD feature scale").
     """
 
     def __init__(
@@ -163,10 +175,14 @@ class FGDLoss(nn.Module):
         beta: float = 5e-4,
         gamma: float = 5e-4,
         lambda_: float = 5e-6,
+        normalize: str = "teacher_rms",
     ) -> None:
         super().__init__()
         if not temperature > 0:
             raise LossInputError(f"FGDLoss(temperature=) expects a positive number. Got {temperature!r}.")
+        if normalize not in FGD_NORMALIZE:
+            raise LossInputError(f"FGDLoss(normalize=) expects one of {list(FGD_NORMALIZE)}. Got {normalize!r}.")
+        self.normalize = normalize
         self.student_channels = int(student_channels)
         self.teacher_channels = int(teacher_channels)
         self.temperature = float(temperature)
@@ -190,7 +206,8 @@ class FGDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"student_channels={self.student_channels}, teacher_channels={self.teacher_channels}, "
-            f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, lambda_={self.lambda_}"
+            f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, lambda_={self.lambda_}, "
+            f"normalize={self.normalize!r}"
         )
 
     def _check(self, student_feat: Tensor, teacher_feat: Tensor, gt_boxes: Sequence[Tensor]) -> None:
@@ -229,6 +246,9 @@ class FGDLoss(nn.Module):
             teacher = as_float32(teacher_feat.detach().to(student_feat.device))
             if self.align is not None:
                 student = self.align(student)
+            if self.normalize == "teacher_rms":
+                scale = teacher.pow(2).mean().sqrt().clamp(min=1e-6)
+                student, teacher = student / scale, teacher / scale
             batch, _, height, width = student.shape
             spatial_t, channel_t = fgd_attention(teacher, self.temperature)
             spatial_s, channel_s = fgd_attention(student, self.temperature)

@@ -97,6 +97,8 @@ class FGDConfig:
     """Weight of the attention (mask) loss."""
     lambda_: float = 5e-6
     """Weight of the global relation loss."""
+    normalize: str = "teacher_rms"
+    """``teacher_rms``: features divided by the teacher level's RMS first; ``none``: as released."""
 
     @classmethod
     def for_family(cls, family: str) -> "FGDConfig":
@@ -108,7 +110,10 @@ class FGDConfig:
     def build_modules(self, student_channels: int, teacher_channels: int, num_levels: int) -> nn.ModuleList:
         """One `FGDLoss` per FPN level (the student's optimiser must include their parameters)."""
         return nn.ModuleList(
-            FGDLoss(student_channels, teacher_channels, self.temperature, self.alpha, self.beta, self.gamma, self.lambda_)
+            FGDLoss(
+                student_channels, teacher_channels, self.temperature, self.alpha, self.beta, self.gamma, self.lambda_,
+                self.normalize,
+            )
             for _ in range(num_levels)
         )
 

@@ -120,7 +120,7 @@ def test_fgd_loss_hand_case():
     student = torch.randn(2, 4, 4, 4, generator=gen)
     teacher = torch.randn(2, 4, 4, 4, generator=gen)
     gt_boxes = [torch.tensor([[0.0, 0.0, 10.0, 14.0]]), torch.zeros(0, 4)]
-    module = FGDLoss(4, 4, temperature=0.5, alpha=2.0, beta=3.0, gamma=5.0, lambda_=7.0)
+    module = FGDLoss(4, 4, temperature=0.5, alpha=2.0, beta=3.0, gamma=5.0, lambda_=7.0, normalize="none")
     out = module(student, teacher, gt_boxes, (32, 32))
     s, t = student.numpy().astype(np.float64), teacher.numpy().astype(np.float64)
     spatial_t, channel_t = np_attention(t, 0.5)
@@ -219,3 +219,47 @@ def test_input_errors():
         module(torch.zeros(1, 4, 4, 4), torch.zeros(1, 8, 4, 4), [torch.zeros(0, 4)] * 2, (32, 32))
     with pytest.raises(LossInputError, match=r"gt_boxes=.*Got Tensor\[4\]"):
         fgd_masks([torch.zeros(4)], (32, 32), 4, 4)
+
+
+def test_teacher_rms_normalisation_hand_case():
+    """Default scaling: both features divided by the teacher's RMS, then the released loss."""
+    gen = torch.Generator().manual_seed(8)
+    student = 9.0 * torch.randn(2, 4, 4, 4, generator=gen)
+    teacher = 12.0 * torch.randn(2, 4, 4, 4, generator=gen)
+    gt_boxes = [torch.tensor([[4.0, 2.0, 20.0, 18.0]]), torch.zeros(0, 4)]
+    out = FGDLoss(4, 4, alpha=2.0, beta=3.0, gamma=5.0, lambda_=7.0)(student, teacher, gt_boxes, (32, 32))
+    s, t = student.numpy().astype(np.float64), teacher.numpy().astype(np.float64)
+    rms = np.sqrt((t**2).mean())
+    s, t = s / rms, t / rms
+    spatial_t, channel_t = np_attention(t, 0.5)
+    spatial_s, channel_s = np_attention(s, 0.5)
+    fg, bg = loop_masks(gt_boxes, (32, 32), 4, 4)
+    sq = (s - t) ** 2 * channel_t[:, :, None, None] * spatial_t[:, None]
+    assert out["fg"].item() == pytest.approx((sq * fg[:, None]).sum() / 2, rel=1e-4)
+    assert out["bg"].item() == pytest.approx((sq * bg[:, None]).sum() / 2, rel=1e-4)
+    mask = (np.abs(channel_s - channel_t).sum() + np.abs(spatial_s - spatial_t).sum()) / 2
+    assert out["mask"].item() == pytest.approx(mask, rel=1e-4)
+    assert out["relation"].item() == pytest.approx(((s - t) ** 2).sum() / 2, rel=1e-4)
+
+
+def test_teacher_rms_normalisation_makes_the_loss_scale_free():
+    gen = torch.Generator().manual_seed(9)
+    student = torch.randn(2, 4, 6, 6, generator=gen)
+    teacher = torch.randn(2, 4, 6, 6, generator=gen)
+    gt_boxes = [torch.tensor([[2.0, 2.0, 30.0, 20.0]]), torch.tensor([[10.0, 10.0, 40.0, 44.0]])]
+    normalised, released = FGDLoss(4, 4), FGDLoss(4, 4, normalize="none")
+    small = normalised(student, teacher, gt_boxes, (48, 48))
+    large = normalised(10.0 * student, 10.0 * teacher, gt_boxes, (48, 48))
+    for key in ("fg", "bg", "mask", "relation"):
+        assert large[key].item() == pytest.approx(small[key].item(), rel=1e-4), key
+    # As released, the same features ten times larger give a 100x relation term and a
+    # different fg term (squared error 100x, attention sharper).
+    released_small = released(student, teacher, gt_boxes, (48, 48))
+    released_large = released(10.0 * student, 10.0 * teacher, gt_boxes, (48, 48))
+    assert released_large["relation"].item() == pytest.approx(100 * released_small["relation"].item(), rel=1e-4)
+    assert released_large["fg"].item() > 5 * released_small["fg"].item()
+
+
+def test_unknown_normalisation_is_refused():
+    with pytest.raises(LossInputError, match="normalize"):
+        FGDLoss(4, 4, normalize="batch")
