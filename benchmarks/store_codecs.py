@@ -17,6 +17,12 @@ which is how `label_store.schema.DEFAULT_CODECS` was chosen.
     python benchmarks/store_codecs.py --texture 0.1        # smoother (more compressible) maps
     python benchmarks/store_codecs.py --student-noise 1.0  # a reference student further away
     python benchmarks/store_codecs.py --groups backbone --views 4
+    python benchmarks/store_codecs.py --teacher T.pt --annotations A.json --images DIR --views 16
+                                                           # a trained teacher's real outputs
+
+With ``--teacher``, the views are real: the first ``--views`` images of the dataset, rendered
+at the checkpoint's canvas (scale 1.0, unflipped) and passed through the teacher in fp32;
+the canvas, K, R and channels are the checkpoint's.
 """
 
 from __future__ import annotations
@@ -53,6 +59,37 @@ def _speed(codec, arrays, repeats: int) -> tuple[float, float]:
     return total / encode_s / 1e6, total / decode_s / 1e6
 
 
+def teacher_views(checkpoint: str, annotations: str, images: str, count: int, groups: tuple[str, ...]):
+    """(specs, fp32 targets of ``count`` real views, description) from a trained teacher."""
+    import numpy as np
+    import torch
+
+    from detcore.checkpoint import load_detector
+    from detcore.coco import CocoDataset
+    from detcore.datasets import ViewDataset, collate_views
+    from detcore.views import plan_views
+    from label_store import default_target_specs
+
+    model, meta = load_detector(checkpoint, map_location="cpu")
+    config = meta["detector_config"]
+    dataset = CocoDataset(annotations, images)
+    ids = dataset.image_ids[:count]
+    canvas = tuple(meta["canvas_hw"])
+    views = plan_views([(i, dataset.record(i).height, dataset.record(i).width) for i in ids], canvas_hw=canvas, flip=False)
+    rendered = ViewDataset(dataset, views)
+    batch = collate_views([rendered[i] for i in range(len(rendered))])
+    with torch.no_grad():
+        outputs = model(batch["images"], with_backbone="backbone" in groups)
+    backbone = [f.shape[1] for f in outputs.backbone_features] if outputs.backbone_features is not None else None
+    specs = default_target_specs(model.num_classes, model.reg_max, canvas, model.strides, outputs.fpn_features[0].shape[1],
+                                 backbone_channels=backbone, groups=groups)
+    arrays = {name: value.float().numpy() for name, value in outputs.targets().items()}
+    targets = [{spec.name: np.ascontiguousarray(arrays[spec.name][i]) for spec in specs} for i in range(len(ids))]
+    what = (f"teacher {config.arch} ({config.fpn_channels} ch) {checkpoint}, canvas {canvas}, K={model.num_classes}, "
+            f"R={model.reg_max}, {len(ids)} real views")
+    return specs, targets, what
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--canvas", type=int, nargs=2, default=(320, 320), metavar=("H", "W"), help="canvas size")
@@ -62,7 +99,12 @@ def main() -> int:
     parser.add_argument("--groups", nargs="+", default=["cls", "box", "fpn"], choices=["cls", "box", "fpn", "backbone"], help="target groups (backbone: ResNet-50 stages c3..c5)")
     parser.add_argument("--speed-repeats", type=int, default=2, help="repeats of the speed measurement")
     parser.add_argument("--codecs", nargs="*", default=None, help="candidate codec names (default: label_store.fidelity.DEFAULT_CANDIDATES)")
+    parser.add_argument("--teacher", help="a detector checkpoint: measure its real outputs instead of synthetic maps")
+    parser.add_argument("--annotations", help="COCO json of the images the teacher sees (with --teacher)")
+    parser.add_argument("--images", help="image folder (with --teacher)")
     args = parser.parse_args()
+    if args.teacher and not (args.annotations and args.images):
+        parser.error("--teacher needs --annotations and --images")
 
     import numcodecs.blosc
 
@@ -74,16 +116,17 @@ def main() -> int:
     if args.student_noise is not None:
         fidelity.STUDENT_NOISE = args.student_noise
     groups = tuple(args.groups)
-    specs = default_target_specs(80, 16, tuple(args.canvas), (8, 16, 32, 64, 128), 256, backbone_channels=(512, 1024, 2048), groups=groups)
-    views = [synthetic_targets(specs, seed=1000 + i, texture=args.texture) for i in range(args.views)]
+    if args.teacher:
+        specs, views, what = teacher_views(args.teacher, args.annotations, args.images, args.views, groups)
+    else:
+        specs = default_target_specs(80, 16, tuple(args.canvas), (8, 16, 32, 64, 128), 256, backbone_channels=(512, 1024, 2048), groups=groups)
+        views = [synthetic_targets(specs, seed=1000 + i, texture=args.texture) for i in range(args.views)]
+        what = f"canvas {tuple(args.canvas)}, K=80, R=16, FPN C=256, {args.views} synthetic views, texture {args.texture}"
     candidates = args.codecs if args.codecs is not None else list(fidelity.DEFAULT_CANDIDATES)
     candidates += [DEFAULT_CODECS[g] for g in groups if DEFAULT_CODECS[g] not in candidates]
     # compression levels of likely winners: reported, not chosen from (level 5 is the write-speed compromise)
     levels = [f"{DEFAULT_CODECS[g].split('+')[0]}+zstd{level}" for g in groups for level in (1, 9, 15)]
-    print(
-        f"# canvas {tuple(args.canvas)}, K=80, R=16, FPN C=256, {args.views} views, texture {args.texture}, "
-        f"reference student noise {fidelity.STUDENT_NOISE} x std"
-    )
+    print(f"# {what}, reference student noise {fidelity.STUDENT_NOISE} x std")
     start = time.perf_counter()
     result = choose_codecs(views, specs, candidates=candidates)
     level_rows = choose_codecs(views, specs, candidates=levels)["rows"] if args.codecs is None else []
@@ -109,7 +152,7 @@ def main() -> int:
     rows = {(r["group"], r["codec"]): r for r in result["rows"]}
     print("chosen:", chosen)
     print("DEFAULT_CODECS:", {g: DEFAULT_CODECS[g] for g in groups})
-    for label, mapping in (("chosen", chosen), ("defaults", DEFAULT_CODECS)):
+    for label, mapping in (("chosen", chosen), ("defaults", {g: DEFAULT_CODECS[g] for g in groups})):
         if mapping.get("cls") and mapping.get("box"):
             cls, box = rows[("cls", mapping["cls"])], rows[("box", mapping["box"])]
             ratio = (cls["fp32_bytes_per_view"] + box["fp32_bytes_per_view"]) / (cls["bytes_per_view"] + box["bytes_per_view"])
