@@ -18,7 +18,9 @@ Writes ``<home>/reproduction.md`` (the table, the budget and the command of ever
 printed, never assumed: every method >= +1.0 AP over the mean baseline; offline LD within
 0.3 AP of in-process LD.
 
-    python benchmarks/reproduction.py --home runs/repro                     # default budget (hours on 2 CPU cores)
+    python benchmarks/reproduction.py --home runs/repro --num-workers 1     # default budget (~1.5 h on 2 CPU cores)
+    python benchmarks/reproduction.py --home runs/big --num-train 5000 --num-val 500 --canvas 256 \\
+        --teacher-epochs 24 --student-epochs 24                             # a GPU-sized budget
     python benchmarks/reproduction.py --home /tmp/toy --num-train 32 --num-val 16 --canvas 64 \\
         --teacher-epochs 1 --student-epochs 1                               # toy budget: proves the script
 """
@@ -111,15 +113,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", required=True, help="working folder: data, teacher, store, students, the table")
     budget = parser.add_argument_group("budget (the same for every student row)")
-    budget.add_argument("--num-train", type=int, default=5000, help="synthetic training images (default 5000)")
-    budget.add_argument("--num-val", type=int, default=500, help="synthetic validation images (default 500)")
-    budget.add_argument("--canvas", type=int, default=256, help="square canvas side (default 256)")
+    budget.add_argument("--num-train", type=int, default=1600, help="synthetic training images (default 1600)")
+    budget.add_argument("--num-val", type=int, default=200, help="synthetic validation images (default 200)")
+    budget.add_argument("--canvas", type=int, default=128, help="square canvas side (default 128)")
     budget.add_argument("--teacher-arch", default="gfl_r18")
     budget.add_argument("--teacher-channels", type=int, default=64, help="teacher FPN and head width")
-    budget.add_argument("--teacher-epochs", type=int, default=24)
+    budget.add_argument("--teacher-epochs", type=int, default=20)
     budget.add_argument("--teacher-lr", type=float, default=2e-3)
     budget.add_argument("--student-arch", default="gfl_tiny")
-    budget.add_argument("--student-epochs", type=int, default=24)
+    budget.add_argument("--student-epochs", type=int, default=20)
     budget.add_argument("--student-lr", type=float, default=2e-3)
     budget.add_argument("--batch-size", type=int, default=16)
     budget.add_argument("--scales", default="1.0", help="stored view scales (each with a flipped twin)")

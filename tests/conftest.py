@@ -1,11 +1,14 @@
 """Suite-wide settings: quiet, local Ray; small thread pools (the CI machine has 2 cores)."""
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="distillery-ray-"))
+_OWN_RAY_TMPDIR = None
+if "RAY_TMPDIR" not in os.environ:
+    _OWN_RAY_TMPDIR = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="distillery-ray-")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -16,3 +19,9 @@ def pytest_configure(config):
     except ImportError:
         return
     torch.set_num_threads(2)
+
+
+def pytest_unconfigure(config):
+    # Every test stops the Ray instances it started; what they left on disk goes with the run.
+    if _OWN_RAY_TMPDIR is not None:
+        shutil.rmtree(_OWN_RAY_TMPDIR, ignore_errors=True)
