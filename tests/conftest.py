@@ -4,6 +4,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 _OWN_RAY_TMPDIR = None
@@ -25,3 +27,14 @@ def pytest_unconfigure(config):
     # Every test stops the Ray instances it started; what they left on disk goes with the run.
     if _OWN_RAY_TMPDIR is not None:
         shutil.rmtree(_OWN_RAY_TMPDIR, ignore_errors=True)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: on the shared 2-core machine, spinning OpenMP threads of parallel tests slow each other ~4x."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

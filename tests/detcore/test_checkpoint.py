@@ -18,13 +18,7 @@ from detcore.checkpoint import (
 from detcore.models.gfl import build_detector
 from detcore.views import PIXEL_MEAN
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, spinning OpenMP threads of parallel tests slow each other ~4x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CLASSES = ("circle", "square", "star")

@@ -23,13 +23,7 @@ from detcore.train import (
 )
 from detcore.views import content_hash, plan_views
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, spinning OpenMP threads of parallel tests slow each other ~4x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 COLOURS = ((220, 40, 40), (40, 80, 220))

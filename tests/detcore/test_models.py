@@ -20,13 +20,7 @@ from detcore.models.head import group_norm_groups
 from detcore.outputs import DenseOutputs, feature_hw
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, spinning OpenMP threads of parallel tests slow each other ~4x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
