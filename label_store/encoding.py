@@ -20,7 +20,9 @@ boundary):
                     n       values, C*H*W of ``dtype`` in C order, zero-padded to a multiple of 8
 
 Decoding: ``x = offset[c] + scale[c] * code`` for int codecs (Pc = 1 broadcasts over
-channels), ``x = float32(value)`` for fp16 / fp32 (Pc = 0).
+channels), ``x = float32(value)`` for fp16 / fp32 (Pc = 0). For a predicted int codec
+(``-d<axes>``, see `label_store.codecs`) the values are zigzag-mapped residuals: undo the
+zigzag, then take cumulative sums mod 256 along the axes to get the codes.
 """
 
 from __future__ import annotations

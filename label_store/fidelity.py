@@ -256,6 +256,7 @@ DEFAULT_CANDIDATES = (
     ["fp16+zstd5", "fp16+blosc-zstd5-shuffle"]
     + [f"int{b}-{s}+{c}" for b in (8, 7, 6, 5, 4) for s in ("channel", "view") for c in ("zstd5", "blosc-zstd5-bitshuffle")]
     + [f"int8-std{k}+zstd5" for k in (4, 6, 8, 12, 16, 24, 32)]
+    + [f"int{b}-view-d{axes}+zstd{level}" for b in (8, 7, 6, 5, 4) for axes in ("hw", "chw") for level in (5, 15)]
 )
 """Codecs `choose_codecs` compares by default (fp32 is the reference, always measured)."""
 

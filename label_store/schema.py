@@ -29,16 +29,19 @@ BACKBONE_STRIDES = {"c3": 8, "c4": 16, "c5": 32}
 """Stride of each backbone stage (matches detcore.outputs, which label_store must not import)."""
 
 # Chosen by benchmarks/store_codecs.py on a trained teacher's real outputs (gfl_r18, 64
-# channels, 12.4 AP on the synthetic benchmark, 16 val views at canvas 128; see
+# channels, 13.6 AP on the synthetic benchmark, 32 val views at canvas 128; see
 # benchmarks/RESULTS.md, "Label store"): per group the smallest encoding whose
 # reference-loss error stays under 0.5% (cls, box) or 1% (fpn, backbone) on every level.
-# The session-1 choice from synthetic arrays (box int5-view) gave 1.4% LD error on real
-# outputs. Re-run it on your own teacher (or call label_store.choose_codecs) before
-# filling a large store; `distill precompute --codec GROUP=CODEC` overrides one.
+# Logits and FPN maps are smooth across neighbouring points (and box bins), so their codes
+# are differenced before zstd (``-dchw`` / ``-dhw``, lossless); zstd level 15 buys another
+# 10-15% on these small per-view chunks at ~50 MB/s encode per core. Sparse post-ReLU
+# backbone maps compress best with bit shuffle instead. Re-run the benchmark on your own
+# teacher (or call label_store.choose_codecs) before filling a large store;
+# `distill precompute --codec GROUP=CODEC` overrides one.
 DEFAULT_CODECS = {
-    "cls": "int5-view+zstd5",
-    "box": "int5-channel+zstd5",
-    "fpn": "int6-view+zstd5",
+    "cls": "int5-view-dchw+zstd15",
+    "box": "int6-view-dchw+zstd15",
+    "fpn": "int6-view-dhw+zstd15",
     "backbone": "int6-view+blosc-zstd5-bitshuffle",
 }
 

@@ -9,7 +9,7 @@ import zarr
 from label_store import TargetSpec, create_store
 from label_store.testing import synthetic_targets
 
-CODECS = ["fp32", "fp16+blosc-zstd5-shuffle", "int8-channel+blosc-zstd5-bitshuffle", "int5-view+zstd5", "int8-std8"]
+CODECS = ["fp32", "fp16+blosc-zstd5-shuffle", "int8-channel+blosc-zstd5-bitshuffle", "int5-view+zstd5", "int8-std8", "int6-view-dchw+zstd15"]
 
 
 @pytest.mark.parametrize("codec", CODECS)
