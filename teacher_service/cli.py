@@ -135,6 +135,8 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
     job.add_argument("--num-actors", type=_positive_int, default=1,
                      help="teacher actors; one GPU each where the cluster has GPUs (default: 1)")
     job.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per teacher actor (default: 1)")
+    job.add_argument("--cpus-per-task", type=float, default=1.0,
+                     help="CPUs Ray reserves per decode/render and write task (default: 1; 0.5 packs two per core)")
     job.add_argument("--torch-threads", type=_positive_int, default=None,
                      help="intra-op threads of each CPU teacher actor (default: --cpus-per-actor)")
     job.add_argument("--views-per-part", type=_positive_int, default=32,
@@ -246,6 +248,7 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_actors=args.num_actors,
         cpus_per_actor=args.cpus_per_actor,
+        cpus_per_task=args.cpus_per_task,
         torch_threads=args.torch_threads,
         device=args.device,
         precision=args.precision,

@@ -297,11 +297,41 @@ def store_layout(config: PrecomputeConfig) -> StoreLayout:
                 f"PrecomputeConfig(codecs=) expects target names of this store {[s.name for s in specs]}. Got {unknown}."
             )
         specs = [dataclasses.replace(s, codec=per_target[s.name]) if s.name in per_target else s for s in specs]
+        specs = _keep_existing_codecs(config, specs, per_group, per_target)
     except PrecomputeInputError:
         raise
     except ValueError as error:  # an unknown codec name: the message carries the grammar
         raise PrecomputeInputError(str(error)) from error
     return StoreLayout(fingerprint, tuple(specs), canvas_hw, tuple(fingerprint["classes"]))
+
+
+def _keep_existing_codecs(config: PrecomputeConfig, specs: list, per_group: dict, per_target: dict) -> list:
+    """Resuming a store: targets whose codec the caller did not choose keep the store's codec.
+
+    The defaults change as they are re-measured; a store filled under older defaults must
+    still resume with the same command. An explicit ``codecs`` choice that differs from the
+    store is still refused (by `create_store`, naming each target).
+    """
+    from label_store._fs import Location
+    from label_store._manifest import read_store_meta
+    from label_store.errors import StoreNotFoundError
+
+    try:
+        existing = read_store_meta(Location(config.store, dict(config.storage_options)))
+    except StoreNotFoundError:
+        return specs
+    stored = {spec.name: spec for spec in existing.targets}
+    out, kept = [], []
+    for spec in specs:
+        chosen = spec.name in per_target or spec.group in per_group
+        old = stored.get(spec.name)
+        if not chosen and old is not None and tuple(old.shape) == tuple(spec.shape) and old.codec != spec.codec:
+            kept.append(f"{spec.name} {old.codec}")
+            spec = dataclasses.replace(spec, codec=old.codec)
+        out.append(spec)
+    if kept:
+        logger.info("resuming %s with the codecs it was written with (current defaults differ): %s", config.store, ", ".join(kept))
+    return out
 
 
 def plan_job(config: PrecomputeConfig, dataset, canvas_hw: tuple[int, int]) -> list:
@@ -382,6 +412,25 @@ class _ProgressPoller:
         self.bar.close()
 
 
+def local_cluster_cpus(config: PrecomputeConfig, cpu_count: int) -> int:
+    """Logical CPUs of a local cluster: the requested number, raised to fit the job's minimum.
+
+    The job needs its teacher actors plus at least one decode/write task at a time; with
+    fewer logical CPUs Ray would never schedule a decode task and the job would hang. A
+    1-core machine (or ``--num-cpus 1``) therefore gets 2 logical CPUs: the CPU teacher and
+    the (niced) decode and write tasks share the core, as they do on any small machine.
+    """
+    requested = config.num_cpus or cpu_count
+    needed = math.ceil(config.num_actors * config.cpus_per_actor + config.cpus_per_task)
+    if requested < needed:
+        logger.info(
+            "local Ray cluster: %d CPU(s) requested, but %d teacher actor(s) x %g CPU plus one %g-CPU decode/write task "
+            "need %d; declaring %d logical CPUs (they share the physical cores)",
+            requested, config.num_actors, config.cpus_per_actor, config.cpus_per_task, needed, needed,
+        )
+    return max(requested, needed)
+
+
 def _init_ray(config: PrecomputeConfig) -> bool:
     """Join or start a Ray cluster unless one is initialised; True if this call started it."""
     import ray
@@ -396,7 +445,7 @@ def _init_ray(config: PrecomputeConfig) -> bool:
         ray.init(address=config.ray_address, runtime_env=runtime_env, log_to_driver=False)
     else:
         ray.init(
-            num_cpus=config.num_cpus or os.cpu_count(),
+            num_cpus=local_cluster_cpus(config, os.cpu_count() or 1),
             include_dashboard=False,
             runtime_env=runtime_env,
             log_to_driver=False,
@@ -511,10 +560,13 @@ def _run_pipeline(config: PrecomputeConfig, dataset, layout: StoreLayout, todo: 
             f"PrecomputeConfig(num_actors=) expects at most one teacher actor per GPU of the cluster ({num_gpus}). "
             f"Got {config.num_actors}; lower --num-actors or add GPU nodes."
         )
-    if config.num_actors * config.cpus_per_actor > float(resources.get("CPU", 0)):
+    if config.num_actors * config.cpus_per_actor + config.cpus_per_task > float(resources.get("CPU", 0)):
+        # Otherwise the actors hold every CPU, no decode task is ever scheduled and the job hangs.
         raise PrecomputeInputError(
-            f"PrecomputeConfig(num_actors=, cpus_per_actor=) expects the actors to fit the cluster's "
-            f"{resources.get('CPU', 0):g} CPUs. Got {config.num_actors} x {config.cpus_per_actor:g}."
+            f"PrecomputeConfig(num_actors=, cpus_per_actor=, cpus_per_task=) expects the teacher actors plus one "
+            f"decode/write task to fit the cluster's {resources.get('CPU', 0):g} CPUs. Got {config.num_actors} x "
+            f"{config.cpus_per_actor:g} + {config.cpus_per_task:g}; lower --num-actors, --cpus-per-actor or "
+            f"--cpus-per-task, or add CPUs to the cluster."
         )
     torch_threads = config.torch_threads or max(1, int(config.cpus_per_actor))
     actor_resources: dict[str, Any] = {"num_cpus": config.cpus_per_actor}

@@ -9,7 +9,9 @@ at three points, corrupt and missing images, CLI exit codes, and last a two-node
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -478,8 +480,12 @@ def test_store_made_by_another_teacher_or_canvas_is_refused(data, fp32_store, lo
     assert "checkpoint_sha256" in capsys.readouterr().err
     assert _cli([*base, "--teacher", str(data["teacher"]), "--canvas", "96x96"]) == 2
     assert "canvas" in capsys.readouterr().err
-    assert _cli([*base[:-8], "--teacher", str(data["teacher"])]) == 2  # default codecs: another target set
-    assert capsys.readouterr().err.strip() != ""
+    # an explicit codec that differs from the store's: another target set, refused by name
+    assert _cli([*base[:-8], "--codec", "box=int8-view", "--teacher", str(data["teacher"])]) == 2
+    assert "box/p3" in capsys.readouterr().err
+    # no codec given: the store keeps its own (fp32) codecs and the job resumes
+    assert _cli([*base[:-8], "--teacher", str(data["teacher"])]) == 0
+    assert "already committed (skipped)  16" in capsys.readouterr().out.replace("   ", "  ")
     assert _cli([*base, "--teacher", str(data["teacher"])]) == 0  # the same job resumes: nothing to do
     assert "already committed (skipped)  16" in capsys.readouterr().out.replace("   ", "  ")
 
@@ -505,3 +511,52 @@ def test_two_node_cluster_stores_every_view_once(data, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_local_cluster_cpus_fit_the_actors_and_one_task(data, tmp_path):
+    from teacher_service.precompute import local_cluster_cpus
+
+    config = _config(data, tmp_path / "s.zarr", cpus_per_actor=1.0, cpus_per_task=1.0)
+    # 1 actor x 1 CPU + one 1-CPU decode task: a 1-CPU cluster would hang, so it gets 2
+    assert local_cluster_cpus(dataclasses.replace(config, num_cpus=1), cpu_count=8) == 2
+    assert local_cluster_cpus(dataclasses.replace(config, num_cpus=None), cpu_count=1) == 2
+    assert local_cluster_cpus(dataclasses.replace(config, num_cpus=None), cpu_count=16) == 16
+    assert local_cluster_cpus(dataclasses.replace(config, num_cpus=3, num_actors=3), cpu_count=2) == 4
+    assert local_cluster_cpus(dataclasses.replace(config, num_cpus=1, cpus_per_actor=0.5, cpus_per_task=0.5), cpu_count=1) == 1
+
+
+def test_actors_that_leave_no_cpu_for_decoding_are_refused(data, local_ray, tmp_path):
+    # 2 actors x 1 CPU on the 2-CPU cluster: no decode task could ever run (the job would hang)
+    store = tmp_path / "full.zarr"
+    with pytest.raises(PrecomputeInputError, match="plus one decode/write task"):
+        run_precompute(_config(data, store, num_actors=2, cpus_per_actor=1.0, cpus_per_task=1.0))
+    from label_store.reader import open_store
+
+    assert len(open_store(str(store)).keys()) == 0  # nothing half-done
+
+
+def test_resume_keeps_the_codecs_the_store_was_written_with(data, local_ray, tmp_path, monkeypatch, caplog):
+    import label_store.schema as schema
+
+    store = tmp_path / "old_defaults.zarr"
+    first = run_precompute(_config(data, store, max_views=4))
+    assert first.views_stored == 4
+    written = {spec.name: spec.codec for spec in open_store_targets(store)}
+    # the defaults move on (as they did when prediction was added): the same command resumes
+    monkeypatch.setitem(schema.DEFAULT_CODECS, "box", "int8-view+zstd3")
+    with caplog.at_level(logging.INFO, logger="teacher_service.precompute"):
+        second = run_precompute(_config(data, store))
+    assert second.views_skipped == 4 and second.views_stored == 12
+    assert {spec.name: spec.codec for spec in open_store_targets(store)} == written
+    assert "codecs it was written with" in caplog.text
+    # an explicit, different choice is still refused, naming the target
+    from label_store.errors import StoreMismatchError
+
+    with pytest.raises(StoreMismatchError, match="box/p3"):
+        run_precompute(_config(data, store, codecs=(("box", "int8-view+zstd3"),)))
+
+
+def open_store_targets(store):
+    from label_store.reader import open_store
+
+    return open_store(str(store)).targets
