@@ -1,8 +1,8 @@
 """label_store: a chunked, compressed, verifiable store of dense teacher targets.
 
 The public names below load on first use (PEP 562), so ``import label_store`` (and the
-``distill`` CLI's ``--help``) stays cheap; the package never imports torch (only
-`label_store.torch_adapter` does, when imported).
+``distill`` CLI's ``--help``) stays cheap; no module of the package imports torch
+at import time (`label_store.torch_adapter` imports it inside its functions).
 
 Writing::
 

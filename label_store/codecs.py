@@ -52,7 +52,7 @@ import numpy as np
 FLOAT16_MAX = 65504.0
 
 _STORAGE_RE = re.compile(
-    r"^(?:(?P<float>fp32|fp16)|int(?P<bits>[2-8])-(?P<scale>channel|view|std(?P<k>[1-9][0-9]{0,3}))(?:-d(?P<predict>c?h?w?))?)$"
+    r"^(?:(?P<float>fp32|fp16)|int(?P<bits>[2-8])-(?P<scale>channel|view|std(?P<k>[1-9][0-9]{0,3}))(?:-d(?P<predict>(?=[chw])c?h?w?))?)$"
 )
 _AXES = {"c": 0, "h": 1, "w": 2}
 _COMPRESSOR_RE = re.compile(r"^(?:zstd(?P<zlevel>-?[0-9]{1,2})|blosc-zstd(?P<blevel>[0-9])-(?P<shuffle>shuffle|bitshuffle))$")
@@ -199,8 +199,7 @@ class TargetCodec:
         """Codes -> zigzag-mapped residuals of differencing along `predict`'s axes (mod 256)."""
         residual = codes
         for axis in (_AXES[a] for a in self.predict):
-            first = np.take(residual, [0], axis=axis)
-            residual = np.diff(residual, axis=axis, prepend=np.zeros_like(first))  # uint8: wraps mod 256
+            residual = np.diff(residual, axis=axis, prepend=np.uint8(0))  # uint8: wraps mod 256
         signed = residual.view(np.int8)
         return ((signed << 1) ^ (signed >> 7)).view(np.uint8)
 
@@ -297,8 +296,6 @@ def _parse_codec(name: str) -> TargetCodec:
     storage_text, plus, compressor_text = name.partition("+")
     storage = _STORAGE_RE.match(storage_text)
     compressor = _COMPRESSOR_RE.match(compressor_text) if compressor_text else None
-    if storage is not None and storage.group("predict") == "":  # "-d" without axes
-        storage = None
     if storage is None or (plus and compressor is None):
         raise ValueError(
             "parse_codec(name=) expects '<storage>[+<compressor>]' with storage fp32, fp16, int<b>-channel, "

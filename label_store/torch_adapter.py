@@ -1,19 +1,24 @@
-"""Thin torch adapter for the trainer: the only module of label_store that imports torch.
+"""Thin torch adapter for the trainer: the only module of label_store that uses torch.
+
+torch is imported inside the functions, so even importing this module works without it.
 
 Legend: B views in a batch, C channels, H x W one level's map.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def to_torch(targets: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
     """name -> float32 array[C, H, W] as name -> Tensor[C, H, W] (shares memory when it can)."""
+    import torch
+
     out = {}
     for name, array in targets.items():
         array = np.asarray(array)
@@ -27,6 +32,8 @@ def to_torch(targets: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
 
 def collate_targets(batch: Sequence[Mapping[str, np.ndarray | Tensor]]) -> dict[str, Tensor]:
     """Stack the targets of B views: name -> Tensor[B, C, H, W] (a DataLoader ``collate_fn`` part)."""
+    import torch
+
     if not batch:
         raise ValueError("collate_targets(batch=) expects at least one view. Got an empty batch.")
     names = list(batch[0])
@@ -35,7 +42,7 @@ def collate_targets(batch: Sequence[Mapping[str, np.ndarray | Tensor]]) -> dict[
             raise ValueError(f"collate_targets(batch=) expects the same targets in every view. Got {list(item)} at {index}, {names} at 0.")
     out = {}
     for name in names:
-        tensors = [item[name] if isinstance(item[name], Tensor) else torch.from_numpy(np.ascontiguousarray(item[name])) for item in batch]
+        tensors = [item[name] if isinstance(item[name], torch.Tensor) else torch.from_numpy(np.ascontiguousarray(item[name])) for item in batch]
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) != 1:
             raise ValueError(f"collate_targets(batch=) expects one shape per target. Got {sorted(shapes)} for {name!r}.")

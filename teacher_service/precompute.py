@@ -101,6 +101,11 @@ class PrecomputeConfig:
     show_progress: bool = True
     """Show a tqdm progress bar (views/s, ETA) on stderr."""
 
+    @property
+    def cpus_needed(self) -> float:
+        """Logical CPUs the job cannot run without: its teacher actors plus one decode/write task."""
+        return self.num_actors * self.cpus_per_actor + self.cpus_per_task
+
     def validate(self) -> None:
         """Raise `PrecomputeInputError` naming the first field that is not usable."""
         for name in ("annotations", "teacher"):
@@ -421,7 +426,7 @@ def local_cluster_cpus(config: PrecomputeConfig, cpu_count: int) -> int:
     the (niced) decode and write tasks share the core, as they do on any small machine.
     """
     requested = config.num_cpus or cpu_count
-    needed = math.ceil(config.num_actors * config.cpus_per_actor + config.cpus_per_task)
+    needed = math.ceil(config.cpus_needed)
     if requested < needed:
         logger.info(
             "local Ray cluster: %d CPU(s) requested, but %d teacher actor(s) x %g CPU plus one %g-CPU decode/write task "
@@ -560,7 +565,7 @@ def _run_pipeline(config: PrecomputeConfig, dataset, layout: StoreLayout, todo: 
             f"PrecomputeConfig(num_actors=) expects at most one teacher actor per GPU of the cluster ({num_gpus}). "
             f"Got {config.num_actors}; lower --num-actors or add GPU nodes."
         )
-    if config.num_actors * config.cpus_per_actor + config.cpus_per_task > float(resources.get("CPU", 0)):
+    if config.cpus_needed > float(resources.get("CPU", 0)):
         # Otherwise the actors hold every CPU, no decode task is ever scheduled and the job hangs.
         raise PrecomputeInputError(
             f"PrecomputeConfig(num_actors=, cpus_per_actor=, cpus_per_task=) expects the teacher actors plus one "
@@ -652,5 +657,5 @@ def _task_concurrency(config: PrecomputeConfig) -> int:
     import ray
 
     cpus = float(ray.cluster_resources().get("CPU", 0))
-    free = cpus - config.num_actors * config.cpus_per_actor
+    free = cpus - (config.cpus_needed - config.cpus_per_task)  # what the actors leave
     return max(1, int(free // config.cpus_per_task))

@@ -6,10 +6,9 @@ import pickle
 
 import numpy as np
 import pytest
+import torch  # a project requirement; label_store itself imports without it (test_store_import.py)
 
 from label_store import create_store, open_store
-
-torch = pytest.importorskip("torch")
 
 
 class _TargetsDataset(torch.utils.data.Dataset):

@@ -12,11 +12,3 @@ def world(tmp_path_factory):
     torch.set_num_threads(1)
     return build_world(tmp_path_factory.mktemp("student_world"))
 
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: the 2-core CI machine is shared, and two threads contend badly there."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TERMS = {
     "ld_main": ("box", "cls"), "ld_vlr": ("box",), "ld_kd": ("cls",),

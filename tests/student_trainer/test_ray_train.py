@@ -9,7 +9,7 @@ import torch
 
 from student_fixtures import run_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_two_worker_ray_train_run(world, tmp_path, monkeypatch):

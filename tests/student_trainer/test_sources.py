@@ -5,7 +5,7 @@ import torch
 
 from fake_endpoint import FakeEndpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NAMES = ["cls/p3", "box/p4", "fpn/p5", "backbone/c4"]
 

@@ -10,7 +10,7 @@ from PIL import Image
 from fake_endpoint import FakeEndpoint
 from student_fixtures import run_config, write_store
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _read_jsonl(path):

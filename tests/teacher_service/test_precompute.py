@@ -541,13 +541,13 @@ def test_resume_keeps_the_codecs_the_store_was_written_with(data, local_ray, tmp
     store = tmp_path / "old_defaults.zarr"
     first = run_precompute(_config(data, store, max_views=4))
     assert first.views_stored == 4
-    written = {spec.name: spec.codec for spec in open_store_targets(store)}
+    written = _store_codecs(store)
     # the defaults move on (as they did when prediction was added): the same command resumes
     monkeypatch.setitem(schema.DEFAULT_CODECS, "box", "int8-view+zstd3")
     with caplog.at_level(logging.INFO, logger="teacher_service.precompute"):
         second = run_precompute(_config(data, store))
     assert second.views_skipped == 4 and second.views_stored == 12
-    assert {spec.name: spec.codec for spec in open_store_targets(store)} == written
+    assert _store_codecs(store) == written
     assert "codecs it was written with" in caplog.text
     # an explicit, different choice is still refused, naming the target
     from label_store.errors import StoreMismatchError
@@ -556,7 +556,7 @@ def test_resume_keeps_the_codecs_the_store_was_written_with(data, local_ray, tmp
         run_precompute(_config(data, store, codecs=(("box", "int8-view+zstd3"),)))
 
 
-def open_store_targets(store):
+def _store_codecs(store) -> dict[str, str]:
     from label_store.reader import open_store
 
-    return open_store(str(store)).targets
+    return {spec.name: spec.codec for spec in open_store(str(store)).targets}
