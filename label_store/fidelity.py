@@ -256,9 +256,10 @@ DEFAULT_CANDIDATES = (
     ["fp16+zstd5", "fp16+blosc-zstd5-shuffle"]
     + [f"int{b}-{s}+{c}" for b in (8, 7, 6, 5, 4) for s in ("channel", "view") for c in ("zstd5", "blosc-zstd5-bitshuffle")]
     + [f"int8-std{k}+zstd5" for k in (4, 6, 8, 12, 16, 24, 32)]
-    + [f"int{b}-view-d{axes}+zstd{level}" for b in (8, 7, 6, 5, 4) for axes in ("hw", "chw") for level in (5, 15)]
+    + [f"int{b}-view-d{axes}+zstd{level}" for b in (8, 7, 6, 5, 4) for axes in ("hw", "chw", "bhw") for level in (5, 15)]
 )
-"""Codecs `choose_codecs` compares by default (fp32 is the reference, always measured)."""
+"""Codecs `choose_codecs` compares by default (fp32 is the reference, always measured).
+Those with the ``b`` prediction axis (a box target's 4 edges) are tried on box targets only."""
 
 
 def choose_codecs(
@@ -294,6 +295,8 @@ def choose_codecs(
         best = None
         for name in ["fp32", *candidates]:
             codec = parse_codec(name)
+            if "b" in codec.predict and group != "box":
+                continue  # its channel groups are the 4 box edges
             accumulator = FidelityAccumulator()
             stored = 0
             for index, view in enumerate(arrays):

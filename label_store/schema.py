@@ -33,14 +33,15 @@ BACKBONE_STRIDES = {"c3": 8, "c4": 16, "c5": 32}
 # benchmarks/RESULTS.md, "Label store"): per group the smallest encoding whose
 # reference-loss error stays under 0.5% (cls, box) or 1% (fpn, backbone) on every level.
 # Logits and FPN maps are smooth across neighbouring points (and box bins), so their codes
-# are differenced before zstd (``-dchw`` / ``-dhw``, lossless); zstd level 15 buys another
+# are differenced before zstd (``-dchw``, ``-dbhw`` within each box edge's bins, ``-dhw``;
+# lossless); zstd level 15 buys another
 # 10-15% on these small per-view chunks at ~50 MB/s encode per core. Sparse post-ReLU
 # backbone maps compress best with bit shuffle instead. Re-run the benchmark on your own
 # teacher (or call label_store.choose_codecs) before filling a large store;
 # `distill precompute --codec GROUP=CODEC` overrides one.
 DEFAULT_CODECS = {
     "cls": "int5-view-dchw+zstd15",
-    "box": "int6-view-dchw+zstd15",
+    "box": "int6-view-dbhw+zstd15",
     "fpn": "int6-view-dhw+zstd15",
     "backbone": "int6-view+blosc-zstd5-bitshuffle",
 }

@@ -191,3 +191,44 @@ def test_configuration_without_prediction_is_unchanged():
     # stores written before prediction existed hold this exact configuration
     assert "predict" not in parse_codec("int5-view+zstd5").to_dict()["configuration"]
     assert parse_codec("int6-view-dchw+zstd15").to_dict()["configuration"]["predict"] == "chw"
+
+
+def test_edge_prediction_restarts_at_each_box_edge():
+    box = _samples()[1]  # 4 edges x 8 bins
+    edge_wise, channel_wise = parse_codec("int6-view-dbhw+zstd15"), parse_codec("int6-view-dchw+zstd15")
+    codes, scale, offset = edge_wise.encode(box)
+    plain = parse_codec("int6-view").encode(box)[0]
+    assert np.array_equal(edge_wise.decode(codes, scale, offset), parse_codec("int6-view").decode(plain, scale, offset))
+    # each edge's first bin holds its own hw-differenced codes, not a difference from the
+    # previous edge's last bin (which 'c' would give)
+    spatial = parse_codec("int6-view-dhw").encode(box)[0]
+    for first in range(0, 32, 8):
+        assert np.array_equal(codes[first], spatial[first])
+    assert not np.array_equal(codes, channel_wise.encode(box)[0])
+    # the others are the same bin-to-bin differences as 'c'
+    inner = [c for c in range(32) if c % 8]
+    assert np.array_equal(codes[inner], channel_wise.encode(box)[0][inner])
+
+
+def test_edge_prediction_needs_four_channel_groups():
+    with pytest.raises(ValueError, match=r"divisible by 4.*5 channels"):
+        parse_codec("int6-view-dbhw").encode(np.zeros((5, 3, 3), np.float32))
+
+
+def test_edge_prediction_shrinks_box_distributions_more_than_channel_prediction():
+    # each edge peaks at a different bin, so the last bin of one edge says nothing of the
+    # next edge's first
+    bins, h, w = 17, 16, 16
+    rows, cols = np.mgrid[0:h, 0:w]
+    j = np.arange(bins).reshape(bins, 1, 1)
+    x = np.concatenate(
+        [-0.5 * (j - (3 + 3 * e + 2 * np.sin(rows / 5.0 + e) * np.cos(cols / 4.0))) ** 2 for e in range(4)]
+    ).astype(np.float32)
+    sizes = {name: parse_codec(name).compressed_nbytes(parse_codec(name).encode(x)[0]) for name in ("int6-view-dchw+zstd15", "int6-view-dbhw+zstd15")}
+    assert sizes["int6-view-dbhw+zstd15"] < sizes["int6-view-dchw+zstd15"], sizes
+
+
+@pytest.mark.parametrize("bad", ["int6-view-dbchw", "int6-view-dcb", "int6-view-dhb", "int6-view-dbb"])
+def test_edge_axis_takes_the_place_of_c(bad):
+    with pytest.raises(ValueError, match="or 'b' in place of 'c'"):
+        parse_codec(bad)

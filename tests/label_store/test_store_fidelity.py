@@ -129,3 +129,14 @@ def test_choose_codecs_picks_smallest_within_budget(specs, make_targets):
         assert result["chosen"][group] == min(passing, key=lambda r: r["bytes_per_view"])["codec"]
     assert not rows[("fpn", "int2-view+zstd5")]["passes"]
     assert result["chosen"]["fpn"] == "int8-channel+zstd5"
+
+
+def test_choose_codecs_tries_edge_prediction_on_box_targets_only():
+    # 5 classes: an edge-grouped ('b') codec cannot apply to cls and must not be tried there
+    specs = [TargetSpec("cls/p3", (5, 6, 6), "fp32"), TargetSpec("box/p3", (4 * 5, 6, 6), "fp32")]
+    rng = np.random.default_rng(0)
+    sample = [{s.name: rng.standard_normal(s.shape).astype(np.float32) for s in specs} for _ in range(2)]
+    result = choose_codecs(sample, specs, candidates=["int6-view-dbhw+zstd5", "int6-view-dchw+zstd5"])
+    tried = {(r["group"], r["codec"]) for r in result["rows"]}
+    assert ("box", "int6-view-dbhw+zstd5") in tried and ("cls", "int6-view-dbhw+zstd5") not in tried
+    assert ("cls", "int6-view-dchw+zstd5") in tried
