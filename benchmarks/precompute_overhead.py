@@ -9,7 +9,10 @@ Both are measured in one run, interleaved (forward, job, forward) because the ma
 shared; the ratio uses the mean of the two forward timings. A "cold" job runs first on a
 fresh local Ray cluster (worker processes and the teacher actor start inside the timed
 job); a "warm" job then runs again into a new store on the same cluster, as on a
-long-lived cluster joined with --address. Ray's own start-up is reported apart.
+long-lived cluster. Ray's own start-up is reported apart. The cluster is the one
+`distill precompute` starts (`teacher_service.precompute.init_ray`: logical CPUs for the
+actor plus a decode and a write task, the CPU teacher pinned to a core of its own unless
+``--no-pin-cpus``).
 
 Setup: synthetic benchmark images (`detcore.synth`, 160-320 px), canvas 256x256, views
 {original, flip} per image, a random-init gfl_r18 teacher with 64 FPN/head channels,
@@ -18,7 +21,7 @@ torch threads; decode and write tasks share the remaining CPU. The baseline forw
 the same thread count (on this 2-core machine: the actor owns one core, the pipeline's
 CPU work runs on the other).
 
-    python benchmarks/precompute_overhead.py --num-images 64 --threads 1
+    python benchmarks/precompute_overhead.py --num-images 64 --threads 1 [--no-pin-cpus]
 """
 
 from __future__ import annotations
@@ -88,12 +91,10 @@ def forward_alone(paths: dict[str, Path], canvas: int, batch_size: int, threads:
     return {"views": len(views), "seconds": seconds}
 
 
-def run_job(paths: dict[str, Path], store: Path, args: argparse.Namespace):
-    from teacher_service.precompute import PrecomputeConfig, run_precompute
+def job_config(paths: dict[str, Path], store: Path, args: argparse.Namespace):
+    from teacher_service.precompute import PrecomputeConfig
 
-    if store.exists():
-        shutil.rmtree(store)
-    config = PrecomputeConfig(
+    return PrecomputeConfig(
         annotations=str(paths["annotations"]),
         images_dir=str(paths["images"]),
         teacher=str(paths["teacher"]),
@@ -104,9 +105,18 @@ def run_job(paths: dict[str, Path], store: Path, args: argparse.Namespace):
         cpus_per_actor=1.0,
         torch_threads=args.threads,
         views_per_part=args.views_per_part,
+        num_cpus=args.num_cpus,
+        pin_cpus=not args.no_pin_cpus,
         show_progress=False,
     )
-    return run_precompute(config)
+
+
+def run_job(paths: dict[str, Path], store: Path, args: argparse.Namespace):
+    from teacher_service.precompute import run_precompute
+
+    if store.exists():
+        shutil.rmtree(store)
+    return run_precompute(job_config(paths, store, args))
 
 
 def main() -> None:
@@ -116,12 +126,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the teacher (actor and baseline)")
     parser.add_argument("--views-per-part", type=int, default=32)
-    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs of the local Ray cluster (default: as `distill precompute` starts it)")
+    parser.add_argument("--no-pin-cpus", action="store_true", help="as `distill precompute --no-pin-cpus`")
     parser.add_argument("--work", type=Path, default=Path("/tmp/distillery-bench-precompute"))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
     import ray
+
+    from teacher_service.precompute import init_ray
 
     args.work.mkdir(parents=True, exist_ok=True)
     paths = prepare(args.work, args.num_images, args.canvas)
@@ -131,12 +145,8 @@ def main() -> None:
 
     forward_1 = forward_alone(paths, args.canvas, args.batch_size, args.threads)
     started = time.perf_counter()
-    ray.init(
-        num_cpus=args.num_cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}},
-    )
+    # the local cluster `distill precompute` would start (logical CPUs, CPU pinning)
+    _, pinning = init_ray(job_config(paths, args.work / "unused.zarr", args))
     ray_init_seconds = time.perf_counter() - started
     try:
         cold = run_job(paths, args.work / "store-cold.zarr", args)
@@ -156,6 +166,7 @@ def main() -> None:
         "threads": args.threads,
         "views_per_part": args.views_per_part,
         "ray_init_seconds": ray_init_seconds,
+        "pinning": [list(p) for p in pinning] if pinning else None,
         "forward_seconds": [forward_1["seconds"], forward_2["seconds"], forward_3["seconds"]],
         "cold": {**cold.to_dict(), "ratio": cold.seconds / cold_forward},
         "warm": {**warm.to_dict(), "ratio": warm.seconds / warm_forward},
@@ -165,7 +176,8 @@ def main() -> None:
     for name in ("cold", "warm"):
         results[name].pop("failures")
     print(f"views {results['views']}, canvas {args.canvas}, batch {args.batch_size}, torch threads {args.threads}")
-    print(f"ray.init: {ray_init_seconds:.2f} s (not in the job times)")
+    print(f"ray.init: {ray_init_seconds:.2f} s (not in the job times); CPU pinning: "
+          f"{'teacher %s, the rest %s' % pinning if pinning else 'off'}")
     print("forward alone: " + ", ".join(f"{s:.2f} s" for s in results["forward_seconds"]))
     for name, summary, forward in (("cold", cold, cold_forward), ("warm", warm, warm_forward)):
         print(

@@ -148,7 +148,11 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
     job.add_argument("--address", default=None,
                      help="join this Ray cluster (host:port of `ray start --head`); default: start a local one")
     job.add_argument("--num-cpus", type=_positive_int, default=None,
-                     help="CPUs of the local Ray cluster started without --address (default: all)")
+                     help="CPUs of the local Ray cluster started without --address (default: all; raised to fit "
+                          "the teacher actors plus a decode task, and a write task beside it when the teacher is pinned)")
+    job.add_argument("--no-pin-cpus", action="store_true",
+                     help="do not keep a CPU teacher on cores of its own (default on a local cluster: teacher actors "
+                          "on the first cores, decoding and writing on the rest)")
     job.add_argument("--storage-option", type=_key_value("--storage-option"), action="append", default=[],
                      metavar="KEY=VALUE", help="fsspec option for a remote store, e.g. endpoint_url=... (repeatable)")
     job.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON to FILE")
@@ -257,6 +261,7 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         max_views=args.max_views,
         ray_address=args.address,
         num_cpus=args.num_cpus,
+        pin_cpus=not args.no_pin_cpus,
         show_progress=not args.no_progress and os.environ.get("TQDM_DISABLE", "") in ("", "0"),
     )
     from detcore.checkpoint import CheckpointError

@@ -89,6 +89,7 @@ class LabelStoreDatasink(Datasink):
         views_per_part: rows Ray Data gathers for one write task, hence one part.
         progress: a `ProgressCounter` handle, or None.
         niceness: run the encoding and writing at this lower CPU priority.
+        cpus: and on these cores (None: wherever the worker runs).
         fault: testing hook, see `teacher_service.pipeline_stages.FAULT_ENV`.
 
     After `Dataset.write_datasink` returns, ``result`` holds the aggregated
@@ -104,6 +105,7 @@ class LabelStoreDatasink(Datasink):
         views_per_part: int | None = None,
         progress: Any = None,
         niceness: int = 0,
+        cpus: Iterable[int] | None = None,
         fault: tuple[str, str] | None = None,
     ) -> None:
         self.store_url = store_url
@@ -114,6 +116,7 @@ class LabelStoreDatasink(Datasink):
         self.views_per_part = views_per_part
         self.progress = progress
         self.niceness = niceness
+        self.cpus = tuple(int(c) for c in cpus) if cpus else None
         self.fault = fault
         self.result: dict[str, Any] | None = None
 
@@ -140,7 +143,7 @@ class LabelStoreDatasink(Datasink):
         # The part id comes from the rows (see the module docstring), not from ``ctx``.
         start = time.perf_counter()
         batches = [BlockAccessor.for_block(block).to_batch_format("numpy") for block in blocks]
-        return run_at_lower_priority(self.niceness, self._write, batches, start)
+        return run_at_lower_priority(self.niceness, self._write, batches, start, cpus=self.cpus)
 
     def _write(self, batches: list[dict[str, np.ndarray]], start: float) -> dict[str, Any]:
         from label_store.errors import PartExistsError

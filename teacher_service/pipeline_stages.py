@@ -76,25 +76,30 @@ def maybe_inject_fault(fault: tuple[str, str] | None, point: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run_at_lower_priority(niceness: int, fn, /, *args, **kwargs):
+def run_at_lower_priority(niceness: int, fn, /, *args, cpus: Sequence[int] | None = None, **kwargs):
     """``fn(*args, **kwargs)`` in a helper thread whose CPU priority is lowered by ``niceness``.
 
     Decoding and writing only have to keep pace with the teacher; where they share cores
     with a CPU teacher, a lower priority lets them use the cycles the forward pass leaves
-    idle instead of slowing it down. On Linux the nice value is per thread, so only this
+    idle instead of slowing it down, and ``cpus`` (the stage cores of
+    `teacher_service.precompute.cpu_pinning`) keeps the thread off the teacher's cores
+    altogether. On Linux the nice value and the CPU mask are per thread, so only this
     short-lived thread is affected (never the pooled Ray worker, which may later host a
-    teacher actor); elsewhere, or with ``niceness=0``, ``fn`` runs in the calling thread.
-    Lowering one's own priority needs no privilege.
+    teacher actor); elsewhere, or with ``niceness=0`` and no ``cpus``, ``fn`` runs in the
+    calling thread. Lowering one's own priority needs no privilege.
     """
-    if niceness <= 0 or not sys.platform.startswith("linux"):
+    if (niceness <= 0 and not cpus) or not sys.platform.startswith("linux"):
         return fn(*args, **kwargs)
     outcome: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
-        except OSError:  # e.g. a seccomp profile that forbids it: run at normal priority
+            if cpus:
+                os.sched_setaffinity(0, {int(c) for c in cpus})
+            if niceness > 0:
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
+        except OSError:  # e.g. a seccomp profile that forbids it: run as the worker does
             pass
         try:
             outcome["value"] = fn(*args, **kwargs)
@@ -116,7 +121,11 @@ def describe_error(error: BaseException) -> str:
 
 
 def decode_and_render(
-    batch: Mapping[str, np.ndarray], *, fault: tuple[str, str] | None = None, niceness: int = 0
+    batch: Mapping[str, np.ndarray],
+    *,
+    fault: tuple[str, str] | None = None,
+    niceness: int = 0,
+    cpus: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode each image once per batch and render its views onto the canvas.
 
@@ -124,11 +133,12 @@ def decode_and_render(
         batch: columns ``image_id``, ``view_id``, ``view`` (JSON) and ``path`` (image file).
         fault: testing hook, see `FAULT_ENV`.
         niceness: run at this lower CPU priority (`run_at_lower_priority`).
+        cpus: and on these cores (None: wherever the worker runs).
 
     Returns:
         The columns of the module docstring up to ``decode_s`` (``pixels`` included).
     """
-    return run_at_lower_priority(niceness, _decode_and_render, batch, fault)
+    return run_at_lower_priority(niceness, _decode_and_render, batch, fault, cpus=cpus)
 
 
 def _decode_and_render(batch: Mapping[str, np.ndarray], fault: tuple[str, str] | None) -> dict[str, np.ndarray]:
@@ -208,6 +218,24 @@ def autocast_dtype(device: str, precision: str):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def pin_process(cores: Sequence[int]) -> None:
+    """Move every thread of this process onto ``cores`` (Linux; threads started later inherit it).
+
+    A thread that exits meanwhile, or a core the process may not use, is skipped: pinning
+    is a speed-up, never a reason to fail the job.
+    """
+    mask = {int(c) for c in cores}
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    for tid in threads:
+        try:
+            os.sched_setaffinity(tid, mask)
+        except OSError:
+            pass
+
+
 class TeacherPredictor:
     """Teacher inference as a Ray Data actor: loads the checkpoint once, then maps batches.
 
@@ -221,6 +249,8 @@ class TeacherPredictor:
         transfer_dtypes: ``{name: "float16"}`` for targets whose codec stores float16
             exactly, so they cross the object store at half the size; others go as float32.
         fault: testing hook, see `FAULT_ENV`.
+        cpu_affinity: cores to keep this actor's process on (every thread of it, and the
+            thread of each call), or None; see `teacher_service.precompute.cpu_pinning`.
     """
 
     def __init__(
@@ -233,7 +263,11 @@ class TeacherPredictor:
         torch_threads: int | None = None,
         transfer_dtypes: Mapping[str, str] | None = None,
         fault: tuple[str, str] | None = None,
+        cpu_affinity: Sequence[int] | None = None,
     ) -> None:
+        self.cpu_affinity = frozenset(int(c) for c in cpu_affinity) if cpu_affinity else None
+        if self.cpu_affinity:
+            pin_process(self.cpu_affinity)  # before torch starts its thread pools
         import torch
 
         from detcore.checkpoint import load_detector
@@ -270,6 +304,8 @@ class TeacherPredictor:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        if self.cpu_affinity and os.sched_getaffinity(0) != self.cpu_affinity:
+            pin_process(self.cpu_affinity)  # a call on a thread started after __init__
         maybe_inject_fault(self.fault, "teacher")
         num_views = len(batch["error"])
         good = np.flatnonzero(np.asarray([e == "" for e in batch["error"]], dtype=bool))

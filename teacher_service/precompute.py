@@ -88,6 +88,11 @@ class PrecomputeConfig:
     cpu_stage_niceness: int = 10
     """Lower the CPU priority of decoding and writing by this nice increment (Linux, per
     thread; 0 keeps it): they then fill the cycles a CPU teacher leaves idle."""
+    pin_cpus: bool = True
+    """On a local cluster started by the job with a CPU teacher (Linux): keep the teacher
+    actors on cores of their own and decoding and writing on the others (`cpu_pinning`).
+    Without it, preemptions cost a CPU teacher 8-15% of its speed on a 2-core machine
+    (benchmarks/RESULTS.md, "Precompute job")."""
     storage_options: tuple[tuple[str, str], ...] = ()
     """fsspec options for a remote store, ``((key, value), ...)``."""
     image_ids: tuple[int, ...] | None = None
@@ -139,6 +144,8 @@ class PrecomputeConfig:
             raise PrecomputeInputError(
                 f"PrecomputeConfig(cpu_stage_niceness=) expects an int in [0, 19]. Got {self.cpu_stage_niceness!r}."
             )
+        if not isinstance(self.pin_cpus, bool):
+            raise PrecomputeInputError(f"PrecomputeConfig(pin_cpus=) expects True or False. Got {self.pin_cpus!r}.")
         if self.max_views is not None and self.max_views < 0:
             raise PrecomputeInputError(f"PrecomputeConfig(max_views=) expects None or >= 0. Got {self.max_views}.")
 
@@ -177,6 +184,10 @@ class PrecomputeSummary:
     """Worker-seconds in write tasks (codec encoding, compression, commit)."""
     failures: tuple[tuple[int, int, str], ...] = ()
     """``(image_id, view_id, reason)`` of the views that failed in this run."""
+    teacher_cpus: tuple[int, ...] = ()
+    """Cores the teacher actors were pinned to (empty: no pinning, see `cpu_pinning`)."""
+    stage_cpus: tuple[int, ...] = ()
+    """Cores decoding and writing were pinned to, beside the teacher's."""
 
     @property
     def views_per_second(self) -> float:
@@ -186,6 +197,7 @@ class PrecomputeSummary:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["failures"] = [list(f) for f in self.failures]
+        out["teacher_cpus"], out["stage_cpus"] = list(self.teacher_cpus), list(self.stage_cpus)
         out["views_per_second"] = self.views_per_second
         return out
 
@@ -208,6 +220,7 @@ class PrecomputeSummary:
             ("teacher forward", f"{self.forward_seconds:.1f} worker-s"),
             ("encode (to host)", f"{self.encode_seconds:.1f} worker-s"),
             ("write (codecs + commit)", f"{self.write_seconds:.1f} worker-s"),
+            ("CPU pinning", _format_pinning(self.teacher_cpus, self.stage_cpus)),
         ]
         width = max(len(name) for name, _ in rows)
         lines = [f"  {name:<{width}}  {value}" for name, value in rows]
@@ -216,6 +229,12 @@ class PrecomputeSummary:
             for image_id, view_id, reason in self.failures[:5]:
                 lines.append(f"    image_id={image_id} view_id={view_id}: {reason}")
         return "\n".join(lines)
+
+
+def _format_pinning(teacher: Sequence[int], stages: Sequence[int]) -> str:
+    if not teacher:
+        return "off"
+    return f"teacher on CPU {','.join(map(str, teacher))}; decode and write on CPU {','.join(map(str, stages))}"
 
 
 def _format_bytes(n: int) -> str:
@@ -417,45 +436,110 @@ class _ProgressPoller:
         self.bar.close()
 
 
-def local_cluster_cpus(config: PrecomputeConfig, cpu_count: int) -> int:
-    """Logical CPUs of a local cluster: the requested number, raised to fit the job's minimum.
+def local_cluster_cpus(config: PrecomputeConfig, cpu_count: int, *, pinned: bool = False) -> int:
+    """Logical CPUs of a local cluster: the requested number, raised to fit the job.
 
-    The job needs its teacher actors plus at least one decode/write task at a time; with
-    fewer logical CPUs Ray would never schedule a decode task and the job would hang. A
-    1-core machine (or ``--num-cpus 1``) therefore gets 2 logical CPUs: the CPU teacher and
-    the (niced) decode and write tasks share the core, as they do on any small machine.
+    The job cannot run without its teacher actors plus one decode/write task (with fewer
+    logical CPUs Ray would never schedule a decode task and the job would hang). With
+    the teacher ``pinned`` (`cpu_pinning`) it also gets room for a decode *and* a write
+    task at once: with one task slot, Ray Data runs every decode task before the first
+    write, so the teacher's outputs pile up in the object store and the writes pile up at
+    the end (measured: the first part written after 23 s of a 47 s job). A 2-core machine
+    with one 1-CPU teacher actor then gets 3 logical CPUs: the teacher's core, and the
+    other core shared by the (niced) decode and write tasks. Without pinning the extra
+    slot is not given: the concurrent tasks then slow an unpinned CPU teacher down more
+    than the streaming gains (1.59 vs 1.42 times the bare forward at 512 views).
     """
     requested = config.num_cpus or cpu_count
-    needed = math.ceil(config.cpus_needed)
+    needed = math.ceil(config.num_actors * config.cpus_per_actor + (2 if pinned else 1) * config.cpus_per_task)
     if requested < needed:
         logger.info(
-            "local Ray cluster: %d CPU(s) requested, but %d teacher actor(s) x %g CPU plus one %g-CPU decode/write task "
-            "need %d; declaring %d logical CPUs (they share the physical cores)",
-            requested, config.num_actors, config.cpus_per_actor, config.cpus_per_task, needed, needed,
+            "local Ray cluster: %d CPU(s) requested, but %d teacher actor(s) x %g CPU plus %d %g-CPU decode/write "
+            "task(s) need %d; declaring %d logical CPUs (they share the physical cores)",
+            requested, config.num_actors, config.cpus_per_actor, 2 if pinned else 1, config.cpus_per_task, needed, needed,
         )
     return max(requested, needed)
 
 
-def _init_ray(config: PrecomputeConfig) -> bool:
-    """Join or start a Ray cluster unless one is initialised; True if this call started it."""
+def _gpu_visible() -> bool:
+    """Whether this machine seems to have an NVIDIA GPU for a local cluster (no torch import)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists()
+
+
+def cpu_pinning(config: PrecomputeConfig, available: Sequence[int], *, gpu: bool) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(teacher cores, stage cores)`` for a local cluster with a CPU teacher, or None.
+
+    A CPU teacher is the job's bottleneck; on a small machine the scheduler keeps
+    preempting it for the decode and write tasks, Ray's own processes and the driver's
+    scheduling loop (8-15% of its time on 2 cores, even with those tasks niced). The
+    teacher actors pin themselves to the first ``ceil(num_actors * cpus_per_actor)`` of
+    the ``available`` cores and the decode and write threads to the rest.
+    None (no pinning) when it is off, the job joins a cluster (``ray_address``: which
+    cores of which node the actors land on, beside what other work, is not known here),
+    the teacher runs on a GPU, or no core would be left for the other stages.
+    """
+    if not config.pin_cpus or config.ray_address or not hasattr(os, "sched_setaffinity"):
+        return None
+    if config.device.startswith("cuda") or (config.device == "auto" and gpu):
+        return None
+    cores = sorted(int(c) for c in available)
+    count = math.ceil(config.num_actors * config.cpus_per_actor)
+    if len(cores) <= count:
+        return None
+    return tuple(cores[:count]), tuple(cores[count:])
+
+
+_PINNED_CLUSTER: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+"""GCS address -> `cpu_pinning` of the local clusters `init_ray` started in this process."""
+
+
+def _gcs_address() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().gcs_address)
+
+
+def init_ray(config: PrecomputeConfig) -> tuple[bool, tuple[tuple[int, ...], tuple[int, ...]] | None]:
+    """Join or start the Ray cluster for ``config``, unless one is initialised.
+
+    Without ``config.ray_address`` a local cluster starts with `local_cluster_cpus`
+    logical CPUs, and the `cpu_pinning` that applies to it is remembered for its jobs.
+    A script that runs several jobs on one local cluster calls this first (then
+    `run_precompute` finds Ray initialised, reuses the cluster and its pinning, and does
+    not shut it down); `run_precompute` calls it otherwise.
+
+    Returns:
+        ``(started, pinning)``: whether this call started or joined the cluster, and the
+        `cpu_pinning` of the cluster in use (None: none).
+    """
     import ray
 
     if ray.is_initialized():
-        return False
+        return False, _PINNED_CLUSTER.get(_gcs_address())
     repo_root = str(Path(__file__).resolve().parent.parent)
     # Workers import detcore / label_store / teacher_service from the driver's source tree.
     pythonpath = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
     if config.ray_address:
         ray.init(address=config.ray_address, runtime_env=runtime_env, log_to_driver=False)
-    else:
-        ray.init(
-            num_cpus=local_cluster_cpus(config, os.cpu_count() or 1),
-            include_dashboard=False,
-            runtime_env=runtime_env,
-            log_to_driver=False,
-        )
-    return True
+        return True, None
+    pinning = cpu_pinning(config, sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [], gpu=_gpu_visible())
+    # Ray's own processes stay where the OS puts them: confining them to the stage cores
+    # too made a cold 128-view job 24% slower (every worker process starting on one core)
+    # for a few percent at steady state. The teacher actors and the decode and write
+    # threads place themselves (`TeacherPredictor`, `run_at_lower_priority`).
+    ray.init(
+        num_cpus=local_cluster_cpus(config, os.cpu_count() or 1, pinned=pinning is not None),
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        log_to_driver=False,
+    )
+    if pinning:
+        _PINNED_CLUSTER[_gcs_address()] = pinning
+    return True, pinning
 
 
 def run_precompute(
@@ -509,12 +593,13 @@ def run_precompute(
     for name in ("decode_s", "forward_s", "encode_s", "write_s"):
         totals[name] = 0.0
     ray_init_seconds = 0.0
+    pinning = None
     if todo:
         ray_started = time.perf_counter()
-        started_ray = _init_ray(config)
+        started_ray, pinning = init_ray(config)
         ray_init_seconds = time.perf_counter() - ray_started
         try:
-            totals = _run_pipeline(config, dataset, layout, todo, on_progress)
+            totals = _run_pipeline(config, dataset, layout, todo, on_progress, pinning=pinning)
         finally:
             if started_ray:
                 import ray
@@ -539,11 +624,20 @@ def run_precompute(
         encode_seconds=float(totals["encode_s"]),
         write_seconds=float(totals["write_s"]),
         failures=failures,
+        teacher_cpus=pinning[0] if todo and pinning else (),
+        stage_cpus=pinning[1] if todo and pinning else (),
     )
 
 
-def _run_pipeline(config: PrecomputeConfig, dataset, layout: StoreLayout, todo: list, on_progress) -> dict[str, Any]:
-    """Build and run the Ray Data pipeline over ``todo`` views; the aggregated write totals."""
+def _run_pipeline(
+    config: PrecomputeConfig, dataset, layout: StoreLayout, todo: list, on_progress,
+    pinning: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+) -> dict[str, Any]:
+    """Build and run the Ray Data pipeline over ``todo`` views; the aggregated write totals.
+
+    ``pinning``: `cpu_pinning`'s (teacher cores, stage cores), or None.
+    """
+    teacher_cpus, stage_cpus = pinning or (None, None)
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
@@ -592,7 +686,7 @@ def _run_pipeline(config: PrecomputeConfig, dataset, layout: StoreLayout, todo: 
                 decode_and_render,
                 batch_size=config.batch_size,
                 batch_format="numpy",
-                fn_kwargs={"fault": fault, "niceness": config.cpu_stage_niceness},
+                fn_kwargs={"fault": fault, "niceness": config.cpu_stage_niceness, "cpus": stage_cpus},
                 num_cpus=config.cpus_per_task,
                 compute=TaskPoolStrategy(size=decode_concurrency),
                 max_retries=MAX_RETRIES,
@@ -611,6 +705,7 @@ def _run_pipeline(config: PrecomputeConfig, dataset, layout: StoreLayout, todo: 
                     "torch_threads": None if device.startswith("cuda") else torch_threads,
                     "transfer_dtypes": transfer_dtypes(layout.target_specs, device),
                     "fault": fault,
+                    "cpu_affinity": tuple(teacher_cpus) if teacher_cpus and not device.startswith("cuda") else None,
                 },
                 max_restarts=MAX_RETRIES,
                 max_task_retries=MAX_RETRIES,
@@ -626,6 +721,7 @@ def _run_pipeline(config: PrecomputeConfig, dataset, layout: StoreLayout, todo: 
         views_per_part=config.views_per_part,
         progress=counter,
         niceness=config.cpu_stage_niceness,
+        cpus=stage_cpus,
         fault=fault,
     )
     context = DataContext.get_current()

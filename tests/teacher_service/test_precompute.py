@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -513,16 +515,89 @@ def test_two_node_cluster_stores_every_view_once(data, tmp_path):
         cluster.shutdown()
 
 
-def test_local_cluster_cpus_fit_the_actors_and_one_task(data, tmp_path):
+def test_local_cluster_cpus_fit_the_actors_and_the_tasks(data, tmp_path):
     from teacher_service.precompute import local_cluster_cpus
 
     config = _config(data, tmp_path / "s.zarr", cpus_per_actor=1.0, cpus_per_task=1.0)
-    # 1 actor x 1 CPU + one 1-CPU decode task: a 1-CPU cluster would hang, so it gets 2
+    # the actors plus one decode/write task at least
+    assert local_cluster_cpus(dataclasses.replace(config, num_cpus=2), cpu_count=8) == 2
     assert local_cluster_cpus(dataclasses.replace(config, num_cpus=1), cpu_count=8) == 2
     assert local_cluster_cpus(dataclasses.replace(config, num_cpus=None), cpu_count=1) == 2
     assert local_cluster_cpus(dataclasses.replace(config, num_cpus=None), cpu_count=16) == 16
     assert local_cluster_cpus(dataclasses.replace(config, num_cpus=3, num_actors=3), cpu_count=2) == 4
-    assert local_cluster_cpus(dataclasses.replace(config, num_cpus=1, cpus_per_actor=0.5, cpus_per_task=0.5), cpu_count=1) == 1
+    # with a pinned teacher, a decode and a write task at once
+    assert local_cluster_cpus(dataclasses.replace(config, num_cpus=None), cpu_count=2, pinned=True) == 3
+    assert local_cluster_cpus(dataclasses.replace(config, num_cpus=None), cpu_count=16, pinned=True) == 16
+    assert local_cluster_cpus(dataclasses.replace(config, num_cpus=3, num_actors=3), cpu_count=2, pinned=True) == 5
+    tiny = dataclasses.replace(config, num_cpus=1, cpus_per_actor=0.5, cpus_per_task=0.25)
+    assert local_cluster_cpus(tiny, cpu_count=1) == local_cluster_cpus(tiny, cpu_count=1, pinned=True) == 1
+
+
+def test_cpu_pinning_gives_a_cpu_teacher_cores_of_its_own(data, tmp_path):
+    from teacher_service.precompute import cpu_pinning
+
+    config = _config(data, tmp_path / "s.zarr", cpus_per_actor=1.0)  # device auto
+    assert cpu_pinning(config, [0, 1], gpu=False) == ((0,), (1,))
+    assert cpu_pinning(config, [5, 3, 9], gpu=False) == ((3,), (5, 9))
+    two = dataclasses.replace(config, num_actors=2, cpus_per_actor=1.5)
+    assert cpu_pinning(two, range(8), gpu=False) == ((0, 1, 2), (3, 4, 5, 6, 7))
+    # no core left for the rest, a GPU teacher, a joined cluster, or switched off: no pinning
+    assert cpu_pinning(config, [0], gpu=False) is None
+    assert cpu_pinning(two, [0, 1, 2], gpu=False) is None
+    assert cpu_pinning(config, [0, 1], gpu=True) is None
+    assert cpu_pinning(dataclasses.replace(config, device="cuda"), [0, 1], gpu=False) is None
+    assert cpu_pinning(dataclasses.replace(config, device="cpu"), [0, 1], gpu=True) == ((0,), (1,))
+    assert cpu_pinning(dataclasses.replace(config, ray_address="127.0.0.1:6379"), [0, 1], gpu=False) is None
+    assert cpu_pinning(dataclasses.replace(config, pin_cpus=False), [0, 1], gpu=False) is None
+
+
+def test_pinned_teacher_predictor_keeps_every_thread_on_its_cores(data):
+    # in a child process: pinning the test process itself would slow the rest of the suite
+    code = (
+        "import os, sys, threading\n"
+        "import numpy as np\n"
+        "from teacher_service.pipeline_stages import TeacherPredictor\n"
+        "stop = threading.Event(); helper = threading.Thread(target=stop.wait); helper.start()\n"
+        "core = min(os.sched_getaffinity(0))\n"
+        "predictor = TeacherPredictor(sys.argv[1], {'cls/p3': (2, 8, 8)}, batch_size=1, device='cpu', "
+        "torch_threads=1, cpu_affinity=[core])\n"
+        "out = predictor({'image_id': np.array([1]), 'view_id': np.array([0]), 'view': np.array(['{}'], dtype=object), "
+        "'content_hash': np.array(['h'], dtype=object), 'valid_region': np.zeros((1, 4), np.int64), "
+        "'error': np.array([''], dtype=object), 'pixels': np.zeros((1, 3, 64, 64), np.float32), "
+        "'decode_s': np.zeros(1)})\n"
+        "masks = [os.sched_getaffinity(int(t)) for t in os.listdir('/proc/self/task')]\n"
+        "stop.set(); helper.join()\n"
+        "print(len(masks), all(m == {core} for m in masks), out['cls/p3'].shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(data["teacher"])], capture_output=True, text=True,
+                            cwd=str(Path(__file__).resolve().parents[2]))
+    assert result.returncode == 0, result.stderr[-2000:]
+    threads, pinned, shape = result.stdout.split(maxsplit=2)
+    assert int(threads) >= 2 and pinned == "True" and shape.strip() == "(1, 2, 8, 8)"
+
+
+def test_job_that_starts_its_own_cluster_pins_the_teacher(data, tmp_path, monkeypatch):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU teacher whatever the machine
+    store = tmp_path / "own-cluster.zarr"
+    try:
+        summary = run_precompute(_config(data, store, cpus_per_actor=1.0, cpus_per_task=1.0, num_cpus=2))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    assert (summary.views_stored, summary.views_failed) == (16, 0)
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2:
+        assert (summary.teacher_cpus, summary.stage_cpus) == ((cores[0],), tuple(cores[1:]))
+        assert f"teacher on CPU {cores[0]}" in summary.format()
+    else:  # one usable core: nothing to pin apart
+        assert summary.teacher_cpus == () and summary.format().splitlines()[-1].endswith(" off")
+    assert sorted(os.sched_getaffinity(0)) == cores  # the driver's own mask is restored
+    rows = _committed_rows(str(store))
+    assert len(rows) == len(set(rows)) == 16
 
 
 def test_actors_that_leave_no_cpu_for_decoding_are_refused(data, local_ray, tmp_path):
