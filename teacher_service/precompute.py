@@ -729,7 +729,10 @@ def _run_pipeline(
     # Our own bar counts committed views; Ray Data's per-operator bars would interleave with it.
     context.enable_progress_bars, context.print_on_execution_start = False, False
     try:
-        with _ProgressPoller(counter, len(todo), config.show_progress, on_progress):
+        with _ProgressPoller(counter, len(todo), config.show_progress, on_progress), warnings.catch_warnings():
+            # The write cap is an upper bound; a small job whose outputs arrive as fewer
+            # blocks than the cap is fine, and Ray Data's warning about it is noise.
+            warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'Write'")
             pipeline.write_datasink(
                 sink,
                 ray_remote_args={"num_cpus": config.cpus_per_task, "max_retries": MAX_RETRIES},
