@@ -34,8 +34,8 @@ BACKBONE_STRIDES = {"c3": 8, "c4": 16, "c5": 32}
 # reference-loss error stays under 0.5% (cls, box) or 1% (fpn, backbone) on every level.
 # Logits and FPN maps are smooth across neighbouring points (and box bins), so their codes
 # are differenced before zstd (``-dchw``, ``-dbhw`` within each box edge's bins, ``-dhw``;
-# lossless); zstd level 15 buys another
-# 10-15% on these small per-view chunks at ~50 MB/s encode per core. Sparse post-ReLU
+# lossless); zstd level 15 buys another 10-15% on these small per-view chunks at ~50 MB/s
+# encode per core (levels 9-12 are faster but up to 8% larger on box). Sparse post-ReLU
 # backbone maps compress best with bit shuffle instead. Re-run the benchmark on your own
 # teacher (or call label_store.choose_codecs) before filling a large store;
 # `distill precompute --codec GROUP=CODEC` overrides one.
