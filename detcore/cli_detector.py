@@ -8,6 +8,7 @@ not be decoded (listed by id).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -69,6 +70,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     train.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     train.add_argument("--no-channels-last", action="store_true", help="keep the default (NCHW) memory format")
     train.add_argument("--threads", type=int, metavar="N", help="torch threads (default: one per core)")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (also when TQDM_DISABLE=1 is set); the summary is printed at the end")
     train.set_defaults(func=run_train)
 
     evaluate = commands.add_parser(
@@ -138,7 +141,7 @@ def run_train(args: argparse.Namespace) -> int:
             num_threads=args.threads,
         )
         config.validate()
-        summary = train_detector(config, progress=True)
+        summary = train_detector(config, progress=not args.no_progress and os.environ.get("TQDM_DISABLE", "") in ("", "0"))
     except (ValueError, AnnotationError, CheckpointError, BackboneWeightsError, TrainConfigMismatchError) as error:
         print(f"detector train: {error}", file=sys.stderr)
         return EXIT_USAGE

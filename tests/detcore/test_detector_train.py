@@ -233,3 +233,26 @@ def test_learning_rate_schedules_and_parsing():
     config = TrainConfig("a", "b", "gfl_r18", "c", canvas=(128, 96), scales=(1.0, 0.5))
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert math.isclose(TrainConfig("a", "b", "gfl_tiny", "c", optimizer="sgd").peak_lr, 0.01)
+
+
+def test_cli_progress_bar_follows_no_progress_and_tqdm_disable(tmp_path, capsys, monkeypatch):
+    from detcore.cli_detector import register
+
+    annotations, images = make_dataset(tmp_path / "data", [(64, 64), (64, 64)])
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+
+    def train(name, *extra):
+        args = parser.parse_args([
+            "detector", "train", "--annotations", annotations, "--images", images, "--arch", "gfl_tiny",
+            "--out", str(tmp_path / name), "--iters", "1", "--batch-size", "2", "--canvas", "64", "--num-workers", "0",
+            *extra,
+        ])
+        assert args.func(args) == 0
+        return capsys.readouterr().err
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # tests/conftest.py sets it for the suite
+    assert "train gfl_tiny" in train("bar")
+    assert "train gfl_tiny" not in train("flag", "--no-progress")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert "train gfl_tiny" not in train("env")
