@@ -12,6 +12,11 @@ import os
 import sys
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+def progress_wanted(no_progress: bool) -> bool:
+    """Whether a command shows its progress bar: not with ``--no-progress`` nor with TQDM_DISABLE set (not "0")."""
+    return not no_progress and os.environ.get("TQDM_DISABLE", "") in ("", "0")
 ARCH_NAMES = ("gfl_tiny", "gfl_r18", "gfl_r34", "gfl_r50", "gfl_r101")
 
 
@@ -141,7 +146,7 @@ def run_train(args: argparse.Namespace) -> int:
             num_threads=args.threads,
         )
         config.validate()
-        summary = train_detector(config, progress=not args.no_progress and os.environ.get("TQDM_DISABLE", "") in ("", "0"))
+        summary = train_detector(config, progress=progress_wanted(args.no_progress))
     except (ValueError, AnnotationError, CheckpointError, BackboneWeightsError, TrainConfigMismatchError) as error:
         print(f"detector train: {error}", file=sys.stderr)
         return EXIT_USAGE

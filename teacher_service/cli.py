@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +232,7 @@ def _quiet_ray_data_console() -> None:
 
 def run_precompute_command(args: argparse.Namespace) -> int:
     """`distill precompute`: returns 0, 2 or 3 (module docstring of `distillery.cli`)."""
+    from detcore.cli_detector import progress_wanted
     from teacher_service.precompute import PrecomputeConfig, PrecomputeInputError, run_precompute
 
     inputs = _resolve_inputs(args)
@@ -262,7 +262,7 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         ray_address=args.address,
         num_cpus=args.num_cpus,
         pin_cpus=not args.no_pin_cpus,
-        show_progress=not args.no_progress and os.environ.get("TQDM_DISABLE", "") in ("", "0"),
+        show_progress=progress_wanted(args.no_progress),
     )
     from detcore.checkpoint import CheckpointError
     from label_store.errors import StoreMismatchError

@@ -107,9 +107,14 @@ class PrecomputeConfig:
     """Show a tqdm progress bar (views/s, ETA) on stderr."""
 
     @property
+    def actor_cpus(self) -> float:
+        """Logical CPUs the teacher actors hold together."""
+        return self.num_actors * self.cpus_per_actor
+
+    @property
     def cpus_needed(self) -> float:
         """Logical CPUs the job cannot run without: its teacher actors plus one decode/write task."""
-        return self.num_actors * self.cpus_per_actor + self.cpus_per_task
+        return self.actor_cpus + self.cpus_per_task
 
     def validate(self) -> None:
         """Raise `PrecomputeInputError` naming the first field that is not usable."""
@@ -451,12 +456,13 @@ def local_cluster_cpus(config: PrecomputeConfig, cpu_count: int, *, pinned: bool
     than the streaming gains (1.59 vs 1.42 times the bare forward at 512 views).
     """
     requested = config.num_cpus or cpu_count
-    needed = math.ceil(config.num_actors * config.cpus_per_actor + (2 if pinned else 1) * config.cpus_per_task)
+    tasks = 2 if pinned else 1
+    needed = math.ceil(config.actor_cpus + tasks * config.cpus_per_task)
     if requested < needed:
         logger.info(
             "local Ray cluster: %d CPU(s) requested, but %d teacher actor(s) x %g CPU plus %d %g-CPU decode/write "
             "task(s) need %d; declaring %d logical CPUs (they share the physical cores)",
-            requested, config.num_actors, config.cpus_per_actor, 2 if pinned else 1, config.cpus_per_task, needed, needed,
+            requested, config.num_actors, config.cpus_per_actor, tasks, config.cpus_per_task, needed, needed,
         )
     return max(requested, needed)
 
@@ -486,7 +492,7 @@ def cpu_pinning(config: PrecomputeConfig, available: Sequence[int], *, gpu: bool
     if config.device.startswith("cuda") or (config.device == "auto" and gpu):
         return None
     cores = sorted(int(c) for c in available)
-    count = math.ceil(config.num_actors * config.cpus_per_actor)
+    count = math.ceil(config.actor_cpus)
     if len(cores) <= count:
         return None
     return tuple(cores[:count]), tuple(cores[count:])
@@ -624,8 +630,8 @@ def run_precompute(
         encode_seconds=float(totals["encode_s"]),
         write_seconds=float(totals["write_s"]),
         failures=failures,
-        teacher_cpus=pinning[0] if todo and pinning else (),
-        stage_cpus=pinning[1] if todo and pinning else (),
+        teacher_cpus=pinning[0] if pinning else (),
+        stage_cpus=pinning[1] if pinning else (),
     )
 
 
@@ -756,5 +762,5 @@ def _task_concurrency(config: PrecomputeConfig) -> int:
     import ray
 
     cpus = float(ray.cluster_resources().get("CPU", 0))
-    free = cpus - (config.cpus_needed - config.cpus_per_task)  # what the actors leave
+    free = cpus - config.actor_cpus
     return max(1, int(free // config.cpus_per_task))
