@@ -600,6 +600,26 @@ def test_job_that_starts_its_own_cluster_pins_the_teacher(data, tmp_path, monkey
     assert len(rows) == len(set(rows)) == 16
 
 
+def test_local_cluster_workers_import_from_the_source_tree_and_the_driver_env_is_kept(data, tmp_path, monkeypatch):
+    import ray
+
+    from teacher_service.precompute import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("PYTHONPATH", "/opt/users-own-path")
+    repo_root = str(Path(__file__).resolve().parents[2])
+    try:
+        started, _ = init_ray(_config(data, tmp_path / "unused.zarr", num_cpus=2))
+        assert started
+        # the driver's environment is as it was; the cluster's workers have the source tree first
+        assert os.environ["PYTHONPATH"] == "/opt/users-own-path"
+        worker_path = ray.get(ray.remote(lambda: os.environ.get("PYTHONPATH")).remote())
+    finally:
+        ray.shutdown()
+    assert worker_path == os.pathsep.join([repo_root, "/opt/users-own-path"])
+
+
 def test_actors_that_leave_no_cpu_for_decoding_are_refused(data, local_ray, tmp_path):
     # 2 actors x 1 CPU on the 2-CPU cluster: no decode task could ever run (the job would hang)
     store = tmp_path / "full.zarr"
