@@ -97,7 +97,8 @@ def register(subparsers) -> None:
     run.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads")
     run.add_argument("--ray-workers", type=int, metavar="N", help="data-parallel Ray Train workers (0: train in this process)")
     run.add_argument("--address", help="Ray cluster address for --ray-workers (default: a local cluster)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar, log lines instead (also when TQDM_DISABLE is set)")
     parser.set_defaults(func=run_train, _parser=parser)
 
 
@@ -115,7 +116,9 @@ def run_train(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"distill train: {error}", file=sys.stderr)
         return EXIT_USAGE
-    return run_config(config, progress=not args.no_progress)
+    from detcore.cli_detector import progress_wanted
+
+    return run_config(config, progress=progress_wanted(args.no_progress))
 
 
 def run_config(config, *, progress: bool = True) -> int:

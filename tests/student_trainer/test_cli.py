@@ -51,6 +51,27 @@ def test_train_command_runs_and_maps_errors_to_exit_codes(world, tmp_path):
     assert json.loads((tmp_path / "from_file" / "results.json").read_text())["losses"] == ["fgd"]
 
 
+def test_progress_bar_follows_no_progress_and_tqdm_disable(world, tmp_path, capsys, caplog, monkeypatch):
+    """A bar with the step lines under it, or (--no-progress, TQDM_DISABLE) no bar and the step lines logged."""
+    import logging
+
+    from distillery.cli import main
+
+    def train(name, progress_flag):
+        caplog.clear()
+        args = [a for a in _args(world, tmp_path / name, "--iters", "1", "--log-every", "1") if a != "--no-progress"]
+        with caplog.at_level(logging.INFO, logger="student_trainer"):
+            assert main(args + ([progress_flag] if progress_flag else [])) == 0
+        logged = any(r.getMessage().startswith("step 1/1 ") for r in caplog.records)
+        return "train gfl_tiny" in capsys.readouterr().err, logged
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # tests/conftest.py sets it for the suite
+    assert train("bar", None) == (True, False)
+    assert train("flag", "--no-progress") == (False, True)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert train("env", None) == (False, True)
+
+
 def test_a_killed_run_resumes_when_the_command_is_re_run(world, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "distillery.cli", *_args(world, out, "--losses", "ld", "--iters", "24",
