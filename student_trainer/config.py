@@ -561,5 +561,10 @@ def validate_run_config(config: TrainRunConfig) -> None:
     unknown = [t for t in config.losses.enabled if t not in LOSS_TERMS]
     if unknown:
         raise ConfigError(f"TrainRunConfig(losses.enabled=) expects terms from {list(LOSS_TERMS)}. Got {unknown}.")
+    if config.losses.ld.avg_factor_images < 0:
+        raise ConfigError(
+            "TrainRunConfig(losses.ld.avg_factor_images=) expects a non-negative integer (0: the constants for the whole "
+            f"batch). Got {config.losses.ld.avg_factor_images}."
+        )
     if data.canvas is not None and (len(data.canvas) != 2 or min(data.canvas) < 1):
         raise ConfigError(f"TrainRunConfig(data.canvas=) expects (H, W) with positive sides. Got {data.canvas}.")

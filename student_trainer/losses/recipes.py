@@ -67,6 +67,14 @@ class LDConfig:
     """ATSS candidates per level per GT."""
     vlr_diou: str = "standard"
     """DIoU flavour of `detcore.assign.vlr_region` (``standard`` or ``released``)."""
+    avg_factor_images: int = 2
+    """Images the constant avg factors above are meant for. The released code divides each
+    level's LD sum over one GPU's batch by 4 (VLR: 16) and averages gradients over GPUs;
+    its configs train 2 images per GPU (mmdetection's LD configs; the authors' r18 config
+    3). So a batch of B images here divides by ``avg_factor * B / avg_factor_images``,
+    which keeps LD's strength per image, and relative to the detection losses (normalised
+    by the number of positives), whatever the batch size. 0 divides the whole batch by the
+    constants (the behaviour before 2026-12-01: at batch 16, 8x the released strength)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,8 +297,9 @@ def ld_recipe(
     """LD on GFL as released, summed over levels; each level pools the batch's locations.
 
     Per level: main LD on the ATSS positives, weighted by the student's max class sigmoid
-    (detached), ``avg_factor = main_avg_factor``; VLR LD on the points with VLR value > 0,
-    weighted by that value, ``avg_factor = vlr_avg_factor``; KD on the classes at the
+    (detached), ``avg_factor = main_avg_factor * B / avg_factor_images``; VLR LD on the
+    points with VLR value > 0, weighted by that value, ``avg_factor = vlr_avg_factor * B /
+    avg_factor_images`` (B the batch; see `LDConfig.avg_factor_images`); KD on the classes at the
     positives with ``avg_factor`` = the level's number of positives. A level without
     positives adds 0 to the main LD and the KD (and without VLR points, 0 to the VLR LD).
 
@@ -314,6 +323,8 @@ def ld_recipe(
             device=student_cls[0].device,
         )
     _check_assignment("ld_recipe", assignment, batch, shapes_hw, need_vlr=True)
+    per_batch = batch / config.avg_factor_images if config.avg_factor_images else 1.0
+    main_avg_factor, vlr_avg_factor = config.main_avg_factor * per_batch, config.vlr_avg_factor * per_batch
     main, vlr_total, kd = [], [], []
     start = 0
     for level, count in enumerate(assignment.num_level_points):
@@ -328,7 +339,7 @@ def ld_recipe(
             quality = as_float32(s_cls.detach()).sigmoid().max(dim=1).values[positive]
             main.append(
                 config.main_weight
-                * ld_loss(s_box[positive], t_box[positive], quality, config.main_avg_factor, config.main_temperature)
+                * ld_loss(s_box[positive], t_box[positive], quality, main_avg_factor, config.main_temperature)
             )
             kd.append(
                 config.kd_weight
@@ -341,7 +352,7 @@ def ld_recipe(
         if bool(in_region.any()):
             vlr_total.append(
                 config.vlr_weight
-                * ld_loss(s_box[in_region], t_box[in_region], region[in_region], config.vlr_avg_factor, config.vlr_temperature)
+                * ld_loss(s_box[in_region], t_box[in_region], region[in_region], vlr_avg_factor, config.vlr_temperature)
             )
         else:
             vlr_total.append(_zero_like(s_box))

@@ -78,6 +78,7 @@ def test_round_trip_through_dict():
         ({"source": "carrier-pigeon"}, [], "source.kind"),
         ({"epochs": 0}, [], "optim.epochs"),
         ({"val_annotations": "v.json"}, [], "val_images"),
+        ({}, ["losses.ld.avg_factor_images=-2"], "losses.ld.avg_factor_images"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_key(overrides, sets, message):

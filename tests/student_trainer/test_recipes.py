@@ -135,6 +135,24 @@ def test_weights_scale_outputs_linearly():
     assert bcd_scaled["bcd_iou"].item() == pytest.approx(0.5 * bcd["bcd_iou"].item(), rel=1e-6)
 
 
+def test_ld_strength_per_image_does_not_depend_on_the_batch():
+    """The released constant avg factors are per 2 images: a batch of the same images twice gives the same LD."""
+    student_cls, student_box = dense(5)
+    teacher_cls, teacher_box = dense(6)
+    args = (student_cls, student_box, teacher_cls, teacher_box, GT, STRIDES, R)
+    twice = tuple([torch.cat([t, t]) for t in tensors] for tensors in args[:4]) + (GT + GT, STRIDES, R)
+    base, doubled = ld_recipe(*args), ld_recipe(*twice)
+    for key in ("ld_main", "ld_vlr", "ld_kd"):
+        assert doubled[key].item() == pytest.approx(base[key].item(), rel=1e-5)
+    # 0: the constants divide the whole batch, so the doubled batch gives twice the LD
+    pooled = ld_recipe(*twice, config=LDConfig(avg_factor_images=0))
+    assert pooled["ld_main"].item() == pytest.approx(2 * base["ld_main"].item(), rel=1e-5)
+    assert pooled["ld_vlr"].item() == pytest.approx(2 * base["ld_vlr"].item(), rel=1e-5)
+    # constants meant for one image: a batch of 2 divides by twice as much
+    assert ld_recipe(*args, config=LDConfig(avg_factor_images=1))["ld_main"].item() == pytest.approx(
+        0.5 * base["ld_main"].item(), rel=1e-5)
+
+
 def np_expected_boxes(box_logits, stride, h, w):
     """Independent decoding: point -/+ stride * E[edge] for Tensor[B, 4(R+1), h, w] -> [B*h*w, 4]."""
     logits = box_logits.detach().permute(0, 2, 3, 1).reshape(-1, 4, R + 1).numpy().astype(np.float64)
