@@ -36,6 +36,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     synth.add_argument("--num-val", type=int, default=500, metavar="M", help="validation images (default: 500)")
     synth.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
     synth.add_argument("--workers", type=int, default=1, help="processes; the output does not depend on it (default: 1)")
+    synth.add_argument("--no-progress", action="store_true", help="no progress bar (also when TQDM_DISABLE=1 is set)")
     synth.set_defaults(func=run_synth)
 
     check = commands.add_parser(
@@ -54,17 +55,20 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         action="store_true",
         help="treat repairable annotation problems (degenerate or out-of-image boxes) as errors (exit 2)",
     )
+    check.add_argument("--no-progress", action="store_true", help="no progress bar (also when TQDM_DISABLE=1 is set)")
     check.set_defaults(func=run_check)
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    from detcore.cli_detector import progress_wanted
     from detcore.synth import generate
 
     if args.num_train < 0 or args.num_val < 0 or args.workers < 1:
         print("data synth expects --num-train >= 0, --num-val >= 0 and --workers >= 1.", file=sys.stderr)
         return EXIT_USAGE
     summary = generate(
-        args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed, workers=args.workers, progress=True
+        args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed, workers=args.workers,
+        progress=progress_wanted(args.no_progress),
     )
     print(
         f"wrote {summary['num_train_images']} train images ({summary['num_train_objects']} objects) and "
@@ -78,6 +82,7 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from detcore.cli_detector import progress_wanted
     from detcore.coco import AnnotationError, CocoDataset
     from detcore.images import ImageDecodeError
 
@@ -88,7 +93,7 @@ def run_check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     bad: list[ImageDecodeError] = []
-    for image_id in tqdm(dataset.image_ids, desc="decode", unit="img"):
+    for image_id in tqdm(dataset.image_ids, desc="decode", unit="img", disable=not progress_wanted(args.no_progress)):
         try:
             dataset.load(image_id)
         except ImageDecodeError as error:

@@ -176,3 +176,21 @@ def test_cli_synth_and_check_exit_codes(tmp_path, capsys):
     assert _cli([*repair, "--strict"]) == 2
     assert _cli(["data", "check", "--annotations", str(tmp_path / "missing.json"), "--images", str(out)]) == 2
     assert _cli(["data", "synth", "--out", str(out), "--num-train", "-1"]) == 2
+
+
+def test_cli_progress_bars_follow_no_progress_and_tqdm_disable(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "bars"
+    check = ["data", "check", "--annotations", str(out / "annotations" / "train.json"), "--images", str(out / "train")]
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # tests/conftest.py sets it for the suite
+    assert _cli(["data", "synth", "--out", str(out), "--num-train", "2", "--num-val", "1"]) == 0
+    assert "synth:" in capsys.readouterr().err
+    assert _cli(check) == 0
+    assert "decode:" in capsys.readouterr().err
+    assert _cli(["data", "synth", "--out", str(out), "--num-train", "2", "--num-val", "1", "--no-progress"]) == 0
+    assert _cli([*check, "--no-progress"]) == 0
+    assert "synth:" not in capsys.readouterr().err
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert _cli(["data", "synth", "--out", str(out), "--num-train", "2", "--num-val", "1"]) == 0
+    assert _cli(check) == 0
+    err = capsys.readouterr().err
+    assert "synth:" not in err and "decode:" not in err
