@@ -93,6 +93,12 @@ def _show(argv: list[str]) -> str:
     return "distill " + shlex.join(argv[3:])
 
 
+def _say(text: str) -> None:
+    """One whole line to stdout (print() writes the text and the newline apart, so lines of concurrent runs interleave)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def _run(name: str, argv: list[str], done: Path | None, env: dict[str, str], log: list[dict],
          output: Path | None = None) -> float:
     """Run one step unless its output exists; returns its wall time (0 when skipped).
@@ -101,10 +107,10 @@ def _run(name: str, argv: list[str], done: Path | None, env: dict[str, str], log
     interleave on the terminal); otherwise they stream through.
     """
     if done is not None and done.exists():
-        print(f"[repro] {name}: done already ({done})", flush=True)
+        _say(f"[repro] {name}: done already ({done})")
         log.append({"step": name, "command": _show(argv), "skipped": True})
         return 0.0
-    print(f"[repro] {name}: {_show(argv)}" + (f"  (log: {output})" if output else ""), flush=True)
+    _say(f"[repro] {name}: {_show(argv)}" + (f"  (log: {output})" if output else ""))
     started = time.perf_counter()
     if output is None:
         completed = subprocess.run(argv, env=env, cwd=REPO)
@@ -120,7 +126,7 @@ def _run(name: str, argv: list[str], done: Path | None, env: dict[str, str], log
                            f"re-run it with: {_show(argv)}")
     if done is not None and not done.exists():
         raise RuntimeError(f"[repro] step '{name}' finished without writing {done}")
-    print(f"[repro] {name}: finished in {seconds:.0f} s", flush=True)
+    _say(f"[repro] {name}: finished in {seconds:.0f} s")
     return seconds
 
 
