@@ -152,10 +152,14 @@ class Location:
                 pass  # an fsspec backend without create mode: the exists() check above stands
         self.fs.pipe_file(path, data)
 
-    def write_small(self, path: str, data: bytes) -> None:
-        """A small non-critical file (e.g. a writer lease), written in one operation."""
+    def write_file(self, path: str, data: bytes) -> None:
+        """A file written in one operation, not atomically: a writer lease, or the arrays of a
+        part, which readers reach only through the part's manifest entry, published last."""
         if self.is_local:
             os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with open(path, "wb") as handle:
+                handle.write(data)
+            return
         self.fs.pipe_file(path, data)
 
     def remove_tree(self, path: str) -> None:

@@ -32,6 +32,7 @@ Concurrency and failure rules:
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import socket
@@ -42,6 +43,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from label_store._fs import LAYOUT, Location
+from label_store._shard import encode_shard, shard_key
 from label_store._manifest import (
     MAX_IMAGE_ID,
     MAX_VIEW_ID,
@@ -53,6 +55,7 @@ from label_store._manifest import (
     read_store_meta,
     view_key,
 )
+from label_store.codecs import parse_codec
 from label_store.encoding import EncodedTarget, check_targets, decode_encoded, encode_view, view_checksum
 from label_store.errors import PartExistsError, PartStateError, StoreMismatchError, StoreNotFoundError
 from label_store.fidelity import FidelityAccumulator
@@ -66,6 +69,44 @@ DEFAULT_FIDELITY_VIEWS = 2
 _PART_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 QUANT_ARRAY = "quant"
 WRITER_LEASE = "_writer.json"
+_GROUP_METADATA = json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"}, indent=2).encode()
+
+
+@functools.lru_cache(maxsize=None)
+def _params_compressor():
+    """The numcodecs codec of the quantization-parameter array (zarr's ``ZstdCodec(level=3)``)."""
+    from numcodecs import Zstd
+
+    return Zstd(level=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _array_metadata(view_shape: tuple[int, ...], dtype: str, codec_name: str, views_per_shard: int) -> dict:
+    """The zarr.json document zarr-python writes for a part's array of this layout (rows: S).
+
+    Built once per layout by zarr-python itself, in memory, so the arrays the writer fills
+    directly carry exactly zarr's metadata; the caller sets the row count. ``codec_name``
+    "" is the quantization-parameter array.
+    """
+    import zarr
+    from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import MemoryStore
+
+    compressors = parse_codec(codec_name).zarr_compressors() if codec_name else [ZstdCodec(level=3), Crc32cCodec()]
+    array = zarr.create_array(
+        MemoryStore(),
+        shape=(views_per_shard, *view_shape),
+        dtype=dtype,
+        chunks=(1, *view_shape),
+        shards=(views_per_shard, *view_shape),
+        serializer=BytesCodec(),
+        compressors=compressors,
+        fill_value=0,
+        dimension_names=("view",) + (("channel", "y", "x") if len(view_shape) == 3 else ("param",)),
+        config={"write_empty_chunks": True},
+    )
+    return json.loads(array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
 
 
 def _process_start_time(pid: int) -> str | None:
@@ -301,8 +342,8 @@ class PartWriter:
         self._keys: set[int] = set()
         self._pending: list[dict[str, EncodedTarget]] = []
         self._flushed = 0
-        self._arrays: dict[str, Any] = {}
-        self._zarr_store = None
+        self._compressors = {spec.name: spec.target_codec.numcodecs_compressor() for spec in self._specs}
+        self._num_params = 0
         self._fidelity = FidelityAccumulator()
         self._fidelity_sampled = 0
 
@@ -419,56 +460,47 @@ class PartWriter:
             "pid_start_time": _process_start_time(os.getpid()),
             "started_at_ns": time.time_ns(),
         }
-        self._location.write_small(f"{self.part_path}/{WRITER_LEASE}", json.dumps(lease).encode())
+        self._location.write_file(f"{self.part_path}/{WRITER_LEASE}", json.dumps(lease).encode())
 
-    def _array(self, name: str, shape: tuple[int, ...], dtype, codec) -> Any:
-        import zarr
-        from zarr.codecs import BytesCodec
-
-        array = self._arrays.get(name)
-        if array is not None:
-            array.resize(shape)
-            return array
-        if self._zarr_store is None:
-            self._zarr_store = self._location.zarr_store()
-        shard = (self._views_per_shard, *shape[1:])
-        array = zarr.create_array(
-            self._zarr_store,
-            name=f"{LAYOUT['parts']}/{self.part_dir}/{name}",
-            shape=shape,
-            dtype=dtype,
-            chunks=(1, *shape[1:]),
-            shards=shard,
-            serializer=BytesCodec(),
-            compressors=codec,
-            fill_value=0,
-            dimension_names=("view",) + (("channel", "y", "x") if len(shape) == 4 else ("param",)),
-            config={"write_empty_chunks": True},
+    def _write_shard(self, name: str, start: int, rows: np.ndarray, compressor) -> None:
+        """Rows ``start..start+len(rows)`` (one shard, ``start`` a multiple of S) of array ``name``."""
+        key = shard_key(start, self._views_per_shard, rows.ndim)
+        self._location.write_file(
+            self._location.path(LAYOUT["parts"], self.part_dir, name, key), encode_shard(rows, self._views_per_shard, compressor)
         )
-        self._arrays[name] = array
-        return array
 
     def _flush(self) -> None:
         """Write the pending views (one whole shard, or the last partial one)."""
         if not self._pending:
             return
-        start, count = self._flushed, len(self._pending)
-        stop = start + count
+        start = self._flushed
         for spec in self._specs:
-            codec = spec.target_codec
-            block = np.stack([view[spec.name].codes for view in self._pending])
-            array = self._array(spec.name, (stop, *spec.shape), codec.dtype, codec.zarr_compressors())
-            array[start:stop] = block
+            block = np.stack([view[spec.name].codes for view in self._pending]).astype(spec.target_codec.dtype, copy=False)
+            self._write_shard(spec.name, start, block, self._compressors[spec.name])
         if self._quantized:
-            from zarr.codecs import Crc32cCodec, ZstdCodec
-
             params = np.stack(
                 [np.concatenate([np.concatenate([view[s.name].scale, view[s.name].offset]) for s in self._quantized]) for view in self._pending]
             ).astype(np.float32)
-            array = self._array(QUANT_ARRAY, (stop, params.shape[1]), np.float32, [ZstdCodec(level=3), Crc32cCodec()])
-            array[start:stop] = params
-        self._flushed = stop
+            self._write_shard(QUANT_ARRAY, start, params, _params_compressor())
+            self._num_params = params.shape[1]
+        self._flushed = start + len(self._pending)
         self._pending = []
+
+    def _write_metadata(self) -> None:
+        """zarr.json of the part's groups and arrays, for the rows written (zarr-python's documents)."""
+        if not self._records:
+            return
+        rows = len(self._records)
+        part = (LAYOUT["parts"], self.part_dir)
+        arrays = [(spec.name, spec.shape, str(spec.target_codec.dtype), spec.target_codec.name) for spec in self._specs]
+        if self._quantized:
+            arrays.append((QUANT_ARRAY, (self._num_params,), "float32", ""))
+        for group in sorted({name.split("/")[0] for name, *_ in arrays if "/" in name}) + [""]:
+            self._location.write_file(self._location.path(*part, group, "zarr.json"), _GROUP_METADATA)
+        for name, view_shape, dtype, codec_name in arrays:
+            document = dict(_array_metadata(tuple(view_shape), dtype, codec_name, self._views_per_shard))
+            document["shape"] = [rows, *view_shape]
+            self._location.write_file(self._location.path(*part, name, "zarr.json"), json.dumps(document, indent=2).encode())
 
     def commit(self) -> dict:
         """Write the remaining arrays, then publish the part's manifest entry atomically.
@@ -482,6 +514,7 @@ class PartWriter:
         self._check_open("commit")
         try:
             self._flush()
+            self._write_metadata()
         except BaseException:
             self.abort()
             raise
@@ -513,5 +546,4 @@ class PartWriter:
             raise PartStateError(f"PartWriter.abort() expects an uncommitted part. Got part {self.part_id!r} already committed.")
         self._state = "aborted"
         self._pending = []
-        self._arrays = {}
         self._location.remove_tree(self.part_path)
