@@ -22,6 +22,12 @@ the same thread count (on this 2-core machine: the actor owns one core, the pipe
 CPU work runs on the other).
 
     python benchmarks/precompute_overhead.py --num-images 64 --threads 1 [--no-pin-cpus]
+
+``--teacher CKPT`` uses a trained teacher instead (its classes must be the synthetic
+benchmark's), ``--targets`` other target groups, e.g. the reproduction's job:
+
+    python benchmarks/precompute_overhead.py --num-images 1600 --threads 1 --canvas 128 \
+        --targets cls,box,fpn,backbone --teacher runs/repro/teacher/final.pt
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ def prepare(work: Path, num_images: int, canvas: int, seed: int = 0) -> dict[str
     return {"annotations": annotations, "images": data / "train", "teacher": teacher}
 
 
-def forward_alone(paths: dict[str, Path], canvas: int, batch_size: int, threads: int) -> dict[str, float]:
+def forward_alone(paths: dict[str, Path], canvas: int, batch_size: int, threads: int, with_backbone: bool = False) -> dict[str, float]:
     """Wall time of the teacher's forward pass over every view, rendered beforehand (not timed)."""
     import numpy as np
     import torch
@@ -81,10 +87,10 @@ def forward_alone(paths: dict[str, Path], canvas: int, batch_size: int, threads:
     model, _ = load_detector(paths["teacher"], map_location="cpu")
     model.eval()
     with torch.inference_mode():
-        model(torch.from_numpy(pixels[:batch_size]))  # warm-up, untimed (allocator, kernels)
+        model(torch.from_numpy(pixels[:batch_size]), with_backbone=with_backbone)  # warm-up, untimed (allocator, kernels)
         start = time.perf_counter()
         for first in range(0, len(views), batch_size):
-            outputs = model(torch.from_numpy(pixels[first : first + batch_size]))
+            outputs = model(torch.from_numpy(pixels[first : first + batch_size]), with_backbone=with_backbone)
             for tensor in outputs.targets().values():
                 tensor.numpy()
         seconds = time.perf_counter() - start
@@ -100,6 +106,7 @@ def job_config(paths: dict[str, Path], store: Path, args: argparse.Namespace):
         teacher=str(paths["teacher"]),
         store=str(store),
         canvas_hw=(args.canvas, args.canvas),
+        target_groups=tuple(args.targets.split(",")),
         batch_size=args.batch_size,
         num_actors=1,
         cpus_per_actor=1.0,
@@ -129,6 +136,8 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="CPUs of the local Ray cluster (default: as `distill precompute` starts it)")
     parser.add_argument("--no-pin-cpus", action="store_true", help="as `distill precompute --no-pin-cpus`")
+    parser.add_argument("--targets", default="cls,box,fpn", help="target groups stored (default: cls,box,fpn)")
+    parser.add_argument("--teacher", type=Path, help="a trained teacher checkpoint (default: a random gfl_r18, 64 channels)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/distillery-bench-precompute"))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -139,20 +148,23 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     paths = prepare(args.work, args.num_images, args.canvas)
+    if args.teacher:
+        paths["teacher"] = args.teacher.resolve()
+    with_backbone = "backbone" in args.targets.split(",")
     os.environ.setdefault("RAY_TMPDIR", str(args.work / "ray"))
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
 
-    forward_1 = forward_alone(paths, args.canvas, args.batch_size, args.threads)
+    forward_1 = forward_alone(paths, args.canvas, args.batch_size, args.threads, with_backbone)
     started = time.perf_counter()
     # the local cluster `distill precompute` would start (logical CPUs, CPU pinning)
     _, pinning = init_ray(job_config(paths, args.work / "unused.zarr", args))
     ray_init_seconds = time.perf_counter() - started
     try:
         cold = run_job(paths, args.work / "store-cold.zarr", args)
-        forward_2 = forward_alone(paths, args.canvas, args.batch_size, args.threads)
+        forward_2 = forward_alone(paths, args.canvas, args.batch_size, args.threads, with_backbone)
         warm = run_job(paths, args.work / "store-warm.zarr", args)
-        forward_3 = forward_alone(paths, args.canvas, args.batch_size, args.threads)
+        forward_3 = forward_alone(paths, args.canvas, args.batch_size, args.threads, with_backbone)
     finally:
         ray.shutdown()
     load_after = os.getloadavg()
@@ -165,6 +177,8 @@ def main() -> None:
         "batch_size": args.batch_size,
         "threads": args.threads,
         "views_per_part": args.views_per_part,
+        "targets": args.targets,
+        "teacher": str(paths["teacher"]),
         "ray_init_seconds": ray_init_seconds,
         "pinning": [list(p) for p in pinning] if pinning else None,
         "forward_seconds": [forward_1["seconds"], forward_2["seconds"], forward_3["seconds"]],
@@ -175,7 +189,8 @@ def main() -> None:
     }
     for name in ("cold", "warm"):
         results[name].pop("failures")
-    print(f"views {results['views']}, canvas {args.canvas}, batch {args.batch_size}, torch threads {args.threads}")
+    print(f"views {results['views']}, canvas {args.canvas}, batch {args.batch_size}, torch threads {args.threads}, "
+          f"targets {args.targets}, teacher {paths['teacher']}")
     print(f"ray.init: {ray_init_seconds:.2f} s (not in the job times); CPU pinning: "
           f"{'teacher %s, the rest %s' % pinning if pinning else 'off'}")
     print("forward alone: " + ", ".join(f"{s:.2f} s" for s in results["forward_seconds"]))
