@@ -14,6 +14,11 @@ Store layout (a zarr v3 hierarchy; N views in a part, S views per shard)::
                                           checksum); its appearance makes the part visible
     <root>/manifest/failures/<time>-<uuid>.parquet   views that could not be produced
 
+The writer builds every shard file itself (`label_store._shard.encode_shard`: byte for byte
+what zarr-python writes for the same codes) and takes every zarr.json from zarr-python, so
+any zarr v3 reader opens the store; going through zarr-python's per-chunk pipeline cost
+more CPU than the compression (benchmarks/RESULTS.md, "Shards and throughput").
+
 Concurrency and failure rules:
     * A part is written by one `PartWriter` into its own directory (``<part_id>.<attempt>``,
       a fresh attempt suffix each time), so no two writers ever touch the same shard and a
