@@ -12,6 +12,11 @@ each shard size S, then reads them back:
 how busy the shared machine is; wall-clock views/s do.
 
     python benchmarks/store_io.py --views 128 --shards 1 16 64
+
+``--source-store URL`` writes the first views of an existing store instead (its teacher's
+real targets, decoded, with its fingerprint and codecs), e.g. the reproduction's store:
+
+    python benchmarks/store_io.py --views 128 --shards 16 --source-store runs/repro/store.zarr
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ def main() -> int:
     parser.add_argument("--views", type=int, default=128, help="views written per shard size")
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 16, 64], help="views per shard to compare")
     parser.add_argument("--canvas", type=int, nargs=2, default=(320, 320), metavar=("H", "W"))
+    parser.add_argument("--source-store", help="write the first --views views of this store instead of synthetic ones")
     parser.add_argument("--dir", default=None, help="where to write the stores (default: a temporary directory)")
     args = parser.parse_args()
 
@@ -52,15 +58,21 @@ def main() -> int:
     from label_store import TeacherFingerprint, create_store, default_target_specs, inspect_store, open_store
     from label_store.testing import synthetic_targets
 
-    canvas = tuple(args.canvas)
-    fingerprint = TeacherFingerprint("gfl_r50_fpn_synthetic", "0" * 64, tuple(f"class{i}" for i in range(80)), canvas, (8, 16, 32, 64, 128), 16, {})
-    specs = default_target_specs(80, 16, canvas, (8, 16, 32, 64, 128), 256)
+    if args.source_store:
+        source = open_store(args.source_store)
+        fingerprint, specs = source.fingerprint, list(source.targets)
+        canvas = tuple(fingerprint.canvas_hw)
+        pool = source.read_many(source.keys()[: args.views])
+    else:
+        canvas = tuple(args.canvas)
+        fingerprint = TeacherFingerprint("gfl_r50_fpn_synthetic", "0" * 64, tuple(f"class{i}" for i in range(80)), canvas, (8, 16, 32, 64, 128), 16, {})
+        specs = default_target_specs(80, 16, canvas, (8, 16, 32, 64, 128), 256)
+        pool = [synthetic_targets(specs, seed=i) for i in range(8)]
     fp32_mb = sum(s.fp32_nbytes for s in specs) / 1e6
-    pool = [synthetic_targets(specs, seed=i) for i in range(8)]
     base = args.dir or tempfile.mkdtemp(prefix="store_io_")
     print(f"# {args.views} views/store, canvas {canvas}, {fp32_mb:.2f} MB fp32 per view, codecs {sorted({s.codec for s in specs})}")
-    print("| S views/shard | files | MB/view stored | write views/s | write MB/s/core | read random cold views/s/core | warm | read_many rnd16 views/s/core (1 thr) | (2 thr, wall views/s) | read_many seq16 views/s/core | zarr-python random views/s/core |")
-    print("|" + "---|" * 11)
+    print("| S views/shard | files | MB/view stored | write views/s | write MB/s/core | write CPU ms/view | read random cold views/s/core | warm | read_many rnd16 views/s/core (1 thr) | (2 thr, wall views/s) | read_many seq16 views/s/core | zarr-python random views/s/core |")
+    print("|" + "---|" * 12)
     rng = np.random.default_rng(0)
     try:
         for shard in args.shards:
@@ -110,6 +122,7 @@ def main() -> int:
             n = args.views
             print(
                 f"| {shard} | {files} | {info['bytes_per_view'] / 1e6:.3f} | {n / write.wall:.1f} | {n * fp32_mb / write.cpu:.0f} | "
+                f"{1e3 * write.cpu / n:.2f} | "
                 f"{n / cold.cpu:.0f} | {n / warm.cpu:.0f} | {n / batched.cpu:.0f} | {n / threaded.wall:.0f} | {n / sequential.cpu:.0f} | "
                 f"{len(subset) / via_zarr.cpu:.0f} |"
             )
