@@ -77,12 +77,8 @@ WRITER_LEASE = "_writer.json"
 _GROUP_METADATA = json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"}, indent=2).encode()
 
 
-@functools.lru_cache(maxsize=None)
-def _params_compressor():
-    """The numcodecs codec of the quantization-parameter array (zarr's ``ZstdCodec(level=3)``)."""
-    from numcodecs import Zstd
-
-    return Zstd(level=3)
+PARAMS_CODEC = "fp32+zstd3"
+"""Codec of the quantization-parameter array ``quant`` (float32 scale and offset, zstd level 3)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,15 +86,14 @@ def _array_metadata(view_shape: tuple[int, ...], dtype: str, codec_name: str, vi
     """The zarr.json document zarr-python writes for a part's array of this layout (rows: S).
 
     Built once per layout by zarr-python itself, in memory, so the arrays the writer fills
-    directly carry exactly zarr's metadata; the caller sets the row count. ``codec_name``
-    "" is the quantization-parameter array.
+    directly carry exactly zarr's metadata; the caller sets the row count.
     """
     import zarr
-    from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+    from zarr.codecs import BytesCodec
     from zarr.core.buffer import default_buffer_prototype
     from zarr.storage import MemoryStore
 
-    compressors = parse_codec(codec_name).zarr_compressors() if codec_name else [ZstdCodec(level=3), Crc32cCodec()]
+    compressors = parse_codec(codec_name).zarr_compressors()
     array = zarr.create_array(
         MemoryStore(),
         shape=(views_per_shard, *view_shape),
@@ -348,6 +343,7 @@ class PartWriter:
         self._pending: list[dict[str, EncodedTarget]] = []
         self._flushed = 0
         self._compressors = {spec.name: spec.target_codec.numcodecs_compressor() for spec in self._specs}
+        self._compressors[QUANT_ARRAY] = parse_codec(PARAMS_CODEC).numcodecs_compressor()
         self._num_params = 0
         self._fidelity = FidelityAccumulator()
         self._fidelity_sampled = 0
@@ -486,7 +482,7 @@ class PartWriter:
             params = np.stack(
                 [np.concatenate([np.concatenate([view[s.name].scale, view[s.name].offset]) for s in self._quantized]) for view in self._pending]
             ).astype(np.float32)
-            self._write_shard(QUANT_ARRAY, start, params, _params_compressor())
+            self._write_shard(QUANT_ARRAY, start, params, self._compressors[QUANT_ARRAY])
             self._num_params = params.shape[1]
         self._flushed = start + len(self._pending)
         self._pending = []
@@ -499,7 +495,7 @@ class PartWriter:
         part = (LAYOUT["parts"], self.part_dir)
         arrays = [(spec.name, spec.shape, str(spec.target_codec.dtype), spec.target_codec.name) for spec in self._specs]
         if self._quantized:
-            arrays.append((QUANT_ARRAY, (self._num_params,), "float32", ""))
+            arrays.append((QUANT_ARRAY, (self._num_params,), "float32", PARAMS_CODEC))
         for group in sorted({name.split("/")[0] for name, *_ in arrays if "/" in name}) + [""]:
             self._location.write_file(self._location.path(*part, group, "zarr.json"), _GROUP_METADATA)
         for name, view_shape, dtype, codec_name in arrays:
