@@ -160,6 +160,21 @@ def difference(a: dict, b: dict) -> tuple[float | None, float | None]:
     return a["mean"] - b["mean"], se
 
 
+def paired_difference(a_runs: list[dict], b_runs: list[dict]) -> dict[str, float | int | None]:
+    """Mean and standard error of the per-seed differences a - b, over the seeds both rows ran.
+
+    Two rows trained with the same seed start from the same weights and draw the same batches,
+    so their difference carries less of the seed-to-seed noise than the difference of the means.
+    """
+    b_ap = {run["seed"]: run["ap"]["AP"] for run in b_runs if "AP" in run["ap"]}
+    diffs = [run["ap"]["AP"] - b_ap[run["seed"]] for run in a_runs if "AP" in run["ap"] and run["seed"] in b_ap]
+    return {
+        "n": len(diffs),
+        "mean": statistics.fmean(diffs) if diffs else None,
+        "se": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None,
+    }
+
+
 def _seeds(text: str) -> list[int]:
     seeds = sorted({int(s) for s in text.split(",") if s.strip()})
     if not seeds or min(seeds) < 0:
@@ -283,6 +298,7 @@ def main() -> int:
     offline = next((r for r in table if r["losses"] == "ld" and r["source"] == "store"), None)
     online = next((r for r in table if r["losses"] == "ld" and r["source"] == "inprocess"), None)
     offline_gap, offline_se = difference(offline["ap"], online["ap"]) if offline and online else (None, None)
+    paired = paired_difference(offline["runs"], online["runs"]) if offline and online else None
     teacher_ap = _ap(teacher_metrics.get("val"))
 
     budget_text = (
@@ -313,6 +329,9 @@ def main() -> int:
         f"Teacher: AP {_fmt(teacher_ap.get('AP'))}, AP50 {_fmt(teacher_ap.get('AP50'))}, AP75 {_fmt(teacher_ap.get('AP75'))}.",
         f"Offline LD minus in-process LD: {gap_text} AP (goal: within ±{GOAL_OFFLINE_GAP_AP}) -> "
         + ("-" if offline_gap is None else ("met" if abs(offline_gap) <= GOAL_OFFLINE_GAP_AP / 100 else "not met")) + ".",
+        "" if not paired or paired["mean"] is None else
+        f"Paired by seed (the same seed in both rows, {paired['n']} seeds): {_fmt(paired['mean'], signed=True)}"
+        + ("" if paired["se"] is None else f" ± {_fmt(paired['se'])}") + " AP.",
         "",
         "Commands (SEED is each seed of the row; the teacher and precompute steps are in reproduction.json):",
         "",
@@ -322,7 +341,8 @@ def main() -> int:
     (home / "reproduction.md").write_text(markdown + "\n", encoding="utf-8")
     (home / "reproduction.json").write_text(json.dumps({
         "budget": vars(args), "budget_text": budget_text, "rows": table, "teacher": teacher_ap,
-        "offline_minus_inprocess_ap": offline_gap, "offline_minus_inprocess_se": offline_se, "steps": log,
+        "offline_minus_inprocess_ap": offline_gap, "offline_minus_inprocess_se": offline_se,
+        "offline_minus_inprocess_paired": paired, "steps": log,
     }, indent=2, default=str), encoding="utf-8")
     print()
     print(markdown)
