@@ -228,6 +228,26 @@ def _autocast(device, enabled: bool):
     return torch.autocast("cuda", dtype=dtype), dtype == torch.float16
 
 
+def optimizer_step(loss, optimizer, scaler, parameters, clip_norm: float | None) -> bool:
+    """One step on ``loss``: backward through the AMP ``scaler``, gradients clipped to ``clip_norm``.
+
+    The gradients are cleared first. A loss that is not finite takes no step (and leaves the
+    weights as they were): returns False, so the caller can count it.
+    """
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return False
+    scaler.scale(loss).backward()
+    if clip_norm is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return True
+
+
 def evaluate_model(
     model,
     dataset,
@@ -480,14 +500,7 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
                     gt_labels = [lb.to(device) for lb in batch["gt_labels"]]
                     losses = model.loss(outputs, gt_boxes, gt_labels)
                     loss = sum(losses.values())
-                    optimizer.zero_grad(set_to_none=True)
-                    if torch.isfinite(loss):
-                        scaler.scale(loss).backward()
-                        if config.grad_clip_norm is not None:
-                            scaler.unscale_(optimizer)
-                            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-                        scaler.step(optimizer)
-                        scaler.update()
+                    if optimizer_step(loss, optimizer, scaler, model.parameters(), config.grad_clip_norm):
                         for name, value in losses.items():
                             window.setdefault(name, []).append(float(value.detach()))
                         window.setdefault("loss", []).append(float(loss.detach()))

@@ -215,7 +215,7 @@ def train_student(
     from detcore.checkpoint import load_checkpoint, save_checkpoint
     from detcore.coco import CocoDataset
     from detcore.models.gfl import build_detector
-    from detcore.train import _autocast, _param_groups, evaluate_model, learning_rate_factor, resolve_device
+    from detcore.train import _autocast, _param_groups, evaluate_model, learning_rate_factor, optimizer_step, resolve_device
     from student_trainer.data import FailureLog, ShardedViewSampler, StoreViewDataset, check_store_fits, collate_train
     from student_trainer.distill import DistillationModel, needed_target_names
     from student_trainer.sources import StoreSource, build_source
@@ -413,14 +413,7 @@ def train_student(
                     with autocast:
                         terms, extras = train_model(images, gt_boxes, gt_labels, targets)
                     loss = sum(terms.values())
-                    optimizer.zero_grad(set_to_none=True)
-                    if torch.isfinite(loss):
-                        scaler.scale(loss).backward()
-                        if optim.grad_clip is not None:
-                            scaler.unscale_(optimizer)
-                            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-                        scaler.step(optimizer)
-                        scaler.update()
+                    if optimizer_step(loss, optimizer, scaler, model.parameters(), optim.grad_clip):
                         for key, value in {**terms, **extras}.items():
                             window.setdefault(key, []).append(float(value.detach()))
                         window.setdefault("loss", []).append(float(loss.detach()))

@@ -18,6 +18,7 @@ from detcore.train import (
     evaluate_detector,
     evaluate_model,
     learning_rate_factor,
+    optimizer_step,
     parse_canvas,
     train_detector,
 )
@@ -212,6 +213,21 @@ def test_epoch_view_sampler_is_one_view_per_image_and_reproducible():
     assert len({views[i].view_id for o in orders for i in o}) > 1
     sampler.set_epoch(4, start=1)
     assert list(sampler) == orders[4][1:] and len(sampler) == 2
+
+
+def test_optimizer_step_clips_steps_and_skips_a_loss_that_is_not_finite():
+    weight = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    # gradient (300, 400): norm 500, clipped to norm 5 -> (3, 4); SGD with lr 1 subtracts it
+    assert optimizer_step((weight * torch.tensor([300.0, 400.0])).sum(), optimizer, scaler, [weight], 5.0)
+    assert torch.allclose(weight.detach(), torch.tensor([1.0 - 3.0, -2.0 - 4.0]))
+    before = weight.detach().clone()
+    assert not optimizer_step(weight.sum() * float("nan"), optimizer, scaler, [weight], 5.0)
+    assert torch.equal(weight.detach(), before) and weight.grad is None  # no step, gradients cleared
+    # no clipping: the raw gradient
+    assert optimizer_step((weight * 2.0).sum(), optimizer, scaler, [weight], None)
+    assert torch.allclose(weight.detach(), before - 2.0)
 
 
 def test_learning_rate_schedules_and_parsing():
