@@ -24,6 +24,12 @@ from pathlib import Path
 from typing import Any
 
 OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZER_DEFAULTS = {
+    "adamw": {"schedule": "cosine", "lr": 2e-3, "weight_decay": 0.05},
+    "sgd": {"schedule": "step", "lr": 0.01, "weight_decay": 1e-4},
+}
+"""Per optimizer: its learning-rate schedule (warm-up, then cosine or mmdetection's 1x step
+decay) and the peak learning rate and weight decay used when none is given."""
 # Fields that may change between a run and its resumption (they do not change the result).
 _RESUME_FREE_FIELDS = frozenset(
     {"out_dir", "num_workers", "eval_every", "checkpoint_every", "log_every", "val_annotations", "val_images", "device",
@@ -135,13 +141,13 @@ class TrainConfig:
 
     @property
     def peak_lr(self) -> float:
-        return float(self.lr) if self.lr is not None else (2e-3 if self.optimizer == "adamw" else 0.01)
+        return float(self.lr) if self.lr is not None else OPTIMIZER_DEFAULTS[self.optimizer]["lr"]
 
     @property
     def decay(self) -> float:
         if self.weight_decay is not None:
             return float(self.weight_decay)
-        return 0.05 if self.optimizer == "adamw" else 1e-4
+        return OPTIMIZER_DEFAULTS[self.optimizer]["weight_decay"]
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -199,13 +205,26 @@ def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _build_optimizer(model, config: TrainConfig):
+def build_optimizer(model, name: str, lr: float, weight_decay: float):
+    """AdamW (betas 0.9, 0.999) or SGD (momentum 0.9) over ``model``'s trainable parameters.
+
+    Weight decay applies to weights (2-D and up) only, never to biases and norm parameters.
+    """
     import torch
 
-    groups = _param_groups(model, config.decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.peak_lr, betas=(0.9, 0.999))
-    return torch.optim.SGD(groups, lr=config.peak_lr, momentum=0.9)
+    groups = _param_groups(model, weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    raise ValueError(f"build_optimizer(name=) expects one of {OPTIMIZERS}. Got {name!r}.")
+
+
+def config_difference(saved: dict[str, Any] | None, now: dict[str, Any], limit: int = 8) -> str:
+    """``different [keys] (saved [...], now [...])``: what keeps a run from resuming (at most ``limit`` keys)."""
+    saved = saved or {}
+    keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))[:limit]
+    return f"different {keys} (saved {[saved.get(k) for k in keys]}, now {[now.get(k) for k in keys]})"
 
 
 def _config_identity(config: TrainConfig) -> dict[str, Any]:
@@ -400,7 +419,7 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
     iters_per_epoch = num_images // config.batch_size if drop_last else 1
     total_steps = int(config.iters) if config.iters is not None else int(config.epochs or 12) * iters_per_epoch
     warmup = int(config.warmup_iters) if config.warmup_iters is not None else min(500, total_steps // 10)
-    schedule = "cosine" if config.optimizer == "adamw" else "step"
+    schedule = OPTIMIZER_DEFAULTS[config.optimizer]["schedule"]
 
     torch.manual_seed(config.seed)
     model = build_detector(
@@ -414,7 +433,7 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
     use_channels_last = config.channels_last
     if use_channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = _build_optimizer(model, config)
+    optimizer = build_optimizer(model, config.optimizer, config.peak_lr, config.decay)
     autocast, use_scaler = _autocast(device, config.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
@@ -425,11 +444,9 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
         training = state.get("training") or {}
         saved = training.get("config_identity")
         if saved != identity:
-            differing = sorted(k for k in set(saved or {}) | set(identity) if (saved or {}).get(k) != identity.get(k))
             raise TrainConfigMismatchError(
                 f"train_detector(config=) expects the configuration of the run in {str(out_dir)!r} to resume it. "
-                f"Got different {differing} (saved {[(saved or {}).get(k) for k in differing]}, "
-                f"now {[identity.get(k) for k in differing]}); use another --out or delete {str(last_path)!r}."
+                f"Got {config_difference(saved, identity)}; use another --out or delete {str(last_path)!r}."
             )
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(training["optimizer"])

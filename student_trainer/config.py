@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from detcore.train import OPTIMIZER_DEFAULTS, OPTIMIZERS
+
 LOSS_TERMS = ("ld_main", "ld_vlr", "ld_kd", "bcd", "fgd", "hgd")
 """Every distillation term a run can enable, by name."""
 
@@ -41,7 +43,6 @@ LOSS_GROUPS = {
 SOURCE_KINDS = ("store", "remote", "read-through", "inprocess")
 """Where the teacher's targets come from; ``store`` (offline) is the default, ``inprocess`` a baseline only."""
 
-OPTIMIZERS = ("adamw", "sgd")
 
 
 class ConfigError(ValueError):
@@ -182,13 +183,13 @@ class OptimConfig:
 
     @property
     def peak_lr(self) -> float:
-        return float(self.lr) if self.lr is not None else (2e-3 if self.optimizer == "adamw" else 0.01)
+        return float(self.lr) if self.lr is not None else OPTIMIZER_DEFAULTS[self.optimizer]["lr"]
 
     @property
     def decay(self) -> float:
         if self.weight_decay is not None:
             return float(self.weight_decay)
-        return 0.05 if self.optimizer == "adamw" else 1e-4
+        return OPTIMIZER_DEFAULTS[self.optimizer]["weight_decay"]
 
 
 @dataclass(frozen=True)

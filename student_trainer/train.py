@@ -215,7 +215,10 @@ def train_student(
     from detcore.checkpoint import load_checkpoint, save_checkpoint
     from detcore.coco import CocoDataset
     from detcore.models.gfl import build_detector
-    from detcore.train import _autocast, _param_groups, evaluate_model, learning_rate_factor, optimizer_step, resolve_device
+    from detcore.train import (
+        OPTIMIZER_DEFAULTS, _autocast, build_optimizer, config_difference, evaluate_model, learning_rate_factor,
+        optimizer_step, resolve_device,
+    )
     from student_trainer.data import FailureLog, ShardedViewSampler, StoreViewDataset, check_store_fits, collate_train
     from student_trainer.distill import DistillationModel, needed_target_names
     from student_trainer.sources import StoreSource, build_source
@@ -277,7 +280,7 @@ def train_student(
     iters_per_epoch = per_rank // optim.batch_size if drop_last else 1
     total_steps = int(optim.iters) if optim.iters is not None else int(optim.epochs) * iters_per_epoch
     warmup = int(optim.warmup_iters) if optim.warmup_iters is not None else min(500, total_steps // 10)
-    schedule = "cosine" if optim.optimizer == "adamw" else "step"
+    schedule = OPTIMIZER_DEFAULTS[optim.optimizer]["schedule"]
 
     # -- model, distillation modules, optimizer ----------------------------------------
     torch.manual_seed(optim.seed)
@@ -289,11 +292,7 @@ def train_student(
         student.load_state_dict(load_checkpoint(student_cfg.init)["model_state"])
     teacher_channels = {spec.name: int(spec.shape[0]) for spec in reference.specs}
     model = DistillationModel(student, losses, canvas_hw, teacher_channels).to(device)
-    optimizer_groups = _param_groups(model, optim.decay)
-    if optim.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(optimizer_groups, lr=optim.peak_lr, betas=(0.9, 0.999))
-    else:
-        optimizer = torch.optim.SGD(optimizer_groups, lr=optim.peak_lr, momentum=0.9)
+    optimizer = build_optimizer(model, optim.optimizer, optim.peak_lr, optim.decay)
     autocast, use_scaler = _autocast(device, optim.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
@@ -304,11 +303,9 @@ def train_student(
         state = load_checkpoint(last_path, map_location="cpu")
         saved = (state.get("training") or {}).get("config_identity")
         if saved != identity:
-            differing = sorted(k for k in set(saved or {}) | set(identity) if (saved or {}).get(k) != identity.get(k))
             raise ResumeMismatchError(
-                f"train_student(config=) expects the configuration of the run in {str(out)!r} to resume it. Got different "
-                f"{differing[:8]} (saved {[(saved or {}).get(k) for k in differing[:8]]}, now {[identity.get(k) for k in differing[:8]]}); "
-                f"use another --out or delete {str(last_path)!r}."
+                f"train_student(config=) expects the configuration of the run in {str(out)!r} to resume it. "
+                f"Got {config_difference(saved, identity)}; use another --out or delete {str(last_path)!r}."
             )
     if dist.broadcast is not None:
         state = dist.broadcast(state)

@@ -15,6 +15,8 @@ from detcore.datasets import DecodeFailure, EpochViewSampler, ViewDataset, colla
 from detcore.train import (
     TrainConfig,
     TrainConfigMismatchError,
+    build_optimizer,
+    config_difference,
     evaluate_detector,
     evaluate_model,
     learning_rate_factor,
@@ -228,6 +230,20 @@ def test_optimizer_step_clips_steps_and_skips_a_loss_that_is_not_finite():
     # no clipping: the raw gradient
     assert optimizer_step((weight * 2.0).sum(), optimizer, scaler, [weight], None)
     assert torch.allclose(weight.detach(), before - 2.0)
+
+
+def test_build_optimizer_decays_weights_only_and_names_the_choices():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    optimizer = build_optimizer(model, "sgd", 0.01, 1e-4)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    decayed, free = optimizer.param_groups
+    assert [p.shape for p in decayed["params"]] == [(4, 3, 3, 3)] and decayed["weight_decay"] == 1e-4
+    assert len(free["params"]) == 3 and free["weight_decay"] == 0.0  # conv bias, norm weight and bias
+    assert isinstance(build_optimizer(model, "adamw", 2e-3, 0.05), torch.optim.AdamW)
+    with pytest.raises(ValueError, match=r"\('adamw', 'sgd'\). Got 'adam'"):
+        build_optimizer(model, "adam", 1e-3, 0.0)
+    text = config_difference({"lr": 0.01, "epochs": 2}, {"lr": 0.02, "epochs": 2, "seed": 1})
+    assert text == "different ['lr', 'seed'] (saved [0.01, None], now [0.02, 1])"
 
 
 def test_learning_rate_schedules_and_parsing():
