@@ -329,9 +329,10 @@ def main() -> int:
         f"Teacher: AP {_fmt(teacher_ap.get('AP'))}, AP50 {_fmt(teacher_ap.get('AP50'))}, AP75 {_fmt(teacher_ap.get('AP75'))}.",
         f"Offline LD minus in-process LD: {gap_text} AP (goal: within ±{GOAL_OFFLINE_GAP_AP}) -> "
         + ("-" if offline_gap is None else ("met" if abs(offline_gap) <= GOAL_OFFLINE_GAP_AP / 100 else "not met")) + ".",
-        "" if not paired or paired["mean"] is None else
-        f"Paired by seed (the same seed in both rows, {paired['n']} seeds): {_fmt(paired['mean'], signed=True)}"
-        + ("" if paired["se"] is None else f" ± {_fmt(paired['se'])}") + " AP.",
+        *([] if not paired or paired["mean"] is None else [
+            f"Paired by seed (the same seed in both rows, {paired['n']} seeds): {_fmt(paired['mean'], signed=True)}"
+            + ("" if paired["se"] is None else f" ± {_fmt(paired['se'])}") + " AP."
+        ]),
         "",
         "Commands (SEED is each seed of the row; the teacher and precompute steps are in reproduction.json):",
         "",

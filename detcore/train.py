@@ -220,7 +220,7 @@ def build_optimizer(model, name: str, lr: float, weight_decay: float):
     raise ValueError(f"build_optimizer(name=) expects one of {OPTIMIZERS}. Got {name!r}.")
 
 
-def config_difference(saved: dict[str, Any] | None, now: dict[str, Any], limit: int = 8) -> str:
+def config_difference(saved: dict[str, Any] | None, now: dict[str, Any], limit: int | None = None) -> str:
     """``different [keys] (saved [...], now [...])``: what keeps a run from resuming (at most ``limit`` keys)."""
     saved = saved or {}
     keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))[:limit]

@@ -44,7 +44,6 @@ SOURCE_KINDS = ("store", "remote", "read-through", "inprocess")
 """Where the teacher's targets come from; ``store`` (offline) is the default, ``inprocess`` a baseline only."""
 
 
-
 class ConfigError(ValueError):
     """A run configuration that cannot be used (it names the key and says what is expected)."""
 

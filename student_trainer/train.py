@@ -305,7 +305,7 @@ def train_student(
         if saved != identity:
             raise ResumeMismatchError(
                 f"train_student(config=) expects the configuration of the run in {str(out)!r} to resume it. "
-                f"Got {config_difference(saved, identity)}; use another --out or delete {str(last_path)!r}."
+                f"Got {config_difference(saved, identity, limit=8)}; use another --out or delete {str(last_path)!r}."
             )
     if dist.broadcast is not None:
         state = dist.broadcast(state)
