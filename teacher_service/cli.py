@@ -139,7 +139,8 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
     job.add_argument("--torch-threads", type=_positive_int, default=None,
                      help="intra-op threads of each CPU teacher actor (default: --cpus-per-actor)")
     job.add_argument("--views-per-part", type=_positive_int, default=32,
-                     help="views written and committed together by one write task (default: 32)")
+                     help="views decoded, forwarded (in --batch-size batches), written and committed together "
+                          "by one task of each stage; rounded up to whole batches (default: 32)")
     job.add_argument("--device", default="auto", help="teacher device: auto, cpu, cuda (default: auto)")
     job.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                      help="autocast on GPU: auto = bf16 where supported, else fp16; fp32 on CPU (default: auto)")

@@ -112,6 +112,20 @@ class PrecomputeConfig:
         return self.num_actors * self.cpus_per_actor
 
     @property
+    def block_views(self) -> int:
+        """Views per Ray Data block, i.e. per decode task, teacher call and (usually) part.
+
+        One part's worth (`views_per_part`), rounded up to whole forward batches: every
+        block costs the driver, the raylet and the object store a task and a few objects
+        whatever its size, and with a fast teacher that fixed cost competes with the
+        forward for the CPU (at canvas 128 on 2 cores, 32-view blocks instead of 8-view ones
+        took a 1600-view job from 1.79x to 1.58x the bare forward; benchmarks/RESULTS.md,
+        "Precompute job"). The teacher
+        still runs `batch_size` views per forward pass.
+        """
+        return self.batch_size * math.ceil(self.views_per_part / self.batch_size)
+
+    @property
     def cpus_needed(self) -> float:
         """Logical CPUs the job cannot run without: its teacher actors plus one decode/write task."""
         return self.actor_cpus + self.cpus_per_task
@@ -666,7 +680,8 @@ def _run_pipeline(
         {"image_id": v.image_id, "view_id": v.view_id, "view": v.to_json(), "path": str(dataset.image_path(v.image_id))}
         for v in todo
     ]
-    num_blocks = max(1, min(math.ceil(len(items) / config.batch_size), 4096))
+    block = config.block_views
+    num_blocks = max(1, min(math.ceil(len(items) / block), 4096))
     resources = ray.cluster_resources()
     num_gpus = int(resources.get("GPU", 0))
     device = config.device if config.device != "auto" else ("cuda" if num_gpus and config.device != "cpu" else "cpu")
@@ -700,7 +715,7 @@ def _run_pipeline(
             ray.data.from_items(items, override_num_blocks=num_blocks)
             .map_batches(
                 decode_and_render,
-                batch_size=config.batch_size,
+                batch_size=block,
                 batch_format="numpy",
                 fn_kwargs={"fault": fault, "niceness": config.cpu_stage_niceness, "cpus": stage_cpus},
                 num_cpus=config.cpus_per_task,
@@ -709,7 +724,7 @@ def _run_pipeline(
             )
             .map_batches(
                 TeacherPredictor,
-                batch_size=config.batch_size,
+                batch_size=block,
                 batch_format="numpy",
                 compute=ActorPoolStrategy(size=config.num_actors),
                 fn_constructor_kwargs={

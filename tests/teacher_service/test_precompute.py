@@ -209,6 +209,16 @@ def test_config_validation(data, tmp_path, overrides, match):
         _config(data, tmp_path / "s.zarr", **overrides).validate()
 
 
+@pytest.mark.parametrize(
+    "batch_size, views_per_part, expected",
+    [(8, 32, 32), (3, 4, 6), (64, 32, 64), (1, 1, 1)],
+)
+def test_block_views_is_a_part_in_whole_forward_batches(data, tmp_path, batch_size, views_per_part, expected):
+    config = _config(data, tmp_path / "s.zarr", batch_size=batch_size, views_per_part=views_per_part)
+    assert config.block_views == expected
+    assert config.block_views % batch_size == 0 and config.block_views >= views_per_part
+
+
 def _cli(argv: list[str]) -> int:
     from teacher_service.cli import register
 
