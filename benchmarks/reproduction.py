@@ -160,6 +160,16 @@ def difference(a: dict, b: dict) -> tuple[float | None, float | None]:
     return a["mean"] - b["mean"], se
 
 
+def _gap_verdict(gap: float | None, se: float | None, bound: float) -> str:
+    """'met' / 'not met' on the point estimate, and whether the noise lets it decide."""
+    if gap is None:
+        return "-"
+    verdict = "met" if abs(gap) <= bound else "not met"
+    if se is not None and se > bound:
+        verdict += f" on the means, but their s.e. ({_fmt(se)}) exceeds the margin: more seeds are needed to tell"
+    return verdict
+
+
 def paired_difference(a_runs: list[dict], b_runs: list[dict]) -> dict[str, float | int | None]:
     """Mean and standard error of the per-seed differences a - b, over the seeds both rows ran.
 
@@ -328,9 +338,10 @@ def main() -> int:
         "",
         f"Teacher: AP {_fmt(teacher_ap.get('AP'))}, AP50 {_fmt(teacher_ap.get('AP50'))}, AP75 {_fmt(teacher_ap.get('AP75'))}.",
         f"Offline LD minus in-process LD: {gap_text} AP (goal: within ±{GOAL_OFFLINE_GAP_AP}) -> "
-        + ("-" if offline_gap is None else ("met" if abs(offline_gap) <= GOAL_OFFLINE_GAP_AP / 100 else "not met")) + ".",
+        + _gap_verdict(offline_gap, offline_se, GOAL_OFFLINE_GAP_AP / 100) + ".",
         *([] if not paired or paired["mean"] is None else [
-            f"Paired by seed (the same seed in both rows, {paired['n']} seeds): {_fmt(paired['mean'], signed=True)}"
+            f"Paired by seed (the same seed in both rows, {paired['n']} seed{'s' if paired['n'] != 1 else ''}): "
+            f"{_fmt(paired['mean'], signed=True)}"
             + ("" if paired["se"] is None else f" ± {_fmt(paired['se'])}") + " AP."
         ]),
         "",
