@@ -120,8 +120,8 @@ class PrecomputeConfig:
         whatever its size, and with a fast teacher that fixed cost competes with the
         forward for the CPU (at canvas 128 on 2 cores, 32-view blocks instead of 8-view ones
         took a 1600-view job from 1.79x to 1.58x the bare forward; benchmarks/RESULTS.md,
-        "Precompute job"). The teacher
-        still runs `batch_size` views per forward pass.
+        "Precompute job"). The teacher still runs `batch_size` views per forward pass, and
+        the write task still gathers at least `views_per_part` rows per part.
         """
         return self.batch_size * math.ceil(self.views_per_part / self.batch_size)
 
