@@ -207,6 +207,36 @@ class PrecomputeSummary:
     """Cores the teacher actors were pinned to (empty: no pinning, see `cpu_pinning`)."""
     stage_cpus: tuple[int, ...] = ()
     """Cores decoding and writing were pinned to, beside the teacher's."""
+    stage_slots: int = 0
+    """Decode and write tasks that could run at once: the task slots the cluster had beside
+    the teacher actors, or the cores the stages were pinned to where fewer (0: nothing ran)."""
+    num_actors: int = 1
+    """Teacher actors of the job."""
+
+    @property
+    def bottleneck(self) -> str:
+        """Which side bound the job, from the stage worker-seconds: the teacher, or decode + write.
+
+        The teacher side is the forward and device-to-host seconds per actor; the CPU side is
+        the decode and write worker-seconds spread over `stage_slots`. Both are lower bounds
+        of the time each side needed; the larger says what to add. Start-up and the tail
+        (the first block waiting for its decode, the last part's write) are in neither.
+        """
+        if not self.views_stored or not self.stage_slots:
+            return "-"
+        teacher = (self.forward_seconds + self.encode_seconds) / max(1, self.num_actors)
+        stages = (self.decode_seconds + self.write_seconds) / self.stage_slots
+        if stages > teacher:
+            return (
+                f"decode + write on the CPU: {self.decode_seconds + self.write_seconds:.1f} worker-s over "
+                f"{self.stage_slots} task slot(s), >= {stages:.1f} s, against the teacher's {teacher:.1f} s per actor; "
+                f"more CPUs beside the teacher, or cheaper codecs (--codec fpn=int6-view-dhw+zstd3 ...), would "
+                f"shorten it"
+            )
+        return (
+            f"the teacher: {teacher:.1f} s per actor, against >= {stages:.1f} s of decode + write per task slot "
+            f"({self.stage_slots})"
+        )
 
     @property
     def views_per_second(self) -> float:
@@ -240,6 +270,7 @@ class PrecomputeSummary:
             ("encode (to host)", f"{self.encode_seconds:.1f} worker-s"),
             ("write (codecs + commit)", f"{self.write_seconds:.1f} worker-s"),
             ("CPU pinning", _format_pinning(self.teacher_cpus, self.stage_cpus)),
+            ("bound by", self.bottleneck),
         ]
         width = max(len(name) for name, _ in rows)
         lines = [f"  {name:<{width}}  {value}" for name, value in rows]
@@ -656,6 +687,8 @@ def run_precompute(
         failures=failures,
         teacher_cpus=pinning[0] if pinning else (),
         stage_cpus=pinning[1] if pinning else (),
+        stage_slots=int(totals.get("stage_slots", 0)),
+        num_actors=config.num_actors,
     )
 
 
@@ -774,6 +807,8 @@ def _run_pipeline(
         ray.kill(counter)
     if sink.result is None:
         raise RuntimeError("LabelStoreDatasink expects on_write_complete to run after a successful write. It did not.")
+    # Pinned stages share their cores, however many task slots Ray has for them.
+    sink.result["stage_slots"] = min(task_concurrency, len(stage_cpus)) if stage_cpus else task_concurrency
     return sink.result
 
 

@@ -33,7 +33,7 @@ from teacher_service.pipeline_stages import (
     decode_and_render,
     parse_fault,
 )
-from teacher_service.precompute import PrecomputeConfig, PrecomputeInputError, run_precompute
+from teacher_service.precompute import PrecomputeConfig, PrecomputeInputError, PrecomputeSummary, run_precompute
 
 CANVAS = (64, 64)
 CLASSES = ("disc", "square")
@@ -600,11 +600,16 @@ def test_job_that_starts_its_own_cluster_pins_the_teacher(data, tmp_path, monkey
             ray.shutdown()
     assert (summary.views_stored, summary.views_failed) == (16, 0)
     cores = sorted(os.sched_getaffinity(0))
+    pinning_row = next(line for line in summary.format().splitlines() if line.strip().startswith("CPU pinning"))
     if len(cores) >= 2:
         assert (summary.teacher_cpus, summary.stage_cpus) == ((cores[0],), tuple(cores[1:]))
-        assert f"teacher on CPU {cores[0]}" in summary.format()
+        assert f"teacher on CPU {cores[0]}" in pinning_row
+        # the stages share their pinned cores, whatever Ray's task slots for them
+        assert 1 <= summary.stage_slots <= len(cores) - 1
     else:  # one usable core: nothing to pin apart
-        assert summary.teacher_cpus == () and summary.format().splitlines()[-1].endswith(" off")
+        assert summary.teacher_cpus == () and pinning_row.endswith(" off")
+        assert summary.stage_slots >= 1
+    assert summary.num_actors == 1 and summary.bottleneck != "-"
     assert sorted(os.sched_getaffinity(0)) == cores  # the driver's own mask is restored
     rows = _committed_rows(str(store))
     assert len(rows) == len(set(rows)) == 16
@@ -665,3 +670,25 @@ def _store_codecs(store) -> dict[str, str]:
     from label_store.reader import open_store
 
     return {spec.name: spec.codec for spec in open_store(str(store)).targets}
+
+
+def _summary(**fields) -> PrecomputeSummary:
+    base = dict(store="s.zarr", views_planned=64, views_skipped=0, views_stored=64, views_failed=0, views_left=0,
+                num_parts=2, bytes_written=1 << 20, seconds=30.0, ray_init_seconds=3.0, decode_seconds=4.0,
+                forward_seconds=10.0, encode_seconds=1.0, write_seconds=20.0, stage_slots=1, num_actors=1)
+    return PrecomputeSummary(**{**base, **fields})
+
+
+def test_summary_says_which_side_bound_the_job():
+    # one stage slot: 24 worker-s of decode + write outweigh the teacher's 11 s
+    stage_bound = _summary()
+    assert stage_bound.bottleneck.startswith("decode + write on the CPU: 24.0 worker-s over 1 task slot(s), >= 24.0 s")
+    assert "the teacher's 11.0 s per actor" in stage_bound.bottleneck and "--codec" in stage_bound.bottleneck
+    assert any(line.strip().startswith("bound by") and "decode + write" in line for line in stage_bound.format().splitlines())
+    # the same work over 15 slots (a GPU node's other cores): the teacher binds
+    teacher_bound = _summary(stage_slots=15)
+    assert teacher_bound.bottleneck == "the teacher: 11.0 s per actor, against >= 1.6 s of decode + write per task slot (15)"
+    # two actors halve the teacher's side
+    assert _summary(stage_slots=8, num_actors=2).bottleneck.startswith("the teacher: 5.5 s per actor, against >= 3.0 s")
+    # nothing ran (all views committed before): no verdict
+    assert _summary(views_stored=0, stage_slots=0).bottleneck == "-"
