@@ -20,6 +20,11 @@ shared machine's changing load hits them alike; a ratio is the median over steps
 ratio of two configurations' adjacent steps.
 
     python benchmarks/train_step_speed.py [--threads 2] [--steps 30] [--num-workers 0]
+
+``--device cuda`` puts the student (and the in-process teacher) on a GPU under the
+trainer's autocast (`detcore.train._autocast`: bf16 where supported), moves each batch and
+its targets there as `train_student` does, and ends each step's time at
+`torch.cuda.synchronize()`; loading stays on the CPU (use ``--num-workers``).
 """
 
 from __future__ import annotations
@@ -110,6 +115,7 @@ class Config:
 
         from detcore.coco import CocoDataset
         from detcore.models.gfl import build_detector
+        from detcore.train import _autocast
         from student_trainer.config import build_run_config
         from student_trainer.data import ShardedViewSampler, StoreViewDataset, collate_train
         from student_trainer.distill import DistillationModel, needed_target_names
@@ -127,7 +133,10 @@ class Config:
         offline = source_kind == "store" and bool(self.names)
         dataset = StoreViewDataset(coco, views, expected_hashes={v.key: h for v, h in stored},
                                    target_reader=store.worker_reader() if offline else None)
-        self.source = store if source_kind == "store" else InProcessTeacherSource(str(paths["teacher"]), self.names)
+        self.device = torch.device(args.device)
+        self.autocast, _ = _autocast(self.device, True)
+        self.source = (store if source_kind == "store"
+                       else InProcessTeacherSource(str(paths["teacher"]), self.names, device=self.device))
         self.sampler = ShardedViewSampler(views, seed=0)
         self.loader = DataLoader(dataset, batch_size=args.batch_size, sampler=self.sampler, collate_fn=collate_train,
                                  num_workers=args.num_workers, drop_last=True, persistent_workers=args.num_workers > 0)
@@ -135,7 +144,7 @@ class Config:
         torch.manual_seed(0)
         student = build_detector("gfl_tiny", len(coco.classes))
         self.model = DistillationModel(student, config.losses, tuple(store.fingerprint.canvas_hw),
-                                       {spec.name: spec.shape[0] for spec in store.specs})
+                                       {spec.name: spec.shape[0] for spec in store.specs}).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.times: list[float] = []
 
@@ -155,13 +164,20 @@ class Config:
 
         start = time.perf_counter()
         batch = self._next_batch()
-        targets = self.source.complete(batch) if self.names else None
-        terms, _ = self.model(batch["images"], batch["gt_boxes"], batch["gt_labels"], targets)
+        device = self.device
+        targets = None
+        if self.names:
+            targets = {k: v.to(device, non_blocking=True) for k, v in self.source.complete(batch).items()}
+        with self.autocast:
+            terms, _ = self.model(batch["images"].to(device, non_blocking=True), [b.to(device) for b in batch["gt_boxes"]],
+                                  [lb.to(device) for lb in batch["gt_labels"]], targets)
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 35.0)
         self.optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
 
@@ -175,7 +191,7 @@ def main() -> int:
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: loading is inside the step time)")
     parser.add_argument("--steps", type=int, default=30, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="where the student (and the in-process teacher) run: cpu or cuda")
     parser.add_argument("--losses", default="ld,all", help="distillation configurations to compare (comma: ld,all,...)")
     parser.add_argument("--json-out", help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -229,7 +245,7 @@ def main() -> int:
             "inprocess_over_offline_of_medians": statistics.median(online.times) / statistics.median(offline.times),
         })
     print(f"\ncanvas {args.canvas}, batch {args.batch_size}, student gfl_tiny, teacher gfl_r18 (64 ch), "
-          f"threads {args.threads}, DataLoader workers {args.num_workers}, {args.steps} measured steps per configuration "
+          f"device {args.device}, threads {args.threads}, DataLoader workers {args.num_workers}, {args.steps} measured steps per configuration "
           f"(after {args.warmup}), load average {min(load):.1f}-{max(load):.1f}\n")
     print("| losses | no KD ms/step | offline ms/step | in-process ms/step | offline / no KD (goal <= 1.15) | in-process / offline |")
     print("|---|---|---|---|---|---|")
