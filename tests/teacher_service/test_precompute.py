@@ -30,6 +30,7 @@ from teacher_service.pipeline_stages import (
     FAULT_ENV,
     FaultSpecError,
     TeacherPredictor,
+    autocast_dtype,
     decode_and_render,
     parse_fault,
 )
@@ -182,6 +183,32 @@ def test_teacher_predictor_matches_direct_forward_and_skips_error_rows(data, tea
                 np.testing.assert_allclose(out[name][k], expected[name], rtol=1e-4, atol=1e-5)
         assert out["forward_s"][k] > 0.0
 
+
+
+def test_autocast_dtype_by_device_and_precision():
+    assert autocast_dtype("cpu", "auto") is None and autocast_dtype("cpu", "fp32") is None
+    assert autocast_dtype("cuda", "fp32") is None and autocast_dtype("cuda:1", "fp32") is None
+    assert autocast_dtype("cpu", "bf16") is torch.bfloat16  # asked for explicitly, also on the CPU
+    assert autocast_dtype("cuda", "fp16") is torch.float16 and autocast_dtype("cuda", "bf16") is torch.bfloat16
+
+
+def test_teacher_predictor_under_bf16_autocast_stays_near_float32(data, teacher_model):
+    # The GPU path's autocast branch (`precision="auto"` is bf16 there), run on the CPU.
+    dataset = CocoDataset(data["annotations"], data["images"])
+    views = plan_views([(i, dataset.record(i).height, dataset.record(i).width) for i in dataset.image_ids[:2]],
+                       canvas_hw=CANVAS)
+    batch = decode_and_render(_decode_batch(dataset, views))
+    shapes = {name: tuple(t.shape[1:]) for name, t in teacher_model(torch.zeros(1, 3, *CANVAS)).targets().items()}
+    exact = TeacherPredictor(str(data["teacher"]), shapes, batch_size=2, device="cpu", torch_threads=1)(batch)
+    reduced = TeacherPredictor(str(data["teacher"]), shapes, batch_size=2, device="cpu", precision="bf16",
+                               torch_threads=1)(batch)
+    assert all(e == "" for e in reduced["error"])
+    for name in shapes:
+        assert reduced[name].dtype == np.float32 and reduced[name].shape == exact[name].shape
+        error = np.linalg.norm(reduced[name] - exact[name]) / np.linalg.norm(exact[name])
+        # bf16 keeps 8 mantissa bits: ~0.4% per operation, a few % through the network,
+        # and never bit-identical to float32 (else autocast did not apply)
+        assert 0.0 < error < 0.05, (name, error)
 
 def test_parse_fault():
     assert parse_fault(None) is None and parse_fault("") is None
