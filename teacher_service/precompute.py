@@ -227,11 +227,13 @@ class PrecomputeSummary:
         teacher = (self.forward_seconds + self.encode_seconds) / max(1, self.num_actors)
         stages = (self.decode_seconds + self.write_seconds) / self.stage_slots
         if stages > teacher:
+            remedy = "more CPUs beside the teacher"
+            if self.write_seconds > self.decode_seconds:  # the codecs' encoding, mostly
+                remedy += ", or cheaper codecs (--codec fpn=int6-view-dhw+zstd3 ...),"
             return (
                 f"decode + write on the CPU: {self.decode_seconds + self.write_seconds:.1f} worker-s over "
                 f"{self.stage_slots} task slot(s), >= {stages:.1f} s, against the teacher's {teacher:.1f} s per actor; "
-                f"more CPUs beside the teacher, or cheaper codecs (--codec fpn=int6-view-dhw+zstd3 ...), would "
-                f"shorten it"
+                f"{remedy} would shorten it"
             )
         return (
             f"the teacher: {teacher:.1f} s per actor, against >= {stages:.1f} s of decode + write per task slot "
@@ -248,6 +250,7 @@ class PrecomputeSummary:
         out["failures"] = [list(f) for f in self.failures]
         out["teacher_cpus"], out["stage_cpus"] = list(self.teacher_cpus), list(self.stage_cpus)
         out["views_per_second"] = self.views_per_second
+        out["bound_by"] = self.bottleneck
         return out
 
     def format(self) -> str:

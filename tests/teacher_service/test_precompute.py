@@ -719,3 +719,7 @@ def test_summary_says_which_side_bound_the_job():
     assert _summary(stage_slots=8, num_actors=2).bottleneck.startswith("the teacher: 5.5 s per actor, against >= 3.0 s")
     # nothing ran (all views committed before): no verdict
     assert _summary(views_stored=0, stage_slots=0).bottleneck == "-"
+    # decode, not the codecs, dominating the CPU side: no codec advice
+    decode_bound = _summary(decode_seconds=20.0, write_seconds=4.0)
+    assert decode_bound.bottleneck.startswith("decode + write on the CPU") and "--codec" not in decode_bound.bottleneck
+    assert stage_bound.to_dict()["bound_by"] == stage_bound.bottleneck
