@@ -31,7 +31,7 @@ from teacher_service.api.testing import REPO_ROOT, TEST_TOKEN, encode_image, fre
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
-SERVICES = {"ray-head", "ray-worker", "teacher-api", "precompute"}
+SERVICES = {"ray-head", "ray-worker", "ray-cpu-worker", "teacher-api", "precompute"}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,12 @@ def test_compose_topology(compose):
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
 
+    # CPU-only workers add decode/write capacity (the write stage binds a GPU teacher's job)
+    cpu_worker = services["ray-cpu-worker"]
+    assert shlex.split(cpu_worker["command"]) == ["ray", "start", "--address=ray-head:6379", "--num-gpus=0", "--block"]
+    assert cpu_worker["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
+    assert "ports" not in cpu_worker and "deploy" not in cpu_worker
+
     api = services["teacher-api"]
     api_cmd = shlex.split(api["command"])
     assert api_cmd[:4] == ["distill", "serve", "--host", "0.0.0.0"] and "--token" not in api_cmd
@@ -87,7 +93,7 @@ def test_compose_topology(compose):
     assert job["restart"] == "no"
     assert job["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
     assert "distill precompute --address ray-head:6379" in " ".join(job["command"].split())
-    for name in ("ray-head", "ray-worker", "precompute"):
+    for name in ("ray-head", "ray-worker", "ray-cpu-worker", "precompute"):
         mounts = {m.split(":")[0]: m.split(":")[1] for m in services[name]["volumes"]}
         assert mounts == {"data": "/data", "checkpoints": "/checkpoints", "store": "/store"}, name
 
