@@ -27,6 +27,11 @@ table with the reason, and the exit code is 3.
 
 With no arguments, runs on the built-in default (synthetic dataset and default teacher,
 made by the project's own commands if missing).
+
+The summary's "bound by" row says which side limited the job: the teacher, or decoding
+and writing on the CPU. With a GPU teacher it is usually the CPU side (writing, i.e. the
+codecs' compression): give the cluster more CPUs (--address, CPU-only Ray nodes) or use
+cheaper codecs, e.g. --codec fpn=int6-view-dhw+zstd3 --codec backbone=int6-view+zstd3.
 """
 
 PRECOMPUTE_EPILOG = """\
