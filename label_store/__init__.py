@@ -33,6 +33,7 @@ _EXPORTS = {
     "parse_codec": "label_store.codecs",
     "encode_targets": "label_store.encoding",
     "decode_targets": "label_store.encoding",
+    "QuantizedTarget": "label_store.encoding",
     "measure_fidelity": "label_store.fidelity",
     "choose_codecs": "label_store.fidelity",
     "LOSS_BUDGETS": "label_store.fidelity",

@@ -199,7 +199,11 @@ class TargetCodec:
         np.rint(codes, out=codes)
         np.clip(codes, 0, levels, out=codes)
         codes = codes.astype(np.uint8).reshape(x.shape)
-        return (self._predict(codes) if self.predict else codes), scale, offset
+        return self.stored_codes(codes), scale, offset
+
+    def stored_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Plain quantization codes -> the values this codec stores (the `predict` residuals, if any)."""
+        return self._predict(codes) if self.predict else codes
 
     def _axes(self, codes: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """``codes`` viewed so that every `predict` axis is one numpy axis, and those axes."""

@@ -55,6 +55,83 @@ class EncodedTarget:
     """float32 array[Pc]; empty for float storage."""
 
 
+@dataclass(frozen=True, slots=True)
+class QuantizedTarget:
+    """One view's target already quantized by its int codec, e.g. on the teacher's GPU.
+
+    The fields are what the codec's own quantization computes (`TargetCodec.encode`, before
+    any prediction): ``codes = clip(rint((x - offset) * (1 / scale)), 0, 2**bits - 1)`` with
+    ``offset`` the minimum and ``scale`` the range over ``2**bits - 1`` (per view, or per
+    channel), so a writer given these stores the same bytes as one given ``x``.
+    """
+
+    codes: np.ndarray
+    """uint8 array[C, H, W], each at most 2**bits - 1."""
+    scale: np.ndarray
+    """float32 array[Pc], >= 0."""
+    offset: np.ndarray
+    """float32 array[Pc]."""
+
+
+def encode_inputs(
+    targets: Mapping[str, object], specs: Sequence[TargetSpec], where: str
+) -> tuple[dict[str, EncodedTarget], dict[str, np.ndarray]]:
+    """Validate and encode one view's targets, each a float array or (int codecs) a `QuantizedTarget`.
+
+    Returns:
+        ``(encoded, floats)``: every target encoded by its spec's storage codec, and the
+        float32 arrays of the targets that were given as floats.
+    """
+    if not isinstance(targets, Mapping):
+        raise ValueError(f"{where} expects targets as a dict of name -> array[C, H, W]. Got {type(targets).__name__}.")
+    _check_names(targets, specs, where)
+    given = [spec for spec in specs if not isinstance(targets[spec.name], QuantizedTarget)]
+    floats = check_targets({spec.name: targets[spec.name] for spec in given}, given, where)
+    encoded = encode_view(floats, given)
+    for spec in specs:
+        if spec.name in encoded:
+            continue
+        encoded[spec.name] = _check_quantized(spec, targets[spec.name], where)
+    return {spec.name: encoded[spec.name] for spec in specs}, floats
+
+
+def _check_names(targets: Mapping[str, object], specs: Sequence[TargetSpec], where: str) -> None:
+    wanted = [spec.name for spec in specs]
+    missing = sorted(set(wanted) - set(targets))
+    extra = sorted(set(targets) - set(wanted))
+    if missing or extra:
+        raise ValueError(f"{where} expects exactly the targets {wanted}. Missing {missing}, unexpected {extra}.")
+
+
+def _check_quantized(spec: TargetSpec, value: QuantizedTarget, where: str) -> EncodedTarget:
+    codec = spec.target_codec
+    if not codec.quantized:
+        raise ValueError(
+            f"{where} expects {spec.name} as a float array: its codec {spec.codec} does not quantize. Got a QuantizedTarget."
+        )
+    codes = np.asarray(value.codes)
+    if codes.dtype != np.uint8 or codes.shape != spec.shape:
+        raise ValueError(
+            f"{where} expects {spec.name} codes as uint8 of shape {spec.shape} (C, H, W). Got {codes.dtype} {codes.shape}."
+        )
+    levels = (1 << codec.bits) - 1
+    if codes.size and int(codes.max()) > levels:
+        raise ValueError(f"{where} expects {spec.name} codes in [0, {levels}] ({codec.bits} bits). Got {int(codes.max())}.")
+    count = codec.num_params(spec.shape[0])
+    params = []
+    for field in ("scale", "offset"):
+        array = np.asarray(getattr(value, field))
+        if array.shape != (count,) or not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(
+                f"{where} expects {spec.name} {field} as a float array of shape ({count},). Got {array.dtype} {array.shape}."
+            )
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if not np.isfinite(array).all() or (field == "scale" and (array < 0).any()):
+            raise ValueError(f"{where} expects a finite{' non-negative' if field == 'scale' else ''} {spec.name} {field}. Got {array}.")
+        params.append(array)
+    return EncodedTarget(codec.stored_codes(np.ascontiguousarray(codes)), params[0], params[1])
+
+
 def check_targets(targets: Mapping[str, object], specs: Sequence[TargetSpec], where: str) -> dict[str, np.ndarray]:
     """Validate names, shapes and finiteness; return float32 arrays by name.
 
@@ -63,11 +140,7 @@ def check_targets(targets: Mapping[str, object], specs: Sequence[TargetSpec], wh
     """
     if not isinstance(targets, Mapping):
         raise ValueError(f"{where} expects targets as a dict of name -> array[C, H, W]. Got {type(targets).__name__}.")
-    wanted = [spec.name for spec in specs]
-    missing = sorted(set(wanted) - set(targets))
-    extra = sorted(set(targets) - set(wanted))
-    if missing or extra:
-        raise ValueError(f"{where} expects exactly the targets {wanted}. Missing {missing}, unexpected {extra}.")
+    _check_names(targets, specs, where)
     out = {}
     for spec in specs:
         value = targets[spec.name]

@@ -61,7 +61,14 @@ from label_store._manifest import (
     view_key,
 )
 from label_store.codecs import parse_codec
-from label_store.encoding import EncodedTarget, check_targets, decode_encoded, encode_view, view_checksum
+from label_store.encoding import (
+    EncodedTarget,
+    QuantizedTarget,
+    check_targets,
+    decode_encoded,
+    encode_inputs,
+    view_checksum,
+)
 from label_store.errors import PartExistsError, PartStateError, StoreMismatchError, StoreNotFoundError
 from label_store.fidelity import FidelityAccumulator
 from label_store.schema import BACKBONE_STRIDES, SCHEMA_VERSION, TargetSpec, TeacherFingerprint, level_name
@@ -411,14 +418,25 @@ class PartWriter:
             "valid_region": [int(v) for v in region],
         }
 
-    def append(self, record: Mapping[str, Any], targets: Mapping[str, np.ndarray]) -> None:
+    def append(
+        self,
+        record: Mapping[str, Any],
+        targets: Mapping[str, np.ndarray | QuantizedTarget],
+        *,
+        originals: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         """Add one view.
 
         Args:
             record: ``image_id`` (int), ``view_id`` (int), ``view`` (JSON string of the view
                 recipe, e.g. ``View.to_json()``), ``content_hash`` (str), ``valid_region``
                 ``(x1, y1, x2, y2)`` in canvas pixels.
-            targets: name -> float32 array[C, H, W] for every target of the store.
+            targets: name -> float32 array[C, H, W] for every target of the store; a target
+                with an int codec may come already quantized, as a `QuantizedTarget` (the
+                same bytes are stored).
+            originals: name -> float32 array[C, H, W] of the targets given quantized, for the
+                codec-fidelity sample: a view is sampled (among the part's first
+                ``fidelity_views``) only when every target's float values are known.
         Raises:
             ValueError: bad record, missing/extra target, wrong shape, NaN/inf, or a view
                 already appended to this part (the part stays usable).
@@ -433,12 +451,17 @@ class PartWriter:
                 f"PartWriter.append(record=) expects each view once per part. Got image_id={row['image_id']} "
                 f"view_id={row['view_id']} twice in part {self.part_id!r}."
             )
-        arrays = check_targets(targets, self._specs, f"PartWriter.append(targets=) (image_id={row['image_id']}, view_id={row['view_id']})")
-        encoded = encode_view(arrays, self._specs)
+        where = f"(image_id={row['image_id']}, view_id={row['view_id']})"
+        encoded, arrays = encode_inputs(targets, self._specs, f"PartWriter.append(targets=) {where}")
         if self._fidelity_sampled < self.fidelity_views:
-            for spec in self._specs:
-                self._fidelity.add(spec, arrays[spec.name], decode_encoded(spec, encoded[spec.name]))
-            self._fidelity_sampled += 1
+            given = [spec for spec in self._specs if spec.name not in arrays]
+            if given and originals is not None:
+                known = {spec.name: originals[spec.name] for spec in given if spec.name in originals}
+                arrays = {**arrays, **check_targets(known, given, f"PartWriter.append(originals=) {where}")}
+            if len(arrays) == len(self._specs):
+                for spec in self._specs:
+                    self._fidelity.add(spec, arrays[spec.name], decode_encoded(spec, encoded[spec.name]))
+                self._fidelity_sampled += 1
         row["row"] = len(self._records)
         row["checksum"] = view_checksum(self._specs, encoded)
         if not self._records:

@@ -149,6 +149,10 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
     job.add_argument("--device", default="auto", help="teacher device: auto, cpu, cuda (default: auto)")
     job.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                      help="autocast on GPU: auto = bf16 where supported, else fp16; fp32 on CPU (default: auto)")
+    job.add_argument("--quantize-on-device", default="auto", choices=("auto", "on", "off"),
+                     help="quantize int-coded targets in the teacher stage, so uint8 codes instead of float32 "
+                          "cross to the host, the object store and the writers (same stored bytes); auto = with a "
+                          "GPU teacher (default: auto)")
     job.add_argument("--max-views", type=int, default=None, help="process at most this many remaining views (resume later)")
     job.add_argument("--address", default=None,
                      help="join this Ray cluster (host:port of `ray start --head`); default: start a local one")
@@ -262,6 +266,7 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         torch_threads=args.torch_threads,
         device=args.device,
         precision=args.precision,
+        quantize_on_device=args.quantize_on_device,
         views_per_part=args.views_per_part,
         storage_options=tuple((k, _storage_value(v)) for k, v in args.storage_option),
         max_views=args.max_views,

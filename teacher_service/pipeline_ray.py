@@ -31,7 +31,13 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
-from teacher_service.pipeline_stages import maybe_inject_fault, run_at_lower_priority
+from teacher_service.pipeline_stages import (
+    OFFSET_SUFFIX,
+    ORIGINALS_COLUMN,
+    SCALE_SUFFIX,
+    maybe_inject_fault,
+    run_at_lower_priority,
+)
 
 # One opened store per worker process and store URL: opening reads the manifest.
 _STORES: dict[tuple[str, str], Any] = {}
@@ -74,6 +80,39 @@ def _tree_bytes(url: str, storage_options: Mapping[str, Any], path: str) -> int:
         return 0
 
 
+def _row_targets(batch: Mapping[str, np.ndarray], i: int, specs) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """Row ``i``'s targets for `PartWriter.append`: float32 arrays, or `QuantizedTarget` where
+    the teacher stage quantized (see `TeacherPredictor`), and the float32 originals of those
+    when the row carries them (``None`` otherwise)."""
+    from label_store.encoding import QuantizedTarget
+
+    targets: dict[str, Any] = {}
+    quantized = []
+    for spec in specs:
+        if spec.name + SCALE_SUFFIX in batch:
+            targets[spec.name] = QuantizedTarget(
+                np.asarray(batch[spec.name][i]), batch[spec.name + SCALE_SUFFIX][i], batch[spec.name + OFFSET_SUFFIX][i]
+            )
+            quantized.append(spec)
+        else:
+            targets[spec.name] = np.asarray(batch[spec.name][i], dtype=np.float32)
+    raw = batch[ORIGINALS_COLUMN][i] if ORIGINALS_COLUMN in batch else b""
+    if not quantized or not raw:
+        return targets, None
+    values = np.frombuffer(raw, dtype=np.float32)
+    originals, start = {}, 0
+    for spec in quantized:
+        size = int(np.prod(spec.shape))
+        originals[spec.name] = values[start : start + size].reshape(spec.shape)
+        start += size
+    if start != values.size:
+        raise ValueError(
+            f"LabelStoreDatasink expects {start * 4} bytes of float32 originals for image_id={int(batch['image_id'][i])} "
+            f"view_id={int(batch['view_id'][i])}. Got {len(raw)}."
+        )
+    return targets, originals
+
+
 def _row_failure(batch: Mapping[str, np.ndarray], i: int) -> dict[str, Any]:
     return {"image_id": int(batch["image_id"][i]), "view_id": int(batch["view_id"][i]), "reason": str(batch["error"][i])}
 
@@ -111,7 +150,6 @@ class LabelStoreDatasink(Datasink):
         self.store_url = store_url
         self.fingerprint = dict(fingerprint)
         self.target_specs = tuple(target_specs)
-        self.target_names = tuple(spec.name for spec in self.target_specs)
         self.storage_options = dict(storage_options or {})
         self.views_per_part = views_per_part
         self.progress = progress
@@ -168,7 +206,8 @@ class LabelStoreDatasink(Datasink):
                         "content_hash": str(batch["content_hash"][i]),
                         "valid_region": tuple(int(v) for v in batch["valid_region"][i]),
                     }
-                    part.append(record, {name: np.asarray(batch[name][i], dtype=np.float32) for name in self.target_names})
+                    targets, originals = _row_targets(batch, i, self.target_specs)
+                    part.append(record, targets, originals=originals)
                 maybe_inject_fault(self.fault, "write-before-commit")
                 part.commit()
             except PartExistsError:
@@ -181,10 +220,12 @@ class LabelStoreDatasink(Datasink):
                 maybe_inject_fault(self.fault, "write-after-commit")
         if self.progress is not None:
             self.progress.add.remote(len(good), len(failures), int(part_id is not None))
+        quantized = sum(1 for b, _ in good if any(str(column).endswith(SCALE_SUFFIX) for column in b))
         return {
             "part_id": part_id,
             "recovered": recovered,
             "stored": len(good),
+            "quantized": quantized if not recovered else 0,
             "failures": failures,
             "bytes": nbytes,
             "write_s": time.perf_counter() - start,
@@ -196,6 +237,7 @@ class LabelStoreDatasink(Datasink):
             "parts": 0,
             "recovered_parts": 0,
             "stored": 0,
+            "quantized": 0,
             "bytes": 0,
             "write_s": 0.0,
             "decode_s": 0.0,
@@ -206,7 +248,7 @@ class LabelStoreDatasink(Datasink):
         for ret in write_result.write_returns:
             totals["parts"] += int(ret["part_id"] is not None)
             totals["recovered_parts"] += int(ret["recovered"])
-            for name in ("stored", "bytes", "write_s", "decode_s", "forward_s", "encode_s"):
+            for name in ("stored", "quantized", "bytes", "write_s", "decode_s", "forward_s", "encode_s"):
                 totals[name] += ret[name]
             totals["failures"].extend(ret["failures"])
         unique = {(f["image_id"], f["view_id"]): f for f in totals["failures"]}

@@ -35,6 +35,17 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 PASSTHROUGH_COLUMNS = ("image_id", "view_id", "view", "content_hash", "valid_region", "error", "decode_s")
+
+SCALE_SUFFIX, OFFSET_SUFFIX = "#scale", "#offset"
+"""Columns ``<target>#scale`` / ``<target>#offset`` beside a target quantized by the teacher stage."""
+
+ORIGINALS_COLUMN = "originals"
+"""Float32 bytes of a view's quantized targets (in target order) for the writer's fidelity
+sample; empty for the other views."""
+
+DEVICE_SCALINGS = ("view", "channel")
+"""Int-codec scalings `quantize_batch` reproduces exactly (``std`` needs a float64 standard
+deviation whose summation order the device would not match)."""
 """Columns the teacher stage copies from its input to its output (``error`` may gain entries)."""
 
 FAULT_ENV = "DISTILLERY_PRECOMPUTE_FAULT"
@@ -201,6 +212,45 @@ def select_device(device: str) -> str:
     return device
 
 
+def device_quantizable(codec_name: str) -> bool:
+    """Whether the teacher stage can quantize a target of this codec (`quantize_batch`)."""
+    from label_store.codecs import parse_codec
+
+    codec = parse_codec(codec_name)
+    return codec.quantized and codec.scaling in DEVICE_SCALINGS
+
+
+def quantize_batch(tensor, codec):
+    """`label_store.codecs.TargetCodec.encode`'s quantization of a batch, where the tensor is.
+
+    The same float32 arithmetic in the same order (minimum and maximum per view or per
+    channel; the range over the levels in float64, rounded to float32; ``(x - offset) *
+    (1 / scale)`` rounded half to even and clipped), so the codes, scales and offsets are
+    the ones the writer would compute from the float32 values: a store's bytes do not
+    depend on where its targets were quantized.
+
+    Args:
+        tensor: Tensor[B, C, H, W], any float dtype (computed in float32).
+        codec: a quantized `TargetCodec` with ``view`` or ``channel`` scaling.
+    Returns:
+        ``(codes, scale, offset)``: uint8 Tensor[B, C, H, W] (before the codec's
+        prediction), float32 Tensors[B, Pc].
+    """
+    import torch
+
+    if not (codec.quantized and codec.scaling in DEVICE_SCALINGS):
+        raise ValueError(f"quantize_batch(codec=) expects an int codec with {DEVICE_SCALINGS} scaling. Got {codec.name!r}.")
+    levels = (1 << codec.bits) - 1
+    x = tensor.float()
+    batch, channels = x.shape[:2]
+    flat = x.reshape(batch, 1 if codec.scaling == "view" else channels, -1)
+    lo = flat.amin(dim=2)
+    scale = ((flat.amax(dim=2).double() - lo.double()) / levels).float()
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    codes = ((flat - lo[..., None]) * inverse[..., None]).round_().clamp_(0, levels).to(torch.uint8)
+    return codes.reshape(x.shape), scale, lo
+
+
 def autocast_dtype(device: str, precision: str):
     """The autocast dtype for a device and precision name, or None for float32.
 
@@ -248,6 +298,12 @@ class TeacherPredictor:
         torch_threads: intra-op threads on the CPU (None leaves torch's default).
         transfer_dtypes: ``{name: "float16"}`` for targets whose codec stores float16
             exactly, so they cross the object store at half the size; others go as float32.
+        quantize: ``{name: codec name}`` of targets to quantize here (`quantize_batch`): they
+            leave as uint8 codes with ``<name>#scale`` / ``<name>#offset`` columns, a quarter
+            of the float32 bytes, and the first ``fidelity_views`` good views of each call
+            also carry their float32 values (`ORIGINALS_COLUMN`) for the writer's fidelity
+            sample.
+        fidelity_views: see ``quantize``.
         fault: testing hook, see `FAULT_ENV`.
         cpu_affinity: cores to keep this actor's process on (every thread of it, and the
             thread of each call), or None; see `teacher_service.precompute.cpu_pinning`.
@@ -264,6 +320,8 @@ class TeacherPredictor:
         transfer_dtypes: Mapping[str, str] | None = None,
         fault: tuple[str, str] | None = None,
         cpu_affinity: Sequence[int] | None = None,
+        quantize: Mapping[str, str] | None = None,
+        fidelity_views: int = 2,
     ) -> None:
         self.cpu_affinity = frozenset(int(c) for c in cpu_affinity) if cpu_affinity else None
         if self.cpu_affinity:
@@ -282,6 +340,13 @@ class TeacherPredictor:
         self.with_backbone = any(name.startswith("backbone/") for name in self.target_shapes)
         self.batch_size = int(batch_size)
         self.transfer_dtypes = {name: np.dtype((transfer_dtypes or {}).get(name, "float32")) for name in self.target_shapes}
+        from label_store.codecs import parse_codec
+
+        self.quantize = {name: parse_codec(codec) for name, codec in (quantize or {}).items()}
+        unknown = sorted(set(self.quantize) - set(self.target_shapes))
+        if unknown:
+            raise KeyError(f"TeacherPredictor(quantize=) expects names of its targets. Got {unknown}.")
+        self.fidelity_views = int(fidelity_views)
         self.fault = fault
 
     def forward(self, pixels: np.ndarray) -> dict[str, Any]:
@@ -312,9 +377,15 @@ class TeacherPredictor:
         out = {name: np.asarray(batch[name]) for name in PASSTHROUGH_COLUMNS}
         out["error"] = np.array(out["error"], dtype=object)  # a writable copy: the forward may add errors
         targets = {
-            name: np.zeros((num_views, *shape), dtype=self.transfer_dtypes[name])
+            name: np.zeros((num_views, *shape), dtype=np.uint8 if name in self.quantize else self.transfer_dtypes[name])
             for name, shape in self.target_shapes.items()
         }
+        for name, codec in self.quantize.items():
+            count = codec.num_params(self.target_shapes[name][0])
+            targets[name + SCALE_SUFFIX] = np.zeros((num_views, count), dtype=np.float32)
+            targets[name + OFFSET_SUFFIX] = np.zeros((num_views, count), dtype=np.float32)
+        originals = np.array([b""] * num_views, dtype=object) if self.quantize else None
+        sampled = 0
         forward_s = np.zeros(num_views, dtype=np.float64)
         encode_s = np.zeros(num_views, dtype=np.float64)
         pixels = batch["pixels"]
@@ -333,16 +404,32 @@ class TeacherPredictor:
                         f"Got {list(tensor.shape)}; the checkpoint does not match the store's target specs."
                     )
                 finite &= torch.isfinite(tensor).flatten(1).all(dim=1)
+                if name in self.quantize:
+                    # uint8 codes: a quarter of the float32 bytes to the host and through the object store.
+                    codes, scale, offset = quantize_batch(tensor, self.quantize[name])
+                    targets[name][index] = codes.cpu().numpy()
+                    targets[name + SCALE_SUFFIX][index] = scale.cpu().numpy()
+                    targets[name + OFFSET_SUFFIX][index] = offset.cpu().numpy()
+                    continue
                 # Cast on the device: a float16 transfer halves device->host and object-store bytes.
                 dtype = torch.float16 if self.transfer_dtypes[name] == np.float16 else torch.float32
                 targets[name][index] = tensor.to(dtype).cpu().numpy()
             # A non-finite output is that view's failure (the store refuses NaN/inf), not the job's.
-            for k in np.flatnonzero(~finite.cpu().numpy()):
+            bad = set(np.flatnonzero(~finite.cpu().numpy()).tolist())
+            for k in sorted(bad):
                 out["error"][index[k]] = "TeacherOutputError: the teacher produced NaN or inf for this view"
+            if originals is not None and sampled < self.fidelity_views:
+                for k in [k for k in range(len(index)) if k not in bad][: self.fidelity_views - sampled]:
+                    originals[index[k]] = b"".join(
+                        produced[name][k].float().cpu().numpy().tobytes() for name in self.target_shapes if name in self.quantize
+                    )
+                    sampled += 1
             encoded = time.perf_counter()
             forward_s[index] = (forwarded - start) / len(index)
             encode_s[index] = (encoded - forwarded) / len(index)
         out.update(targets)
+        if originals is not None:
+            out[ORIGINALS_COLUMN] = originals
         out["forward_s"] = forward_s
         out["encode_s"] = encode_s
         return out

@@ -38,6 +38,7 @@ TARGET_GROUPS = ("cls", "box", "fpn", "backbone")
 """Target groups a store can hold (names ``cls/p3``, ``box/p3``, ``fpn/p3``, ``backbone/c3`` ...)."""
 
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZE_MODES = ("auto", "on", "off")
 MAX_RETRIES = 3
 """Retries of a task, and restarts of a teacher actor, after its process died (then the job fails)."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -83,6 +84,11 @@ class PrecomputeConfig:
     """Teacher device: ``auto`` (a GPU where the actor's node has one), ``cpu`` or ``cuda``."""
     precision: str = "auto"
     """Autocast: ``auto`` (bf16 or fp16 on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``."""
+    quantize_on_device: str = "auto"
+    """Quantize the int-coded targets in the teacher stage (`pipeline_stages.quantize_batch`)
+    rather than in the write tasks: ``auto`` with a GPU teacher (uint8 codes leave the GPU,
+    a quarter of the float32 bytes to the host, through the object store and to a writer
+    on another node), ``on``, ``off``. The stored bytes are the same either way."""
     views_per_part: int = 32
     """Views a write task gathers into one part (the last part of a run may be smaller)."""
     cpu_stage_niceness: int = 10
@@ -159,6 +165,10 @@ class PrecomputeConfig:
             raise PrecomputeInputError(f"PrecomputeConfig(device=) expects one of {list(DEVICES)}. Got {self.device!r}.")
         if self.precision not in PRECISIONS:
             raise PrecomputeInputError(f"PrecomputeConfig(precision=) expects one of {list(PRECISIONS)}. Got {self.precision!r}.")
+        if self.quantize_on_device not in QUANTIZE_MODES:
+            raise PrecomputeInputError(
+                f"PrecomputeConfig(quantize_on_device=) expects one of {list(QUANTIZE_MODES)}. Got {self.quantize_on_device!r}."
+            )
         if not isinstance(self.cpu_stage_niceness, int) or not 0 <= self.cpu_stage_niceness <= 19:
             raise PrecomputeInputError(
                 f"PrecomputeConfig(cpu_stage_niceness=) expects an int in [0, 19]. Got {self.cpu_stage_niceness!r}."
@@ -212,6 +222,8 @@ class PrecomputeSummary:
     the teacher actors, or the cores the stages were pinned to where fewer (0: nothing ran)."""
     num_actors: int = 1
     """Teacher actors of the job."""
+    views_quantized_on_device: int = 0
+    """Stored views whose int-coded targets the teacher stage quantized (`PrecomputeConfig.quantize_on_device`)."""
 
     @property
     def bottleneck(self) -> str:
@@ -270,7 +282,8 @@ class PrecomputeSummary:
             ("throughput", f"{self.views_per_second:.2f} views/s"),
             ("decode + render", f"{self.decode_seconds:.1f} worker-s"),
             ("teacher forward", f"{self.forward_seconds:.1f} worker-s"),
-            ("encode (to host)", f"{self.encode_seconds:.1f} worker-s"),
+            ("encode (to host)", f"{self.encode_seconds:.1f} worker-s"
+             + (f", {self.views_quantized_on_device} view(s) quantized there" if self.views_quantized_on_device else "")),
             ("write (codecs + commit)", f"{self.write_seconds:.1f} worker-s"),
             ("CPU pinning", _format_pinning(self.teacher_cpus, self.stage_cpus)),
             ("bound by", self.bottleneck),
@@ -428,6 +441,19 @@ def plan_job(config: PrecomputeConfig, dataset, canvas_hw: tuple[int, int]) -> l
         scales=tuple(config.scales),
         flip=config.flip,
     )
+
+
+def device_quantized(target_specs: Sequence[Any], device: str, mode: str) -> dict[str, str]:
+    """``{name: codec}`` of the targets the teacher stage quantizes (`PrecomputeConfig.quantize_on_device`).
+
+    ``auto`` quantizes there with a GPU teacher only: a CPU teacher is the job's
+    bottleneck, and its stage cores quantize in the write tasks instead.
+    """
+    from teacher_service.pipeline_stages import device_quantizable
+
+    if mode == "off" or (mode == "auto" and not device.startswith("cuda")):
+        return {}
+    return {spec.name: spec.codec for spec in target_specs if device_quantizable(spec.codec)}
 
 
 def transfer_dtypes(target_specs: Sequence[Any], device: str) -> dict[str, str]:
@@ -692,6 +718,7 @@ def run_precompute(
         stage_cpus=pinning[1] if pinning else (),
         stage_slots=int(totals.get("stage_slots", 0)),
         num_actors=config.num_actors,
+        views_quantized_on_device=int(totals.get("quantized", 0)),
     )
 
 
@@ -707,6 +734,7 @@ def _run_pipeline(
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
+    from label_store.writer import DEFAULT_FIDELITY_VIEWS
     from teacher_service.pipeline_ray import LabelStoreDatasink, ProgressCounter
     from teacher_service.pipeline_stages import FAULT_ENV, TeacherPredictor, decode_and_render, parse_fault
 
@@ -771,6 +799,8 @@ def _run_pipeline(
                     "precision": config.precision,
                     "torch_threads": None if device.startswith("cuda") else torch_threads,
                     "transfer_dtypes": transfer_dtypes(layout.target_specs, device),
+                    "quantize": device_quantized(layout.target_specs, device, config.quantize_on_device),
+                    "fidelity_views": DEFAULT_FIDELITY_VIEWS,
                     "fault": fault,
                     "cpu_affinity": tuple(teacher_cpus) if teacher_cpus and not device.startswith("cuda") else None,
                 },

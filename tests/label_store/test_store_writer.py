@@ -70,3 +70,72 @@ def test_fidelity_sample_counts_first_views(store, specs, make_record, make_targ
         assert row["codec"] == spec.codec
         assert 0 < row["mean_abs_error"] <= row["max_abs_error"]
         assert row["loss_rel_error"] < 0.05
+
+
+def _quantize(spec, array):
+    """A `QuantizedTarget` as a teacher-side quantizer would send it: the codec's plain codes."""
+    from label_store import QuantizedTarget
+
+    codec = spec.target_codec
+    levels = (1 << codec.bits) - 1
+    flat = array.reshape(array.shape[0], -1) if codec.scaling != "view" else array.reshape(1, -1)
+    lo, hi = flat.min(axis=1), flat.max(axis=1)
+    scale = ((hi.astype(np.float64) - lo) / levels).astype(np.float32)
+    inverse = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+    codes = np.clip(np.rint((flat - lo[:, None]) * inverse[:, None]), 0, levels).astype(np.uint8)
+    return QuantizedTarget(codes.reshape(array.shape), scale, lo.astype(np.float32))
+
+
+def test_quantized_inputs_store_the_same_bytes_as_floats(tmp_path, fingerprint, specs, make_record, make_targets):
+    assert all(spec.target_codec.quantized for spec in specs)  # the defaults: every target quantized
+    from_floats = create_store(str(tmp_path / "floats.zarr"), fingerprint, specs, views_per_shard=2)
+    from_codes = create_store(str(tmp_path / "codes.zarr"), fingerprint, specs, views_per_shard=2)
+    with from_floats.open_part("p") as a, from_codes.open_part("p") as b:
+        for image_id in range(3):
+            targets = make_targets(specs, image_id)
+            a.append(make_record(image_id), targets)
+            quantized = {spec.name: _quantize(spec, targets[spec.name]) for spec in specs}
+            mixed = {**quantized, specs[0].name: targets[specs[0].name]}  # floats and codes may mix
+            # the first view without originals: not sampled; the next two with them
+            b.append(make_record(image_id), mixed, originals=None if image_id == 0 else targets)
+        a.commit()
+        b.commit()
+    x, y = open_store(from_floats.url), open_store(from_codes.url)
+    assert sorted(x.keys()) == sorted(y.keys())
+    for key in x.keys():
+        assert x.record(*key)["checksum"] == y.record(*key)["checksum"]
+        for name, array in x.read(*key).items():
+            np.testing.assert_array_equal(array, y.read(*key)[name])
+    sampled = {row["views"] for row in y.fidelity["targets"].values()}
+    assert sampled == {2} and {row["views"] for row in x.fidelity["targets"].values()} == {2}
+
+
+def test_quantized_inputs_are_checked(store, specs, make_record, make_targets):
+    from label_store import QuantizedTarget, TargetSpec
+
+    targets = make_targets(specs, 1)
+    spec = specs[0]
+    good = _quantize(spec, targets[spec.name])
+    part = store.open_part("p")
+    bits = spec.target_codec.bits
+    bad = {
+        "uint8": QuantizedTarget(good.codes.astype(np.int16), good.scale, good.offset),
+        "shape": QuantizedTarget(good.codes[:, :1], good.scale, good.offset),
+        f"in \\[0, {(1 << bits) - 1}\\]": QuantizedTarget(np.full_like(good.codes, 1 << bits), good.scale, good.offset),
+        "scale as a float array of shape": QuantizedTarget(good.codes, np.ones(3, np.float32), good.offset),
+        "finite non-negative": QuantizedTarget(good.codes, -good.scale - 1, good.offset),
+        "finite .*offset": QuantizedTarget(good.codes, good.scale, np.full_like(good.offset, np.nan)),
+    }
+    for match, value in bad.items():
+        with pytest.raises(ValueError, match=match) as error:
+            part.append(make_record(1), {**targets, spec.name: value})
+        assert "image_id=1" in str(error.value) and spec.name in str(error.value)
+    with pytest.raises(ValueError, match="unexpected"):
+        part.append(make_record(1), {**targets, "cls/p9": good})
+    assert part.num_views == 0
+    part.append(make_record(1), {**targets, spec.name: good})  # still usable
+    part.abort()
+    fp16 = [TargetSpec(s.name, s.shape, "fp16") for s in specs]
+    with create_store(store.url + "-fp16", store.fingerprint, fp16).open_part("q") as other:
+        with pytest.raises(ValueError, match="does not quantize"):
+            other.append(make_record(1), {**targets, spec.name: good})

@@ -228,6 +228,7 @@ def test_parse_fault():
         ({"target_groups": ("cls", "logits")}, "target_groups="),
         ({"batch_size": 0}, "batch_size="),
         ({"precision": "fp8"}, "precision="),
+        ({"quantize_on_device": "yes"}, "quantize_on_device="),
         ({"canvas_hw": (64, 0)}, "canvas_hw="),
     ],
 )
@@ -723,3 +724,98 @@ def test_summary_says_which_side_bound_the_job():
     decode_bound = _summary(decode_seconds=20.0, write_seconds=4.0)
     assert decode_bound.bottleneck.startswith("decode + write on the CPU") and "--codec" not in decode_bound.bottleneck
     assert stage_bound.to_dict()["bound_by"] == stage_bound.bottleneck
+
+
+# ---- quantization in the teacher stage ------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec_name", ["int6-view-dhw+zstd15", "int5-view-dchw+zstd15", "int8-channel+zstd5", "int4-view"])
+def test_quantize_batch_gives_the_writers_bytes(codec_name):
+    from label_store.codecs import parse_codec
+    from label_store.encoding import QuantizedTarget, encode_inputs, encode_view
+    from label_store.schema import TargetSpec
+    from teacher_service.pipeline_stages import quantize_batch
+
+    codec = parse_codec(codec_name)
+    generator = torch.Generator().manual_seed(3)
+    batch = torch.randn(4, 8, 6, 5, generator=generator) * 3 + 1
+    batch[1] = 0.25  # a constant view: scale 0, every code 0
+    batch[2, :, 0, 0] = torch.tensor([-7.0, 9.0, 0.5, 1.5, 2.5, -0.5, 3.0, 4.0])  # spread, ties after scaling
+    codes, scale, offset = quantize_batch(batch.to(torch.bfloat16).float(), codec)
+    assert codes.dtype == torch.uint8 and scale.shape == offset.shape == (4, codec.num_params(8))
+    spec = TargetSpec("fpn/p3", (8, 6, 5), codec_name)
+    for k in range(4):
+        floats = batch[k].to(torch.bfloat16).float().numpy()
+        expected = encode_view({"fpn/p3": floats}, [spec])["fpn/p3"]
+        got, _ = encode_inputs({"fpn/p3": QuantizedTarget(codes[k].numpy(), scale[k].numpy(), offset[k].numpy())}, [spec], "t")
+        np.testing.assert_array_equal(got["fpn/p3"].codes, expected.codes)
+        np.testing.assert_array_equal(got["fpn/p3"].scale, expected.scale)
+        np.testing.assert_array_equal(got["fpn/p3"].offset, expected.offset)
+    assert int(codes[1].max()) == 0 and float(scale[1].max()) == 0.0
+    with pytest.raises(ValueError, match="scaling"):
+        quantize_batch(batch, parse_codec("int8-std4"))
+
+
+def test_device_quantized_targets_by_mode_and_device():
+    from label_store.schema import TargetSpec
+    from teacher_service.precompute import device_quantized
+
+    specs = [TargetSpec("cls/p3", (2, 4, 4), "int5-view-dchw+zstd15"), TargetSpec("box/p3", (8, 4, 4), "fp16"),
+             TargetSpec("fpn/p3", (4, 4, 4), "int8-std4+zstd5"), TargetSpec("fpn/p4", (4, 2, 2), "int8-channel")]
+    quantizable = {"cls/p3": "int5-view-dchw+zstd15", "fpn/p4": "int8-channel"}
+    assert device_quantized(specs, "cuda", "auto") == quantizable == device_quantized(specs, "cpu", "on")
+    assert device_quantized(specs, "cpu", "auto") == {} == device_quantized(specs, "cuda", "off")
+
+
+def test_teacher_predictor_quantizes_and_samples_originals(data, teacher_model):
+    from label_store.codecs import parse_codec
+    from teacher_service.pipeline_stages import ORIGINALS_COLUMN, quantize_batch
+
+    dataset = CocoDataset(data["annotations"], data["images"])
+    views = plan_views([(i, dataset.record(i).height, dataset.record(i).width) for i in dataset.image_ids[:3]],
+                       canvas_hw=CANVAS)
+    batch = decode_and_render(_decode_batch(dataset, views))
+    batch["error"][0] = "ImageDecodeError: injected"
+    shapes = {name: tuple(t.shape[1:]) for name, t in teacher_model(torch.zeros(1, 3, *CANVAS)).targets().items()}
+    codec = "int6-view-dhw+zstd15"
+    predictor = TeacherPredictor(str(data["teacher"]), shapes, batch_size=2, device="cpu", torch_threads=1,
+                                 quantize={"fpn/p3": codec, "cls/p4": codec}, fidelity_views=2)
+    out = predictor(batch)
+    assert out["fpn/p3"].dtype == np.uint8 and out["cls/p3"].dtype == np.float32
+    assert out["fpn/p3#scale"].shape == (len(views), 1) and "cls/p3#scale" not in out
+    carrying = [k for k in range(len(views)) if out[ORIGINALS_COLUMN][k]]
+    assert carrying == [1, 2]  # the first two good views; the failed one carries nothing
+    for k in carrying:
+        direct = _direct_targets(teacher_model, batch["pixels"][k], with_backbone=False)
+        values, start = np.frombuffer(out[ORIGINALS_COLUMN][k], np.float32), 0
+        for name in [n for n in shapes if n in ("fpn/p3", "cls/p4")]:  # the targets' order
+            size = int(np.prod(shapes[name]))
+            original = values[start : start + size].reshape(shapes[name])
+            start += size
+            np.testing.assert_allclose(original, direct[name], rtol=1e-4, atol=1e-5)
+            codes, scale, _ = quantize_batch(torch.from_numpy(original[None].copy()), parse_codec(codec))
+            np.testing.assert_array_equal(out[name][k], codes[0].numpy())
+            np.testing.assert_array_equal(out[name + "#scale"][k], scale[0].numpy())
+        assert start == values.size
+    assert not out["fpn/p3"][0].any() and out[ORIGINALS_COLUMN][0] == b""
+
+
+def test_store_quantized_in_the_teacher_stage_equals_the_writers(data, local_ray, tmp_path):
+    from label_store.reader import open_store
+
+    stores = {}
+    for mode, quantized in (("off", 0), ("on", 16), ("auto", 0)):  # auto: only with a GPU teacher
+        stores[mode] = tmp_path / f"{mode}.zarr"
+        summary = run_precompute(_config(data, stores[mode], quantize_on_device=mode, device="cpu",
+                                         target_groups=("cls", "box", "fpn")))
+        assert (summary.views_stored, summary.views_failed, summary.views_quantized_on_device) == (16, 0, quantized)
+        assert ("quantized there" in summary.format()) == bool(quantized)
+    off, on = _store_contents(str(stores["off"])), _store_contents(str(stores["on"]))
+    assert sorted(off) == sorted(on)
+    for key, (record, targets) in off.items():
+        assert on[key][0]["checksum"] == record["checksum"]  # the same bytes
+        for name, array in targets.items():
+            np.testing.assert_array_equal(on[key][1][name], array)
+    stores.pop("auto")
+    fidelity = {mode: open_store(str(url)).fidelity["targets"] for mode, url in stores.items()}
+    assert set(fidelity["on"]) == set(fidelity["off"]) and all(row["views"] > 0 for row in fidelity["on"].values())
