@@ -217,6 +217,7 @@ def job_config(paths: dict[str, Path], store: Path, args: argparse.Namespace):
         torch_threads=args.threads,
         device=args.device,
         precision=args.precision,
+        quantize_on_device=args.quantize_on_device,
         views_per_part=args.views_per_part,
         num_cpus=args.num_cpus,
         pin_cpus=not args.no_pin_cpus,
@@ -242,6 +243,10 @@ def main() -> None:
     parser.add_argument("--cpus-per-task", type=float, default=1.0, help="as `distill precompute --cpus-per-task`")
     parser.add_argument("--also-cpus-per-task", default="",
                         help="comma-separated values: after the warm job, one more warm job with each")
+    parser.add_argument("--quantize-on-device", default="auto", choices=("auto", "on", "off"),
+                        help="as `distill precompute --quantize-on-device`")
+    parser.add_argument("--also-quantize-on-device", choices=("auto", "on", "off"),
+                        help="after the warm job, one more warm job with this --quantize-on-device")
     parser.add_argument("--also-no-reservation", action="store_true",
                         help="after those, one more warm job with Ray Data's per-operator resource reservation off "
                              "(DataContext.op_resource_reservation_enabled = False)")
@@ -293,22 +298,25 @@ def main() -> None:
         warm = run_job(paths, args.work / "store-warm.zarr", args)
         forward_3 = forward()
         extra = []
-        variants = [(float(v), True) for v in args.also_cpus_per_task.split(",") if v.strip()]
+        variants = [(float(v), True, args.quantize_on_device) for v in args.also_cpus_per_task.split(",") if v.strip()]
         if args.also_no_reservation:
-            variants.append((args.cpus_per_task, False))
+            variants.append((args.cpus_per_task, False, args.quantize_on_device))
+        if args.also_quantize_on_device:
+            variants.append((args.cpus_per_task, True, args.also_quantize_on_device))
         if variants:
             from ray.data import DataContext
 
             context = DataContext.get_current()
-            for cpus_per_task, reservation in variants:
-                saved = (args.cpus_per_task, context.op_resource_reservation_enabled)
-                args.cpus_per_task, context.op_resource_reservation_enabled = cpus_per_task, reservation
+            for cpus_per_task, reservation, quantize in variants:
+                saved = (args.cpus_per_task, context.op_resource_reservation_enabled, args.quantize_on_device)
+                args.cpus_per_task, context.op_resource_reservation_enabled, args.quantize_on_device = (
+                    cpus_per_task, reservation, quantize)
                 try:
                     summary = run_job(paths, args.work / "store-extra.zarr", args)
                 finally:
-                    args.cpus_per_task, context.op_resource_reservation_enabled = saved
-                extra.append((f"warm job, cpus per task {cpus_per_task:g}, reservation {'on' if reservation else 'off'}",
-                              summary))
+                    args.cpus_per_task, context.op_resource_reservation_enabled, args.quantize_on_device = saved
+                extra.append((f"warm job, cpus per task {cpus_per_task:g}, reservation {'on' if reservation else 'off'}, "
+                              f"quantize on device {quantize}", summary))
             forward_4 = forward()
     finally:
         ray.shutdown()
