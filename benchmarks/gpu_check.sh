@@ -7,8 +7,10 @@
 # 1. precompute overhead with the teacher on the GPU (benchmarks/precompute_overhead.py
 #    --device cuda): the benchmark's gfl_r18 (64 ch) teacher at canvas 256, 1600 views; and a
 #    gfl_r50 (256 ch) teacher at canvas 512, 300 views; each with a fidelity check of the
-#    stored targets against a float32 forward on the GPU, and extra warm jobs with smaller
-#    --cpus-per-task (and, for the r18 teacher, Ray Data's per-operator reservation off).
+#    stored targets against a float32 forward on the GPU; the r18 step adds a warm job with
+#    the quantization back in the write tasks (--quantize-on-device off), the r50 step one with
+#    0.34 CPU per task. (Session 13's runs also had --also-cpus-per-task 0.5,0.34 and
+#    --also-no-reservation, before --quantize-on-device existed.)
 # 2. training step time on the GPU (benchmarks/train_step_speed.py --device cuda): no KD vs
 #    offline targets vs the in-process teacher.
 # GPU utilisation is sampled once a second into OUT_DIR/gpu.csv. Each step has a time limit,
@@ -50,8 +52,8 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 step precompute_r18_256 170 "$py" benchmarks/precompute_overhead.py --device cuda --num-images 800 --canvas 256 \
-    --batch-size 32 --views-per-part 64 --synth-workers 12 --check-views 16 --also-cpus-per-task 0.5,0.34 \
-    --also-no-reservation --work /tmp/bench-r18 --json "$out/precompute_r18_256.json"
+    --batch-size 32 --views-per-part 64 --synth-workers 12 --check-views 16 --also-quantize-on-device off \
+    --work /tmp/bench-r18 --json "$out/precompute_r18_256.json"
 step precompute_r50_512 150 "$py" benchmarks/precompute_overhead.py --device cuda --num-images 150 --canvas 512 \
     --arch gfl_r50 --channels 256 --batch-size 32 --views-per-part 16 --synth-workers 12 --check-views 4 \
     --also-cpus-per-task 0.34 --work /tmp/bench-r50 --json "$out/precompute_r50_512.json"
