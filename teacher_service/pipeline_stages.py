@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 PASSTHROUGH_COLUMNS = ("image_id", "view_id", "view", "content_hash", "valid_region", "error", "decode_s")
+"""Columns the teacher stage copies from its input to its output (``error`` may gain entries)."""
 
 SCALE_SUFFIX, OFFSET_SUFFIX = "#scale", "#offset"
 """Columns ``<target>#scale`` / ``<target>#offset`` beside a target quantized by the teacher stage."""
@@ -46,7 +47,6 @@ sample; empty for the other views."""
 DEVICE_SCALINGS = ("view", "channel")
 """Int-codec scalings `quantize_batch` reproduces exactly (``std`` needs a float64 standard
 deviation whose summation order the device would not match)."""
-"""Columns the teacher stage copies from its input to its output (``error`` may gain entries)."""
 
 FAULT_ENV = "DISTILLERY_PRECOMPUTE_FAULT"
 """Testing hook, read on the driver: ``<point>:<marker_dir>`` makes the first process that
@@ -212,11 +212,11 @@ def select_device(device: str) -> str:
     return device
 
 
-def device_quantizable(codec_name: str) -> bool:
-    """Whether the teacher stage can quantize a target of this codec (`quantize_batch`)."""
+def device_quantizable(codec) -> bool:
+    """Whether `quantize_batch` can quantize for this codec (a `TargetCodec` or its name)."""
     from label_store.codecs import parse_codec
 
-    codec = parse_codec(codec_name)
+    codec = parse_codec(codec) if isinstance(codec, str) else codec
     return codec.quantized and codec.scaling in DEVICE_SCALINGS
 
 
@@ -238,7 +238,7 @@ def quantize_batch(tensor, codec):
     """
     import torch
 
-    if not (codec.quantized and codec.scaling in DEVICE_SCALINGS):
+    if not device_quantizable(codec):
         raise ValueError(f"quantize_batch(codec=) expects an int codec with {DEVICE_SCALINGS} scaling. Got {codec.name!r}.")
     levels = (1 << codec.bits) - 1
     x = tensor.float()
@@ -303,7 +303,8 @@ class TeacherPredictor:
             of the float32 bytes, and the first ``fidelity_views`` good views of each call
             also carry their float32 values (`ORIGINALS_COLUMN`) for the writer's fidelity
             sample.
-        fidelity_views: see ``quantize``.
+        fidelity_views: see ``quantize``; None: the writer's default
+            (`label_store.writer.DEFAULT_FIDELITY_VIEWS`).
         fault: testing hook, see `FAULT_ENV`.
         cpu_affinity: cores to keep this actor's process on (every thread of it, and the
             thread of each call), or None; see `teacher_service.precompute.cpu_pinning`.
@@ -321,7 +322,7 @@ class TeacherPredictor:
         fault: tuple[str, str] | None = None,
         cpu_affinity: Sequence[int] | None = None,
         quantize: Mapping[str, str] | None = None,
-        fidelity_views: int = 2,
+        fidelity_views: int | None = None,
     ) -> None:
         self.cpu_affinity = frozenset(int(c) for c in cpu_affinity) if cpu_affinity else None
         if self.cpu_affinity:
@@ -341,12 +342,13 @@ class TeacherPredictor:
         self.batch_size = int(batch_size)
         self.transfer_dtypes = {name: np.dtype((transfer_dtypes or {}).get(name, "float32")) for name in self.target_shapes}
         from label_store.codecs import parse_codec
+        from label_store.writer import DEFAULT_FIDELITY_VIEWS
 
         self.quantize = {name: parse_codec(codec) for name, codec in (quantize or {}).items()}
         unknown = sorted(set(self.quantize) - set(self.target_shapes))
         if unknown:
             raise KeyError(f"TeacherPredictor(quantize=) expects names of its targets. Got {unknown}.")
-        self.fidelity_views = int(fidelity_views)
+        self.fidelity_views = DEFAULT_FIDELITY_VIEWS if fidelity_views is None else int(fidelity_views)
         self.fault = fault
 
     def forward(self, pixels: np.ndarray) -> dict[str, Any]:

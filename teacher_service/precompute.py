@@ -734,7 +734,6 @@ def _run_pipeline(
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
-    from label_store.writer import DEFAULT_FIDELITY_VIEWS
     from teacher_service.pipeline_ray import LabelStoreDatasink, ProgressCounter
     from teacher_service.pipeline_stages import FAULT_ENV, TeacherPredictor, decode_and_render, parse_fault
 
@@ -800,7 +799,6 @@ def _run_pipeline(
                     "torch_threads": None if device.startswith("cuda") else torch_threads,
                     "transfer_dtypes": transfer_dtypes(layout.target_specs, device),
                     "quantize": device_quantized(layout.target_specs, device, config.quantize_on_device),
-                    "fidelity_views": DEFAULT_FIDELITY_VIEWS,
                     "fault": fault,
                     "cpu_affinity": tuple(teacher_cpus) if teacher_cpus and not device.startswith("cuda") else None,
                 },

@@ -73,17 +73,12 @@ def test_fidelity_sample_counts_first_views(store, specs, make_record, make_targ
 
 
 def _quantize(spec, array):
-    """A `QuantizedTarget` as a teacher-side quantizer would send it: the codec's plain codes."""
+    """A `QuantizedTarget` as a teacher-side quantizer sends it: the codec's plain codes (no prediction)."""
+    import dataclasses
+
     from label_store import QuantizedTarget
 
-    codec = spec.target_codec
-    levels = (1 << codec.bits) - 1
-    flat = array.reshape(array.shape[0], -1) if codec.scaling != "view" else array.reshape(1, -1)
-    lo, hi = flat.min(axis=1), flat.max(axis=1)
-    scale = ((hi.astype(np.float64) - lo) / levels).astype(np.float32)
-    inverse = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
-    codes = np.clip(np.rint((flat - lo[:, None]) * inverse[:, None]), 0, levels).astype(np.uint8)
-    return QuantizedTarget(codes.reshape(array.shape), scale, lo.astype(np.float32))
+    return QuantizedTarget(*dataclasses.replace(spec.target_codec, predict="").encode(array))
 
 
 def test_quantized_inputs_store_the_same_bytes_as_floats(tmp_path, fingerprint, specs, make_record, make_targets):
