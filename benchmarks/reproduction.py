@@ -95,6 +95,9 @@ ROWS = [
     # table reports, so read it as a tuned row, apart from the released one.
     Row("+ LD at T = 5 (tuned here, not released)", "ld", sets=("losses.ld.main_temperature=5", "losses.ld.vlr_temperature=5"),
         tag="t5"),
+    # Everything LD's released training configs turn on: the paper's LD plus their feature
+    # imitation (loss_im, weight 2, fine-grained region on the FPN features), term ld_im.
+    Row("+ LD + released feature imitation (ld_im)", "ld,ld_im"),
 ]
 
 

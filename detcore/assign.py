@@ -1,4 +1,5 @@
-"""Label assignment for dense detectors: ATSS and LD's valuable localization region.
+"""Label assignment for dense detectors: ATSS, LD's valuable localization region, and the
+fine-grained feature-imitation region of LD's release.
 
 Legend: A anchors over all levels (level-major, as `detcore.outputs.level_anchors`
 concatenated), L levels, G GT boxes, C candidates per GT (sum over levels of
@@ -7,8 +8,9 @@ concatenated), L levels, G GT boxes, C candidates per GT (sum over levels of
 Label contract of `atss_assign`: 0 is a negative (background) anchor, ``g + 1`` is an
 anchor assigned to GT ``g``. Nothing is ignored.
 
-Both functions share the per-GT ATSS threshold (`atss_thresholds`), computed from the
-view's GT at training time, never stored by the teacher (DESIGN.md, "Losses").
+ATSS and the VLR share the per-GT ATSS threshold (`atss_thresholds`). Every region is
+computed from the view's GT at training time, never stored by the teacher (DESIGN.md,
+"Losses").
 """
 
 from __future__ import annotations
@@ -37,13 +39,17 @@ class AtssCandidates(NamedTuple):
     """Tensor[A, G]: IoU of every anchor with every GT."""
 
 
-def _check_inputs(fn: str, anchors: Tensor, num_level_anchors: Sequence[int], gt_boxes: Tensor, topk: int) -> None:
+def _check_boxes(fn: str, anchors: Tensor, gt_boxes: Tensor) -> None:
     if not isinstance(anchors, Tensor) or anchors.ndim != 2 or anchors.shape[1] != 4:
         shape = tuple(anchors.shape) if isinstance(anchors, Tensor) else type(anchors).__name__
         raise ValueError(f"{fn}(anchors=) expects a Tensor[A, 4]. Got {shape}.")
     if not isinstance(gt_boxes, Tensor) or gt_boxes.ndim != 2 or gt_boxes.shape[1] != 4:
         shape = tuple(gt_boxes.shape) if isinstance(gt_boxes, Tensor) else type(gt_boxes).__name__
         raise ValueError(f"{fn}(gt_boxes=) expects a Tensor[G, 4]. Got {shape}.")
+
+
+def _check_inputs(fn: str, anchors: Tensor, num_level_anchors: Sequence[int], gt_boxes: Tensor, topk: int) -> None:
+    _check_boxes(fn, anchors, gt_boxes)
     counts = [int(n) for n in num_level_anchors]
     if any(n < 0 for n in counts) or sum(counts) != anchors.shape[0]:
         raise ValueError(
@@ -198,3 +204,31 @@ def vlr_region(
     inside = in_region.any(dim=1)
     region[inside] = values[inside]
     return region
+
+
+def imitation_region(anchors: Tensor, gt_boxes: Tensor, ratio: float = 0.5) -> Tensor:
+    """The fine-grained feature-imitation region (Wang et al., CVPR 2019), as LD's release uses it.
+
+    Anchor a is in the region iff ``IoU(a, g) > ratio * max_a' IoU(a', g)`` for some GT g,
+    the maximum taken over the anchors of all levels. A GT that no anchor overlaps adds
+    nothing. This is the ``finegrained`` imitation region of the LD authors' released head
+    (HikariTJU/LD, ``LDHead.get_im_region``, psi = 0.5), which its feature imitation term
+    (``loss_im``) reads.
+
+    Args:
+        anchors: Tensor[A, 4].
+        gt_boxes: Tensor[G, 4].
+        ratio: psi, the fraction of each GT's best IoU an anchor must exceed (0 < ratio <= 1).
+
+    Returns:
+        BoolTensor[A].
+    """
+    _check_boxes("imitation_region", anchors, gt_boxes)
+    if not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"imitation_region(ratio=) expects a number in (0, 1]. Got {ratio!r}.")
+    num_anchors, num_gt = anchors.shape[0], gt_boxes.shape[0]
+    if num_gt == 0 or num_anchors == 0:
+        return torch.zeros(num_anchors, dtype=torch.bool, device=anchors.device)
+    ious = box_iou(anchors.float(), gt_boxes.float().to(anchors.device))
+    best = ious.max(dim=0).values
+    return (ious > float(ratio) * best[None, :]).any(dim=1)

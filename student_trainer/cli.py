@@ -28,10 +28,13 @@ OUT/results.json (final COCO AP), OUT/metrics.jsonl, OUT/tb/ (TensorBoard), OUT/
 """
 
 EPILOG = """\
-losses (--losses, comma-separated): ld (= ld_main,ld_vlr,ld_kd, LD's full recipe), ld_main,
-  ld_vlr, ld_kd, bcd, fgd, hgd, all, none (the student baseline). Weights default to the
-  papers' released recipes; change them in a --config file or with --set, e.g.
-  --set losses.fgd.alpha=2e-3 --set losses.ld.kd_weight=5.
+losses (--losses, comma-separated): ld (= ld_main,ld_vlr,ld_kd, the paper's LD), ld_main,
+  ld_vlr, ld_kd, ld_im, bcd, fgd, hgd, all (= ld,bcd,fgd,hgd), none (the student baseline).
+  ld_im is the feature imitation that LD's released training configs add to LD (FPN
+  features at the fine-grained region, weight 2; needs fpn targets in the store): use
+  --losses ld,ld_im for everything those configs turn on. Weights default to the papers'
+  released recipes; change them in a --config file or with --set, e.g.
+  --set losses.fgd.alpha=2e-3 --set losses.ld.kd_weight=5 --set losses.ld.im_weight=1.
 
 examples:
   distill train --store stores/t.zarr --annotations train.json --images train/ \\

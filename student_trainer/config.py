@@ -30,15 +30,18 @@ from typing import Any, Mapping
 
 from detcore.train import OPTIMIZER_DEFAULTS, OPTIMIZERS
 
-LOSS_TERMS = ("ld_main", "ld_vlr", "ld_kd", "bcd", "fgd", "hgd")
-"""Every distillation term a run can enable, by name."""
+LOSS_TERMS = ("ld_main", "ld_vlr", "ld_kd", "ld_im", "bcd", "fgd", "hgd")
+"""Every distillation term a run can enable, by name. ``ld_im`` is the feature imitation that
+LD's released training configs add to LD (FPN features, fine-grained region, weight 2); the
+paper's LD is main + VLR + KD."""
 
 LOSS_GROUPS = {
     "ld": ("ld_main", "ld_vlr", "ld_kd"),
     "none": (),
-    "all": LOSS_TERMS,
+    "all": ("ld_main", "ld_vlr", "ld_kd", "bcd", "fgd", "hgd"),
 }
-"""Names accepted by ``--losses`` that stand for several terms (LD's full recipe is main + VLR + KD)."""
+"""Names accepted by ``--losses`` that stand for several terms: ``ld`` is the paper's LD
+(main + VLR + KD); ``all`` is the four methods' recipes (LD, BCD, FGD, HGD), without ``ld_im``."""
 
 SOURCE_KINDS = ("store", "remote", "read-through", "inprocess")
 """Where the teacher's targets come from; ``store`` (offline) is the default, ``inprocess`` a baseline only."""
@@ -218,7 +221,7 @@ class LossConfig:
         groups = []
         if self.uses("ld_main", "ld_vlr", "ld_kd", "bcd"):
             groups += ["cls", "box"]
-        if self.uses("fgd", "hgd"):
+        if self.uses("ld_im", "fgd", "hgd"):
             groups.append("fpn")
         if self.uses("hgd"):
             groups.append("backbone")

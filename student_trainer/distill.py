@@ -4,7 +4,7 @@ Legend: B images, L FPN levels, K classes, R reg_max, C channels (C_s student, C
 teacher), A points over all levels, M_b GT boxes of image b (canvas pixels, x1y1x2y2).
 
 `DistillationModel` owns the student and the trainable parts of the losses (FGD's align
-convs and GcBlocks, HGD's adapters), so one optimizer, one ``state_dict`` and one DDP
+convs and GcBlocks, HGD's adapters, the adapters of LD's feature imitation), so one optimizer, one ``state_dict`` and one DDP
 wrapper (Ray Train) cover all of them. Its forward runs the student, assigns ATSS targets
 once (`GFLDetector.assign`) and shares that assignment with LD and BCD, computes the
 GFL loss and the enabled distillation recipes with the weights of the run config, and
@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from detcore.assign import vlr_region
+from detcore.assign import imitation_region, vlr_region
 from detcore.outputs import BACKBONE_STAGES, level_name
 from student_trainer.config import LossConfig
 from student_trainer.losses.recipes import (
@@ -30,6 +30,7 @@ from student_trainer.losses.recipes import (
     bcd_recipe,
     fgd_recipe,
     hgd_recipe,
+    ld_im_recipe,
     ld_recipe,
 )
 
@@ -44,7 +45,7 @@ def needed_target_names(losses: LossConfig, strides: Sequence[int]) -> list[str]
     names: list[str] = []
     if losses.uses("ld_main", "ld_vlr", "ld_kd", "bcd"):
         names += [f"cls/{lv}" for lv in levels] + [f"box/{lv}" for lv in levels]
-    fpn_levels = set(levels) if losses.uses("fgd") else set()
+    fpn_levels = set(levels) if losses.uses("ld_im", "fgd") else set()
     backbone: list[str] = []
     if losses.uses("hgd"):
         for stage in losses.hgd.stages:
@@ -111,11 +112,15 @@ class DistillationModel(nn.Module):
         self.levels = [level_name(s) for s in student.strides]
         self.fgd = None
         self.hgd = None
+        self.ld_im = None
+        if losses.uses("ld_im"):
+            self.ld_im = losses.ld.build_imitation(
+                student.config.fpn_channels, self._teacher_fpn_width(teacher_channels), len(self.levels)
+            )
         if losses.uses("fgd"):
-            channels = {teacher_channels[f"fpn/{lv}"] for lv in self.levels}
-            if len(channels) != 1:
-                raise TargetShapeError(f"DistillationModel expects one teacher FPN width over all levels. Got {sorted(channels)}.")
-            self.fgd = losses.fgd.build_modules(student.config.fpn_channels, channels.pop(), len(self.levels))
+            self.fgd = losses.fgd.build_modules(
+                student.config.fpn_channels, self._teacher_fpn_width(teacher_channels), len(self.levels)
+            )
         if losses.uses("hgd"):
             student_channels = {lv: student.config.fpn_channels for lv in self.levels}
             for stage, channels in zip(BACKBONE_STAGES, student.backbone.out_channels):
@@ -127,10 +132,24 @@ class DistillationModel(nn.Module):
                     teacher[stage] = int(teacher_channels[key])
             self.hgd = losses.hgd.build_module(student_channels, teacher)
 
+    def _teacher_fpn_width(self, teacher_channels: Mapping[str, int]) -> int:
+        missing = [f"fpn/{lv}" for lv in self.levels if f"fpn/{lv}" not in teacher_channels]
+        if missing:
+            raise TargetShapeError(
+                f"DistillationModel(teacher_channels=) expects the teacher's FPN targets {missing} "
+                f"(terms {list(self.losses.enabled)} read them). Got {sorted(teacher_channels)}."
+            )
+        channels = {int(teacher_channels[f"fpn/{lv}"]) for lv in self.levels}
+        if len(channels) != 1:
+            raise TargetShapeError(f"DistillationModel expects one teacher FPN width over all levels. Got {sorted(channels)}.")
+        return channels.pop()
+
     @property
     def distill_modules(self) -> nn.ModuleDict:
         """The trainable loss modules (saved with the checkpoints)."""
         out = nn.ModuleDict()
+        if self.ld_im is not None:
+            out["ld_im"] = self.ld_im
         if self.fgd is not None:
             out["fgd"] = self.fgd
         if self.hgd is not None:
@@ -176,8 +195,8 @@ class DistillationModel(nn.Module):
 
         Returns:
             ``(terms, logs)``: the weighted loss terms to sum (``qfl``, ``dfl``, ``giou`` and
-            the enabled ones of ``ld_main``, ``ld_vlr``, ``ld_kd``, ``bcd_cls``, ``bcd_iou``,
-            ``fgd``, ``hgd``), and detached, unweighted components for logging.
+            the enabled ones of ``ld_main``, ``ld_vlr``, ``ld_kd``, ``ld_im``, ``bcd_cls``,
+            ``bcd_iou``, ``fgd``, ``hgd``), and detached, unweighted components for logging.
         """
         losses = self.losses
         outputs = self.student(images, with_backbone=self.hgd is not None)
@@ -211,6 +230,15 @@ class DistillationModel(nn.Module):
                     config=losses.bcd, assignment=assignment,
                 )
                 terms.update({key: bcd[key] for key in OPTIMISED_KEYS["bcd"]})
+        if self.ld_im is not None:
+            anchors = gfl_targets.anchors
+            region = [imitation_region(anchors, boxes.to(anchors.device).float(), losses.ld.im_ratio) for boxes in gt_boxes]
+            im = ld_im_recipe(
+                self.ld_im, outputs.fpn_features, [targets[f"fpn/{lv}"] for lv in self.levels], gt_boxes, strides,
+                config=losses.ld, region=torch.stack(region) if region else None,
+            )
+            terms["ld_im"] = im.pop("ld_im")
+            logs.update(im)
         if self.fgd is not None:
             fgd = fgd_recipe(
                 self.fgd, outputs.fpn_features, [targets[f"fpn/{lv}"] for lv in self.levels], gt_boxes, self.canvas_hw

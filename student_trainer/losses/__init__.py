@@ -1,5 +1,7 @@
 """Distillation losses: LD, BCD, FGD, HGD (one file each) and the released recipes.
 
+LD's file also holds its release's optional feature imitation (``ld_im``).
+
 The loss functions are pure functions of raw student outputs, teacher targets and GT;
 they hold no loss weights (the recipes' config dataclasses do). Teacher inputs are
 detached inside. Inputs in fp16 or bf16 are computed in float32 and every loss is float32.
@@ -12,7 +14,7 @@ from ._common import LossInputError
 from .bcd import bcd_cls_loss, iou_ld_loss
 from .fgd import FGD_DEFAULTS, FGDLoss, GcBlock, fgd_attention, fgd_masks
 from .hgd import DEFAULT_HGD_STAGES, HGDLoss
-from .ld import kd_cls_loss, kd_kl_div, ld_loss
+from .ld import FeatureImitation, imitation_loss, kd_cls_loss, kd_kl_div, ld_loss
 from .recipes import (
     OPTIMISED_KEYS,
     BCDConfig,
@@ -24,6 +26,8 @@ from .recipes import (
     bcd_recipe,
     fgd_recipe,
     hgd_recipe,
+    imitation_points,
+    ld_im_recipe,
     ld_recipe,
 )
 
@@ -33,6 +37,7 @@ __all__ = [
     "FGDConfig",
     "FGDLoss",
     "FGD_DEFAULTS",
+    "FeatureImitation",
     "GcBlock",
     "HGDConfig",
     "HGDLoss",
@@ -47,9 +52,12 @@ __all__ = [
     "fgd_masks",
     "fgd_recipe",
     "hgd_recipe",
+    "imitation_loss",
+    "imitation_points",
     "iou_ld_loss",
     "kd_cls_loss",
     "kd_kl_div",
+    "ld_im_recipe",
     "ld_loss",
     "ld_recipe",
 ]

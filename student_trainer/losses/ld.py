@@ -10,14 +10,21 @@ Inputs of any floating dtype are computed in float32 and the loss is float32.
 Reduction convention (every function with ``weight`` and ``avg_factor``): the result is
 ``sum_i weight_i * l_i / avg_factor`` over the terms l_i; ``weight=None`` means 1 and
 ``avg_factor=None`` means the weighted terms are averaged. No terms give 0.
+
+`imitation_loss` and `FeatureImitation` are the release's optional feature imitation
+(``loss_im``), which the authors' training configs turn on next to the LD terms; the
+paper's LD ("main KD + main LD + VLR LD") does not include it.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor
+from typing import Sequence
 
-from ._common import as_float32, check_same_shape, check_tensor, check_weight, weighted_reduce, LossInputError
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import LossInputError, as_float32, check_same_shape, check_tensor, check_weight, describe, weighted_reduce
 
 
 def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -111,3 +118,91 @@ def kd_cls_loss(
     check_weight("kd_cls_loss", weight, student_cls_logits.shape[0])
     rows = kd_kl_div(student_cls_logits, teacher_cls_logits, temperature)
     return weighted_reduce(rows, weight, avg_factor, "kd_cls_loss")
+
+
+def imitation_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """Feature imitation as released (``IMLoss``): the mean squared error over the N x C entries.
+
+    Args:
+        student_feat: Tensor[N, C], the (adapted) student features at the imitation region.
+        teacher_feat: Tensor[N, C], detached inside.
+    Returns:
+        Scalar float32 Tensor (0, still connected to the graph, when N = 0).
+    """
+    check_tensor("student_feat", "imitation_loss", student_feat, 2, "[N, C]")
+    check_tensor("teacher_feat", "imitation_loss", teacher_feat, 2, "[N, C]")
+    check_same_shape("imitation_loss", "student_feat", student_feat, "teacher_feat", teacher_feat)
+    diff = as_float32(student_feat) - as_float32(teacher_feat.detach())
+    return (diff * diff).mean() if diff.numel() > 0 else diff.sum()
+
+
+class FeatureImitation(nn.Module):
+    """LD's released feature imitation on the FPN levels (``loss_im``, ``finegrained`` region).
+
+    Per level, `imitation_loss` between the student's FPN features and the teacher's at
+    the points of the imitation region (`detcore.assign.imitation_region`), pooled over
+    the batch; the levels' losses are summed by the recipe. The release imitates 256
+    channels with 256 and needs no adapter; where the widths differ, each level gets a
+    trainable 1x1 convolution (with bias) from C_s to C_t, as FGD's ``align``.
+
+    Args:
+        student_channels: C_s.
+        teacher_channels: C_t.
+        num_levels: L.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int, num_levels: int) -> None:
+        super().__init__()
+        if min(int(student_channels), int(teacher_channels), int(num_levels)) < 1:
+            raise LossInputError(
+                "FeatureImitation(student_channels=, teacher_channels=, num_levels=) expects positive integers. "
+                f"Got {student_channels!r}, {teacher_channels!r}, {num_levels!r}."
+            )
+        self.student_channels, self.teacher_channels = int(student_channels), int(teacher_channels)
+        self.adapters = (
+            nn.ModuleList(nn.Conv2d(self.student_channels, self.teacher_channels, 1) for _ in range(int(num_levels)))
+            if self.student_channels != self.teacher_channels
+            else None
+        )
+        self.num_levels = int(num_levels)
+
+    def extra_repr(self) -> str:
+        return f"student_channels={self.student_channels}, teacher_channels={self.teacher_channels}, num_levels={self.num_levels}"
+
+    def forward(self, student_fpn: Sequence[Tensor], teacher_fpn: Sequence[Tensor], region: Tensor) -> Tensor:
+        """Args:
+            student_fpn: per level Tensor[B, C_s, H_l, W_l].
+            teacher_fpn: per level Tensor[B, C_t, H_l, W_l], detached inside.
+            region: BoolTensor[B, A], A = sum of H_l * W_l (level-major, row-major).
+        Returns:
+            Tensor[L] float32: each level's loss (0 for a level without region points).
+        """
+        if not (len(student_fpn) == len(teacher_fpn) == self.num_levels):
+            raise LossInputError(
+                f"FeatureImitation(student_fpn=, teacher_fpn=) expect {self.num_levels} levels each. "
+                f"Got {len(student_fpn)} and {len(teacher_fpn)}."
+            )
+        points = [int(f.shape[2] * f.shape[3]) for f in student_fpn]
+        batch = student_fpn[0].shape[0]
+        if not isinstance(region, Tensor) or tuple(region.shape) != (batch, sum(points)):
+            raise LossInputError(
+                f"FeatureImitation(region=) expects a BoolTensor[{batch}, {sum(points)}] (points per level {points}). "
+                f"Got {describe(region)}."
+            )
+        losses, start = [], 0
+        for level, (student, teacher) in enumerate(zip(student_fpn, teacher_fpn)):
+            count = points[level]
+            if self.adapters is not None:
+                student = self.adapters[level](student)
+            teacher = teacher.detach().to(student.device)
+            if teacher.shape != student.shape:
+                raise LossInputError(
+                    f"FeatureImitation(teacher_fpn=) expects Tensor{list(student.shape)} at level {level} "
+                    f"(the adapted student's shape). Got {describe(teacher)}."
+                )
+            mask = region[:, start : start + count].reshape(-1).to(student.device)
+            start += count
+            flat_s = student.permute(0, 2, 3, 1).reshape(-1, student.shape[1])
+            flat_t = teacher.permute(0, 2, 3, 1).reshape(-1, teacher.shape[1])
+            losses.append(imitation_loss(flat_s[mask], flat_t[mask]))
+        return torch.stack(losses)

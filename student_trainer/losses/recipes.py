@@ -23,17 +23,18 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from detcore.assign import atss_assign, vlr_region
+from detcore.assign import atss_assign, imitation_region, vlr_region
 from detcore.outputs import distance_to_boxes, distribution_to_distance, level_anchors, level_points
 
 from ._common import LossInputError, as_float32, check_gt_boxes, describe
 from .bcd import bcd_cls_loss, iou_ld_loss
 from .fgd import FGD_DEFAULTS, FGDLoss
 from .hgd import DEFAULT_HGD_STAGES, HGDLoss
-from .ld import kd_cls_loss, ld_loss
+from .ld import FeatureImitation, kd_cls_loss, ld_loss
 
 OPTIMISED_KEYS: dict[str, tuple[str, ...]] = {
     "ld": ("ld_main", "ld_vlr", "ld_kd"),
+    "ld_im": ("ld_im",),
     "bcd": ("bcd_cls", "bcd_iou"),
     "fgd": ("fgd",),
     "hgd": ("hgd",),
@@ -75,6 +76,15 @@ class LDConfig:
     which keeps LD's strength per image, and relative to the detection losses (normalised
     by the number of positives), whatever the batch size. 0 divides the whole batch by the
     constants (the behaviour before 2026-12-01: at batch 16, 8x the released strength)."""
+    im_weight: float = 2.0
+    """Loss weight of the release's feature imitation (term ``ld_im``, off unless enabled):
+    ``loss_im=dict(type='IMLoss', loss_weight=2.0)`` in the authors' training configs."""
+    im_ratio: float = 0.5
+    """psi of the ``finegrained`` imitation region (`detcore.assign.imitation_region`)."""
+
+    def build_imitation(self, student_channels: int, teacher_channels: int, num_levels: int) -> FeatureImitation:
+        """The ``ld_im`` module (its adapters, if any, train with the student)."""
+        return FeatureImitation(student_channels, teacher_channels, num_levels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +367,67 @@ def ld_recipe(
         else:
             vlr_total.append(_zero_like(s_box))
     return {"ld_main": torch.stack(main).sum(), "ld_vlr": torch.stack(vlr_total).sum(), "ld_kd": torch.stack(kd).sum()}
+
+
+def imitation_points(
+    gt_boxes: Sequence[Tensor], strides: Sequence[int], shapes_hw: Sequence[tuple[int, int]], ratio: float = 0.5,
+    device=None,
+) -> Tensor:
+    """`detcore.assign.imitation_region` of every image over the GFL anchors of all levels.
+
+    Returns:
+        BoolTensor[B, A], level-major then row-major per image.
+    """
+    if device is None:
+        device = gt_boxes[0].device if len(gt_boxes) else torch.device("cpu")
+    anchors = torch.cat(level_anchors(strides, shapes_hw, device=device), dim=0)
+    rows = [imitation_region(anchors, boxes.detach().to(device=device, dtype=torch.float32), ratio) for boxes in gt_boxes]
+    return torch.stack(rows) if rows else torch.zeros(0, anchors.shape[0], dtype=torch.bool, device=device)
+
+
+def ld_im_recipe(
+    module: FeatureImitation,
+    student_fpn: Sequence[Tensor],
+    teacher_fpn: Sequence[Tensor],
+    gt_boxes: Sequence[Tensor],
+    strides: Sequence[int],
+    config: LDConfig = LDConfig(),
+    region: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The release's feature imitation next to LD (``loss_im``, ``finegrained``), summed over levels.
+
+    Per level, the mean squared error between the (adapted) student FPN features and the
+    teacher's at the fine-grained imitation points of the batch (`imitation_points`, from
+    the view's GT), times ``config.im_weight``. A level without such points adds 0. The
+    release also zeroes a level's imitation when that level has no ATSS positive; this
+    recipe does not (the region does not depend on the positives).
+
+    Args:
+        module: `FeatureImitation` (`LDConfig.build_imitation`).
+        student_fpn: per level Tensor[B, C_s, H, W].
+        teacher_fpn: per level Tensor[B, C_t, H, W], detached inside.
+        gt_boxes: per image Tensor[M_b, 4] canvas pixels.
+        strides: stride of each level.
+        config: ``im_weight`` and ``im_ratio``.
+        region: precomputed `imitation_points` (else computed here).
+    Returns:
+        dict of float32 scalars: ``ld_im`` (weighted, to optimise) and, detached and
+        unweighted, ``ld_im_<level index>`` per level.
+    """
+    if not (len(student_fpn) == len(teacher_fpn) == len(strides)) or not strides:
+        raise LossInputError(
+            f"ld_im_recipe(student_fpn=, teacher_fpn=) expect one Tensor per level ({len(strides)} strides) each. "
+            f"Got {len(student_fpn)} and {len(teacher_fpn)}."
+        )
+    check_gt_boxes("ld_im_recipe", gt_boxes, student_fpn[0].shape[0])
+    if region is None:
+        shapes_hw = [(int(f.shape[2]), int(f.shape[3])) for f in student_fpn]
+        region = imitation_points(gt_boxes, strides, shapes_hw, config.im_ratio, device=student_fpn[0].device)
+    per_level = module(student_fpn, teacher_fpn, region)
+    out = {"ld_im": config.im_weight * per_level.sum()}
+    for level, value in enumerate(per_level):
+        out[f"ld_im_{level}"] = value.detach()
+    return out
 
 
 def bcd_recipe(
