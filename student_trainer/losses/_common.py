@@ -81,3 +81,17 @@ def weighted_reduce(terms: Tensor, weight: Tensor | None, avg_factor: float | Te
     if not isinstance(avg_factor, Tensor) and not avg_factor > 0:
         raise LossInputError(f"{owner}(avg_factor=) expects None or a positive number. Got {avg_factor!r}.")
     return terms.sum() / avg_factor
+
+
+FEATURE_NORMALIZE = ("teacher_rms", "none")
+"""Feature scalings the feature losses (FGD, LD's imitation) accept: ``teacher_rms`` divides
+student and teacher by the teacher level's root mean square over the batch (a detached
+scalar), ``none`` leaves them as they are (the released code)."""
+
+
+def normalize_features(student: Tensor, teacher: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+    """Apply a `FEATURE_NORMALIZE` mode to one level's (aligned) student and teacher features."""
+    if mode == "teacher_rms":
+        scale = teacher.detach().pow(2).mean().sqrt().clamp(min=1e-6)
+        return student / scale, teacher / scale
+    return student, teacher

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import LossInputError, as_float32, check_gt_boxes, check_tensor, describe
+from ._common import FEATURE_NORMALIZE, LossInputError, as_float32, check_gt_boxes, check_tensor, describe, normalize_features
 
 FGD_DEFAULTS: dict[str, dict[str, float]] = {
     "retinanet": dict(temperature=0.5, alpha=1e-3, beta=5e-4, gamma=5e-4, lambda_=5e-6),
@@ -26,7 +26,7 @@ FGD_DEFAULTS: dict[str, dict[str, float]] = {
 }
 """Loss hyper-parameters of the released FGD configs, by detector family."""
 
-FGD_NORMALIZE = ("teacher_rms", "none")
+FGD_NORMALIZE = FEATURE_NORMALIZE
 """Feature scalings `FGDLoss` accepts before the loss (see its docstring)."""
 
 
@@ -246,9 +246,7 @@ class FGDLoss(nn.Module):
             teacher = as_float32(teacher_feat.detach().to(student_feat.device))
             if self.align is not None:
                 student = self.align(student)
-            if self.normalize == "teacher_rms":
-                scale = teacher.pow(2).mean().sqrt().clamp(min=1e-6)
-                student, teacher = student / scale, teacher / scale
+            student, teacher = normalize_features(student, teacher, self.normalize)
             batch, _, height, width = student.shape
             spatial_t, channel_t = fgd_attention(teacher, self.temperature)
             spatial_s, channel_s = fgd_attention(student, self.temperature)

@@ -24,7 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import LossInputError, as_float32, check_same_shape, check_tensor, check_weight, describe, weighted_reduce
+from ._common import (
+    FEATURE_NORMALIZE,
+    LossInputError,
+    as_float32,
+    check_same_shape,
+    check_tensor,
+    check_weight,
+    describe,
+    normalize_features,
+    weighted_reduce,
+)
 
 
 def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -145,19 +155,29 @@ class FeatureImitation(nn.Module):
     channels with 256 and needs no adapter; where the widths differ, each level gets a
     trainable 1x1 convolution (with bias) from C_s to C_t, as FGD's ``align``.
 
+    ``normalize="teacher_rms"`` (the default, as FGD's) first divides the adapted student
+    and the teacher by the teacher level's root mean square over the batch, a detached
+    scalar; ``"none"`` is the release. The release's weight (2) was set for mmdetection's
+    COCO features; on the synthetic benchmark's teacher (FPN RMS 6-15) the raw squared
+    error is ~100-400 per level against a detection loss of ~2.
+
     Args:
         student_channels: C_s.
         teacher_channels: C_t.
         num_levels: L.
+        normalize: one of `FEATURE_NORMALIZE`.
     """
 
-    def __init__(self, student_channels: int, teacher_channels: int, num_levels: int) -> None:
+    def __init__(self, student_channels: int, teacher_channels: int, num_levels: int, normalize: str = "teacher_rms") -> None:
         super().__init__()
         if min(int(student_channels), int(teacher_channels), int(num_levels)) < 1:
             raise LossInputError(
                 "FeatureImitation(student_channels=, teacher_channels=, num_levels=) expects positive integers. "
                 f"Got {student_channels!r}, {teacher_channels!r}, {num_levels!r}."
             )
+        if normalize not in FEATURE_NORMALIZE:
+            raise LossInputError(f"FeatureImitation(normalize=) expects one of {list(FEATURE_NORMALIZE)}. Got {normalize!r}.")
+        self.normalize = normalize
         self.student_channels, self.teacher_channels = int(student_channels), int(teacher_channels)
         self.adapters = (
             nn.ModuleList(nn.Conv2d(self.student_channels, self.teacher_channels, 1) for _ in range(int(num_levels)))
@@ -167,7 +187,10 @@ class FeatureImitation(nn.Module):
         self.num_levels = int(num_levels)
 
     def extra_repr(self) -> str:
-        return f"student_channels={self.student_channels}, teacher_channels={self.teacher_channels}, num_levels={self.num_levels}"
+        return (
+            f"student_channels={self.student_channels}, teacher_channels={self.teacher_channels}, "
+            f"num_levels={self.num_levels}, normalize={self.normalize!r}"
+        )
 
     def forward(self, student_fpn: Sequence[Tensor], teacher_fpn: Sequence[Tensor], region: Tensor) -> Tensor:
         """Args:
@@ -192,17 +215,20 @@ class FeatureImitation(nn.Module):
         losses, start = [], 0
         for level, (student, teacher) in enumerate(zip(student_fpn, teacher_fpn)):
             count = points[level]
-            if self.adapters is not None:
-                student = self.adapters[level](student)
-            teacher = teacher.detach().to(student.device)
-            if teacher.shape != student.shape:
-                raise LossInputError(
-                    f"FeatureImitation(teacher_fpn=) expects Tensor{list(student.shape)} at level {level} "
-                    f"(the adapted student's shape). Got {describe(teacher)}."
-                )
-            mask = region[:, start : start + count].reshape(-1).to(student.device)
+            with torch.autocast(device_type=student.device.type, enabled=False):
+                student = as_float32(student)
+                teacher = as_float32(teacher.detach().to(student.device))
+                if self.adapters is not None:
+                    student = self.adapters[level](student)
+                if teacher.shape != student.shape:
+                    raise LossInputError(
+                        f"FeatureImitation(teacher_fpn=) expects Tensor{list(student.shape)} at level {level} "
+                        f"(the adapted student's shape). Got {describe(teacher)}."
+                    )
+                student, teacher = normalize_features(student, teacher, self.normalize)
+                mask = region[:, start : start + count].reshape(-1).to(student.device)
+                flat_s = student.permute(0, 2, 3, 1).reshape(-1, student.shape[1])
+                flat_t = teacher.permute(0, 2, 3, 1).reshape(-1, teacher.shape[1])
+                losses.append(imitation_loss(flat_s[mask], flat_t[mask]))
             start += count
-            flat_s = student.permute(0, 2, 3, 1).reshape(-1, student.shape[1])
-            flat_t = teacher.permute(0, 2, 3, 1).reshape(-1, teacher.shape[1])
-            losses.append(imitation_loss(flat_s[mask], flat_t[mask]))
         return torch.stack(losses)

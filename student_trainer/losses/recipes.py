@@ -81,10 +81,13 @@ class LDConfig:
     ``loss_im=dict(type='IMLoss', loss_weight=2.0)`` in the authors' training configs."""
     im_ratio: float = 0.5
     """psi of the ``finegrained`` imitation region (`detcore.assign.imitation_region`)."""
+    im_normalize: str = "teacher_rms"
+    """Feature scaling of the imitation (`FeatureImitation`): ``teacher_rms`` (a deviation from
+    the release, as FGD's) or ``none`` (the release)."""
 
     def build_imitation(self, student_channels: int, teacher_channels: int, num_levels: int) -> FeatureImitation:
         """The ``ld_im`` module (its adapters, if any, train with the student)."""
-        return FeatureImitation(student_channels, teacher_channels, num_levels)
+        return FeatureImitation(student_channels, teacher_channels, num_levels, self.im_normalize)
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,8 +400,8 @@ def ld_im_recipe(
     """The release's feature imitation next to LD (``loss_im``, ``finegrained``), summed over levels.
 
     Per level, the mean squared error between the (adapted) student FPN features and the
-    teacher's at the fine-grained imitation points of the batch (`imitation_points`, from
-    the view's GT), times ``config.im_weight``. A level without such points adds 0. The
+    teacher's, both scaled as ``config.im_normalize`` says, at the fine-grained imitation
+    points of the batch (`imitation_points`, from the view's GT), times ``config.im_weight``. A level without such points adds 0. The
     release also zeroes a level's imitation when that level has no ATSS positive; this
     recipe does not (the region does not depend on the positives).
 
