@@ -12,7 +12,8 @@
 #    0.34 CPU per task. (Session 13's runs also had --also-cpus-per-task 0.5,0.34 and
 #    --also-no-reservation, before --quantize-on-device existed.)
 # 2. training step time on the GPU (benchmarks/train_step_speed.py --device cuda): no KD vs
-#    offline targets vs the in-process teacher.
+#    offline targets vs the in-process teacher; with the loader in the step (workers 0, steps
+#    alternating), and with 6 DataLoader workers, one configuration at a time (--sequential).
 # GPU utilisation is sampled once a second into OUT_DIR/gpu.csv. Each step has a time limit,
 # so a hang costs one step, not the run. Python packages the machine lacks can come as an
 # unpacked site folder in .whl/site312.tar.xz, built here by benchmarks/gpu_bundle.sh; with the
@@ -59,3 +60,6 @@ step precompute_r50_512 150 "$py" benchmarks/precompute_overhead.py --device cud
     --also-cpus-per-task 0.34 --work /tmp/bench-r50 --json "$out/precompute_r50_512.json"
 step train_step_cuda 120 "$py" benchmarks/train_step_speed.py --device cuda --threads 8 --num-images 128 \
     --batch-size 16 --steps 20 --warmup 3 --losses ld,all --work /tmp/bench-train --json-out "$out/train_step_cuda.json"
+step train_step_cuda_workers 200 "$py" benchmarks/train_step_speed.py --device cuda --threads 4 --num-images 128 \
+    --batch-size 16 --steps 30 --warmup 5 --num-workers 6 --sequential --losses ld,ld+ld_im,all \
+    --work /tmp/bench-train --json-out "$out/train_step_cuda_workers.json"

@@ -17,9 +17,12 @@ covers loading its batch (render, hash check, and the store read and decode when
 DataLoader workers are 0), completing its targets, the student forward and backward, the
 losses, clipping and the optimizer step. The configurations' steps alternate, so the
 shared machine's changing load hits them alike; a ratio is the median over steps of the
-ratio of two configurations' adjacent steps.
+ratio of two configurations' adjacent steps. With DataLoader workers, alternation lets
+each loader prefetch while the other configurations step, which hides loading time:
+``--sequential`` runs one configuration at a time instead (ratios of medians; for a
+dedicated machine such as a lent GPU one, where load does not drift between blocks).
 
-    python benchmarks/train_step_speed.py [--threads 2] [--steps 30] [--num-workers 0]
+    python benchmarks/train_step_speed.py [--threads 2] [--steps 30] [--num-workers 0] [--sequential]
 
 ``--device cuda`` puts the student (and the in-process teacher) on a GPU under the
 trainer's autocast (`detcore.train._autocast`: bf16 where supported), moves each batch and
@@ -148,6 +151,18 @@ class Config:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.times: list[float] = []
 
+    def release(self) -> None:
+        """Stop the loader's workers and free the models (the step times stay)."""
+        import gc
+
+        import torch
+
+        self.iterator = None
+        self.loader = self.model = self.optimizer = self.source = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _next_batch(self):
         while True:
             if self.iterator is None:
@@ -193,6 +208,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="where the student (and the in-process teacher) run: cpu or cuda")
     parser.add_argument("--losses", default="ld,all", help="distillation configurations to compare (comma: ld,all,...)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="run each configuration's steps as one block, one configuration at a time, and take "
+                             "ratios of medians (for --num-workers > 0: alternating steps let every loader "
+                             "prefetch during the other configurations' steps, which hides its loading time)")
     parser.add_argument("--json-out", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
@@ -211,24 +230,41 @@ def main() -> int:
     specs = [("none", "store")]
     for losses in args.losses.split(","):
         specs += [(losses, "store"), (losses, "inprocess")]
-    configs = [Config(paths, losses, kind, args) for losses, kind in specs]
     load = []
-    # Steps of the configurations alternate (order rotated every round), so a change in the
-    # machine's load hits them alike; ratios are medians of ratios of adjacent steps.
-    for index in range(args.warmup + args.steps):
-        load.append(os.getloadavg()[0])
-        order = configs[index % len(configs):] + configs[: index % len(configs)]
-        for config in order:
-            seconds = config.step()
-            if index >= args.warmup:
-                config.times.append(seconds)
-        if index >= args.warmup and (index - args.warmup) % 5 == 4:
-            print(f"step {index + 1}: " + ", ".join(f"{c.name} {c.times[-1] * 1e3:.0f} ms" for c in configs), file=sys.stderr)
+    if args.sequential:
+        # One configuration at a time, built just before its block and released after it, so
+        # no other loader prefetches meanwhile and the GPU holds one student at a time.
+        configs = []
+        for losses, kind in specs:
+            config = Config(paths, losses, kind, args)
+            for index in range(args.warmup + args.steps):
+                load.append(os.getloadavg()[0])
+                seconds = config.step()
+                if index >= args.warmup:
+                    config.times.append(seconds)
+            print(f"{config.name}: median {statistics.median(config.times) * 1e3:.0f} ms", file=sys.stderr)
+            config.release()
+            configs.append(config)
+    else:
+        configs = [Config(paths, losses, kind, args) for losses, kind in specs]
+        # Steps of the configurations alternate (order rotated every round), so a change in the
+        # machine's load hits them alike; ratios are medians of ratios of adjacent steps.
+        for index in range(args.warmup + args.steps):
+            load.append(os.getloadavg()[0])
+            order = configs[index % len(configs):] + configs[: index % len(configs)]
+            for config in order:
+                seconds = config.step()
+                if index >= args.warmup:
+                    config.times.append(seconds)
+            if index >= args.warmup and (index - args.warmup) % 5 == 4:
+                print(f"step {index + 1}: " + ", ".join(f"{c.name} {c.times[-1] * 1e3:.0f} ms" for c in configs), file=sys.stderr)
 
     by_name = {(c.losses, c.source_kind): c for c in configs}
     base = by_name[("none", "store")]
 
     def paired(a, b):
+        if args.sequential:  # no adjacent steps to pair
+            return statistics.median(a.times) / statistics.median(b.times)
         return statistics.median(x / y for x, y in zip(a.times, b.times))
 
     rows = []
@@ -246,7 +282,8 @@ def main() -> int:
         })
     print(f"\ncanvas {args.canvas}, batch {args.batch_size}, student gfl_tiny, teacher gfl_r18 (64 ch), "
           f"device {args.device}, threads {args.threads}, DataLoader workers {args.num_workers}, {args.steps} measured steps per configuration "
-          f"(after {args.warmup}), load average {min(load):.1f}-{max(load):.1f}\n")
+          f"(after {args.warmup}), {'one configuration at a time, ratios of medians' if args.sequential else 'steps alternating, medians of paired ratios'}, "
+          f"load average {min(load):.1f}-{max(load):.1f}\n")
     print("| losses | no KD ms/step | offline ms/step | in-process ms/step | offline / no KD (goal <= 1.15) | in-process / offline |")
     print("|---|---|---|---|---|---|")
     for r in rows:

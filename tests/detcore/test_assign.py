@@ -1,11 +1,11 @@
-"""ATSS assignment and LD's valuable localization region on hand-built cases."""
+"""ATSS assignment, LD's valuable localization region and the imitation region on hand-built cases."""
 
 import statistics
 
 import pytest
 import torch
 
-from detcore.assign import atss_assign, atss_thresholds, vlr_region
+from detcore.assign import atss_assign, atss_thresholds, imitation_region, vlr_region
 from detcore.outputs import feature_hw, level_anchors
 
 
@@ -185,3 +185,41 @@ def test_vlr_matches_its_definition_over_all_levels():
     torch.testing.assert_close(region, expected)
     level_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     assert level_of[member.any(dim=1)].unique().numel() >= 2
+
+
+def test_imitation_region_hand_case():
+    # GT 0's best IoU is 1 (anchor 0); anchors 1 (IoU 2/3) and 2 (IoU 1/3) bracket half of it.
+    # GT 1 overlaps only anchor 3, with IoU 0.04: a GT's own best sets its bar, so anchor 3 is in.
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, 0.0, 12.0, 10.0], [5.0, 0.0, 15.0, 10.0],
+                            [40.0, 0.0, 90.0, 50.0], [200.0, 200.0, 210.0, 210.0]])
+    gts = torch.tensor([[0.0, 0.0, 10.0, 10.0], [80.0, 40.0, 90.0, 50.0]])
+    assert [round(iou_1d_boxes(a, gts[0].tolist()), 4) for a in anchors.tolist()[:3]] == [1.0, 0.6667, 0.3333]
+    assert imitation_region(anchors, gts).tolist() == [True, True, False, True, False]
+    # psi moves the bar: at 0.3 anchor 2 (1/3 > 0.3) joins; at 1.0 nothing beats the best strictly.
+    assert imitation_region(anchors, gts, ratio=0.3).tolist() == [True, True, True, True, False]
+    assert not imitation_region(anchors, gts, ratio=1.0).any()
+
+
+def test_imitation_region_matches_its_definition_over_all_levels():
+    anchors, _ = grid_anchors(canvas=64)
+    gts = torch.tensor([[3.0, 5.0, 27.0, 30.0], [30.0, 20.0, 62.0, 60.0], [10.0, 40.0, 14.0, 44.0]])
+    region = imitation_region(anchors, gts)
+    expected = []
+    for a in anchors.tolist():
+        inside = False
+        for g in gts.tolist():
+            best = max(iou_1d_boxes(b, g) for b in anchors.tolist())
+            inside |= iou_1d_boxes(a, g) > 0.5 * best
+        expected.append(inside)
+    assert region.tolist() == expected
+    assert region.dtype == torch.bool and 0 < int(region.sum()) < anchors.shape[0]
+
+
+def test_imitation_region_empty_and_bad_inputs():
+    anchors, _ = grid_anchors()
+    assert not imitation_region(anchors, torch.zeros((0, 4))).any()
+    assert imitation_region(anchors, torch.zeros((0, 4))).shape == (anchors.shape[0],)
+    with pytest.raises(ValueError, match=r"imitation_region\(ratio=\)"):
+        imitation_region(anchors, torch.tensor([[0.0, 0.0, 5.0, 5.0]]), ratio=0.0)
+    with pytest.raises(ValueError, match=r"imitation_region\(gt_boxes=\) expects a Tensor\[G, 4\]"):
+        imitation_region(anchors, torch.zeros(4))

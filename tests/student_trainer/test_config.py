@@ -6,6 +6,7 @@ import pytest
 
 from student_trainer.config import (
     ConfigError,
+    LossConfig,
     TrainRunConfig,
     build_run_config,
     config_from_dict,
@@ -21,7 +22,10 @@ def test_parse_losses_groups_and_terms():
     assert parse_losses("ld+fgd") == ("ld_main", "ld_vlr", "ld_kd", "fgd")
     assert parse_losses("none") == ()
     assert parse_losses("") == ()
-    assert len(parse_losses("all")) == 6
+    assert len(parse_losses("all")) == 6  # the four methods; LD's optional imitation is asked for by name
+    assert parse_losses("ld,ld_im") == ("ld_main", "ld_vlr", "ld_kd", "ld_im")
+    assert LossConfig(enabled=parse_losses("ld,ld_im")).target_groups == ("cls", "box", "fpn")
+    assert LossConfig(enabled=("ld_im",)).target_groups == ("fpn",)
     with pytest.raises(ConfigError, match="'ldd'"):
         parse_losses("ldd")
 

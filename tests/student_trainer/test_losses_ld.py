@@ -1,4 +1,4 @@
-"""LD losses (kd_kl_div, ld_loss, kd_cls_loss) against hand-computed values."""
+"""LD losses (kd_kl_div, ld_loss, kd_cls_loss) and the release's feature imitation against hand-computed values."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from student_trainer.losses import LossInputError, kd_cls_loss, kd_kl_div, ld_loss
+from student_trainer.losses import FeatureImitation, LossInputError, imitation_loss, kd_cls_loss, kd_kl_div, ld_loss
 
 
 def np_kl_rows(student, teacher, temperature):
@@ -144,3 +144,74 @@ def test_shape_errors_name_the_shapes():
         kd_cls_loss(torch.zeros(2, 3), torch.zeros(2, 3), avg_factor=0)
     with pytest.raises(LossInputError, match="temperature"):
         kd_kl_div(torch.zeros(2, 3), torch.zeros(2, 3), 0.0)
+
+
+def test_imitation_loss_is_the_mean_squared_error():
+    student = torch.tensor([[1.0, 2.0], [0.0, -1.0], [3.0, 3.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 2.0], [2.0, 1.0], [3.0, 0.0]], requires_grad=True)
+    loss = imitation_loss(student, teacher)
+    assert loss.item() == pytest.approx((1 + 0 + 4 + 4 + 0 + 9) / 6, rel=1e-6)
+    loss.backward()
+    assert teacher.grad is None and student.grad is not None
+    empty = imitation_loss(torch.zeros(0, 2, requires_grad=True), torch.zeros(0, 2))
+    assert empty.item() == 0.0 and empty.requires_grad
+    with pytest.raises(LossInputError, match=r"imitation_loss\(teacher_feat=\) expects the shape of student_feat, \[3, 2\]"):
+        imitation_loss(student, torch.zeros(3, 4))
+
+
+def _per_level_reference(student, teacher, region, adapters=None, normalize="teacher_rms"):
+    out, start = [], 0
+    for level, (s, t) in enumerate(zip(student, teacher)):
+        if adapters is not None:
+            s = adapters[level](s)
+        if normalize == "teacher_rms":
+            scale = t.pow(2).mean().sqrt()
+            s, t = s / scale, t / scale
+        count = s.shape[2] * s.shape[3]
+        mask = region[:, start : start + count].reshape(-1)
+        start += count
+        rows_s = s.permute(0, 2, 3, 1).reshape(-1, s.shape[1])[mask]
+        rows_t = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])[mask]
+        out.append(((rows_s - rows_t) ** 2).mean().item() if mask.any() else 0.0)
+    return out
+
+
+@pytest.mark.parametrize("normalize", ["teacher_rms", "none"])
+def test_feature_imitation_per_level_at_the_region(normalize):
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 4), (2, 2)]
+    student = [torch.randn(2, 3, h, w, generator=gen, requires_grad=True) for h, w in shapes]
+    teacher = [torch.randn(2, 5, h, w, generator=gen) * 7 for h, w in shapes]
+    region = torch.zeros(2, 20, dtype=torch.bool)
+    region[0, [0, 5, 17]] = True  # two points of level 0 and one of level 1, image 0
+    region[1, 3] = True
+    module = FeatureImitation(3, 5, 2, normalize=normalize)
+    losses = module(student, teacher, region)
+    expected = _per_level_reference(student, teacher, region, module.adapters, normalize)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5)
+    region[:, 16:] = False  # level 1 without region points: exactly 0, still in the graph
+    losses = module(student, teacher, region)
+    assert losses[1].item() == 0.0
+    losses.sum().backward()
+    assert all(p.grad is not None for p in module.parameters()) and student[0].grad is not None
+
+
+def test_feature_imitation_scale_and_adapters():
+    gen = torch.Generator().manual_seed(4)
+    student = [torch.randn(1, 4, 3, 3, generator=gen)]
+    teacher = [torch.randn(1, 4, 3, 3, generator=gen)]
+    region = torch.ones(1, 9, dtype=torch.bool)
+    same = FeatureImitation(4, 4, 1)
+    assert same.adapters is None and list(same.parameters()) == []  # equal widths: plain imitation, as released
+    # teacher_rms makes the loss independent of the features' common scale; none does not
+    assert same([s * 10 for s in student], [t * 10 for t in teacher], region).item() == pytest.approx(
+        same(student, teacher, region).item(), rel=1e-5)
+    raw = FeatureImitation(4, 4, 1, normalize="none")
+    assert raw([s * 10 for s in student], [t * 10 for t in teacher], region).item() == pytest.approx(
+        100 * raw(student, teacher, region).item(), rel=1e-5)
+    with pytest.raises(LossInputError, match=r"region=\) expects a BoolTensor\[1, 9\]"):
+        same(student, teacher, region[:, :4])
+    with pytest.raises(LossInputError, match="normalize"):
+        FeatureImitation(4, 4, 1, normalize="l2")
+    with pytest.raises(LossInputError, match=r"teacher_fpn=\) expects Tensor\[1, 4, 3, 3\] at level 0"):
+        same(student, [torch.zeros(1, 4, 2, 2)], region)

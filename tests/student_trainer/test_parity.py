@@ -17,7 +17,7 @@ import torch
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TERMS = {
-    "ld_main": ("box", "cls"), "ld_vlr": ("box",), "ld_kd": ("cls",),
+    "ld_main": ("box", "cls"), "ld_vlr": ("box",), "ld_kd": ("cls",), "ld_im": ("fpn",),
     "bcd_cls": ("cls",), "bcd_iou": ("box", "cls"), "fgd": ("fpn",), "hgd": ("fpn", "backbone"),
 }
 
@@ -30,8 +30,8 @@ def _batch(world, store):
     from student_trainer.sources import StoreSource
     from student_fixtures import run_config
 
-    config = run_config(world, world.root / "unused", losses="all", store=str(store))
-    assert config.losses.enabled == parse_losses("all")
+    config = run_config(world, world.root / "unused", losses="all,ld_im", store=str(store))
+    assert config.losses.enabled == parse_losses("all")[:3] + ("ld_im",) + parse_losses("all")[3:]
     names = needed_target_names(config.losses, config.student.strides)
     source = StoreSource(str(store), names)
     stored = source.stored_views()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from detcore.assign import atss_assign, vlr_region
+from detcore.assign import atss_assign, imitation_region, vlr_region
 from detcore.outputs import level_anchors
 from student_trainer.losses import (
     OPTIMISED_KEYS,
@@ -20,8 +20,10 @@ from student_trainer.losses import (
     bcd_recipe,
     fgd_recipe,
     hgd_recipe,
+    imitation_points,
     iou_ld_loss,
     kd_kl_div,
+    ld_im_recipe,
     ld_loss,
     ld_recipe,
 )
@@ -285,3 +287,28 @@ def test_input_errors_name_the_level():
         bcd_recipe(cls, box, [c[:1] for c in cls], box, GT, STRIDES, R)
     with pytest.raises(LossInputError, match=r"gt_boxes=.*2 images"):
         ld_recipe(cls, box, cls, box, GT[:1], STRIDES, R)
+
+
+def test_ld_im_recipe_weights_the_levels_sum_over_the_gt_region():
+    gen = torch.Generator().manual_seed(21)
+    config = LDConfig()
+    module = config.build_imitation(student_channels=4, teacher_channels=8, num_levels=3)
+    student = [torch.randn(B, 4, h, w, generator=gen, requires_grad=True) for h, w in SHAPES]
+    teacher = [torch.randn(B, 8, h, w, generator=gen, requires_grad=True) for h, w in SHAPES]
+    region = imitation_points(GT, STRIDES, SHAPES)
+    anchors = torch.cat(level_anchors(STRIDES, SHAPES))
+    assert torch.equal(region[0], imitation_region(anchors, GT[0])) and not region[1].any()  # image 1 has no GT
+    out = ld_im_recipe(module, student, teacher, GT, STRIDES)
+    per_level = module(student, teacher, region)
+    assert out["ld_im"].item() == pytest.approx(2.0 * per_level.sum().item(), rel=1e-6)  # the release's weight 2
+    assert [out[f"ld_im_{i}"].item() for i in range(3)] == pytest.approx(per_level.tolist(), rel=1e-6)
+    assert set(OPTIMISED_KEYS["ld_im"]) == {"ld_im"} and not out["ld_im_0"].requires_grad
+    halved = ld_im_recipe(module, student, teacher, GT, STRIDES, config=dataclasses.replace(config, im_weight=1.0))
+    assert halved["ld_im"].item() == pytest.approx(out["ld_im"].item() / 2, rel=1e-6)
+    # a precomputed region is used as given
+    empty = ld_im_recipe(module, student, teacher, GT, STRIDES, region=torch.zeros_like(region))
+    assert empty["ld_im"].item() == 0.0
+    out["ld_im"].backward()
+    assert all(t.grad is None for t in teacher) and all(s.grad is not None for s in student)
+    with pytest.raises(LossInputError, match="one Tensor per level"):
+        ld_im_recipe(module, student[:2], teacher, GT, STRIDES)

@@ -62,7 +62,7 @@ def test_distill_modules_are_trained(world, tmp_path):
     from student_trainer.train import train_student
 
     out = tmp_path / "run"
-    config = run_config(world, out, losses="fgd,hgd", iters=2)
+    config = run_config(world, out, losses="ld_im,fgd,hgd", iters=2)
     train_student(config, progress=False)
     trained = torch.load(out / "final.pt", weights_only=True)["training"]["distill_state"]
 
@@ -75,7 +75,8 @@ def test_distill_modules_are_trained(world, tmp_path):
     weights = [k for k in initial if k.endswith("weight") and ("adapters" in k or "gc" in k.lower() or "align" in k)]
     assert weights
     changed = [k for k in weights if not torch.equal(initial[k], trained[k])]
-    assert changed == weights  # FGD's align convs and GcBlocks, HGD's adapters: all trained with the student
+    assert any(k.startswith("ld_im.adapters") for k in weights)
+    assert changed == weights  # LD imitation's and HGD's adapters, FGD's align convs and GcBlocks: all trained
 
 
 def test_remote_source_run_with_retry(world, tmp_path):
@@ -180,6 +181,9 @@ def test_store_of_another_canvas_or_classes_is_refused(world, tmp_path):
     box_only = write_store(tmp_path / "cls_box.zarr", world.teacher, world.annotations, world.images, groups=("cls", "box"))
     with pytest.raises(StoreFitError, match=r"targets: the enabled losses need \['fpn/p3'"):
         train_student(run_config(world, tmp_path / "c", store=str(box_only), losses="fgd"), progress=False)
+    # LD's feature imitation reads the FPN targets too, and says so before any training
+    with pytest.raises(StoreFitError, match=r"targets: the enabled losses need \['fpn/p3'"):
+        train_student(run_config(world, tmp_path / "d", store=str(box_only), losses="ld,ld_im"), progress=False)
 
 
 def test_changed_image_is_reported_by_id(world, tmp_path):
