@@ -20,9 +20,19 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$work/wheels" "${pins[@]}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 mkdir -p "$work/site"
-for wheel in "$work"/wheels/*.whl; do
-    python3 -m zipfile -e "$wheel" "$work/site"
-done
+# Unzip keeping each file's mode (python -m zipfile -e drops it, and Ray's gcs_server and
+# raylet must stay executable).
+python3 - "$work/site" "$work"/wheels/*.whl <<'PY'
+import os, sys, zipfile
+site = sys.argv[1]
+for wheel in sys.argv[2:]:
+    with zipfile.ZipFile(wheel) as archive:
+        for info in archive.infolist():
+            path = archive.extract(info, site)
+            mode = (info.external_attr >> 16) & 0o777
+            if mode and not info.is_dir():
+                os.chmod(path, mode)
+PY
 rm -rf "$work"/site/ray/jars "$work"/site/ray/dashboard/client/build "$work"/site/ray/rllib "$work"/site/ray-*.data
 mkdir -p "$repo/.whl"
 tar -C "$work/site" -cf - . | xz -T0 -6 > "$repo/.whl/site312.tar.xz"

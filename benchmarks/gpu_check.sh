@@ -9,8 +9,10 @@
 #    gfl_r50 (256 ch) teacher at canvas 512, 300 views; each with a fidelity check of the
 #    stored targets against a float32 forward on the GPU; the r18 step adds a warm job with
 #    the quantization back in the write tasks (--quantize-on-device off), the r50 step one with
-#    0.34 CPU per task. (Session 13's runs also had --also-cpus-per-task 0.5,0.34 and
-#    --also-no-reservation, before --quantize-on-device existed.)
+#    0.34 CPU per task; and the r18 job again with zstd level 3 instead of 15 in the cls, box
+#    and fpn codecs (the "bound by" row's advice when writing binds). (Session 13's runs also
+#    had --also-cpus-per-task 0.5,0.34 and --also-no-reservation, before --quantize-on-device
+#    existed.)
 # 2. training step time on the GPU (benchmarks/train_step_speed.py --device cuda): no KD vs
 #    offline targets vs the in-process teacher; with the loader in the step (workers 0, steps
 #    alternating), and with 6 DataLoader workers, one configuration at a time (--sequential).
@@ -24,6 +26,8 @@ out="${1:-${OUT:-/tmp/distillery-gpu-check}}"
 mkdir -p "$out"
 if [ -f .whl/site312.tar.xz ]; then
     mkdir -p /tmp/site && tar -xJf .whl/site312.tar.xz -C /tmp/site || exit 1
+    # Bundles built before 2026-12-04 lost the exec bits of Ray's own programs (zipfile -e drops them).
+    find /tmp/site/ray/core -type f ! -name '*.py' -exec chmod +x {} +
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -55,6 +59,10 @@ step() {  # step NAME SECONDS COMMAND...
 step precompute_r18_256 170 "$py" benchmarks/precompute_overhead.py --device cuda --num-images 800 --canvas 256 \
     --batch-size 32 --views-per-part 64 --synth-workers 12 --check-views 16 --also-quantize-on-device off \
     --work /tmp/bench-r18 --json "$out/precompute_r18_256.json"
+step precompute_r18_256_zstd3 170 "$py" benchmarks/precompute_overhead.py --device cuda --num-images 800 --canvas 256 \
+    --batch-size 32 --views-per-part 64 --synth-workers 12 --also-quantize-on-device off \
+    --codec cls=int5-view-dchw+zstd3 --codec box=int6-view-dbhw+zstd3 --codec fpn=int6-view-dhw+zstd3 \
+    --work /tmp/bench-r18 --json "$out/precompute_r18_256_zstd3.json"
 step precompute_r50_512 150 "$py" benchmarks/precompute_overhead.py --device cuda --num-images 150 --canvas 512 \
     --arch gfl_r50 --channels 256 --batch-size 32 --views-per-part 16 --synth-workers 12 --check-views 4 \
     --also-cpus-per-task 0.34 --work /tmp/bench-r50 --json "$out/precompute_r50_512.json"

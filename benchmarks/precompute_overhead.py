@@ -218,6 +218,7 @@ def job_config(paths: dict[str, Path], store: Path, args: argparse.Namespace):
         device=args.device,
         precision=args.precision,
         quantize_on_device=args.quantize_on_device,
+        codecs=tuple(tuple(item.split("=", 1)) for item in args.codec),
         views_per_part=args.views_per_part,
         num_cpus=args.num_cpus,
         pin_cpus=not args.no_pin_cpus,
@@ -243,6 +244,9 @@ def main() -> None:
     parser.add_argument("--cpus-per-task", type=float, default=1.0, help="as `distill precompute --cpus-per-task`")
     parser.add_argument("--also-cpus-per-task", default="",
                         help="comma-separated values: after the warm job, one more warm job with each")
+    parser.add_argument("--codec", action="append", default=[], metavar="NAME=CODEC",
+                        help="codec override for a group or target, as distill precompute --codec (repeatable), "
+                             "e.g. fpn=int6-view-dhw+zstd3")
     parser.add_argument("--quantize-on-device", default="auto", choices=("auto", "on", "off"),
                         help="as `distill precompute --quantize-on-device`")
     parser.add_argument("--also-quantize-on-device", choices=("auto", "on", "off"),
