@@ -148,6 +148,7 @@ class Config:
         student = build_detector("gfl_tiny", len(coco.classes))
         self.model = DistillationModel(student, config.losses, tuple(store.fingerprint.canvas_hw),
                                        {spec.name: spec.shape[0] for spec in store.specs}).to(self.device)
+        dataset.regions = self.model.region_spec()  # as train_student: the loader's workers compute them
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.times: list[float] = []
 
@@ -185,7 +186,7 @@ class Config:
             targets = {k: v.to(device, non_blocking=True) for k, v in self.source.complete(batch).items()}
         with self.autocast:
             terms, _ = self.model(batch["images"].to(device, non_blocking=True), [b.to(device) for b in batch["gt_boxes"]],
-                                  [lb.to(device) for lb in batch["gt_labels"]], targets)
+                                  [lb.to(device) for lb in batch["gt_labels"]], targets, batch.get("regions"))
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -52,10 +52,10 @@ PRESETS = {
     # About 12 minutes on 2 CPU cores: proves the pipeline, not the method (budgets too small).
     "quick": Preset("quick", 600, 100, 128, "gfl_r18", 64, 8, 2e-3, "gfl_tiny", 6, 2e-3, 16),
     # The budget of the reproduction table in benchmarks/RESULTS.md: teacher 23 min, each
-    # student 5-15 min on 2 CPU cores (about 1.5 hours in all); minutes on a GPU.
+    # student 5-15 min on 2 CPU cores (about 1.7 hours in all); minutes on a GPU.
     "benchmark": Preset(
         "benchmark", 1600, 200, 128, "gfl_r18", 64, 20, 2e-3, "gfl_tiny", 20, 2e-3, 16,
-        methods=("ld", "bcd", "fgd", "hgd", "ld,fgd"),
+        methods=("ld", "bcd", "fgd", "hgd", "ld,fgd", "ld,ld_im"),
     ),
 }
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -150,9 +150,13 @@ class StoreViewDataset(Dataset):
         strict_hash: raise `ImageChangedError` instead of reporting a skip.
         photometric: jitter brightness and contrast of the rendered image (an
             approximation: the teacher saw the unjittered pixels).
+        regions: computes the view's distillation regions from its GT
+            (`student_trainer.distill.GTRegions`, from `DistillationModel.region_spec`), so
+            that the workers do it and not the training step; None for none.
 
     Item: the dict of `detcore.datasets.ViewDataset` plus ``targets`` (name -> float32
-    array[C, H, W], or None) and ``image_path``; or a `DecodeFailure`.
+    array[C, H, W], or None), ``regions`` (name -> Tensor[A], or None) and ``image_path``;
+    or a `DecodeFailure`.
     """
 
     def __init__(
@@ -165,8 +169,10 @@ class StoreViewDataset(Dataset):
         readable_keys: set[tuple[int, int]] | None = None,
         strict_hash: bool = False,
         photometric: bool = False,
+        regions: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.base = ViewDataset(dataset, views)
+        self.regions = regions
         self.views = self.base.views
         self.expected_hashes = dict(expected_hashes or {})
         self.target_reader = target_reader
@@ -196,6 +202,7 @@ class StoreViewDataset(Dataset):
         item["targets"] = None
         if self.target_reader is not None and (self.readable_keys is None or view.key in self.readable_keys):
             item["targets"] = self.target_reader.read(view.image_id, view.view_id)
+        item["regions"] = self.regions(item["gt_boxes"]) if self.regions is not None else None
         if self.photometric:
             item["image"] = photometric_jitter(item["image"], item["valid_region"])
         return item
@@ -221,13 +228,19 @@ def photometric_jitter(image: torch.Tensor, valid_region: tuple[int, int, int, i
 def collate_train(batch: Sequence[dict[str, Any] | DecodeFailure | None]) -> dict[str, Any]:
     """`detcore.datasets.collate_views` plus targets and image paths.
 
-    Adds ``image_paths`` (list of B) and ``targets``: name -> Tensor[B, C, H, W] when every
-    item carries its targets, else None with ``missing`` (indices of the items without)
-    and ``partial_targets`` (per item dict or None) for the target source to complete.
+    Adds ``image_paths`` (list of B); ``regions``: name -> Tensor[B, A] when every item
+    carries them, else None; and ``targets``: name -> Tensor[B, C, H, W] when every item
+    carries its targets, else None with ``missing`` (indices of the items without) and
+    ``partial_targets`` (per item dict or None) for the target source to complete.
     """
     out = collate_views(batch)
     items = [item for item in batch if isinstance(item, dict)]
     out["image_paths"] = [item["image_path"] for item in items]
+    regions = [item.get("regions") for item in items]
+    out["regions"] = (
+        {name: torch.stack([r[name] for r in regions]) for name in regions[0]}
+        if items and all(r is not None for r in regions) else None
+    )
     per_item = [item.get("targets") for item in items]
     out["missing"] = [i for i, t in enumerate(per_item) if t is None]
     if items and not out["missing"]:

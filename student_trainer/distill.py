@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from detcore.assign import imitation_region, vlr_region
-from detcore.outputs import BACKBONE_STAGES, level_name
+from detcore.outputs import BACKBONE_STAGES, feature_hw, level_anchors, level_name
 from student_trainer.config import LossConfig
 from student_trainer.losses.recipes import (
     OPTIMISED_KEYS,
@@ -84,6 +84,38 @@ def check_targets(targets: Mapping[str, Tensor], outputs, names: Sequence[str], 
                 f"DistillationModel(targets=) expects {name!r} as Tensor{expected}. Got {list(t.shape)}{where}; "
                 "the store's canvas, classes or reg_max do not fit the student."
             )
+
+
+class GTRegions:
+    """The distillation regions of one view, from its GT alone: for the DataLoader workers.
+
+    LD's valuable localization region (``vlr``, Tensor[A] float32) and the fine-grained
+    imitation region of ``ld_im`` (``im``, BoolTensor[A]) depend only on the view's GT boxes,
+    the canvas and the student's strides, never on the model or the teacher. Computing them
+    per view in the loader's worker processes takes ~400 small tensor ops per image off the
+    training step (on a GPU those ops are launch-bound: ~40 ms per batch of 16).
+    `DistillationModel.forward(regions=)` uses them as if it had computed them itself.
+
+    Picklable (plain tensors and numbers), so every DataLoader worker gets a copy.
+    """
+
+    def __init__(self, strides: Sequence[int], canvas_hw: tuple[int, int], ld_config, vlr: bool, im: bool) -> None:
+        shapes = [feature_hw(canvas_hw, int(s)) for s in strides]
+        per_level = level_anchors([int(s) for s in strides], shapes)
+        self.anchors = torch.cat(per_level)
+        self.num_level_anchors = tuple(int(a.shape[0]) for a in per_level)
+        self.vlr, self.im = bool(vlr), bool(im)
+        self.topk, self.alpha, self.diou, self.ratio = ld_config.topk, ld_config.alpha, ld_config.vlr_diou, ld_config.im_ratio
+
+    def __call__(self, gt_boxes: Tensor) -> dict[str, Tensor]:
+        """Regions of one view from its Tensor[M, 4] GT boxes (canvas pixels)."""
+        boxes = gt_boxes.detach().float().cpu()
+        out = {}
+        if self.vlr:
+            out["vlr"] = vlr_region(self.anchors, self.num_level_anchors, boxes, topk=self.topk, alpha=self.alpha, diou=self.diou)
+        if self.im:
+            out["im"] = imitation_region(self.anchors, boxes, self.ratio)
+        return out
 
 
 class DistillationModel(nn.Module):
@@ -162,12 +194,34 @@ class DistillationModel(nn.Module):
     def load_distill_state_dict(self, state: Mapping[str, Tensor]) -> None:
         self.distill_modules.load_state_dict(dict(state))
 
-    def _assignment(self, gfl_targets, gt_boxes: Sequence[Tensor], need_vlr: bool) -> PointAssignment:
+    def region_spec(self) -> GTRegions | None:
+        """What the loader's workers should compute per view (`GTRegions`), or None when no enabled term reads a region."""
+        vlr, im = self.losses.uses("ld_vlr"), self.ld_im is not None
+        if not (vlr or im):
+            return None
+        return GTRegions(self.student.strides, self.canvas_hw, self.losses.ld, vlr, im)
+
+    @staticmethod
+    def _given_region(regions: Mapping[str, Tensor] | None, key: str, like: Tensor) -> Tensor | None:
+        """``regions[key]`` on ``like``'s device if given, after checking it has ``like``'s [B, A] shape."""
+        if regions is None or key not in regions:
+            return None
+        region = regions[key]
+        if not isinstance(region, Tensor) or tuple(region.shape) != tuple(like.shape[:2]):
+            raise TargetShapeError(
+                f"DistillationModel.forward(regions=) expects {key!r} as Tensor{list(like.shape[:2])} (images, points). "
+                f"Got {list(region.shape) if isinstance(region, Tensor) else type(region).__name__}."
+            )
+        return region.to(like.device)
+
+    def _assignment(self, gfl_targets, gt_boxes: Sequence[Tensor], need_vlr: bool, given_vlr: Tensor | None = None) -> PointAssignment:
         """ATSS from the detector's own assignment (computed once per batch) plus LD's VLR (zeros when off)."""
         assigned_gt = gfl_targets.gt_index + 1
         # Without the VLR term its region is all zero, so ld_recipe adds 0 for it at no cost.
         vlr = torch.zeros_like(assigned_gt, dtype=torch.float32)
-        if need_vlr:
+        if need_vlr and given_vlr is not None:
+            vlr = given_vlr.float()
+        elif need_vlr:
             config = self.losses.ld
             regions = [
                 vlr_region(
@@ -186,12 +240,15 @@ class DistillationModel(nn.Module):
         gt_boxes: Sequence[Tensor],
         gt_labels: Sequence[Tensor],
         targets: Mapping[str, Tensor] | None = None,
+        regions: Mapping[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Args:
             images: Tensor[B, 3, H, W] rendered views.
             gt_boxes: per image Tensor[M_b, 4] canvas pixels.
             gt_labels: per image LongTensor[M_b].
             targets: teacher targets by name, Tensor[B, C, H, W] each (None when no term is on).
+            regions: the batch's `GTRegions` stacked by the loader (``vlr`` Tensor[B, A],
+                ``im`` BoolTensor[B, A]); whatever is missing is computed here, the same way.
 
         Returns:
             ``(terms, logs)``: the weighted loss terms to sum (``qfl``, ``dfl``, ``giou`` and
@@ -216,7 +273,8 @@ class DistillationModel(nn.Module):
             same_atss = losses.ld.topk == self.student.config.atss_topk
             if losses.uses("ld_main", "ld_vlr", "ld_kd"):
                 need_vlr = losses.uses("ld_vlr")
-                assignment = self._assignment(gfl_targets, gt_boxes, need_vlr=need_vlr) if same_atss else None
+                given = self._given_region(regions, "vlr", gfl_targets.gt_index) if need_vlr else None
+                assignment = self._assignment(gfl_targets, gt_boxes, need_vlr, given) if same_atss else None
                 ld = ld_recipe(
                     outputs.cls_logits, outputs.box_logits, teacher_cls, teacher_box, gt_boxes, strides, reg_max,
                     config=losses.ld, assignment=assignment,
@@ -231,11 +289,14 @@ class DistillationModel(nn.Module):
                 )
                 terms.update({key: bcd[key] for key in OPTIMISED_KEYS["bcd"]})
         if self.ld_im is not None:
-            anchors = gfl_targets.anchors
-            region = [imitation_region(anchors, boxes.to(anchors.device).float(), losses.ld.im_ratio) for boxes in gt_boxes]
+            region = self._given_region(regions, "im", gfl_targets.gt_index)
+            if region is None:
+                anchors = gfl_targets.anchors
+                rows = [imitation_region(anchors, boxes.to(anchors.device).float(), losses.ld.im_ratio) for boxes in gt_boxes]
+                region = torch.stack(rows) if rows else None
             im = ld_im_recipe(
                 self.ld_im, outputs.fpn_features, [targets[f"fpn/{lv}"] for lv in self.levels], gt_boxes, strides,
-                config=losses.ld, region=torch.stack(region) if region else None,
+                config=losses.ld, region=None if region is None else region.bool(),
             )
             terms["ld_im"] = im.pop("ld_im")
             logs.update(im)

@@ -368,6 +368,8 @@ def train_student(
         val_dataset = CocoDataset(config.data.val_annotations, config.data.val_images)
 
     num_workers = config.data.num_workers
+    # LD's VLR and ld_im's region depend on the GT alone: the loader's workers compute them.
+    dataset.regions = model.region_spec()
     loader = DataLoader(
         dataset, batch_size=optim.batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_train,
         drop_last=drop_last, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
@@ -407,8 +409,9 @@ def train_student(
                     targets = None
                     if names:
                         targets = {k: v.to(device, non_blocking=True) for k, v in source.complete(batch).items()}
+                    regions = batch.get("regions")
                     with autocast:
-                        terms, extras = train_model(images, gt_boxes, gt_labels, targets)
+                        terms, extras = train_model(images, gt_boxes, gt_labels, targets, regions)
                     loss = sum(terms.values())
                     if optimizer_step(loss, optimizer, scaler, model.parameters(), optim.grad_clip):
                         for key, value in {**terms, **extras}.items():

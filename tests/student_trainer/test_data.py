@@ -140,3 +140,37 @@ def test_photometric_jitter_keeps_padding_and_changes_pixels():
     out = photometric_jitter(image, (0, 0, 10, 8))
     assert torch.equal(out[:, 8:, :], image[:, 8:, :]) and torch.equal(out[:, :, 10:], image[:, :, 10:])
     assert not torch.allclose(out[:, :8, :10], image[:, :8, :10])
+
+
+def test_workers_compute_the_gt_regions_the_model_would(world):
+    """LD's VLR and ld_im's region from the loader (`GTRegions`) give the model's own losses exactly."""
+    from detcore.coco import CocoDataset
+    from detcore.models.gfl import build_detector
+    from student_trainer.config import LossConfig, parse_losses
+    from student_trainer.data import StoreViewDataset, collate_train
+    from student_trainer.distill import DistillationModel, TargetShapeError, needed_target_names
+    from student_trainer.sources import StoreSource
+
+    torch.manual_seed(0)
+    student = build_detector("gfl_tiny", 2, fpn_channels=16, head_channels=16)
+    losses = LossConfig(enabled=parse_losses("ld,ld_im"))
+    source = StoreSource(str(world.store), needed_target_names(losses, student.strides))
+    model = DistillationModel(student, losses, (64, 64), {s.name: s.shape[0] for s in source.specs})
+    stored = source.stored_views()
+    views = [v for v, _ in stored]
+    dataset = StoreViewDataset(CocoDataset(world.annotations, world.images), views, target_reader=source.worker_reader(),
+                               regions=pickle.loads(pickle.dumps(model.region_spec())))  # as a worker gets it
+    batch = collate_train([dataset[i] for i in range(4)])
+    assert set(batch["regions"]) == {"vlr", "im"} and batch["regions"]["im"].dtype == torch.bool
+    assert batch["regions"]["vlr"].shape == (4, sum(h * w for h, w in [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]))
+    assert (batch["regions"]["vlr"] > 0).any() and batch["regions"]["im"].any()
+    args = (batch["images"], batch["gt_boxes"], batch["gt_labels"], batch["targets"])
+    with torch.no_grad():
+        own, _ = model(*args)
+        given, _ = model(*args, regions=batch["regions"])
+    assert {k: float(v) for k, v in given.items()} == {k: float(v) for k, v in own.items()}
+    with pytest.raises(TargetShapeError, match=r"regions=\) expects 'vlr' as Tensor\[4, 86\]"):
+        model(*args, regions={"vlr": batch["regions"]["vlr"][:2]})
+    # no region-reading term, nothing for the workers to do
+    assert DistillationModel(student, LossConfig(enabled=("ld_main", "fgd")), (64, 64),
+                             {s.name: s.shape[0] for s in source.specs}).region_spec() is None
