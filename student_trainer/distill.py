@@ -4,8 +4,8 @@ Legend: B images, L FPN levels, K classes, R reg_max, C channels (C_s student, C
 teacher), A points over all levels, M_b GT boxes of image b (canvas pixels, x1y1x2y2).
 
 `DistillationModel` owns the student and the trainable parts of the losses (FGD's align
-convs and GcBlocks, HGD's adapters, the adapters of LD's feature imitation), so one optimizer, one ``state_dict`` and one DDP
-wrapper (Ray Train) cover all of them. Its forward runs the student, assigns ATSS targets
+convs and GcBlocks, HGD's adapters, the adapters of LD's feature imitation), so one
+optimizer, one ``state_dict`` and one DDP wrapper (Ray Train) cover all of them. Its forward runs the student, assigns ATSS targets
 once (`GFLDetector.assign`) and shares that assignment with LD and BCD, computes the
 GFL loss and the enabled distillation recipes with the weights of the run config, and
 returns the weighted terms to add plus detached components for logging.
@@ -93,7 +93,8 @@ class GTRegions:
     imitation region of ``ld_im`` (``im``, BoolTensor[A]) depend only on the view's GT boxes,
     the canvas and the student's strides, never on the model or the teacher. Computing them
     per view in the loader's worker processes takes ~400 small tensor ops per image off the
-    training step (on a GPU those ops are launch-bound: ~40 ms per batch of 16).
+    training step (the VLR of a batch of 16 at canvas 256: 6200 ops, 21 ms on one CPU
+    thread; on a GPU each op is a kernel launch).
     `DistillationModel.forward(regions=)` uses them as if it had computed them itself.
 
     Picklable (plain tensors and numbers), so every DataLoader worker gets a copy.
@@ -104,18 +105,25 @@ class GTRegions:
         per_level = level_anchors([int(s) for s in strides], shapes)
         self.anchors = torch.cat(per_level)
         self.num_level_anchors = tuple(int(a.shape[0]) for a in per_level)
-        self.vlr, self.im = bool(vlr), bool(im)
-        self.topk, self.alpha, self.diou, self.ratio = ld_config.topk, ld_config.alpha, ld_config.vlr_diou, ld_config.im_ratio
+        self.ld_config = ld_config
+        self.keys = tuple(key for key, wanted in (("vlr", vlr), ("im", im)) if wanted)
 
     def __call__(self, gt_boxes: Tensor) -> dict[str, Tensor]:
         """Regions of one view from its Tensor[M, 4] GT boxes (canvas pixels)."""
-        boxes = gt_boxes.detach().float().cpu()
-        out = {}
-        if self.vlr:
-            out["vlr"] = vlr_region(self.anchors, self.num_level_anchors, boxes, topk=self.topk, alpha=self.alpha, diou=self.diou)
-        if self.im:
-            out["im"] = imitation_region(self.anchors, boxes, self.ratio)
-        return out
+        return view_regions(self.anchors, self.num_level_anchors, gt_boxes.detach().float().cpu(), self.ld_config, self.keys)
+
+
+def view_regions(anchors: Tensor, num_level_anchors: Sequence[int], gt_boxes: Tensor, ld_config, keys: Sequence[str]) -> dict[str, Tensor]:
+    """``vlr`` (Tensor[A]) and/or ``im`` (BoolTensor[A]) of one view, as ``keys`` asks, on the anchors' device."""
+    boxes = gt_boxes.to(anchors.device).float()
+    out = {}
+    if "vlr" in keys:
+        out["vlr"] = vlr_region(
+            anchors, num_level_anchors, boxes, topk=ld_config.topk, alpha=ld_config.alpha, diou=ld_config.vlr_diou
+        )
+    if "im" in keys:
+        out["im"] = imitation_region(anchors, boxes, ld_config.im_ratio)
+    return out
 
 
 class DistillationModel(nn.Module):
@@ -194,44 +202,46 @@ class DistillationModel(nn.Module):
     def load_distill_state_dict(self, state: Mapping[str, Tensor]) -> None:
         self.distill_modules.load_state_dict(dict(state))
 
+    def _region_keys(self) -> tuple[str, ...]:
+        return tuple(key for key, wanted in (("vlr", self.losses.uses("ld_vlr")), ("im", self.ld_im is not None)) if wanted)
+
     def region_spec(self) -> GTRegions | None:
         """What the loader's workers should compute per view (`GTRegions`), or None when no enabled term reads a region."""
-        vlr, im = self.losses.uses("ld_vlr"), self.ld_im is not None
-        if not (vlr or im):
+        keys = self._region_keys()
+        if not keys:
             return None
-        return GTRegions(self.student.strides, self.canvas_hw, self.losses.ld, vlr, im)
+        return GTRegions(self.student.strides, self.canvas_hw, self.losses.ld, "vlr" in keys, "im" in keys)
 
-    @staticmethod
-    def _given_region(regions: Mapping[str, Tensor] | None, key: str, like: Tensor) -> Tensor | None:
-        """``regions[key]`` on ``like``'s device if given, after checking it has ``like``'s [B, A] shape."""
-        if regions is None or key not in regions:
-            return None
-        region = regions[key]
-        if not isinstance(region, Tensor) or tuple(region.shape) != tuple(like.shape[:2]):
-            raise TargetShapeError(
-                f"DistillationModel.forward(regions=) expects {key!r} as Tensor{list(like.shape[:2])} (images, points). "
-                f"Got {list(region.shape) if isinstance(region, Tensor) else type(region).__name__}."
-            )
-        return region.to(like.device)
+    def _batch_regions(self, regions: Mapping[str, Tensor] | None, gfl_targets, gt_boxes: Sequence[Tensor]) -> dict[str, Tensor]:
+        """The batch's regions, Tensor[B, A] each: those given (shape-checked), the rest computed here."""
+        like = gfl_targets.gt_index
+        out, missing = {}, []
+        for key in self._region_keys():
+            region = None if regions is None else regions.get(key)
+            if region is None:
+                missing.append(key)
+            elif not isinstance(region, Tensor) or tuple(region.shape) != tuple(like.shape[:2]):
+                raise TargetShapeError(
+                    f"DistillationModel.forward(regions=) expects {key!r} as Tensor{list(like.shape[:2])} (images, points). "
+                    f"Got {list(region.shape) if isinstance(region, Tensor) else type(region).__name__}."
+                )
+            else:
+                out[key] = region.to(like.device)
+        if missing:
+            per_view = [
+                view_regions(gfl_targets.anchors, gfl_targets.num_level_anchors, boxes, self.losses.ld, missing)
+                for boxes in gt_boxes
+            ]
+            for key in missing:
+                dtype = torch.bool if key == "im" else torch.float32
+                out[key] = torch.stack([r[key] for r in per_view]) if per_view else torch.zeros(like.shape[:2], dtype=dtype, device=like.device)
+        return out
 
-    def _assignment(self, gfl_targets, gt_boxes: Sequence[Tensor], need_vlr: bool, given_vlr: Tensor | None = None) -> PointAssignment:
+    def _assignment(self, gfl_targets, vlr: Tensor | None) -> PointAssignment:
         """ATSS from the detector's own assignment (computed once per batch) plus LD's VLR (zeros when off)."""
         assigned_gt = gfl_targets.gt_index + 1
         # Without the VLR term its region is all zero, so ld_recipe adds 0 for it at no cost.
-        vlr = torch.zeros_like(assigned_gt, dtype=torch.float32)
-        if need_vlr and given_vlr is not None:
-            vlr = given_vlr.float()
-        elif need_vlr:
-            config = self.losses.ld
-            regions = [
-                vlr_region(
-                    gfl_targets.anchors, gfl_targets.num_level_anchors, boxes.to(gfl_targets.anchors.device).float(),
-                    topk=config.topk, alpha=config.alpha, diou=config.vlr_diou,
-                )
-                for boxes in gt_boxes
-            ]
-            if regions:
-                vlr = torch.stack(regions)
+        vlr = torch.zeros_like(assigned_gt, dtype=torch.float32) if vlr is None else vlr.float()
         return PointAssignment(assigned_gt, vlr, tuple(int(n) for n in gfl_targets.num_level_anchors))
 
     def forward(
@@ -267,14 +277,13 @@ class DistillationModel(nn.Module):
             raise TargetShapeError(f"DistillationModel.forward(targets=) expects the teacher targets {self.names}. Got None.")
         check_targets(targets, outputs, self.names)
         strides, reg_max = outputs.strides, outputs.reg_max
+        batch_regions = self._batch_regions(regions, gfl_targets, gt_boxes)
         if losses.uses("ld_main", "ld_vlr", "ld_kd", "bcd"):
             teacher_cls = [targets[f"cls/{lv}"] for lv in self.levels]
             teacher_box = [targets[f"box/{lv}"] for lv in self.levels]
             same_atss = losses.ld.topk == self.student.config.atss_topk
             if losses.uses("ld_main", "ld_vlr", "ld_kd"):
-                need_vlr = losses.uses("ld_vlr")
-                given = self._given_region(regions, "vlr", gfl_targets.gt_index) if need_vlr else None
-                assignment = self._assignment(gfl_targets, gt_boxes, need_vlr, given) if same_atss else None
+                assignment = self._assignment(gfl_targets, batch_regions.get("vlr")) if same_atss else None
                 ld = ld_recipe(
                     outputs.cls_logits, outputs.box_logits, teacher_cls, teacher_box, gt_boxes, strides, reg_max,
                     config=losses.ld, assignment=assignment,
@@ -282,21 +291,16 @@ class DistillationModel(nn.Module):
                 terms.update({key: ld[key] for key in OPTIMISED_KEYS["ld"] if key in losses.enabled})
             if losses.uses("bcd"):
                 same_atss = losses.bcd.topk == self.student.config.atss_topk
-                assignment = self._assignment(gfl_targets, gt_boxes, need_vlr=False) if same_atss else None
+                assignment = self._assignment(gfl_targets, None) if same_atss else None
                 bcd = bcd_recipe(
                     outputs.cls_logits, outputs.box_logits, teacher_cls, teacher_box, gt_boxes, strides, reg_max,
                     config=losses.bcd, assignment=assignment,
                 )
                 terms.update({key: bcd[key] for key in OPTIMISED_KEYS["bcd"]})
         if self.ld_im is not None:
-            region = self._given_region(regions, "im", gfl_targets.gt_index)
-            if region is None:
-                anchors = gfl_targets.anchors
-                rows = [imitation_region(anchors, boxes.to(anchors.device).float(), losses.ld.im_ratio) for boxes in gt_boxes]
-                region = torch.stack(rows) if rows else None
             im = ld_im_recipe(
                 self.ld_im, outputs.fpn_features, [targets[f"fpn/{lv}"] for lv in self.levels], gt_boxes, strides,
-                config=losses.ld, region=None if region is None else region.bool(),
+                config=losses.ld, region=batch_regions["im"].bool(),
             )
             terms["ld_im"] = im.pop("ld_im")
             logs.update(im)
