@@ -21,7 +21,6 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from detcore.assign import imitation_region, vlr_region
 from detcore.outputs import BACKBONE_STAGES, feature_hw, level_anchors, level_name
 from student_trainer.config import LossConfig
 from student_trainer.losses.recipes import (
@@ -32,6 +31,7 @@ from student_trainer.losses.recipes import (
     hgd_recipe,
     ld_im_recipe,
     ld_recipe,
+    view_regions,
 )
 
 
@@ -110,20 +110,7 @@ class GTRegions:
 
     def __call__(self, gt_boxes: Tensor) -> dict[str, Tensor]:
         """Regions of one view from its Tensor[M, 4] GT boxes (canvas pixels)."""
-        return view_regions(self.anchors, self.num_level_anchors, gt_boxes.detach().float().cpu(), self.ld_config, self.keys)
-
-
-def view_regions(anchors: Tensor, num_level_anchors: Sequence[int], gt_boxes: Tensor, ld_config, keys: Sequence[str]) -> dict[str, Tensor]:
-    """``vlr`` (Tensor[A]) and/or ``im`` (BoolTensor[A]) of one view, as ``keys`` asks, on the anchors' device."""
-    boxes = gt_boxes.to(anchors.device).float()
-    out = {}
-    if "vlr" in keys:
-        out["vlr"] = vlr_region(
-            anchors, num_level_anchors, boxes, topk=ld_config.topk, alpha=ld_config.alpha, diou=ld_config.vlr_diou
-        )
-    if "im" in keys:
-        out["im"] = imitation_region(anchors, boxes, ld_config.im_ratio)
-    return out
+        return view_regions(self.anchors, self.num_level_anchors, gt_boxes.cpu(), self.ld_config, self.keys)
 
 
 class DistillationModel(nn.Module):
@@ -233,8 +220,7 @@ class DistillationModel(nn.Module):
                 for boxes in gt_boxes
             ]
             for key in missing:
-                dtype = torch.bool if key == "im" else torch.float32
-                out[key] = torch.stack([r[key] for r in per_view]) if per_view else torch.zeros(like.shape[:2], dtype=dtype, device=like.device)
+                out[key] = torch.stack([r[key] for r in per_view])
         return out
 
     def _assignment(self, gfl_targets, vlr: Tensor | None) -> PointAssignment:

@@ -29,6 +29,7 @@ from .recipes import (
     imitation_points,
     ld_im_recipe,
     ld_recipe,
+    view_regions,
 )
 
 __all__ = [
@@ -60,4 +61,5 @@ __all__ = [
     "ld_im_recipe",
     "ld_loss",
     "ld_recipe",
+    "view_regions",
 ]

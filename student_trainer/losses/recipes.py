@@ -372,6 +372,21 @@ def ld_recipe(
     return {"ld_main": torch.stack(main).sum(), "ld_vlr": torch.stack(vlr_total).sum(), "ld_kd": torch.stack(kd).sum()}
 
 
+def view_regions(
+    anchors: Tensor, num_level_anchors: Sequence[int], gt_boxes: Tensor, config: LDConfig, keys: Sequence[str]
+) -> dict[str, Tensor]:
+    """LD's regions of one view from its GT, on the anchors' device, as ``keys`` asks:
+    ``vlr`` (Tensor[A], `detcore.assign.vlr_region`) and/or ``im`` (BoolTensor[A],
+    `detcore.assign.imitation_region`), with ``config``'s settings."""
+    boxes = gt_boxes.detach().to(device=anchors.device, dtype=torch.float32)
+    out = {}
+    if "vlr" in keys:
+        out["vlr"] = vlr_region(anchors, num_level_anchors, boxes, topk=config.topk, alpha=config.alpha, diou=config.vlr_diou)
+    if "im" in keys:
+        out["im"] = imitation_region(anchors, boxes, config.im_ratio)
+    return out
+
+
 def imitation_points(
     gt_boxes: Sequence[Tensor], strides: Sequence[int], shapes_hw: Sequence[tuple[int, int]], ratio: float = 0.5,
     device=None,
@@ -383,8 +398,10 @@ def imitation_points(
     """
     if device is None:
         device = gt_boxes[0].device if len(gt_boxes) else torch.device("cpu")
-    anchors = torch.cat(level_anchors(strides, shapes_hw, device=device), dim=0)
-    rows = [imitation_region(anchors, boxes.detach().to(device=device, dtype=torch.float32), ratio) for boxes in gt_boxes]
+    per_level = level_anchors(strides, shapes_hw, device=device)
+    anchors, counts = torch.cat(per_level, dim=0), [int(a.shape[0]) for a in per_level]
+    config = LDConfig(im_ratio=ratio)
+    rows = [view_regions(anchors, counts, boxes, config, ("im",))["im"] for boxes in gt_boxes]
     return torch.stack(rows) if rows else torch.zeros(0, anchors.shape[0], dtype=torch.bool, device=device)
 
 
@@ -401,9 +418,10 @@ def ld_im_recipe(
 
     Per level, the mean squared error between the (adapted) student FPN features and the
     teacher's, both scaled as ``config.im_normalize`` says, at the fine-grained imitation
-    points of the batch (`imitation_points`, from the view's GT), times ``config.im_weight``. A level without such points adds 0. The
-    release also zeroes a level's imitation when that level has no ATSS positive; this
-    recipe does not (the region does not depend on the positives).
+    points of the batch (`imitation_points`, from the view's GT), times ``config.im_weight``.
+    A level without such points adds 0. The release also zeroes a level's imitation when
+    that level has no ATSS positive; this recipe does not (the region does not depend on
+    the positives).
 
     Args:
         module: `FeatureImitation` (`LDConfig.build_imitation`).
