@@ -64,7 +64,7 @@ PRESETS = {
     # The quickstart: the easy synthetic variant, so that a short budget gives a clearly stronger
     # teacher; LD and the reproduction's strongest combination, two seeds per student.
     "quick": Preset(
-        "quick", 600, 100, 128, "gfl_r18", 64, 8, 2e-3, "gfl_tiny", 6, 2e-3, 16,
+        "quick", 600, 100, 128, "gfl_r18", 64, 10, 2e-3, "gfl_tiny", 6, 2e-3, 16,
         methods=("ld", "ld,ld_im"), seeds=(0, 1), data_variant="easy",
     ),
     # The budget of the reproduction table in benchmarks/RESULTS.md: teacher 23 min, each

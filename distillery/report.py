@@ -6,7 +6,7 @@ a *loss* when it is below minus that spread, and *within noise* otherwise; with 
 seed per row there is no spread and no verdict. Every number comes from the files the
 training steps wrote.
 
-The HTML report embeds everything (SVG charts, PNG images as data URIs), so it can be
+The HTML report embeds everything (SVG charts, JPEG images as data URIs), so it can be
 mailed or opened anywhere; it needs no plotting library.
 """
 
@@ -292,16 +292,17 @@ def predict(checkpoint: Path, dataset, image_ids: Sequence[int]) -> dict[int, di
     }
 
 
-def _png_data_uri(image) -> str:
+def image_data_uri(image) -> str:
+    """A PIL image as an inline JPEG (noisy synthetic pixels compress poorly as PNG)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def detection_panels(models: Sequence[tuple[str, Path]], annotations: Path, images: Path,
                      num_images: int = 3) -> list[list[tuple[str, str]]]:
     """Per validation image (the first ``num_images`` with objects): ground truth and each model's
-    detections, as ``(caption, PNG data URI)``."""
+    detections, as ``(caption, JPEG data URI)``."""
     import numpy as np
 
     from detcore.coco import CocoDataset
@@ -315,11 +316,11 @@ def detection_panels(models: Sequence[tuple[str, Path]], annotations: Path, imag
         targets = dataset.targets(image_id)
         gt_boxes = np.asarray(targets.gt_boxes, dtype=np.float32).reshape(-1, 4)
         gt_labels = np.asarray(targets.gt_labels).reshape(-1)
-        row = [("ground truth", _png_data_uri(draw_detections(pixels, gt_boxes, gt_labels, np.ones(len(gt_boxes)),
+        row = [("ground truth", image_data_uri(draw_detections(pixels, gt_boxes, gt_labels, np.ones(len(gt_boxes)),
                                                                 dataset.classes, f"image {image_id}: ground truth")))]
         for name, _ in models:
             det = detections[name][image_id]
-            row.append((name, _png_data_uri(draw_detections(pixels, det["boxes"], det["labels"], det["scores"],
+            row.append((name, image_data_uri(draw_detections(pixels, det["boxes"], det["labels"], det["scores"],
                                                             dataset.classes, name))))
         panels.append(row)
     return panels

@@ -75,18 +75,18 @@ def test_report_is_self_contained_with_table_curves_and_images(tmp_path):
     drawn = draw_detections(pixels, np.array([[5.0, 20.0, 30.0, 35.0]]), np.array([1]), np.array([0.9]), ["a", "b"], "x")
     assert drawn.size == (60, 56)
     assert np.asarray(drawn)[16 + 35, 5:30].any()  # the box's bottom edge is drawn
-    from distillery.report import _png_data_uri
+    from distillery.report import image_data_uri
 
     series = [("gfl_tiny baseline", [(10.0, 3.0), (20.0, 2.0)]), ("gfl_tiny + LD", [(10.0, 3.5), (20.0, 2.5)])]
     out = write_report(
         tmp_path / "r" / "report.html", title="t", intro="i", rows=rows,
         curves=[("detection loss", "loss", "note", series)],
-        panels=[[("ground truth", _png_data_uri(drawn)), ("teacher", _png_data_uri(drawn))]],
+        panels=[[("ground truth", image_data_uri(drawn)), ("teacher", image_data_uri(drawn))]],
         timings=[("teacher", "12 s")], summary={"rows": 3},
     )
     page = out.read_text(encoding="utf-8")
     assert page.count("<svg") == 2 and page.count("<polyline") == 2
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/jpeg;base64,") == 2
     assert "gain" in page and "23.2 ± 0.4" in page and "12 s" in page
     assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # nothing fetched from elsewhere
     assert json.loads(out.with_suffix(".json").read_text()) == {"rows": 3}
@@ -130,7 +130,7 @@ def test_quickstart_smoke_runs_every_step_and_writes_table_and_report(tmp_path):
     report = tmp_path / "reports" / "quickstart-smoke-easy.html"
     assert f"[quickstart] report: {report}" in out
     page = report.read_text(encoding="utf-8")
-    assert page.count("data:image/png;base64,") >= 3 * 5  # 3 val images x (ground truth + teacher + 3 students)
+    assert page.count("data:image/jpeg;base64,") >= 3 * 5  # 3 val images x (ground truth + teacher + 3 students)
     assert page.count("<polyline") >= 3
     summary = json.loads(report.with_suffix(".json").read_text())
     assert [r["losses"] for r in summary["rows"]] == ["teacher", "none", "ld", "ld,ld_im"]
