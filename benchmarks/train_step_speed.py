@@ -69,7 +69,7 @@ def write_store(url: Path, teacher_path: Path, annotations: Path, images: Path, 
         pixels = [coco.load(v.image_id) for v in chunk]
         rendered = [render(p, v) for p, v in zip(pixels, chunk)]
         with torch.no_grad():
-            outputs = teacher(torch.stack([r.image for r in rendered]), with_backbone=True).targets()
+            outputs = teacher(torch.stack([r.image for r in rendered]), with_backbone=True).to_targets(("cls", "box", "fpn", "backbone"))
         for index, (view, pix, item) in enumerate(zip(chunk, pixels, rendered)):
             part.append(
                 {"image_id": view.image_id, "view_id": view.view_id, "view": view.to_json(),
@@ -181,12 +181,10 @@ class Config:
         start = time.perf_counter()
         batch = self._next_batch()
         device = self.device
-        targets = None
-        if self.names:
-            targets = {k: v.to(device, non_blocking=True) for k, v in self.source.complete(batch).items()}
+        teacher = self.source.complete(batch, device=device) if self.names else None
         with self.autocast:
             terms, _ = self.model(batch["images"].to(device, non_blocking=True), [b.to(device) for b in batch["gt_boxes"]],
-                                  [lb.to(device) for lb in batch["gt_labels"]], targets, batch.get("regions"))
+                                  [lb.to(device) for lb in batch["gt_labels"]], teacher, batch.get("regions"))
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

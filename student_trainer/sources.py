@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from detcore.outputs import DenseOutputs, fingerprint_point_offset
 from detcore.views import View
 from student_trainer.data import StoreTargetReader
 
@@ -108,8 +109,24 @@ class TargetSource(ABC):
         """Keys `worker_reader` can serve (None: all)."""
         return None
 
-    def complete(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Targets of a `student_trainer.data.collate_train` batch, fetching what the workers did not read."""
+    def outputs(self, targets: Mapping[str, Tensor]) -> DenseOutputs:
+        """Targets by label-store name as the teacher's `DenseOutputs` (strides, reg_max and point
+        convention from the fingerprint)."""
+        fingerprint = self.fingerprint
+        return DenseOutputs.from_targets(
+            targets, strides=fingerprint.strides, reg_max=fingerprint.reg_max,
+            point_offset=fingerprint_point_offset(fingerprint),
+        )
+
+    def complete(self, batch: Mapping[str, Any], device: str | torch.device | None = None) -> DenseOutputs:
+        """The teacher's outputs for a `student_trainer.data.collate_train` batch, fetching what the
+        workers did not read; on ``device`` when given."""
+        targets = self._complete_targets(batch)
+        if device is not None:
+            targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+        return self.outputs(targets)
+
+    def _complete_targets(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         if batch["targets"] is not None:
             return dict(batch["targets"])
         partial = batch["partial_targets"]

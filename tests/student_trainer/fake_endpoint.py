@@ -79,7 +79,7 @@ class FakeEndpoint:
                     images.append(render(pixels, view).image)
                     entries.append({"image_id": view.image_id, "view_id": view.view_id, "content_hash": content_hash(pixels)})
             with torch.no_grad():
-                outputs = teacher(torch.stack(images), with_backbone=True).targets()
+                outputs = teacher(torch.stack(images), with_backbone=True).to_targets(("cls", "box", "fpn", "backbone"))
             for index, entry in enumerate(entries):
                 entry["targets"] = {s.name: outputs[s.name][index].numpy() for s in chosen}
             body = pack_targets(entries, chosen, fingerprint)

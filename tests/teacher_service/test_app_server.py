@@ -113,7 +113,8 @@ def _direct_forward(teacher_path, view_list, pixels, names):
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            outputs = model(batch, with_backbone=any(n.startswith("backbone/") for n in names)).targets()
+            with_backbone = any(n.startswith("backbone/") for n in names)
+            outputs = model(batch, with_backbone=with_backbone).to_targets(("cls", "box", "fpn") + (("backbone",) if with_backbone else ()))
     finally:
         torch.set_num_threads(threads)
     return [{name: outputs[name][i].numpy().copy() for name in names} for i in range(len(view_list))]
