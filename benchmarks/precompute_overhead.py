@@ -99,7 +99,7 @@ def render_views(paths: dict[str, Path], canvas: int):
 def load_teacher(paths: dict[str, Path], device: str):
     from detcore.checkpoint import load_detector
 
-    model, _ = load_detector(paths["teacher"], map_location=device)
+    model = load_detector(paths["teacher"], map_location=device)
     model.eval()
     return model
 

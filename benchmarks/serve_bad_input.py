@@ -158,7 +158,7 @@ def direct_targets(teacher_path: Path, pixels: dict, views: list) -> dict:
     from detcore.checkpoint import load_detector
 
     torch.set_num_threads(1)
-    model, _ = load_detector(teacher_path, map_location="cpu")
+    model = load_detector(teacher_path, map_location="cpu")
     model.eval()
     out = {}
     with torch.inference_mode():

@@ -64,13 +64,13 @@ def teacher_views(checkpoint: str, annotations: str, images: str, count: int, gr
     import numpy as np
     import torch
 
-    from detcore.checkpoint import load_detector
+    from detcore.checkpoint import load_detector_with_meta
     from detcore.coco import CocoDataset
     from detcore.datasets import ViewDataset, collate_views
     from detcore.views import plan_views
     from label_store import default_target_specs
 
-    model, meta = load_detector(checkpoint, map_location="cpu")
+    model, meta = load_detector_with_meta(checkpoint, map_location="cpu")
     config = meta["detector_config"]
     dataset = CocoDataset(annotations, images)
     ids = dataset.image_ids[:count]

@@ -48,12 +48,12 @@ def write_store(url: Path, teacher_path: Path, annotations: Path, images: Path, 
     """Teacher forward over {original, flip} views of every image -> a committed store (label_store only)."""
     import torch
 
-    from detcore.checkpoint import load_detector, teacher_fingerprint
+    from detcore.checkpoint import load_detector_with_meta, teacher_fingerprint
     from detcore.coco import CocoDataset
     from detcore.views import content_hash, plan_views, render
     from label_store import TeacherFingerprint, create_store, default_target_specs
 
-    teacher, meta = load_detector(teacher_path)
+    teacher, meta = load_detector_with_meta(teacher_path)
     coco = CocoDataset(annotations, images)
     config = teacher.config
     specs = default_target_specs(

@@ -353,11 +353,11 @@ def evaluate_detector(
     """Load a checkpoint and evaluate it on a COCO dataset at the checkpoint's canvas (see `evaluate_model`)."""
     import torch
 
-    from detcore.checkpoint import load_detector
+    from detcore.checkpoint import load_detector_with_meta
     from detcore.coco import CocoDataset
 
     dev = resolve_device(device)
-    model, meta = load_detector(checkpoint, map_location=dev)
+    model, meta = load_detector_with_meta(checkpoint, map_location=dev)
     dataset = CocoDataset(annotations, images)
     if tuple(dataset.classes) != tuple(meta["classes"]):
         raise ValueError(

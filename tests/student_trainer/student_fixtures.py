@@ -97,12 +97,12 @@ def write_store(
     fingerprint_overrides: dict | None = None,
 ) -> Path:
     """Teacher forward over {original, flip} views of every image -> a committed store."""
-    from detcore.checkpoint import load_detector, teacher_fingerprint
+    from detcore.checkpoint import load_detector_with_meta, teacher_fingerprint
     from detcore.coco import CocoDataset
     from detcore.views import content_hash, plan_views, render
     from label_store import TeacherFingerprint, create_store, default_target_specs
 
-    teacher, meta = load_detector(teacher_path)
+    teacher, meta = load_detector_with_meta(teacher_path)
     canvas = tuple(canvas or meta["canvas_hw"])
     coco = CocoDataset(annotations, images)
     fp = dict(teacher_fingerprint(teacher_path))

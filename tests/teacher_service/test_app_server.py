@@ -106,7 +106,7 @@ def _direct_forward(teacher_path, view_list, pixels, names):
     """The teacher run in this process on the same canvases, as one batch, one thread."""
     from detcore.checkpoint import load_detector
 
-    model, _ = load_detector(teacher_path, map_location="cpu")
+    model = load_detector(teacher_path, map_location="cpu")
     model.eval()
     batch = torch.from_numpy(np.stack([render_array(pixels[v.image_id], v) for v in view_list]))
     threads = torch.get_num_threads()

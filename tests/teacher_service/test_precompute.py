@@ -83,7 +83,7 @@ def data(tmp_path_factory):
 def teacher_model(data):
     from detcore.checkpoint import load_detector
 
-    model, _ = load_detector(data["teacher"], map_location="cpu")
+    model = load_detector(data["teacher"], map_location="cpu")
     return model.eval()
 
 
