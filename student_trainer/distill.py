@@ -41,10 +41,6 @@ class TargetShapeError(ValueError):
     """Teacher targets whose shapes do not fit the student's outputs."""
 
 
-class MissingTargetGroupError(ValueError):
-    """The enabled terms need a target group that the store (or teacher) does not hold."""
-
-
 def needed_target_groups(losses: LossConfig, available: Collection[str] | None = None) -> tuple[str, ...]:
     """Target groups the enabled terms read, in store order.
 
@@ -64,25 +60,6 @@ def needed_target_groups(losses: LossConfig, available: Collection[str] | None =
         for stage in losses.hgd.stages:
             groups.add("backbone" if stage in BACKBONE_STAGES else "fpn")
     return tuple(g for g in ("cls", "box", "edges", "fpn", "backbone") if g in groups)
-
-
-def check_groups_available(losses: LossConfig, available: Collection[str], teacher: str) -> None:
-    """Raise `MissingTargetGroupError` naming the groups the enabled terms need and ``available`` lacks.
-
-    Args:
-        available: target groups the store or teacher holds.
-        teacher: the teacher's architecture / format, for the message.
-    """
-    needed = needed_target_groups(losses, available)
-    missing = [g for g in needed if g not in available]
-    if missing:
-        why = {"box": "LD distills the teacher's edge distributions"}
-        reasons = "; ".join(why[g] for g in missing if g in why)
-        raise MissingTargetGroupError(
-            f"The enabled losses {list(losses.enabled)} need the target group(s) {missing}, which the teacher "
-            f"{teacher!r} does not provide here (available: {sorted(available)})" + (f"; {reasons}" if reasons else "")
-            + ". Precompute with those --targets (if the teacher has them) or disable the losses that need them."
-        )
 
 
 def needed_target_names(losses: LossConfig, strides: Sequence[int], available: Collection[str] | None = None) -> list[str]:

@@ -121,7 +121,7 @@ def write_store(
     pixels = {i: coco.load(i) for i in ids}
     rendered = [render(pixels[view.image_id], view) for view in views]
     with torch.no_grad():
-        outputs = teacher(torch.stack([r.image for r in rendered]), with_backbone=True).to_targets(("cls", "box", "fpn", "backbone"))
+        outputs = teacher(torch.stack([r.image for r in rendered]), with_backbone=True).to_targets(groups)
     for index, (view, item) in enumerate(zip(views, rendered)):
         part.append(
             {"image_id": view.image_id, "view_id": view.view_id, "view": view.to_json(),
