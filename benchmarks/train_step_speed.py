@@ -25,7 +25,7 @@ dedicated machine such as a lent GPU one, where load does not drift between bloc
     python benchmarks/train_step_speed.py [--threads 2] [--steps 30] [--num-workers 0] [--sequential]
 
 ``--device cuda`` puts the student (and the in-process teacher) on a GPU under the
-trainer's autocast (`detcore.train._autocast`: bf16 where supported), moves each batch and
+trainer's autocast (`detcore.train.autocast_context`: bf16 where supported), moves each batch and
 its targets there as `train_student` does, and ends each step's time at
 `torch.cuda.synchronize()`; loading stays on the CPU (use ``--num-workers``).
 """
@@ -118,7 +118,7 @@ class Config:
 
         from detcore.coco import CocoDataset
         from detcore.models.gfl import build_detector
-        from detcore.train import _autocast
+        from detcore.train import autocast_context
         from student_trainer.config import build_run_config
         from student_trainer.data import ShardedViewSampler, StoreViewDataset, collate_train
         from student_trainer.distill import DistillationModel, needed_target_names
@@ -137,7 +137,7 @@ class Config:
         dataset = StoreViewDataset(coco, views, expected_hashes={v.key: h for v, h in stored},
                                    target_reader=store.worker_reader() if offline else None)
         self.device = torch.device(args.device)
-        self.autocast, _ = _autocast(self.device, True)
+        self.autocast, _ = autocast_context(self.device, True)
         self.source = (store if source_kind == "store"
                        else InProcessTeacherSource(str(paths["teacher"]), self.names, device=self.device))
         self.sampler = ShardedViewSampler(views, seed=0)

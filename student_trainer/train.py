@@ -216,7 +216,7 @@ def train_student(
     from detcore.coco import CocoDataset
     from detcore.models.gfl import build_detector
     from detcore.train import (
-        OPTIMIZER_DEFAULTS, _autocast, build_optimizer, config_difference, evaluate_model, learning_rate_factor,
+        OPTIMIZER_DEFAULTS, autocast_context, build_optimizer, config_difference, evaluate_model, learning_rate_factor,
         optimizer_step, resolve_device,
     )
     from student_trainer.data import FailureLog, ShardedViewSampler, StoreViewDataset, check_store_fits, collate_train
@@ -297,7 +297,7 @@ def train_student(
     teacher_channels = {spec.name: int(spec.shape[0]) for spec in reference.specs}
     model = DistillationModel(student, losses, canvas_hw, teacher_channels).to(device)
     optimizer = build_optimizer(model, optim.optimizer, optim.peak_lr, optim.decay)
-    autocast, use_scaler = _autocast(device, optim.amp)
+    autocast, use_scaler = autocast_context(device, optim.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
     # -- resume ------------------------------------------------------------------------

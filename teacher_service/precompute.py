@@ -378,15 +378,14 @@ def _keep_existing_codecs(config: PrecomputeConfig, specs: list, per_group: dict
     still resume with the same command. An explicit ``codecs`` choice that differs from the
     store is still refused (by `create_store`, naming each target).
     """
-    from label_store._fs import Location
-    from label_store._manifest import read_store_meta
     from label_store.errors import StoreNotFoundError
+    from label_store.reader import read_store_targets
 
     try:
-        existing = read_store_meta(Location(config.store, dict(config.storage_options)))
+        existing = read_store_targets(config.store, config.storage_options)
     except StoreNotFoundError:
         return specs
-    stored = {spec.name: spec for spec in existing.targets}
+    stored = {spec.name: spec for spec in existing}
     out, kept = [], []
     for spec in specs:
         chosen = spec.name in per_target or spec.group in per_group
