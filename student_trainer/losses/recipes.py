@@ -119,7 +119,8 @@ class FGDConfig:
     lambda_: float = 5e-6
     """Weight of the global relation loss."""
     normalize: str = "teacher_rms"
-    """``teacher_rms``: features divided by the teacher level's RMS first; ``none``: as released."""
+    """``teacher_rms``: features divided by the teacher level's RMS first (this recipe's choice, a
+    deviation; `FGDLoss` itself defaults to the release); ``none``: as released."""
 
     @classmethod
     def for_family(cls, family: str) -> "FGDConfig":
