@@ -63,26 +63,15 @@ def needed_target_groups(losses: LossConfig, available: Collection[str] | None =
 
 
 def needed_target_names(losses: LossConfig, strides: Sequence[int], available: Collection[str] | None = None) -> list[str]:
-    """Label-store names the enabled terms read, in store order (cls, box, edges, fpn, backbone).
+    """Label-store names of the groups the enabled terms read (`needed_target_groups`), every
+    level or stage of each, in store order; `DenseOutputs.from_targets` decodes them.
 
     ``available``: the groups the store holds (BCD reads ``edges`` when it has no ``box``).
     """
     levels = [level_name(s) for s in strides]
-    groups = needed_target_groups(losses, available)
     names: list[str] = []
-    for group in ("cls", "box", "edges"):
-        if group in groups:
-            names += [f"{group}/{lv}" for lv in levels]
-    fpn_levels = set(levels) if losses.uses("ld_im", "fgd") else set()
-    backbone: list[str] = []
-    if losses.uses("hgd"):
-        for stage in losses.hgd.stages:
-            if stage in BACKBONE_STAGES:
-                backbone.append(stage)
-            else:
-                fpn_levels.add(stage)
-    names += [f"fpn/{lv}" for lv in levels if lv in fpn_levels]
-    names += [f"backbone/{stage}" for stage in BACKBONE_STAGES if stage in backbone]
+    for group in needed_target_groups(losses, available):
+        names += [f"{group}/{part}" for part in (BACKBONE_STAGES if group == "backbone" else levels)]
     return names
 
 
