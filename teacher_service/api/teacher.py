@@ -66,7 +66,7 @@ class OnlineTeacher:
         device: torch device string.
         canvas_hw: the canvas ``(H, W)`` every view must use.
         specs: `label_store.TargetSpec` of every target the teacher can produce, in order.
-        fingerprint: the teacher fingerprint dict (`detcore.checkpoint.teacher_fingerprint`).
+        fingerprint: the teacher fingerprint dict (`detcore.teacher.Teacher.fingerprint`).
         default_groups: groups answered when a request names none.
     """
 
