@@ -271,12 +271,12 @@ def predict(checkpoint: Path, dataset, image_ids: Sequence[int]) -> dict[int, di
     """Detections of a checkpoint on some images of a `CocoDataset`, in source-image pixels, by image id."""
     import torch
 
-    from detcore.checkpoint import load_detector
+    from detcore.checkpoint import load_detector_with_meta
     from detcore.datasets import ViewDataset, collate_views
     from detcore.evaluate import detections_to_image
     from detcore.views import plan_views
 
-    model, meta = load_detector(checkpoint)
+    model, meta = load_detector_with_meta(checkpoint)
     views = plan_views([(i, dataset.record(i).height, dataset.record(i).width) for i in image_ids],
                        canvas_hw=meta["canvas_hw"], scales=(1.0,), flip=False)
     batch = collate_views([ViewDataset(dataset, views)[k] for k in range(len(views))])
