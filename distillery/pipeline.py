@@ -116,10 +116,18 @@ def run_quickstart(preset: Preset, home: Path) -> int:
                 )
             )
     started = time.perf_counter()
+    # Wall seconds of every step that ran, kept across re-runs so the report shows what skipped steps took.
+    seconds_file = paths["report"].with_name(paths["report"].stem + "-steps.json")
+    step_seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
     timings: list[tuple[str, str]] = []
     for step in steps:
         seconds = _run(step, env)
-        timings.append((step.name, "done already" if seconds is None else f"{seconds:.0f} s"))
+        if seconds is not None:
+            step_seconds[step.name] = round(seconds, 1)
+            seconds_file.parent.mkdir(parents=True, exist_ok=True)
+            seconds_file.write_text(json.dumps(step_seconds, indent=2, sort_keys=True) + "\n")
+        earlier = f" (took {step_seconds[step.name]:.0f} s)" if step.name in step_seconds else ""
+        timings.append((step.name, f"{seconds:.0f} s" if seconds is not None else "done already" + earlier))
     total = time.perf_counter() - started
 
     table = [Row(f"teacher {preset.teacher_arch}", "teacher", (), (_read_ap(teacher_dir / "metrics.json"),))]
