@@ -186,6 +186,13 @@ def main() -> int:
           f"student {args.student}, {len(views)} views at canvas {canvas}, {points} points per view, {args.threads} thread(s)")
     print(f"# teacher forward: {1000 * forward_cpu:.1f} ms CPU per view; fp32 bytes per view: "
           + ", ".join(f"{g} {fp32_bytes[g]:,}" for g in GROUPS))
+    from label_store.fidelity import group_summary, measure_fidelity
+
+    store_report = group_summary(measure_fidelity(views, specs))
+    print("# the store's own fidelity report of the small codecs (reference student = teacher + noise): " + "; ".join(
+        f"{g} {row['loss']} {100 * row['loss_rel_error']:.3f}%"
+        + "".join(f", {m} {100 * e:.3f}%" for m, e in row["method_loss_rel_error"].items())
+        for g, row in store_report.items()))
     print("# fp32 losses: " + ", ".join(f"{k} {reference[k]:.5g}" for k in METHOD_KEYS))
     print("| setting | codecs (cls / box / fpn) | cls B/view (x) | box B/view (x) | fpn B/view (x) | all (x) | write CPU ms/view | write / forward | "
           + " | ".join(METHOD_KEYS) + " |")
