@@ -359,15 +359,15 @@ def choose_codecs(
 ) -> dict[str, Any]:
     """Measure candidate codecs per target group and pick the smallest within the loss budget.
 
-    A codec passes when the group's loss over all levels together (`group_summary`) and the
-    loss of every single level stay under the group's budget (the per-level condition keeps
+    A codec passes when the group's loss over all levels together (`group_summary`), the
+    loss of every single level and each method's own loss (`METHOD_LOSSES`) stay under the group's budget (the per-level condition keeps
     a lucky cancellation between levels from passing); among passing codecs the one with
     the fewest stored bytes per view (compressed codes, crc32c and scale/offset) wins. The codecs in ``specs`` are ignored; their names and shapes are used.
 
     Returns:
         ``{"chosen": {group: codec name or None}, "rows": [one dict per group and codec with
         bytes_per_view, fp32_bytes_per_view, ratio, loss_rel_error, worst_level_loss_rel_error,
-        grad_rel_error, max_abs_error, mean_abs_error, passes]}``.
+        grad_rel_error, max_abs_error, mean_abs_error, method_loss_rel_error, passes]}``.
     """
     from label_store.encoding import check_targets
 
@@ -406,8 +406,10 @@ def choose_codecs(
                 "grad_rel_error": summary["grad_rel_error"],
                 "max_abs_error": summary["max_abs_error"],
                 "mean_abs_error": summary["mean_abs_error"],
+                "method_loss_rel_error": summary["method_loss_rel_error"],
             }
-            row["passes"] = max(row["loss_rel_error"], row["worst_level_loss_rel_error"]) < budgets[group]
+            worst = max(row["loss_rel_error"], row["worst_level_loss_rel_error"], *row["method_loss_rel_error"].values())
+            row["passes"] = worst < budgets[group]
             rows.append(row)
             if row["passes"] and (best is None or bytes_per_view < best["bytes_per_view"]):
                 best = row

@@ -131,6 +131,12 @@ def test_choose_codecs_picks_smallest_within_budget(specs, make_targets):
         assert result["chosen"][group] == min(passing, key=lambda r: r["bytes_per_view"])["codec"]
     assert not rows[("fpn", "int2-view+zstd5")]["passes"]
     assert result["chosen"]["fpn"] == "int8-channel+zstd5"
+    budgets = {"cls": 0.005, "box": 0.005, "fpn": 0.01}
+    for row in result["rows"]:  # a codec passes on the reference loss, every level and each method's own loss
+        errors = [row["loss_rel_error"], row["worst_level_loss_rel_error"], *row["method_loss_rel_error"].values()]
+        assert row["passes"] == (max(errors) < budgets[row["group"]])
+    assert set(rows[("cls", "int2-view+zstd5")]["method_loss_rel_error"]) == {"class_kd_t2"}
+    assert rows[("cls", "int2-view+zstd5")]["method_loss_rel_error"]["class_kd_t2"] > 0
 
 
 def test_choose_codecs_tries_edge_prediction_on_box_targets_only():
