@@ -23,6 +23,9 @@ CPU work runs on the other).
 
     python benchmarks/precompute_overhead.py --num-images 64 --threads 1 [--no-pin-cpus]
 
+``--codec-profile small|fast`` chooses the codecs as `distill precompute` does, and
+``--also-codec-profile`` adds one more warm job with the other profile (same-run comparison).
+
 ``--teacher CKPT`` uses a trained teacher instead (its classes must be the synthetic
 benchmark's), ``--targets`` other target groups, e.g. the reproduction's job:
 
