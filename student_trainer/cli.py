@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok; 1 failure; 2 bad usage or input (bad arguments or config file, a store
 that does not fit the student, a teacher fingerprint mismatch, a resume with another
-configuration); 3 done, but some images were skipped (changed on disk since precompute,
+configuration, only the old token variable DISTILL_TOKEN set); 3 done, but some images were skipped (changed on disk since precompute,
 or undecodable; listed by id).
 """
 
@@ -40,7 +40,7 @@ examples:
   distill train --store stores/t.zarr --annotations train.json --images train/ \\
       --student gfl_tiny --losses ld --out runs/ld --val-annotations val.json --val-images val/
   distill train --config runs/ld.yaml --ray-workers 2          # data-parallel with Ray Train
-  distill train ... --source remote --endpoint http://teacher:8000 --token $TOKEN
+  distill train ... --source remote --endpoint http://teacher:8000   # token from $DISTILLERY_TOKEN
 """
 
 
@@ -79,7 +79,8 @@ def register(subparsers) -> None:
     source.add_argument("--source", choices=("store", "remote", "read-through", "inprocess"),
                         help="where teacher targets come from (default: store)")
     source.add_argument("--endpoint", metavar="URL", help="teacher endpoint base URL (remote, read-through)")
-    source.add_argument("--token", help="bearer token for the endpoint (default: $DISTILL_TOKEN)")
+    source.add_argument("--token", help="bearer token for the endpoint (default: $DISTILLERY_TOKEN, the variable "
+                                        "distill serve reads; prefer it: a command line is visible in ps)")
     source.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (in-process baseline only)")
 
     optim = parser.add_argument_group("schedule")
@@ -131,14 +132,16 @@ def run_config(config, *, progress: bool = True) -> int:
     from label_store.errors import FingerprintMismatchError, SchemaVersionError, StoreNotFoundError
     from student_trainer.data import ImageChangedError, StoreFitError
     from student_trainer.distill import TargetShapeError
-    from student_trainer.sources import RemoteSourceError, TeacherMismatchError
+    from student_trainer.sources import RemoteSourceError, TeacherMismatchError, TokenVariableError, endpoint_token
     from student_trainer.train import ResumeMismatchError
 
     usage_errors = (
         StoreFitError, FingerprintMismatchError, TeacherMismatchError, ResumeMismatchError, StoreNotFoundError,
-        SchemaVersionError, AnnotationError, CheckpointError, TargetShapeError, ImageChangedError,
+        SchemaVersionError, AnnotationError, CheckpointError, TargetShapeError, ImageChangedError, TokenVariableError,
     )
     try:
+        if config.source.kind in ("remote", "read-through"):
+            endpoint_token(config.source.token)  # refuse the old variable before any work
         if config.num_ray_workers > 0:
             from student_trainer.ray_train import train_with_ray
 

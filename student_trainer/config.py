@@ -238,7 +238,7 @@ class SourceConfig:
     endpoint: str | None = None
     """Base URL of the teacher endpoint (remote and read-through)."""
     token: str | None = None
-    """Bearer token for the endpoint; None reads ``$DISTILL_TOKEN``."""
+    """Bearer token for the endpoint; None reads ``$DISTILLERY_TOKEN`` (`sources.endpoint_token`)."""
     teacher: str | None = None
     """Teacher checkpoint (in-process source only)."""
     timeout_s: float = 120.0

@@ -43,6 +43,33 @@ class RemoteSourceError(TargetSourceError, ConnectionError):
     """The teacher endpoint failed, refused the request, or stayed overloaded past the retry budget."""
 
 
+class TokenVariableError(ValueError):
+    """Only the old token variable (`OLD_TOKEN_ENV`) is set: the endpoint would answer 401."""
+
+
+TOKEN_ENV = "DISTILLERY_TOKEN"
+"""Environment variable with the endpoint's bearer token: the one `distill serve` reads too."""
+OLD_TOKEN_ENV = "DISTILL_TOKEN"
+"""The variable earlier versions of the trainer read; refused, naming `TOKEN_ENV`."""
+
+
+def endpoint_token(explicit: str | None) -> str | None:
+    """The bearer token for the teacher endpoint: ``explicit`` (``--token``), else ``$DISTILLERY_TOKEN``.
+
+    Raises:
+        TokenVariableError: neither is set but ``$DISTILL_TOKEN`` is (old instructions).
+    """
+    import os
+
+    token = explicit or os.environ.get(TOKEN_ENV)
+    if not token and os.environ.get(OLD_TOKEN_ENV):
+        raise TokenVariableError(
+            f"the endpoint token is read from ${TOKEN_ENV} (the variable `distill serve` reads). Got only "
+            f"${OLD_TOKEN_ENV}, which is no longer read; export {TOKEN_ENV} with the same value (or pass --token)."
+        )
+    return token
+
+
 class TeacherMismatchError(ValueError):
     """Two teachers that must be the same (store and endpoint, or a teacher that changed mid-run) differ."""
 
@@ -516,10 +543,8 @@ class InProcessTeacherSource(TargetSource):
 
 def build_source(config, names: Sequence[str], *, device: str | torch.device = "cpu", expected_fingerprint: Any = None) -> TargetSource:
     """The source a run config asks for (`student_trainer.config.SourceConfig`)."""
-    import os
-
     source = config.source
-    token = source.token or os.environ.get("DISTILL_TOKEN")
+    token = endpoint_token(source.token) if source.kind in ("remote", "read-through") else None
     kind = source.kind
     if kind == "store":
         return StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint)
@@ -549,5 +574,7 @@ __all__ = [
     "TargetSource",
     "TargetSourceError",
     "TeacherMismatchError",
+    "TokenVariableError",
     "build_source",
+    "endpoint_token",
 ]

@@ -41,8 +41,13 @@ examples:
   distill precompute ... --store s3://bucket/t.zarr --storage-option anon=false --codec fpn=int8-channel
   distill precompute ... --address 10.0.0.1:6379 --num-actors 8      # join a running cluster
 
+Ctrl-C (SIGINT) or SIGTERM stops the job within seconds: committed parts stay, parts in
+flight stay invisible, the local Ray cluster is shut down, the summary counts what was
+committed; re-run the same command to resume.
+
 exit codes: 0 all views stored, 2 bad input (missing file, teacher/store mismatch),
-            3 finished with some views failed (see the store's failures table), 1 other failure
+            3 finished with some views failed (see the store's failures table), 1 other failure,
+            130 interrupted (Ctrl-C), 143 terminated (SIGTERM)
 """
 
 
@@ -289,6 +294,16 @@ def run_precompute_command(args: argparse.Namespace) -> int:
     print(summary.format())
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    if summary.interrupted_by:
+        import signal
+
+        from detcore.interrupt import Interrupted
+
+        raise Interrupted(
+            signal.Signals[summary.interrupted_by],
+            f"{summary.views_stored} view(s) committed by this run stay in {summary.store}, "
+            f"{summary.views_left} left; re-run the same command to resume",
+        )
     if summary.views_failed:
         print(
             f"{summary.views_failed} view(s) failed; they are listed with their reasons in the failures table of "
