@@ -14,6 +14,7 @@ after starting Ray.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -47,6 +48,11 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return exit_code_for(self.signum)
+
+    def report(self) -> int:
+        """Print what was kept (stderr) and return the exit code: the end of every stopped command."""
+        print(f"interrupted by {self.signal_name}: {self.message}", file=sys.stderr)
+        return self.exit_code
 
 
 class StopRequest:
@@ -82,16 +88,23 @@ class StopRequest:
         if self.raise_at_once or not first:
             raise Interrupted(signum)
 
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
+    def install(self) -> "StopRequest":
+        """Take over SIGINT and SIGTERM (main thread only); `restore` gives them back."""
+        if threading.current_thread() is threading.main_thread() and not self._previous:
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
+
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
 
 
 def ignore_stop_signals(*_: Any) -> None:

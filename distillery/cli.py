@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(func(args) or 0)
     except Interrupted as stop:
-        print(f"interrupted by {stop.signal_name}: {stop.message}", file=sys.stderr)
-        return stop.exit_code
+        return stop.report()
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -17,7 +17,9 @@ Outputs in ``config.out``:
     results.json      final COCO AP (``coco``), timings, the source, skipped images
 
 Re-running the same command after a kill resumes from ``last.pt`` at the exact step and
-position in the epoch; a different configuration in the same folder is refused.
+position in the epoch; a different configuration in the same folder is refused. Ctrl-C or
+SIGTERM ends the current step, writes ``last.pt`` and raises `detcore.interrupt.Interrupted`
+(``distill train`` exits 130 / 143).
 """
 
 from __future__ import annotations
@@ -219,6 +221,7 @@ def train_student(
         OPTIMIZER_DEFAULTS, _autocast, build_optimizer, config_difference, evaluate_model, learning_rate_factor,
         optimizer_step, resolve_device,
     )
+    from detcore.interrupt import StopRequest, ignore_stop_signals
     from student_trainer.data import FailureLog, ShardedViewSampler, StoreViewDataset, check_store_fits, collate_train
     from student_trainer.distill import DistillationModel, needed_target_names
     from student_trainer.sources import StoreSource, build_source
@@ -373,6 +376,7 @@ def train_student(
     loader = DataLoader(
         dataset, batch_size=optim.batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_train,
         drop_last=drop_last, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
 
     def evaluate(tag: str) -> dict[str, Any] | None:
@@ -391,6 +395,7 @@ def train_student(
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=f"train {student_cfg.arch} [{','.join(losses.enabled) or 'no KD'}]",
                unit="step", disable=not (progress and is_main), dynamic_ncols=True)
+    stop = StopRequest().install()  # Ctrl-C / SIGTERM: end the step, write last.pt, exit 130 / 143
     try:
         while step < total_steps and not stopped:
             epoch, within = divmod(step, iters_per_epoch)
@@ -460,13 +465,15 @@ def train_student(
                     if dist.on_epoch_end is not None:
                         dist.on_epoch_end({"step": step, "epoch": done_epochs, **(history[-1] if history else {})},
                                           last_path if is_main else None)
-                if stop_after_steps is not None and step - start_step >= stop_after_steps and step < total_steps:
+                time_boxed = stop_after_steps is not None and step - start_step >= stop_after_steps
+                if step < total_steps and (stop.requested or time_boxed):
                     save_last()
                     stopped = True
                     break
                 if step >= total_steps or epoch_done:
                     break
     finally:
+        stop.restore()
         bar.close()
 
     if dist.gather is not None:
@@ -501,6 +508,7 @@ def train_student(
         source.close()
     if stopped or not is_main:
         log.close()
+        stop.raise_if_requested(f"{last_path} holds step {step}/{total_steps}; re-run the same command to resume")
         return summary
     summary["coco"] = evaluate("final")
     metadata = {k: summary[k] for k in ("step", "train_seconds", "images_per_second", "losses") if summary[k] is not None}
