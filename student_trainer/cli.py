@@ -41,11 +41,14 @@ examples:
       --student gfl_tiny --losses ld --out runs/ld --val-annotations val.json --val-images val/
   distill train --config runs/ld.yaml --ray-workers 2          # data-parallel with Ray Train
   distill train ... --source remote --endpoint http://teacher:8000   # token from $DISTILLERY_TOKEN
+  distill train --store s3://bucket/t.zarr --storage-option endpoint_url=http://minio:9000 ...
 """
 
 
 def register(subparsers) -> None:
     """Add ``train`` to the `distill` command."""
+    from label_store.cli import storage_option
+
     parser = subparsers.add_parser(
         "train",
         help="train a student from the label store (LD, BCD, FGD, HGD; no teacher in the process)",
@@ -55,6 +58,9 @@ def register(subparsers) -> None:
     )
     data = parser.add_argument_group("data")
     data.add_argument("--store", metavar="URL", help="label store path or URL (fsspec)")
+    data.add_argument("--storage-option", type=storage_option, action="append", default=None, metavar="KEY=VALUE",
+                      help="fsspec option for a remote store, e.g. endpoint_url=http://minio:9000 (repeatable); "
+                           "credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
     data.add_argument("--annotations", metavar="FILE", help="COCO annotation JSON of the training images")
     data.add_argument("--images", metavar="DIR", help="folder the training file names are relative to")
     data.add_argument("--val-annotations", metavar="FILE", help="COCO annotation JSON for evaluation (AP per --eval-every and at the end)")

@@ -175,17 +175,22 @@ class StoreSource(TargetSource):
         url: store URL or path (local, or fsspec).
         names: target names to read.
         expected_fingerprint: refuse a store made by another teacher (`label_store.FingerprintMismatchError`).
+        storage_options: fsspec options of a remote store (`DataConfig.storage_options`).
     """
 
     kind = "store"
 
-    def __init__(self, url: str, names: Sequence[str], expected_fingerprint: Any = None) -> None:
+    def __init__(
+        self, url: str, names: Sequence[str], expected_fingerprint: Any = None,
+        storage_options: Sequence[tuple[str, Any]] | Mapping[str, Any] = (),
+    ) -> None:
         from label_store import open_store
 
         self.url = str(url)
         self.names = list(names)
         self.expected_fingerprint = expected_fingerprint
-        self.reader = open_store(self.url, expected_fingerprint=expected_fingerprint)
+        self.storage_options = dict(storage_options)
+        self.reader = open_store(self.url, expected_fingerprint=expected_fingerprint, storage_options=self.storage_options)
         self._keys = None
 
     @property
@@ -212,7 +217,8 @@ class StoreSource(TargetSource):
         return out
 
     def worker_reader(self) -> StoreTargetReader:
-        return StoreTargetReader(self.url, self.names, expected_fingerprint=self.fingerprint)
+        return StoreTargetReader(self.url, self.names, expected_fingerprint=self.fingerprint,
+                                 storage_options=self.storage_options)
 
     def readable_keys(self) -> set[tuple[int, int]]:
         return set(self.keys())
@@ -547,14 +553,16 @@ def build_source(config, names: Sequence[str], *, device: str | torch.device = "
     token = endpoint_token(source.token) if source.kind in ("remote", "read-through") else None
     kind = source.kind
     if kind == "store":
-        return StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint)
+        return StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint,
+                           storage_options=config.data.storage_options)
     if kind == "remote":
         return RemoteSource(
             source.endpoint, names, token=token, expected_fingerprint=expected_fingerprint,
             timeout_s=source.timeout_s, max_retries=source.max_retries,
         )
     if kind == "read-through":
-        store = StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint)
+        store = StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint,
+                            storage_options=config.data.storage_options)
         remote = RemoteSource(
             source.endpoint, names, token=token, expected_fingerprint=store.fingerprint,
             timeout_s=source.timeout_s, max_retries=source.max_retries,

@@ -44,6 +44,7 @@ _RESUME_FREE_KEYS = (
     "num_threads",
     "address",
     "data.num_workers",
+    "data.storage_options",
     "data.val_annotations",
     "data.val_images",
     "schedule",
@@ -95,7 +96,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_identity(config: TrainRunConfig) -> dict[str, Any]:
     """The settings that define the result (compared on resume), paths resolved."""
-    flat = _flatten(config.to_dict())
+    flat = _flatten(config.to_record())
     out = {}
     for key, value in flat.items():
         if any(key == free or key.startswith(free + ".") for free in _RESUME_FREE_KEYS):
@@ -248,7 +249,7 @@ def train_student(
         elif isinstance(source, StoreSource):
             store_for_views = source
         else:
-            store_for_views = StoreSource(config.data.store, [])
+            store_for_views = StoreSource(config.data.store, [], storage_options=config.data.storage_options)
     reference = source if source is not None else store_for_views
     if reference is None:
         raise ValueError("train_student(config=) expects a store or a target source. Got neither.")
@@ -345,7 +346,7 @@ def train_student(
             "torch_rng": torch.get_rng_state(),
             "distill_state": model.distill_state_dict(),
             "config_identity": identity,
-            "run_config": config.to_dict(),
+            "run_config": config.to_record(),
             "train_seconds": train_seconds,
             "images_seen": images_seen,
             "nonfinite_steps": nonfinite_steps,
@@ -355,7 +356,7 @@ def train_student(
         save_checkpoint(last_path, student, classes=coco.classes, canvas_hw=canvas_hw, training=training_state)
 
     if is_main:
-        record = config.to_dict()
+        record = config.to_record()
         record["approximations"] = config.approximations
         record["resolved"] = {
             "canvas_hw": list(canvas_hw), "teacher_fingerprint": fingerprint.to_dict(), "target_names": names,
@@ -502,7 +503,7 @@ def train_student(
         "teacher_fingerprint": fingerprint.to_dict(),
         "evals": evals,
         "coco": None,
-        "config": config.to_dict(),
+        "config": config.to_record(),
     }
     if source is not None:
         source.close()
@@ -516,7 +517,7 @@ def train_student(
         metadata["val"] = summary["coco"]
     save_checkpoint(
         final_path, student, classes=coco.classes, canvas_hw=canvas_hw, metadata=metadata,
-        training={"kind": "distill.student.final", "distill_state": model.distill_state_dict(), "run_config": config.to_dict()},
+        training={"kind": "distill.student.final", "distill_state": model.distill_state_dict(), "run_config": config.to_record()},
     )
     _write_json_atomic(out / "results.json", summary)
     log.close()

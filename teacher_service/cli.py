@@ -107,15 +107,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _storage_value(value: str):
-    """fsspec options come in as text; JSON literals (true, 3, null) become their values."""
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
-
-
 def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
+    from label_store.cli import storage_option
+
     parser = subparsers.add_parser(
         "precompute",
         help="run a teacher over every view of a dataset on Ray and fill a label store",
@@ -167,8 +161,9 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
     job.add_argument("--no-pin-cpus", action="store_true",
                      help="do not keep a CPU teacher on cores of its own (default on a local cluster: teacher actors "
                           "on the first cores, decoding and writing on the rest)")
-    job.add_argument("--storage-option", type=_key_value("--storage-option"), action="append", default=[],
-                     metavar="KEY=VALUE", help="fsspec option for a remote store, e.g. endpoint_url=... (repeatable)")
+    job.add_argument("--storage-option", type=storage_option, action="append", default=[], metavar="KEY=VALUE",
+                     help="fsspec option for a remote store, e.g. endpoint_url=http://minio:9000 (repeatable); "
+                          "credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
     job.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON to FILE")
     job.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_precompute_command, _parser=parser)
@@ -273,7 +268,7 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         precision=args.precision,
         quantize_on_device=args.quantize_on_device,
         views_per_part=args.views_per_part,
-        storage_options=tuple((k, _storage_value(v)) for k, v in args.storage_option),
+        storage_options=tuple(args.storage_option),
         max_views=args.max_views,
         ray_address=args.address,
         num_cpus=args.num_cpus,
