@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 failure; 2 bad usage or input (bad arguments, unusable annotation
 file or checkpoint, a resume with another configuration); 3 done, but some images could
-not be decoded (listed by id).
+not be decoded (listed by id); 130 / 143 `detector train` stopped by Ctrl-C / SIGTERM
+with last.pt written (re-run to resume).
 """
 
 from __future__ import annotations

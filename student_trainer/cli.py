@@ -2,8 +2,9 @@
 
 Exit codes: 0 ok; 1 failure; 2 bad usage or input (bad arguments or config file, a store
 that does not fit the student, a teacher fingerprint mismatch, a resume with another
-configuration, only the old token variable DISTILL_TOKEN set); 3 done, but some images were skipped (changed on disk since precompute,
-or undecodable; listed by id).
+configuration, only the old token variable DISTILL_TOKEN set); 3 done, but some images
+were skipped (changed on disk since precompute, or undecodable; listed by id); 130 / 143
+stopped by Ctrl-C / SIGTERM with last.pt written (re-run to resume).
 """
 
 from __future__ import annotations

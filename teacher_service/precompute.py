@@ -698,8 +698,8 @@ def run_precompute(
     ray_init_seconds = 0.0
     pinning = None
     interrupted: int | None = None
-    parts_before = set(store.committed_parts())
     if todo:
+        parts_before = set(store.committed_parts())
         ray_started = time.perf_counter()
         started_ray, pinning = init_ray(config)
         ray_init_seconds = time.perf_counter() - ray_started
@@ -744,8 +744,8 @@ def run_precompute(
 
 
 def _shutdown_ray() -> None:
-    """Stop the local cluster the job started; after a SIGTERM to the process group its
-    processes may be gone already, which is not an error here."""
+    """Stop (or leave) the cluster the job started (or joined); a failure there is logged, not
+    raised, so that the summary of the committed parts still comes."""
     import ray
 
     try:
