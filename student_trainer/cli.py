@@ -26,6 +26,8 @@ stored recipe; an image whose pixels changed since precompute is skipped and rep
 id (--strict-hash to stop instead). Re-running the same command resumes from OUT/last.pt.
 Outputs: OUT/final.pt (a detcore checkpoint: `distill detector eval` loads it),
 OUT/results.json (final COCO AP), OUT/metrics.jsonl, OUT/tb/ (TensorBoard), OUT/run_config.json.
+Ctrl-C or SIGTERM ends the current step, writes OUT/last.pt and exits 130 / 143; re-run
+the same command to resume.
 """
 
 EPILOG = """\
