@@ -255,7 +255,7 @@ class PrecomputeSummary:
         if stages > teacher:
             remedy = "more CPUs beside the teacher"
             if self.write_seconds > self.decode_seconds:  # the codecs' encoding, mostly
-                remedy += ", or cheaper codecs (--codec fpn=int6-view-dhw+zstd3 ...),"
+                remedy += ", or cheaper codecs (--codec-profile fast, or --codec fpn=... per group),"
             return (
                 f"decode + write on the CPU: {self.decode_seconds + self.write_seconds:.1f} worker-s over "
                 f"{self.stage_slots} task slot(s), >= {stages:.1f} s, against the teacher's {teacher:.1f} s per actor; "
