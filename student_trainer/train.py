@@ -450,6 +450,8 @@ def train_student(
                 if step % config.schedule.checkpoint_every == 0 or step == total_steps or epoch_done:
                     save_last()
                 if epoch_done or step == total_steps:
+                    if source is not None:
+                        source.flush()  # read-through: what this epoch fetched is committed before the next reads
                     done_epochs = step // iters_per_epoch
                     every = config.schedule.eval_every
                     if every and done_epochs % every == 0 and step < total_steps:
