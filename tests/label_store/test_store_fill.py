@@ -158,3 +158,35 @@ def test_a_filler_killed_mid_commit_leaves_nothing_visible(tmp_path, fingerprint
     assert filler.flush() == 2
     assert open_store(url).keys() == [(7, 0), (8, 0)]
     assert verify_store(url).ok
+
+
+def test_parts_without_an_origin_read_as_precomputed(tmp_path, fingerprint, specs, make_record):
+    """Manifest entries written before the origin field existed count as precomputed."""
+    import pyarrow.parquet as pq
+
+    url = str(tmp_path / "store.zarr")
+    store = create_store(url, fingerprint, specs)
+    with store.open_part("old") as part:
+        part.append(*_view(make_record, specs, 1))
+        part.commit()
+    entry = Path(url) / "manifest" / "parts" / "old.parquet"
+    table = pq.read_table(entry)
+    meta = json.loads(table.schema.metadata[b"label_store"])
+    assert meta.pop("origin") == "precompute"
+    pq.write_table(table.replace_schema_metadata({b"label_store": json.dumps(meta).encode()}), entry)
+    filler = StoreFiller(url)
+    filler.add(*_view(make_record, specs, 2))
+    filler.close()
+    assert inspect_store(url)["views_by_origin"] == {"precompute": 1, "endpoint": 1}
+
+
+def test_background_commits_full_parts_and_flush_waits(tmp_path, fingerprint, specs, make_record):
+    url = str(tmp_path / "store.zarr")
+    create_store(url, fingerprint, specs)
+    filler = StoreFiller(url, part_views=2, background=True)
+    for image_id in (1, 2, 3):
+        filler.add(*_view(make_record, specs, image_id))
+    assert filler.pending == 1  # the first 2 went to the background commit
+    assert filler.flush() == 3  # waits for it and commits the last one
+    assert len(filler.parts) == 2 and open_store(url).keys() == [(1, 0), (2, 0), (3, 0)]
+    filler.close()
