@@ -171,6 +171,52 @@ def test_read_through_fills_the_store_and_the_second_epoch_fetches_nothing(world
     assert main(["store", "inspect", str(partial)]) == 0
 
 
+def _trainer_process(config_dict, barrier, results):
+    import torch
+
+    from student_trainer.config import config_from_dict
+    from student_trainer.train import train_student
+
+    torch.set_num_threads(1)
+    barrier.wait(timeout=120)
+    summary = train_student(config_from_dict(config_dict), progress=False)
+    results.put(summary["source"])
+
+
+def test_two_trainers_fill_one_store_each_view_once(world, server, tmp_path, monkeypatch):
+    """Two read-through runs in two processes, started together on one partial store."""
+    import multiprocessing
+
+    import pyarrow.parquet as pq
+
+    from label_store import inspect_store, verify_store
+
+    partial = write_store(tmp_path / "shared.zarr", world.teacher, world.annotations, world.images, image_ids=[1, 2], flip=False)
+    monkeypatch.setenv("DISTILLERY_TOKEN", server.token)
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    processes = []
+    for name in ("a", "b"):
+        config = run_config(world, tmp_path / name, losses="ld", source="read-through", endpoint=server.url,
+                            store=str(partial), iters=2)
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, flip=False))
+        processes.append(context.Process(target=_trainer_process, args=(config.to_dict(), barrier, results)))
+    for process in processes:
+        process.start()
+    described = [results.get(timeout=300) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    assert sum(d["committed_views"] for d in described) == 2  # images 3 and 4, once
+    assert sum(d["fetched_views"] for d in described) == 2 + sum(d["skipped_views"] for d in described)
+    rows = [key for path in sorted((partial / "manifest" / "parts").glob("*.parquet"))
+            for key in zip(*pq.read_table(path, columns=["image_id", "view_id"]).to_pydict().values())]
+    assert len(rows) == len(set(rows)) == 4  # no view committed twice
+    info = inspect_store(str(partial))
+    assert info["views_by_origin"] == {"precompute": 2, "endpoint": 2} and info["duplicate_views"] == 0
+    assert verify_store(str(partial)).ok
+
+
 def test_store_inspect_prints_the_origin(world, tmp_path, capsys):
     from distillery.cli import main
 
