@@ -295,7 +295,6 @@ class RemoteSource(TargetSource):
         missing = [n for n in self.names if n not in available]
         if missing:
             raise RemoteSourceError(f"RemoteSource(names=) expects targets the endpoint serves ({sorted(available)}). Missing {missing}.")
-        self.groups = sorted({n.split("/", 1)[0] for n in self.names}, key=["cls", "box", "fpn", "backbone"].index)
 
     @property
     def fingerprint(self):
