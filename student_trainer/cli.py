@@ -99,8 +99,8 @@ def register(subparsers) -> None:
     run.add_argument("--out", metavar="DIR", help="output folder (default: runs/student)")
     run.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     run.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads")
-    run.add_argument("--ray-workers", type=int, metavar="N", help="data-parallel Ray Train workers (0: train in this process); same result as one worker when "
-                     "--batch-size x N stays the global batch (see docs/operations.md, 'Training on many workers')")
+    run.add_argument("--ray-workers", type=int, metavar="N", help="data-parallel Ray Train workers (0: train in this process); the global batch is --batch-size x N "
+                     "and --lr is not rescaled (see docs/operations.md, 'Training on many workers')")
     run.add_argument("--address", help="Ray cluster address for --ray-workers (default: a local cluster)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar, log lines instead (also when TQDM_DISABLE is set)")
