@@ -31,7 +31,8 @@ made by the project's own commands if missing).
 The summary's "bound by" row says which side limited the job: the teacher, or decoding
 and writing on the CPU. With a GPU teacher it is usually the CPU side (writing, i.e. the
 codecs' compression): give the cluster more CPUs (--address, CPU-only Ray nodes) or use
-cheaper codecs, e.g. --codec fpn=int6-view-dhw+zstd3 --codec backbone=int6-view+zstd3.
+cheaper codecs: --codec-profile fast (the default with a GPU teacher), or e.g.
+--codec fpn=int6-view-dhw+zstd3 --codec backbone=int6-view+zstd3.
 """
 
 PRECOMPUTE_EPILOG = """\
@@ -41,8 +42,13 @@ examples:
   distill precompute ... --store s3://bucket/t.zarr --storage-option anon=false --codec fpn=int8-channel
   distill precompute ... --address 10.0.0.1:6379 --num-actors 8      # join a running cluster
 
+Ctrl-C (SIGINT) or SIGTERM stops the job within seconds: committed parts stay, parts in
+flight stay invisible, the local Ray cluster is shut down, the summary counts what was
+committed; re-run the same command to resume.
+
 exit codes: 0 all views stored, 2 bad input (missing file, teacher/store mismatch),
-            3 finished with some views failed (see the store's failures table), 1 other failure
+            3 finished with some views failed (see the store's failures table), 1 other failure,
+            130 interrupted (Ctrl-C), 143 terminated (SIGTERM)
 """
 
 
@@ -102,15 +108,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _storage_value(value: str):
-    """fsspec options come in as text; JSON literals (true, 3, null) become their values."""
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
-
-
 def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
+    from label_store.cli import storage_option
+
     parser = subparsers.add_parser(
         "precompute",
         help="run a teacher over every view of a dataset on Ray and fill a label store",
@@ -134,6 +134,10 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
                             "default stores all four, as `distill quickstart` does)")
     views.add_argument("--codec", type=_key_value("--codec"), action="append", default=[], metavar="NAME=CODEC",
                        help="codec override for a group or target, e.g. fpn=int8-channel or cls/p3=fp16 (repeatable)")
+    views.add_argument("--codec-profile", choices=("small", "fast"), default=None,
+                       help="default codecs: small (zstd 15, fewest bytes) or fast (the same quantizers with a fast "
+                            "zstd level, for writers that keep up with a GPU teacher); --codec overrides win "
+                            "(default: fast when the teacher runs on a GPU, else small)")
     job = parser.add_argument_group("execution")
     job.add_argument("--batch-size", type=_positive_int, default=8, help="views per teacher forward pass (default: 8)")
     job.add_argument("--num-actors", type=_positive_int, default=1,
@@ -162,8 +166,9 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
     job.add_argument("--no-pin-cpus", action="store_true",
                      help="do not keep a CPU teacher on cores of its own (default on a local cluster: teacher actors "
                           "on the first cores, decoding and writing on the rest)")
-    job.add_argument("--storage-option", type=_key_value("--storage-option"), action="append", default=[],
-                     metavar="KEY=VALUE", help="fsspec option for a remote store, e.g. endpoint_url=... (repeatable)")
+    job.add_argument("--storage-option", type=storage_option, action="append", default=[], metavar="KEY=VALUE",
+                     help="fsspec option for a remote store, e.g. endpoint_url=http://minio:9000 (repeatable); "
+                          "credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
     job.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON to FILE")
     job.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_precompute_command, _parser=parser)
@@ -259,6 +264,7 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         flip=not args.no_flip,
         target_groups=inputs.targets,
         codecs=tuple(args.codec),
+        codec_profile=args.codec_profile or "auto",
         batch_size=args.batch_size,
         num_actors=args.num_actors,
         cpus_per_actor=args.cpus_per_actor,
@@ -268,7 +274,7 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         precision=args.precision,
         quantize_on_device=args.quantize_on_device,
         views_per_part=args.views_per_part,
-        storage_options=tuple((k, _storage_value(v)) for k, v in args.storage_option),
+        storage_options=tuple(args.storage_option),
         max_views=args.max_views,
         ray_address=args.address,
         num_cpus=args.num_cpus,
@@ -289,6 +295,16 @@ def run_precompute_command(args: argparse.Namespace) -> int:
     print(summary.format())
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    if summary.interrupted_by:
+        import signal
+
+        from detcore.interrupt import Interrupted
+
+        raise Interrupted(
+            signal.Signals[summary.interrupted_by],
+            f"{summary.views_stored} view(s) committed by this run stay in {summary.store}, "
+            f"{summary.views_left} left; re-run the same command to resume",
+        )
     if summary.views_failed:
         print(
             f"{summary.views_failed} view(s) failed; they are listed with their reasons in the failures table of "

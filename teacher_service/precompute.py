@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import threading
 import time
 import warnings
@@ -32,12 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from detcore.interrupt import Interrupted, StopRequest, stop_signals_blocked_for_children
 from label_store.schema import TARGET_GROUPS  # the one definition, re-exported for the CLI
 
 logger = logging.getLogger("teacher_service.precompute")
 
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZE_MODES = ("auto", "on", "off")
+CODEC_PROFILE_MODES = ("auto", "small", "fast")
 MAX_RETRIES = 3
 """Retries of a task, and restarts of a teacher actor, after its process died (then the job fails)."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -69,6 +72,10 @@ class PrecomputeConfig:
     """Target groups to store, from `TARGET_GROUPS`."""
     codecs: tuple[tuple[str, str], ...] = ()
     """Codec overrides ``((group or target name, codec name), ...)``, e.g. ``(("fpn", "int8-channel"),)``."""
+    codec_profile: str = "auto"
+    """Default codecs' profile (`label_store.codecs.profile_codec`): ``small`` (the default
+    codecs), ``fast`` (their quantizers with a fast zstd level, for writers that keep up with
+    a GPU teacher) or ``auto`` (``fast`` with a GPU teacher, else ``small``); ``codecs`` win."""
     batch_size: int = 8
     """Views per teacher forward pass."""
     num_actors: int = 1
@@ -164,6 +171,11 @@ class PrecomputeConfig:
             raise PrecomputeInputError(f"PrecomputeConfig(device=) expects one of {list(DEVICES)}. Got {self.device!r}.")
         if self.precision not in PRECISIONS:
             raise PrecomputeInputError(f"PrecomputeConfig(precision=) expects one of {list(PRECISIONS)}. Got {self.precision!r}.")
+        if self.codec_profile not in CODEC_PROFILE_MODES:
+            raise PrecomputeInputError(
+                f"PrecomputeConfig(codec_profile=) (--codec-profile) expects one of {list(CODEC_PROFILE_MODES)}. "
+                f"Got {self.codec_profile!r}."
+            )
         if self.quantize_on_device not in QUANTIZE_MODES:
             raise PrecomputeInputError(
                 f"PrecomputeConfig(quantize_on_device=) expects one of {list(QUANTIZE_MODES)}. Got {self.quantize_on_device!r}."
@@ -223,6 +235,9 @@ class PrecomputeSummary:
     """Teacher actors of the job."""
     views_quantized_on_device: int = 0
     """Stored views whose int-coded targets the teacher stage quantized (`PrecomputeConfig.quantize_on_device`)."""
+    interrupted_by: str | None = None
+    """``SIGINT`` or ``SIGTERM`` when a signal stopped the run (its committed parts stay; the
+    stage seconds and bytes of an interrupted run are not known and read 0); None otherwise."""
 
     @property
     def bottleneck(self) -> str:
@@ -240,7 +255,7 @@ class PrecomputeSummary:
         if stages > teacher:
             remedy = "more CPUs beside the teacher"
             if self.write_seconds > self.decode_seconds:  # the codecs' encoding, mostly
-                remedy += ", or cheaper codecs (--codec fpn=int6-view-dhw+zstd3 ...),"
+                remedy += ", or cheaper codecs (--codec-profile fast, or --codec fpn=... per group),"
             return (
                 f"decode + write on the CPU: {self.decode_seconds + self.write_seconds:.1f} worker-s over "
                 f"{self.stage_slots} task slot(s), >= {stages:.1f} s, against the teacher's {teacher:.1f} s per actor; "
@@ -273,6 +288,8 @@ class PrecomputeSummary:
             ("stored", f"{self.views_stored} in {self.num_parts} part(s)"),
             ("failed", f"{self.views_failed}"),
         ]
+        if self.interrupted_by:
+            rows.append(("interrupted by", f"{self.interrupted_by}: the views above stay committed"))
         if self.views_left:
             rows.append(("left for a later run", f"{self.views_left}"))
         rows += [
@@ -344,6 +361,29 @@ def split_codecs(codecs: Sequence[tuple[str, str]], target_groups: Sequence[str]
     return per_group, per_target
 
 
+def resolve_codec_profile(config: PrecomputeConfig) -> str:
+    """``small`` or ``fast``: ``auto`` is ``fast`` when the teacher runs on a GPU (``--device
+    cuda``, or ``auto`` with a GPU visible to this process), else ``small``."""
+    if config.codec_profile != "auto":
+        return config.codec_profile
+    if config.device.startswith("cuda"):
+        return "fast"
+    if config.device == "cpu":
+        return "small"
+    import torch
+
+    return "fast" if torch.cuda.is_available() else "small"
+
+
+def profile_codecs(config: PrecomputeConfig) -> dict[str, str]:
+    """Codec per stored group under the resolved codec profile (before ``codecs`` overrides)."""
+    from label_store.codecs import profile_codec
+    from label_store.schema import DEFAULT_CODECS
+
+    profile = resolve_codec_profile(config)
+    return {group: profile_codec(DEFAULT_CODECS[group], profile) for group in config.target_groups}
+
+
 def store_layout(config: PrecomputeConfig) -> StoreLayout:
     """Fingerprint and target specs of the store that ``config`` fills (loads the teacher once)."""
     from detcore.teacher import TeacherGroupError, load_teacher
@@ -354,14 +394,17 @@ def store_layout(config: PrecomputeConfig) -> StoreLayout:
     fingerprint["canvas_hw"] = list(canvas_hw)
     per_group, per_target = split_codecs(config.codecs, config.target_groups)
     try:
-        specs = teacher.target_specs(tuple(config.target_groups), canvas_hw, codecs=per_group or None)
+        # Explicit overrides win over the profile; an explicit profile counts as a choice on resume.
+        codecs = {**profile_codecs(config), **per_group}
+        chosen_groups = codecs if config.codec_profile != "auto" else per_group
+        specs = teacher.target_specs(tuple(config.target_groups), canvas_hw, codecs=codecs)
         unknown = sorted(set(per_target) - {spec.name for spec in specs})
         if unknown:
             raise PrecomputeInputError(
                 f"PrecomputeConfig(codecs=) expects target names of this store {[s.name for s in specs]}. Got {unknown}."
             )
         specs = [dataclasses.replace(s, codec=per_target[s.name]) if s.name in per_target else s for s in specs]
-        specs = _keep_existing_codecs(config, specs, per_group, per_target)
+        specs = _keep_existing_codecs(config, specs, chosen_groups, per_target)
     except PrecomputeInputError:
         raise
     except TeacherGroupError as error:  # e.g. --targets box for a teacher without edge distributions
@@ -592,11 +635,12 @@ def init_ray(config: PrecomputeConfig) -> tuple[bool, tuple[tuple[int, ...], tup
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = pythonpath
     try:
-        ray.init(
-            num_cpus=local_cluster_cpus(config, os.cpu_count() or 1, pinned=pinning is not None),
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+        with stop_signals_blocked_for_children():
+            ray.init(
+                num_cpus=local_cluster_cpus(config, os.cpu_count() or 1, pinned=pinning is not None),
+                include_dashboard=False,
+                log_to_driver=False,
+            )
     finally:
         if saved is None:
             del os.environ["PYTHONPATH"]
@@ -624,7 +668,11 @@ def run_precompute(
             classes that differ, a bad config value.
         label_store.StoreMismatchError: the store exists and was made by another
             teacher, canvas or target set (the message lists the differences).
-        KeyboardInterrupt: interrupted; committed parts stay, re-run to resume.
+
+    SIGINT or SIGTERM stops the job within seconds (`detcore.interrupt.StopRequest`): parts
+    committed so far stay, parts in flight stay invisible, a local cluster the job started
+    is shut down, and the summary (``interrupted_by``) counts what was committed; running
+    the same job again resumes.
     """
     started = time.perf_counter()
     config.validate()
@@ -659,17 +707,24 @@ def run_precompute(
         totals[name] = 0.0
     ray_init_seconds = 0.0
     pinning = None
+    interrupted: int | None = None
     if todo:
+        parts_before = set(store.committed_parts())
         ray_started = time.perf_counter()
         started_ray, pinning = init_ray(config)
         ray_init_seconds = time.perf_counter() - ray_started
+        # Installed after ray.init, which replaces the driver's SIGTERM handler.
+        stop = StopRequest(raise_at_once=True)
         try:
-            totals = _run_pipeline(config, dataset, layout, todo, on_progress, pinning=pinning)
+            with stop:
+                totals = _run_pipeline(config, dataset, layout, todo, on_progress, pinning=pinning)
+        except Interrupted:
+            interrupted = stop.signum
         finally:
             if started_ray:
-                import ray
-
-                ray.shutdown()
+                _shutdown_ray()
+        if interrupted is not None:
+            totals = _interrupted_totals(store, parts_before, {v.key for v in todo})
         if totals["failures"]:
             store.record_failures(totals["failures"])
     failures = tuple((f["image_id"], f["view_id"], f["reason"]) for f in totals["failures"])
@@ -694,7 +749,31 @@ def run_precompute(
         stage_slots=int(totals.get("stage_slots", 0)),
         num_actors=config.num_actors,
         views_quantized_on_device=int(totals.get("quantized", 0)),
+        interrupted_by=signal.Signals(interrupted).name if interrupted is not None else None,
     )
+
+
+def _shutdown_ray() -> None:
+    """Stop (or leave) the cluster the job started (or joined); a failure there is logged, not
+    raised, so that the summary of the committed parts still comes."""
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception as error:
+        logger.warning("shutting down the local Ray cluster: %s", error)
+
+
+def _interrupted_totals(store, parts_before: set[str], todo_keys: set) -> dict[str, Any]:
+    """The totals of an interrupted run, from the manifest: the parts it committed (the
+    write tasks' own reports died with the job)."""
+    totals: dict[str, Any] = {"failures": []}
+    for name in ("decode_s", "forward_s", "encode_s", "write_s"):
+        totals[name] = 0.0
+    totals["parts"] = len(set(store.committed_parts()) - parts_before)
+    totals["stored"] = len(store.committed_keys() & todo_keys)
+    totals["bytes"] = 0
+    return totals
 
 
 def _run_pipeline(
