@@ -56,7 +56,7 @@ class Preset:
 
 
 PRESETS = {
-    # A minute or two: proves every step's wiring, seeds and report (used by tests/test_quickstart.py).
+    # Tiny budgets: proves every step's wiring, the seeds and the report (used by tests/test_quickstart.py).
     "smoke": Preset(
         "smoke", 12, 6, 64, "gfl_tiny", 32, 1, 2e-3, "gfl_tiny", 1, 2e-3, 4,
         methods=("ld", "ld,ld_im"), seeds=(0, 1), data_variant="easy",
