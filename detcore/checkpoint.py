@@ -13,6 +13,14 @@ A checkpoint is a ``torch.save`` dict of plain types and tensors (it loads with
     training          None, or the resume state: step, optimizer, scheduler, rng, train config ...
     metadata          free-form plain values (metrics, timings, library versions)
 
+Imported teachers (`detcore.importers`, ``distill teacher import``) are format_version 2
+and carry, instead of ``detector_config``:
+
+    architecture      plain dict; "family" is "mmdet-gfl", "torchvision-fcos" or "torchvision-retinanet"
+    point_offset      0.0: cell (x, y) of stride s sits at (x * s, y * s)
+    source_format     the ``--format`` it was imported from
+    source_sha256     hex SHA-256 of the imported file
+
 Writes are atomic: a temporary file in the same folder, then ``os.replace``.
 """
 
@@ -30,7 +38,8 @@ from detcore.views import PIXEL_MEAN, PIXEL_STD
 
 CHECKPOINT_FORMAT = "distillery.detector"
 CHECKPOINT_FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+IMPORTED_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
 
 class CheckpointError(ValueError):
@@ -95,6 +104,13 @@ def save_checkpoint(
         "training": training,
         "metadata": dict(metadata or {}),
     }
+    return write_checkpoint_payload(path, payload)
+
+
+def write_checkpoint_payload(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """``torch.save`` a checkpoint dict atomically (a temporary in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
@@ -136,7 +152,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"load_checkpoint(path=) expects format_version in {list(SUPPORTED_FORMAT_VERSIONS)}. Got {version!r} in "
             f"{str(path)!r}; it was written by another version of distillery."
         )
-    for key in ("detector_config", "classes", "canvas_hw", "preprocessing", "model_state"):
+    config_key = "architecture" if version >= IMPORTED_FORMAT_VERSION else "detector_config"
+    for key in (config_key, "classes", "canvas_hw", "preprocessing", "model_state"):
         if key not in payload:
             raise CheckpointError(f"load_checkpoint(path=) expects key {key!r}. Missing in {str(path)!r}.")
     return payload
@@ -153,6 +170,9 @@ def load_detector(path: str | os.PathLike, map_location: str | torch.device = "c
     from detcore.models.gfl import DetectorConfig, build_detector_from_config
 
     payload = load_checkpoint(path, map_location=map_location)
+    family = (payload.get("architecture") or {}).get("family", "gfl")
+    if family != "gfl":
+        return _load_imported(path, payload, family, map_location)
     try:
         config = DetectorConfig.from_dict(payload["detector_config"])
     except (TypeError, ValueError) as error:
@@ -171,6 +191,44 @@ def load_detector(path: str | os.PathLike, map_location: str | torch.device = "c
         "classes": tuple(payload["classes"]),
         "canvas_hw": (int(payload["canvas_hw"][0]), int(payload["canvas_hw"][1])),
         "preprocessing": payload["preprocessing"],
+        "metadata": payload.get("metadata") or {},
+        "format_version": payload["format_version"],
+        "path": str(path),
+    }
+    return model, meta
+
+
+def _load_imported(path, payload: dict[str, Any], family: str, map_location):
+    """The module of an imported teacher (`load_detector` for a non-native ``architecture``)."""
+    architecture = payload["architecture"]
+    if family == "mmdet-gfl":
+        from detcore.importers.mmdet_gfl import build_mmdet_gfl
+
+        model = build_mmdet_gfl(architecture)
+    elif family in ("torchvision-fcos", "torchvision-retinanet"):
+        from detcore.importers.torchvision_models import build_torchvision_detector
+
+        model = build_torchvision_detector(architecture)
+    else:
+        raise CheckpointError(
+            f"load_detector(path=) expects architecture family 'gfl', 'mmdet-gfl', 'torchvision-fcos' or "
+            f"'torchvision-retinanet'. Got {family!r} in {str(path)!r}."
+        )
+    missing, unexpected = model.load_state_dict(payload["model_state"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"load_detector(path=) expects weights matching its {family} architecture. In {str(path)!r}: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    model.to(map_location)
+    model.eval()
+    meta = {
+        "detector_config": None,
+        "architecture": architecture,
+        "classes": tuple(payload["classes"]),
+        "canvas_hw": (int(payload["canvas_hw"][0]), int(payload["canvas_hw"][1])),
+        "preprocessing": payload["preprocessing"],
+        "point_offset": float(payload["point_offset"]),
         "metadata": payload.get("metadata") or {},
         "format_version": payload["format_version"],
         "path": str(path),
@@ -197,6 +255,18 @@ def teacher_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     ``strides`` (list), ``reg_max``, ``preprocessing`` (dict).
     """
     payload = load_checkpoint(path)
+    if "architecture" in payload:
+        architecture = payload["architecture"]
+        return {
+            "architecture": str(architecture["family"]),
+            "checkpoint_sha256": checkpoint_sha256(path),
+            "classes": [str(c) for c in payload["classes"]],
+            "canvas_hw": [int(v) for v in payload["canvas_hw"]],
+            "strides": [int(s) for s in architecture["strides"]],
+            "reg_max": architecture.get("reg_max"),
+            "preprocessing": dict(payload["preprocessing"]),
+            "point_offset": float(payload["point_offset"]),
+        }
     config = payload["detector_config"]
     return {
         "architecture": str(config["arch"]),

@@ -64,6 +64,8 @@ class DenseOutputs:
     """R: each edge distribution has R + 1 bins."""
     backbone_features: tuple[Tensor, ...] | None = None
     """Stage features C3..C5 (Tensor[B, C_s, H, W] each) when requested, else None."""
+    point_offset: float = 0.5
+    """Cell (x, y) of stride s sits at ((x + o) * s, (y + o) * s): 0.5 here, 0.0 for mmdetection and torchvision."""
 
     @property
     def num_levels(self) -> int:
@@ -98,6 +100,7 @@ def map_outputs(outputs: DenseOutputs, fn) -> DenseOutputs:
         strides=outputs.strides,
         reg_max=outputs.reg_max,
         backbone_features=None if outputs.backbone_features is None else tuple(fn(t) for t in outputs.backbone_features),
+        point_offset=outputs.point_offset,
     )
 
 
