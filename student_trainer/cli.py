@@ -70,6 +70,11 @@ def register(subparsers) -> None:
     model = parser.add_argument_group("student and losses")
     model.add_argument("--student", metavar="ARCH", help="student architecture: gfl_tiny (default), gfl_r18, gfl_r34, gfl_r50, gfl_r101")
     model.add_argument("--student-init", metavar="CKPT", help="initialise the student from a detcore checkpoint")
+    model.add_argument("--backbone-weights", metavar="FILE",
+                       help="ResNet state_dict (e.g. torchvision's ImageNet file; never downloaded) for a ResNet student; "
+                            "stem and first stage frozen, BatchNorm statistics frozen, as mmdetection does")
+    model.add_argument("--train-backbone-all", action="store_true", default=None,
+                       help="with --backbone-weights: also train the stem, the first stage and BatchNorm")
     model.add_argument("--losses", metavar="LIST", help="distillation terms, e.g. ld, ld,fgd, bcd, hgd, ld_main,ld_kd, none (default: ld)")
     model.add_argument("--config", metavar="FILE", help="run config file (JSON or YAML); flags override it")
     model.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -128,6 +133,7 @@ def run_config(config, *, progress: bool = True) -> int:
     """Run a resolved config (local or Ray Train) and map errors to exit codes."""
     from detcore.checkpoint import CheckpointError
     from detcore.coco import AnnotationError
+    from detcore.models.backbones import BackboneWeightsError
     from label_store.errors import FingerprintMismatchError, SchemaVersionError, StoreNotFoundError
     from student_trainer.data import ImageChangedError, StoreFitError
     from student_trainer.distill import TargetShapeError
@@ -136,7 +142,7 @@ def run_config(config, *, progress: bool = True) -> int:
 
     usage_errors = (
         StoreFitError, FingerprintMismatchError, TeacherMismatchError, ResumeMismatchError, StoreNotFoundError,
-        SchemaVersionError, AnnotationError, CheckpointError, TargetShapeError, ImageChangedError,
+        SchemaVersionError, AnnotationError, CheckpointError, TargetShapeError, ImageChangedError, BackboneWeightsError,
     )
     try:
         if config.num_ray_workers > 0:

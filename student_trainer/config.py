@@ -154,6 +154,11 @@ class StudentConfig:
     """R of the edge distributions; must equal the store's (checked at start)."""
     init: str | None = None
     """Optional detcore checkpoint to initialise the student from (weights only)."""
+    backbone_weights: str | None = None
+    """ResNet state_dict file (torchvision's ImageNet layout) to start the backbone from; never downloaded.
+    The stem and first stage are then frozen and BatchNorm statistics kept (mmdetection's convention)."""
+    train_backbone_all: bool = False
+    """With ``backbone_weights``: train the stem, the first stage and BatchNorm too."""
 
 
 @dataclass(frozen=True)
@@ -452,6 +457,8 @@ CLI_KEYS = {
     "max_images": "data.max_images",
     "student": "student.arch",
     "student_init": "student.init",
+    "backbone_weights": "student.backbone_weights",
+    "train_backbone_all": "student.train_backbone_all",
     "epochs": "optim.epochs",
     "iters": "optim.iters",
     "batch_size": "optim.batch_size",
@@ -568,6 +575,17 @@ def validate_run_config(config: TrainRunConfig) -> None:
         raise ConfigError(
             "TrainRunConfig(losses.ld.avg_factor_images=) expects a non-negative integer (0: the constants for the whole "
             f"batch). Got {config.losses.ld.avg_factor_images}."
+        )
+    student = config.student
+    if student.backbone_weights and student.arch == "gfl_tiny":
+        raise ConfigError(
+            "TrainRunConfig(student.backbone_weights=) is for ResNet students (gfl_r18, gfl_r34, gfl_r50, gfl_r101). "
+            "Got student.arch='gfl_tiny'; pass --student gfl_r18 (or another ResNet) with --backbone-weights."
+        )
+    if student.train_backbone_all and not student.backbone_weights:
+        raise ConfigError(
+            "TrainRunConfig(student.train_backbone_all=) applies to a pretrained backbone. Got no "
+            "student.backbone_weights; pass --backbone-weights FILE (a backbone from scratch trains everything)."
         )
     if data.canvas is not None and (len(data.canvas) != 2 or min(data.canvas) < 1):
         raise ConfigError(f"TrainRunConfig(data.canvas=) expects (H, W) with positive sides. Got {data.canvas}.")

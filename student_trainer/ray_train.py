@@ -169,5 +169,7 @@ def _absolute_paths(config):
         val_images=fix(config.data.val_images),
     )
     source = dataclasses.replace(config.source, teacher=fix(config.source.teacher))
-    student = dataclasses.replace(config.student, init=fix(config.student.init))
+    student = dataclasses.replace(
+        config.student, init=fix(config.student.init), backbone_weights=fix(config.student.backbone_weights)
+    )
     return dataclasses.replace(config, data=data, source=source, student=student, out=fix(config.out))

@@ -98,7 +98,8 @@ def config_identity(config: TrainRunConfig) -> dict[str, Any]:
     for key, value in flat.items():
         if any(key == free or key.startswith(free + ".") for free in _RESUME_FREE_KEYS):
             continue
-        if key in ("data.store", "data.annotations", "data.images", "source.teacher", "student.init") and value:
+        if key in ("data.store", "data.annotations", "data.images", "source.teacher", "student.init",
+                   "student.backbone_weights") and value:
             value = str(Path(value).resolve()) if "://" not in str(value) else value
         out[key] = value
     return out
@@ -287,6 +288,8 @@ def train_student(
     student = build_detector(
         student_cfg.arch, len(coco.classes), fpn_channels=student_cfg.fpn_channels, head_channels=student_cfg.head_channels,
         num_convs=student_cfg.num_convs, reg_max=student_cfg.reg_max, strides=student_cfg.strides,
+        backbone_weights=student_cfg.backbone_weights,
+        frozen_backbone_bn=None if student_cfg.backbone_weights is None else not student_cfg.train_backbone_all,
     )
     if student_cfg.init:
         student.load_state_dict(load_checkpoint(student_cfg.init)["model_state"])
