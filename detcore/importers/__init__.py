@@ -21,7 +21,11 @@ class TeacherImportError(ValueError):
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
-    """One class name per line; blank lines and surrounding spaces ignored."""
+    """One class name per line, surrounding spaces stripped; blank lines ignored.
+
+    Names may repeat (torchvision's COCO list has several ``N/A`` channels); mapping to a
+    dataset's categories happens at precompute.
+    """
     path = Path(path)
     if not path.is_file():
         raise TeacherImportError(f"--class-names expects a text file with one class name per line. Got {str(path)!r}, which does not exist.")
@@ -32,9 +36,6 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise TeacherImportError(f"--class-names expects at least one class name. {str(path)!r} holds none.")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise TeacherImportError(f"--class-names expects distinct names. {str(path)!r} repeats {duplicates[:5]}.")
     return names
 
 
