@@ -258,7 +258,7 @@ def teacher_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     if "architecture" in payload:
         architecture = payload["architecture"]
         return {
-            "architecture": str(architecture["family"]),
+            "architecture": str(architecture.get("name", architecture["family"])),
             "checkpoint_sha256": checkpoint_sha256(path),
             "classes": [str(c) for c in payload["classes"]],
             "canvas_hw": [int(v) for v in payload["canvas_hw"]],

@@ -136,8 +136,10 @@ def infer_architecture(state: Mapping[str, Tensor], num_classes_hint: int | None
         )
     strides = [2 ** (start_level + 2 + i) for i in range(num_outs)]
     depth = RESNET_DEPTHS.get((block, tuple(stage_blocks)))
+    backbone_name = f"r{depth}" if depth else f"resnet-{block}-{'-'.join(str(b) for b in stage_blocks)}"
     return {
         "family": FAMILY,
+        "name": f"mmdet_gfl_{backbone_name}_fpn{fpn_channels}",
         "backbone": {
             "depth": depth,
             "block": block,

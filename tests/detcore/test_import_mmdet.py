@@ -51,6 +51,7 @@ def test_imported_outputs_equal_mmdetection_forward_per_level(tmp_path, backbone
     assert arch["neck"]["out_channels"] == fpn and arch["head"]["feat_channels"] == feat
     assert arch["head"]["stacked_convs"] == convs and arch["head"]["num_classes"] == 5 and arch["reg_max"] == 7
     assert arch["strides"] == [8, 16, 32, 64, 128]
+    assert arch["name"] == (f"mmdet_gfl_r18_fpn{fpn}" if backbone is R18 else f"mmdet_gfl_r50_fpn{fpn}")
 
     model, meta = load_detector(out)
     assert meta["classes"] == tuple(CLASSES) and meta["point_offset"] == 0.0
@@ -92,7 +93,7 @@ def test_fingerprint_and_checkpoint_describe_the_imported_teacher(tmp_path):
     code, _, out = _import(tmp_path, mmdet_v3_file(state, CLASSES), "--canvas", "320x480")
     assert code == 0
     fingerprint = teacher_fingerprint(out)
-    assert fingerprint["architecture"] == "mmdet-gfl" and fingerprint["canvas_hw"] == [320, 480]
+    assert fingerprint["architecture"] == "mmdet_gfl_r18_fpn64" and fingerprint["canvas_hw"] == [320, 480]
     assert fingerprint["reg_max"] == 7 and fingerprint["point_offset"] == 0.0 and fingerprint["classes"] == CLASSES
     assert load_checkpoint(out)["metadata"] == {"source_file": "source.pth"}
 
