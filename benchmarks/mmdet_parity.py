@@ -107,7 +107,7 @@ def compare(depth, stage_channels, fpn_channels, feat_channels, stacked_convs, n
         source = os.path.join(tmp, "mmdet_gfl.pth")
         torch.save({"meta": {"dataset_meta": {"classes": classes}}, "state_dict": state}, source)
         import_teacher("mmdet-gfl", source, os.path.join(tmp, "teacher.pt"))
-        model, _ = load_detector(os.path.join(tmp, "teacher.pt"))
+        model = load_detector(os.path.join(tmp, "teacher.pt"))
     images = torch.randn(2, 3, *image_hw, generator=gen)
     with torch.no_grad():
         stages = backbone(images)

@@ -22,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+GROUPS = ("cls", "box", "edges", "fpn", "backbone")
 R50 = {"depth": 50, "block": "bottleneck", "stem_channels": 64, "stage_blocks": [3, 4, 6, 3], "stage_planes": [64, 128, 256, 512]}
 
 
@@ -63,7 +64,7 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from detcore.checkpoint import load_detector
+    from detcore.checkpoint import load_detector_with_meta
     from detcore.importers import import_teacher
     from detcore.views import plan_views, render
     from label_store import TeacherFingerprint, create_store, default_target_specs, inspect_store
@@ -77,7 +78,7 @@ def main() -> int:
         start = time.perf_counter()
         summary = import_teacher("mmdet-gfl", source, os.path.join(tmp, "teacher.pt"), canvas_hw=canvas)
         import_s = time.perf_counter() - start
-        model, meta = load_detector(summary["out"])
+        model, meta = load_detector_with_meta(summary["out"])
 
         rng = np.random.default_rng(0)
         image_hw = (480, 640)  # COCO's typical size, scaled up onto the canvas as mmdetection's keep-ratio rule does
@@ -92,9 +93,9 @@ def main() -> int:
                 if index > 0:
                     cpu_s.append(time.process_time() - cpu)
                     wall_s.append(time.perf_counter() - wall)
-                targets.append({k: v[0].float().numpy() for k, v in outputs.targets().items()})
+                targets.append({k: v[0].float().numpy() for k, v in outputs.to_targets(GROUPS).items()})
 
-        groups = ("cls", "box", "fpn", "backbone")
+        groups = GROUPS
         backbone_channels = [int(targets[0][f"backbone/{s}"].shape[0]) for s in ("c3", "c4", "c5")]
         specs = default_target_specs(args.classes, 16, canvas, meta["architecture"]["strides"], 256,
                                      backbone_channels=backbone_channels, groups=groups)

@@ -120,7 +120,7 @@ def import_teacher(
     """
     from detcore.checkpoint import (
         CHECKPOINT_FORMAT,
-        IMPORTED_FORMAT_VERSION,
+        IMPORTED_FORMAT_VERSIONS,
         checkpoint_sha256,
         preprocessing_spec,
         write_checkpoint_payload,
@@ -136,7 +136,7 @@ def import_teacher(
     architecture, model_state, classes = convert_source(source_format, source, names)
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "format_version": IMPORTED_FORMAT_VERSION,
+        "format_version": IMPORTED_FORMAT_VERSIONS[-1],
         "architecture": architecture,
         "classes": list(classes),
         "canvas_hw": [int(canvas_hw[0]), int(canvas_hw[1])],

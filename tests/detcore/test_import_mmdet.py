@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detcore.checkpoint import load_checkpoint, load_detector, teacher_fingerprint
+from detcore.checkpoint import load_checkpoint, load_detector, load_detector_with_meta, teacher_fingerprint
 from detcore.importers.mmdet_gfl import build_mmdet_gfl, convert_mmdet_gfl
 from distillery.cli import main
 from mmdet_layout import R18, R50_TINY, mmdet_gfl_state, mmdet_v2_file, mmdet_v3_file, reference_forward
@@ -53,8 +53,8 @@ def test_imported_outputs_equal_mmdetection_forward_per_level(tmp_path, backbone
     assert arch["strides"] == [8, 16, 32, 64, 128]
     assert arch["name"] == (f"mmdet_gfl_r18_fpn{fpn}" if backbone is R18 else f"mmdet_gfl_r50_fpn{fpn}")
 
-    model, meta = load_detector(out)
-    assert meta["classes"] == tuple(CLASSES) and meta["point_offset"] == 0.0
+    model, meta = load_detector_with_meta(out)
+    assert meta["classes"] == tuple(CLASSES) and meta["architecture"] == arch
     images = _images()
     with torch.no_grad():
         outputs = model(images, with_backbone=True)
@@ -68,6 +68,10 @@ def test_imported_outputs_equal_mmdetection_forward_per_level(tmp_path, backbone
         assert torch.equal(outputs.cls_logits[level], cls_ref[level])
         assert torch.equal(outputs.box_logits[level], reg_ref[level])
         assert outputs.box_logits[level].shape[1] == 4 * 8
+        # Edges: the expectation of each edge's distribution over bins 0..R (mmdetection's Integral).
+        probs = reg_ref[level].reshape(2, 4, 8, *reg_ref[level].shape[-2:]).softmax(dim=2)
+        expected = (probs * torch.arange(8.0)[:, None, None]).sum(dim=2)
+        torch.testing.assert_close(outputs.edge_distances()[level], expected, rtol=0, atol=1e-5)
     assert [tuple(t.shape[-2:]) for t in outputs.cls_logits] == [(13, 17), (7, 9), (4, 5), (2, 3), (1, 2)]
 
 
@@ -94,7 +98,8 @@ def test_fingerprint_and_checkpoint_describe_the_imported_teacher(tmp_path):
     assert code == 0
     fingerprint = teacher_fingerprint(out)
     assert fingerprint["architecture"] == "mmdet_gfl_r18_fpn64" and fingerprint["canvas_hw"] == [320, 480]
-    assert fingerprint["reg_max"] == 7 and fingerprint["point_offset"] == 0.0 and fingerprint["classes"] == CLASSES
+    assert fingerprint["reg_max"] == 7 and fingerprint["preprocessing"]["point_offset"] == 0.0
+    assert fingerprint["classes"] == CLASSES
     assert load_checkpoint(out)["metadata"] == {"source_file": "source.pth"}
 
 
@@ -144,7 +149,7 @@ def test_optional_keys_num_batches_tracked_and_project(tmp_path):
     lean = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked") and k != "bbox_head.integral.project"}
     code, _, out = _import(tmp_path, mmdet_v2_file(lean, CLASSES))
     assert code == 0
-    model, _ = load_detector(out)
+    model = load_detector(out)
     with torch.no_grad():
         assert torch.equal(model(_images()).cls_logits[0], reference_forward(state, _images())[2][0])
 
