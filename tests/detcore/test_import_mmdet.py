@@ -211,3 +211,24 @@ def test_help_explains_formats():
     assert result.returncode == 0
     for word in ("mmdet-gfl", "torchvision-fcos", "torchvision-retinanet", "--class-names", "meta['CLASSES']"):
         assert word in text
+
+
+def test_imported_teacher_through_the_teacher_api(tmp_path):
+    from detcore.teacher import load_teacher
+
+    state = mmdet_gfl_state(R18, fpn_channels=64, feat_channels=64, stacked_convs=1, reg_max=7)
+    code, _, out = _import(tmp_path, mmdet_v2_file(state, CLASSES), "--canvas", "96x128")
+    assert code == 0
+    teacher = load_teacher(out, device="cpu", precision="fp32")
+    assert teacher.classes == tuple(CLASSES) and teacher.canvas_hw == (96, 128) and teacher.point_offset == 0.0
+    assert teacher.strides == (8, 16, 32, 64, 128) and teacher.reg_max == 7
+    assert set(teacher.available_groups) == {"cls", "box", "edges", "fpn", "backbone"}
+    images = _images(96, 128)
+    outputs = teacher.forward(images, backbone=True)
+    with torch.no_grad():
+        c_ref, p_ref, cls_ref, reg_ref = reference_forward(state, images)
+    targets = outputs.to_targets(("cls", "box", "edges", "fpn", "backbone"))
+    assert torch.equal(targets["cls/p3"], cls_ref[0]) and torch.equal(targets["box/p7"], reg_ref[4])
+    assert torch.equal(targets["fpn/p5"], p_ref[2]) and torch.equal(targets["backbone/c5"], c_ref[2])
+    assert targets["edges/p3"].shape == (2, 4, 12, 16)
+    assert teacher.fingerprint()["architecture"] == "mmdet_gfl_r18_fpn64"
