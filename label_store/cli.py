@@ -58,6 +58,8 @@ def _print_inspect(info: dict) -> None:
         f"views            {info['views']} in {info['images']} images, {info['parts']} parts "
         f"({info['duplicate_views']} duplicate copies ignored, {info['uncommitted_parts']} uncommitted parts)"
     )
+    origins = info["views_by_origin"]
+    print(f"origin           {origins.get('precompute', 0)} views precomputed, {origins.get('endpoint', 0)} fetched from the endpoint (read-through)")
     print(f"failures         {len(info['failures'])}")
     ratio = info["ratio_vs_fp32"]
     print(
