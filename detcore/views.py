@@ -163,6 +163,17 @@ def range_scales(image_id: int, scale_range: tuple[float, float], views_per_imag
     return [lo + (hi - lo) * (i + float(u)) / views_per_image for i, u in enumerate(draws)]
 
 
+def parse_scale_range(text: str) -> tuple[float, float]:
+    """``"LO:HI"`` (``--scale-range``) -> ``(LO, HI)`` with 0 < LO <= HI <= 1; ValueError otherwise."""
+    try:
+        lo, hi = (float(v) for v in str(text).split(":"))
+    except ValueError:
+        raise ValueError(f"--scale-range expects LO:HI, two numbers with 0 < LO <= HI <= 1 (e.g. 0.8:1.0). Got {text!r}.") from None
+    if not (0 < lo <= hi <= 1):
+        raise ValueError(f"--scale-range expects LO:HI with 0 < LO <= HI <= 1 (e.g. 0.8:1.0). Got {text!r}.")
+    return (lo, hi)
+
+
 def check_scales(scales: Sequence[float] | None, scale_range: tuple[float, float] | None, views_per_image: int | None, where: str) -> None:
     """Raise `ViewError` for scale factors outside (0, 1] or an inconsistent ``--scale-range``."""
     if scale_range is not None:

@@ -150,7 +150,7 @@ class StoreViewDataset(Dataset):
         strict_hash: raise `ImageChangedError` instead of reporting a skip.
         photometric: jitter brightness and contrast of the rendered image (an
             approximation: the teacher saw the unjittered pixels).
-        regions: computes the view's distillation regions from its GT
+        regions: computes the view's distillation regions from its GT and canvas
             (`student_trainer.distill.GTRegions`, from `DistillationModel.region_spec`), so
             that the workers do it and not the training step; None for none.
 
@@ -169,7 +169,7 @@ class StoreViewDataset(Dataset):
         readable_keys: set[tuple[int, int]] | None = None,
         strict_hash: bool = False,
         photometric: bool = False,
-        regions: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
+        regions: Callable[[torch.Tensor, tuple[int, int]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.base = ViewDataset(dataset, views)
         self.regions = regions
@@ -202,7 +202,7 @@ class StoreViewDataset(Dataset):
         item["targets"] = None
         if self.target_reader is not None and (self.readable_keys is None or view.key in self.readable_keys):
             item["targets"] = self.target_reader.read(view.image_id, view.view_id)
-        item["regions"] = self.regions(item["gt_boxes"]) if self.regions is not None else None
+        item["regions"] = self.regions(item["gt_boxes"], (view.canvas_h, view.canvas_w)) if self.regions is not None else None
         if self.photometric:
             item["image"] = photometric_jitter(item["image"], item["valid_region"])
         return item
