@@ -267,6 +267,11 @@ def test_cli_bad_input_exits_2_before_starting_ray(data, tmp_path, capsys):
     assert "Missing: --teacher" in capsys.readouterr().err
     assert _cli(["precompute", "--annotations", str(data["annotations"]), *common, "--codec", "fpn=int9-view"]) == 2
     assert "int9-view" in capsys.readouterr().err
+    assert _cli(["precompute", "--annotations", str(data["annotations"]), *common, "--views-per-image", "2"]) == 2
+    assert "--scale-range" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(["precompute", "--annotations", str(data["annotations"]), *common, "--scale-range", "0.9:0.5"])
+    assert exit_info.value.code == 2 and "--scale-range expects LO:HI" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 
