@@ -100,12 +100,12 @@ def write_store(
     """Teacher forward over {original, flip} views of every image -> a committed store.
 
     ``orient=False`` plans every view on ``canvas`` as stores of schema 1 did (one canvas)."""
-    from detcore.checkpoint import load_detector, teacher_fingerprint
+    from detcore.checkpoint import load_detector_with_meta, teacher_fingerprint
     from detcore.coco import CocoDataset
     from detcore.views import content_hash, plan_views, render
     from label_store import TeacherFingerprint, create_store, default_target_specs
 
-    teacher, meta = load_detector(teacher_path)
+    teacher, meta = load_detector_with_meta(teacher_path)
     canvas = tuple(canvas or meta["canvas_hw"])
     coco = CocoDataset(annotations, images)
     fp = dict(teacher_fingerprint(teacher_path))
@@ -125,7 +125,7 @@ def write_store(
     rendered = [render(pixels[view.image_id], view) for view in views]
     for view, item in zip(views, rendered):
         with torch.no_grad():
-            outputs = teacher(item.image[None], with_backbone=True).targets()
+            outputs = teacher(item.image[None], with_backbone=True).to_targets(groups)
         part.append(
             {"image_id": view.image_id, "view_id": view.view_id, "view": view.to_json(),
              "content_hash": content_hash(pixels[view.image_id]), "valid_region": list(item.valid_region)},
