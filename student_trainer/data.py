@@ -107,12 +107,17 @@ class StoreTargetReader:
         url: store URL or path.
         names: target names to read.
         expected_fingerprint: checked by `label_store.open_store` on every open.
+        storage_options: fsspec options of a remote store.
     """
 
-    def __init__(self, url: str, names: Sequence[str], expected_fingerprint: Any = None) -> None:
+    def __init__(
+        self, url: str, names: Sequence[str], expected_fingerprint: Any = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.url = str(url)
         self.names = list(names)
         self.expected_fingerprint = expected_fingerprint
+        self.storage_options = dict(storage_options or {})
         self._reader = None
         self._pid: int | None = None
 
@@ -127,7 +132,8 @@ class StoreTargetReader:
         if self._reader is None or self._pid != os.getpid():
             from label_store import open_store
 
-            self._reader = open_store(self.url, expected_fingerprint=self.expected_fingerprint)
+            self._reader = open_store(self.url, expected_fingerprint=self.expected_fingerprint,
+                                      storage_options=self.storage_options)
             self._pid = os.getpid()
         return self._reader
 

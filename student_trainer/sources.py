@@ -44,6 +44,33 @@ class RemoteSourceError(TargetSourceError, ConnectionError):
     """The teacher endpoint failed, refused the request, or stayed overloaded past the retry budget."""
 
 
+class TokenVariableError(ValueError):
+    """Only the old token variable (`OLD_TOKEN_ENV`) is set: the endpoint would answer 401."""
+
+
+TOKEN_ENV = "DISTILLERY_TOKEN"
+"""Environment variable with the endpoint's bearer token: the one `distill serve` reads too."""
+OLD_TOKEN_ENV = "DISTILL_TOKEN"
+"""The variable earlier versions of the trainer read; refused, naming `TOKEN_ENV`."""
+
+
+def endpoint_token(explicit: str | None) -> str | None:
+    """The bearer token for the teacher endpoint: ``explicit`` (``--token``), else ``$DISTILLERY_TOKEN``.
+
+    Raises:
+        TokenVariableError: neither is set but ``$DISTILL_TOKEN`` is (old instructions).
+    """
+    import os
+
+    token = explicit or os.environ.get(TOKEN_ENV)
+    if not token and os.environ.get(OLD_TOKEN_ENV):
+        raise TokenVariableError(
+            f"the endpoint token is read from ${TOKEN_ENV} (the variable `distill serve` reads). Got only "
+            f"${OLD_TOKEN_ENV}, which is no longer read; export {TOKEN_ENV} with the same value (or pass --token)."
+        )
+    return token
+
+
 class TeacherMismatchError(ValueError):
     """Two teachers that must be the same (store and endpoint, or a teacher that changed mid-run) differ."""
 
@@ -165,17 +192,22 @@ class StoreSource(TargetSource):
         url: store URL or path (local, or fsspec).
         names: target names to read.
         expected_fingerprint: refuse a store made by another teacher (`label_store.FingerprintMismatchError`).
+        storage_options: fsspec options of a remote store (`DataConfig.storage_options`).
     """
 
     kind = "store"
 
-    def __init__(self, url: str, names: Sequence[str], expected_fingerprint: Any = None) -> None:
+    def __init__(
+        self, url: str, names: Sequence[str], expected_fingerprint: Any = None,
+        storage_options: Sequence[tuple[str, Any]] | Mapping[str, Any] = (),
+    ) -> None:
         from label_store import open_store
 
         self.url = str(url)
         self.names = list(names)
         self.expected_fingerprint = expected_fingerprint
-        self.reader = open_store(self.url, expected_fingerprint=expected_fingerprint)
+        self.storage_options = dict(storage_options)
+        self.reader = open_store(self.url, expected_fingerprint=expected_fingerprint, storage_options=self.storage_options)
         self._keys = None
 
     @property
@@ -202,7 +234,8 @@ class StoreSource(TargetSource):
         return out
 
     def worker_reader(self) -> StoreTargetReader:
-        return StoreTargetReader(self.url, self.names, expected_fingerprint=self.fingerprint)
+        return StoreTargetReader(self.url, self.names, expected_fingerprint=self.fingerprint,
+                                 storage_options=self.storage_options)
 
     def readable_keys(self) -> set[tuple[int, int]]:
         return set(self.keys())
@@ -519,20 +552,20 @@ class InProcessTeacherSource(TargetSource):
 
 def build_source(config, names: Sequence[str], *, device: str | torch.device = "cpu", expected_fingerprint: Any = None) -> TargetSource:
     """The source a run config asks for (`student_trainer.config.SourceConfig`)."""
-    import os
-
     source = config.source
-    token = source.token or os.environ.get("DISTILL_TOKEN")
+    token = endpoint_token(source.token) if source.kind in ("remote", "read-through") else None
     kind = source.kind
     if kind == "store":
-        return StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint)
+        return StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint,
+                           storage_options=config.data.storage_options)
     if kind == "remote":
         return RemoteSource(
             source.endpoint, names, token=token, expected_fingerprint=expected_fingerprint,
             timeout_s=source.timeout_s, max_retries=source.max_retries,
         )
     if kind == "read-through":
-        store = StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint)
+        store = StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint,
+                            storage_options=config.data.storage_options)
         remote = RemoteSource(
             source.endpoint, names, token=token, expected_fingerprint=store.fingerprint,
             timeout_s=source.timeout_s, max_retries=source.max_retries,
@@ -552,5 +585,7 @@ __all__ = [
     "TargetSource",
     "TargetSourceError",
     "TeacherMismatchError",
+    "TokenVariableError",
     "build_source",
+    "endpoint_token",
 ]
