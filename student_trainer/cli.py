@@ -96,8 +96,9 @@ def register(subparsers) -> None:
     length = optim.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, metavar="N", help="passes over the images, one view each (default: 12)")
     length.add_argument("--iters", type=int, metavar="N", help="optimizer steps (overrides epochs)")
-    optim.add_argument("--batch-size", type=int, metavar="B", help="images per step, per worker (default: 8)")
-    optim.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3 adamw, 0.01 sgd)")
+    optim.add_argument("--batch-size", type=int, metavar="B", help="images per step, per worker: the global batch is B x --ray-workers (default: 8)")
+    optim.add_argument("--lr", type=float, help="peak learning rate, never rescaled by the number of workers; for a k times larger global "
+                       "batch, scale it by k (sgd) or sqrt(k) (adamw) yourself (default: 2e-3 adamw, 0.01 sgd)")
     optim.add_argument("--optimizer", choices=("adamw", "sgd"), help="optimizer and schedule (default: adamw, cosine)")
     optim.add_argument("--seed", type=int, help="initialisation and view-sampling seed (default: 0)")
     optim.add_argument("--eval-every", type=int, metavar="EPOCHS", help="COCO AP every N epochs (default: 0, only at the end)")
@@ -108,7 +109,8 @@ def register(subparsers) -> None:
     run.add_argument("--out", metavar="DIR", help="output folder (default: runs/student)")
     run.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     run.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads")
-    run.add_argument("--ray-workers", type=int, metavar="N", help="data-parallel Ray Train workers (0: train in this process)")
+    run.add_argument("--ray-workers", type=int, metavar="N", help="data-parallel Ray Train workers (0: train in this process); the global batch is --batch-size x N "
+                     "and --lr is not rescaled (see docs/operations.md, 'Training on many workers')")
     run.add_argument("--address", help="Ray cluster address for --ray-workers (default: a local cluster)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar, log lines instead (also when TQDM_DISABLE is set)")

@@ -189,6 +189,17 @@ def _resolve_views(config: TrainRunConfig, coco, store_source, canvas_hw, orient
     return views, hashes, note
 
 
+def parameter_digest(model: Any) -> str:
+    """SHA-256 of every parameter's bytes, in registration order (buffers excluded: BatchNorm's running
+    statistics are updated from each rank's own batch after DDP's broadcast)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for parameter in model.parameters():
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def train_student(
     config: TrainRunConfig,
     *,
@@ -460,6 +471,8 @@ def train_student(
                 if step % config.schedule.checkpoint_every == 0 or step == total_steps or epoch_done:
                     save_last()
                 if epoch_done or step == total_steps:
+                    if source is not None:
+                        source.flush()  # read-through: what this epoch fetched is committed before the next reads
                     done_epochs = step // iters_per_epoch
                     every = config.schedule.eval_every
                     if every and done_epochs % every == 0 and step < total_steps:
@@ -481,6 +494,10 @@ def train_student(
         stop.restore()
         bar.close()
 
+    # Data-parallel ranks must end with bit-identical parameters (DDP averages the gradients).
+    digests = dist.gather(parameter_digest(model)) if dist.gather is not None else [parameter_digest(model)]
+    if len(set(digests)) > 1:
+        logger.error("rank %d: the ranks' parameters differ after step %d (digests %s)", dist.rank, step, [d[:12] for d in digests])
     if dist.gather is not None:
         for report in dist.gather(failures.to_dict()):
             for bucket in ("changed", "undecodable"):
@@ -491,10 +508,12 @@ def train_student(
         "losses": list(losses.enabled),
         "source": source.describe() if source is not None else {"kind": "none", "store": config.data.store},
         "step": step,
+        "resumed_from_step": start_step,
         "total_steps": total_steps,
         "iters_per_epoch": iters_per_epoch,
         "epochs": round(step / iters_per_epoch, 3),
         "world_size": dist.world_size,
+        "parameter_digests": digests,
         "train_seconds": round(train_seconds, 3),
         "images_per_second": round(images_seen / train_seconds, 3) if train_seconds > 0 else None,
         "num_parameters": int(sum(p.numel() for p in student.parameters())),

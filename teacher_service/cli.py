@@ -34,7 +34,8 @@ made by the project's own commands if missing).
 The summary's "bound by" row says which side limited the job: the teacher, or decoding
 and writing on the CPU. With a GPU teacher it is usually the CPU side (writing, i.e. the
 codecs' compression): give the cluster more CPUs (--address, CPU-only Ray nodes) or use
-cheaper codecs, e.g. --codec fpn=int6-view-dhw+zstd3 --codec backbone=int6-view+zstd3.
+cheaper codecs: --codec-profile fast (the default with a GPU teacher), or e.g.
+--codec fpn=int6-view-dhw+zstd3 --codec backbone=int6-view+zstd3.
 """
 
 PRECOMPUTE_EPILOG = """\
@@ -152,6 +153,10 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
                             "default stores all four, as `distill quickstart` does)")
     views.add_argument("--codec", type=_key_value("--codec"), action="append", default=[], metavar="NAME=CODEC",
                        help="codec override for a group or target, e.g. fpn=int8-channel or cls/p3=fp16 (repeatable)")
+    views.add_argument("--codec-profile", choices=("small", "fast"), default=None,
+                       help="default codecs: small (zstd 15, fewest bytes) or fast (the same quantizers with a fast "
+                            "zstd level, for writers that keep up with a GPU teacher); --codec overrides win "
+                            "(default: fast when the teacher runs on a GPU, else small)")
     job = parser.add_argument_group("execution")
     job.add_argument("--batch-size", type=_positive_int, default=8, help="views per teacher forward pass (default: 8)")
     job.add_argument("--num-actors", type=_positive_int, default=1,
@@ -280,6 +285,7 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         flip=not args.no_flip,
         target_groups=inputs.targets,
         codecs=tuple(args.codec),
+        codec_profile=args.codec_profile or "auto",
         batch_size=args.batch_size,
         num_actors=args.num_actors,
         cpus_per_actor=args.cpus_per_actor,

@@ -95,9 +95,10 @@ def write_store(
     groups=("cls", "box", "fpn", "backbone"),
     image_ids: Sequence[int] | None = None,
     fingerprint_overrides: dict | None = None,
+    flip: bool = True,
     orient: bool = True,
 ) -> Path:
-    """Teacher forward over {original, flip} views of every image -> a committed store.
+    """Teacher forward over {original, flip} views of every image (original only without ``flip``) -> a committed store.
 
     ``orient=False`` plans every view on ``canvas`` as stores of schema 1 did (one canvas)."""
     from detcore.checkpoint import load_detector_with_meta, teacher_fingerprint
@@ -119,7 +120,7 @@ def write_store(
     )
     store = create_store(str(url), fingerprint, specs, canvases=None if orient else [canvas])
     ids = list(image_ids) if image_ids is not None else coco.image_ids
-    views = plan_views([(i, coco.record(i).height, coco.record(i).width) for i in ids], canvas_hw=canvas, flip=True, orient=orient)
+    views = plan_views([(i, coco.record(i).height, coco.record(i).width) for i in ids], canvas_hw=canvas, flip=flip, orient=orient)
     part = store.open_part("part-0")
     pixels = {i: coco.load(i) for i in ids}
     rendered = [render(pixels[view.image_id], view) for view in views]
