@@ -8,21 +8,27 @@ names case-insensitively with ``_`` and space alike (``traffic_light`` = ``Traff
 ``class_map`` renames teacher classes (teacher name -> dataset name), teacher classes the
 dataset lacks are dropped, and dataset categories the teacher lacks are an error unless
 ``allow_missing``. `ClassMapping.apply` turns the teacher's class logits into the dataset's K
-channels in the dataset's order; a missing category's channel holds `MISSING_CLASS_LOGIT`
-and `ClassMapping.class_mask` is False there, so class distillation leaves it out.
+channels in the dataset's order; a missing category's channel holds filler (see
+`MISSING_CLASS_LOGIT`) and `ClassMapping.class_mask` is False there, so class distillation
+leaves it out.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 MISSING_CLASS_LOGIT = -10.0
-"""Logit of a dataset category the teacher does not know: sigmoid(-10) ~ 4.5e-5, "never seen".
-Finite so that every store codec takes it; losses mask the channel out (`class_mask`)."""
+"""Logit of a dataset category the teacher does not know when it knows none of them
+(sigmoid(-10) ~ 4.5e-5). Otherwise such a channel holds the lowest logit of the known
+categories at the same point: never a higher score than a real class, and inside the range
+the store's codecs quantize already. Class distillation masks it out (`class_mask`)."""
 
 
 class ClassMappingError(ValueError):
@@ -87,7 +93,8 @@ class ClassMapping:
     def apply(self, cls_logits: Sequence["Tensor"]) -> tuple["Tensor", ...]:
         """Teacher class logits per level Tensor[B, K_t, H, W] -> Tensor[B, K, H, W] in the dataset's order.
 
-        Missing categories hold `MISSING_CLASS_LOGIT`. The identity mapping returns the tensors as given.
+        A missing category holds the lowest known-category logit at its point (`MISSING_CLASS_LOGIT`
+        when every category is missing). The identity mapping returns the tensors as given.
         """
         import torch
 
@@ -105,8 +112,12 @@ class ClassMapping:
             index = torch.tensor([max(i, 0) for i in self.teacher_index], dtype=torch.long, device=logits.device)
             mapped = logits.index_select(1, index)
             if self.missing_dataset_classes:
-                present = torch.tensor(self.class_mask, dtype=torch.bool, device=logits.device).view(1, -1, 1, 1)
-                mapped = mapped.masked_fill(~present, MISSING_CLASS_LOGIT)
+                present = torch.tensor(self.class_mask, dtype=torch.bool, device=logits.device)
+                if present.any():
+                    lowest = mapped[:, present].amin(dim=1, keepdim=True)
+                    mapped = torch.where(present.view(1, -1, 1, 1), mapped, lowest)
+                else:
+                    mapped = torch.full_like(mapped, MISSING_CLASS_LOGIT)
             out.append(mapped)
         return tuple(out)
 
@@ -150,6 +161,28 @@ class ClassMapping:
         if self.missing_dataset_classes:
             lines.append("missing dataset categories (left out of class distillation): " + ", ".join(self.missing_dataset_classes))
         return "\n".join(lines)
+
+
+def read_class_map(path: str | os.PathLike, flag: str = "--class-map") -> dict[str, str]:
+    """A class map file: a JSON object of teacher name -> dataset name.
+
+    Raises:
+        ClassMappingError: the file is missing, not JSON, or not an object of strings (names ``flag``).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ClassMappingError(f"{flag} expects a readable JSON file. Could not read {str(path)!r}: {error.strerror or error}.") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ClassMappingError(f"{flag} expects a JSON object (teacher name -> dataset name). {str(path)!r} is not JSON: {error}.") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ClassMappingError(
+            f"{flag} expects a JSON object of teacher name -> dataset name strings, e.g. {{\"motorbike\": \"motorcycle\"}}. "
+            f"Got {type(data).__name__} in {str(path)!r}."
+        )
+    return data
 
 
 def map_classes(

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from detcore.classes import MISSING_CLASS_LOGIT, ClassMapping, ClassMappingError, MissingClassesError, map_classes
+from detcore.classes import MISSING_CLASS_LOGIT, ClassMapping, ClassMappingError, MissingClassesError, map_classes, read_class_map
 
 DATASET = ["person", "traffic light", "dog"]
 
@@ -49,7 +49,28 @@ def test_missing_dataset_class_allowed_is_masked_and_filled():
     assert mapping.missing_dataset_classes == ("traffic light",)
     assert mapping.dropped_teacher_classes == ("cat",)
     mapped = mapping.apply(_levels(3))[0]
-    assert torch.equal(mapped[0, :, 1, 1], torch.tensor([1.0, MISSING_CLASS_LOGIT, 0.0]))
+    # The filler is the lowest known logit at the point (here teacher channel 0, "dog").
+    assert torch.equal(mapped[0, :, 1, 1], torch.tensor([1.0, 0.0, 0.0]))
+    levels = _levels(3)
+    levels[0][1, :, 2, 3] = torch.tensor([-3.0, 5.0, 7.0])
+    assert torch.equal(mapping.apply(levels)[0][1, :, 2, 3], torch.tensor([5.0, -3.0, -3.0]))
+    nothing_known = map_classes(["cat"], DATASET, allow_missing=True)
+    assert nothing_known.class_mask == (False, False, False)
+    assert torch.equal(nothing_known.apply(_levels(1))[1], torch.full((2, 3, 2, 2), MISSING_CLASS_LOGIT))
+
+
+def test_read_class_map(tmp_path):
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"motorbike": "motorcycle"}))
+    assert read_class_map(path) == {"motorbike": "motorcycle"}
+    path.write_text("[1, 2]")
+    with pytest.raises(ClassMappingError, match="--class-map expects a JSON object"):
+        read_class_map(path)
+    path.write_text("{nope")
+    with pytest.raises(ClassMappingError, match="is not JSON"):
+        read_class_map(path)
+    with pytest.raises(ClassMappingError, match="readable JSON file"):
+        read_class_map(tmp_path / "absent.json")
 
 
 def test_renames_via_class_map():
