@@ -70,6 +70,10 @@ class PrecomputeConfig:
     """Target groups to store, from `TARGET_GROUPS`."""
     codecs: tuple[tuple[str, str], ...] = ()
     """Codec overrides ``((group or target name, codec name), ...)``, e.g. ``(("fpn", "int8-channel"),)``."""
+    class_map: tuple[tuple[str, str], ...] = ()
+    """Teacher class renames ``((teacher name, dataset name), ...)`` for `detcore.classes.map_classes`."""
+    allow_missing_classes: bool = False
+    """Accept dataset categories the teacher lacks: recorded in the store, left out of class distillation."""
     batch_size: int = 8
     """Views per teacher forward pass."""
     num_actors: int = 1
