@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Build .whl/site312.tar.xz: the Python packages the project needs that a lent GPU machine's
+# Build .whl/site312.tar.xz: the Python packages the project needs that a GPU machine's
 # image lacks (its python3 is 3.12 with torch, numpy, pyarrow, pandas and most of the rest),
 # as one unpacked site folder for `benchmarks/gpu_check.sh` to extract onto PYTHONPATH.
 # Versions are requirements.lock's; wheels for CPython 3.12 on x86_64 Linux come from the
 # package index (pip download, no install). The Ray wheel loses its Java jars, its dashboard's
-# web client and RLlib (none used) so that the bundle fits the device tool's 64 MiB limit
+# web client and RLlib (none used) so that the bundle stays small
 # (~37 MB). Run from anywhere; `.whl/` is git-ignored.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

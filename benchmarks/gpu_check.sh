@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements of benchmarks/, as one command for a lent GPU machine (the `device`
-# tool of this workplace, or any CUDA machine with the project's dependencies).
+# The GPU measurements of benchmarks/, as one command for any CUDA machine with the
+# project's dependencies.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]          (STEPS="name ..." runs only those steps)
 #
@@ -10,23 +10,21 @@
 #    stored targets against a float32 forward on the GPU; the r18 step adds a warm job with
 #    the quantization back in the write tasks (--quantize-on-device off), the r50 step one with
 #    0.34 CPU per task; and the r18 job again with zstd level 3 instead of 15 in the cls, box
-#    and fpn codecs (the "bound by" row's advice when writing binds). (Session 13's runs also
-#    had --also-cpus-per-task 0.5,0.34 and --also-no-reservation, before --quantize-on-device
-#    existed.)
+#    and fpn codecs (the "bound by" row's advice when writing binds).
 # 2. training step time on the GPU (benchmarks/train_step_speed.py --device cuda): no KD vs
 #    offline targets vs the in-process teacher; with the loader in the step (workers 0, steps
 #    alternating), and with 6 DataLoader workers, one configuration at a time (--sequential).
 # GPU utilisation is sampled once a second into OUT_DIR/gpu.csv. Each step has a time limit,
 # so a hang costs one step, not the run. Python packages the machine lacks can come as an
-# unpacked site folder in .whl/site312.tar.xz, built here by benchmarks/gpu_bundle.sh; with the
-# device tool: run(command="bash benchmarks/gpu_check.sh $OUT", carry=[".whl"]).
+# unpacked site folder in .whl/site312.tar.xz, built here by benchmarks/gpu_bundle.sh; carry
+# that folder with the repository to the GPU machine.
 set -u
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-/tmp/distillery-gpu-check}}"
 mkdir -p "$out"
 if [ -f .whl/site312.tar.xz ]; then
     mkdir -p /tmp/site && tar -xJf .whl/site312.tar.xz -C /tmp/site || exit 1
-    # Bundles built before 2026-12-04 lost the exec bits of Ray's own programs (zipfile -e drops them).
+    # Bundles unpacked with `zipfile -e` lose the exec bits of Ray's own programs: restore them.
     find /tmp/site/ray/core -type f ! -name '*.py' -exec chmod +x {} +
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi

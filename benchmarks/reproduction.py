@@ -1,7 +1,7 @@
 """The reproduction table: every distillation method against the same student baseline.
 
 Pipeline, each step a `distill` subprocess exactly as a user types it (finished steps are
-skipped on a re-run, so the table can be filled over several runs and sessions):
+skipped on a re-run, so the table can be filled over several runs):
 
     distill data synth        the synthetic benchmark (train + val split)
     distill detector train    the teacher (gfl_r18, 64 FPN/head channels by default)
@@ -90,9 +90,9 @@ ROWS = [
     Row("+ LD + FGD", "ld,fgd"),
     Row("+ LD, in-process teacher", "ld", source="inprocess"),
     # Not a released recipe: LD's two KL terms at T = 5 instead of 10, which helped with the
-    # second teacher and not with the first (benchmarks/RESULTS.md, "LD's temperature" and "LD's
-    # temperature and weight on the first teacher"). It was chosen on the same val split the
-    # table reports, so read it as a tuned row, apart from the released one.
+    # second teacher and not with the first (benchmarks/RESULTS.md, "Reproduction"). It was
+    # chosen on the same val split the table reports, so read it as a tuned row, apart from
+    # the released one.
     Row("+ LD at T = 5 (tuned here, not released)", "ld", sets=("losses.ld.main_temperature=5", "losses.ld.vlr_temperature=5"),
         tag="t5"),
     # Everything LD's released training configs turn on: the paper's LD plus their feature

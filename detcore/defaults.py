@@ -14,7 +14,7 @@ from pathlib import Path
 
 @dataclass(frozen=True, slots=True)
 class Preset:
-    """Budgets of one quickstart preset (all measured on the 2-core CPU machine)."""
+    """Budgets of one quickstart preset."""
 
     name: str
     """Preset name, used in directory names."""

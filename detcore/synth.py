@@ -31,10 +31,9 @@ number of worker processes gives the same bytes; PNGs are written with fixed set
 Identical bytes across machines need the same numpy, Pillow and zlib versions.
 
 Default benchmark size: 5000 train and 500 val images (``distill data synth``), about
-26,500 objects and 650 MB of PNGs. Measured on the 2-core CPU machine (2026-11-22):
-12 ms per image to draw, 20-23 ms per image including PNG encoding and writing, in one
-process; the full default took 152 s with other jobs sharing the machine
-(``benchmarks/synth_speed.py``; benchmarks/RESULTS.md, "Synthetic dataset generation").
+26,500 objects and 650 MB of PNGs; about 12 ms per image to draw and 20 ms including PNG
+encoding and writing, per process (``benchmarks/synth_speed.py``; benchmarks/RESULTS.md,
+"Synthetic dataset generation").
 
 Legend: H x W image; S x S object patch; all masks are boolean numpy arrays.
 """

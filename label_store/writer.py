@@ -17,7 +17,7 @@ Store layout (a zarr v3 hierarchy; N views in a part, S views per shard)::
 The writer builds every shard file itself (`label_store._shard.encode_shard`: byte for byte
 what zarr-python writes for the same codes) and takes every zarr.json from zarr-python, so
 any zarr v3 reader opens the store; going through zarr-python's per-chunk pipeline cost
-more CPU than the compression (benchmarks/RESULTS.md, "Shards and throughput").
+more CPU than the compression (benchmarks/RESULTS.md, "Store writes").
 
 Concurrency and failure rules:
     * A part is written by one `PartWriter` into its own directory (``<part_id>.<attempt>``,
@@ -74,7 +74,7 @@ from label_store.fidelity import FidelityAccumulator
 from label_store.schema import BACKBONE_STRIDES, SCHEMA_VERSION, TargetSpec, TeacherFingerprint, level_name
 
 DEFAULT_VIEWS_PER_SHARD = 16
-"""Views per shard file (see benchmarks/RESULTS.md, "Label store", for the measurement)."""
+"""Views per shard file: about one file per view, read as fast as larger shards (benchmarks/RESULTS.md, "Store reads")."""
 DEFAULT_FIDELITY_VIEWS = 2
 """Views per part whose codec fidelity is measured at write time."""
 

@@ -102,7 +102,7 @@ class PrecomputeConfig:
     """On a local cluster started by the job with a CPU teacher (Linux): keep the teacher
     actors on cores of their own and decoding and writing on the others (`cpu_pinning`).
     Without it, preemptions cost a CPU teacher 8-15% of its speed on a 2-core machine
-    (benchmarks/RESULTS.md, "Precompute job")."""
+    (benchmarks/RESULTS.md, "CPU pinning and block size")."""
     storage_options: tuple[tuple[str, str], ...] = ()
     """fsspec options for a remote store, ``((key, value), ...)``."""
     image_ids: tuple[int, ...] | None = None
@@ -130,7 +130,7 @@ class PrecomputeConfig:
         whatever its size, and with a fast teacher that fixed cost competes with the
         forward for the CPU (at canvas 128 on 2 cores, 32-view blocks instead of 8-view ones
         took a 1600-view job from 1.79x to 1.58x the bare forward; benchmarks/RESULTS.md,
-        "Precompute job"). The teacher still runs `batch_size` views per forward pass, and
+        "CPU pinning and block size"). The teacher still runs `batch_size` views per forward pass, and
         the write task still gathers at least `views_per_part` rows per part.
         """
         return self.batch_size * math.ceil(self.views_per_part / self.batch_size)
@@ -402,7 +402,7 @@ def store_layout(config: PrecomputeConfig) -> StoreLayout:
 def _keep_existing_codecs(config: PrecomputeConfig, specs: list, per_group: dict, per_target: dict) -> list:
     """Resuming a store: targets whose codec the caller did not choose keep the store's codec.
 
-    The defaults change as they are re-measured; a store filled under older defaults must
+    Default codecs can change between versions; a store filled under older defaults must
     still resume with the same command. An explicit ``codecs`` choice that differs from the
     store is still refused (by `create_store`, naming each target).
     """
@@ -527,7 +527,7 @@ def local_cluster_cpus(config: PrecomputeConfig, cpu_count: int, *, pinned: bool
     the teacher ``pinned`` (`cpu_pinning`) it also gets room for a decode *and* a write
     task at once: with one task slot, Ray Data runs every decode task before the first
     write, so the teacher's outputs pile up in the object store and the writes pile up at
-    the end (measured: the first part written after 23 s of a 47 s job). A 2-core machine
+    the end. A 2-core machine
     with one 1-CPU teacher actor then gets 3 logical CPUs: the teacher's core, and the
     other core shared by the (niced) decode and write tasks. Without pinning the extra
     slot is not given: the concurrent tasks then slow an unpinned CPU teacher down more

@@ -75,7 +75,7 @@ class LDConfig:
     3). So a batch of B images here divides by ``avg_factor * B / avg_factor_images``,
     which keeps LD's strength per image, and relative to the detection losses (normalised
     by the number of positives), whatever the batch size. 0 divides the whole batch by the
-    constants (the behaviour before 2026-12-01: at batch 16, 8x the released strength)."""
+    constants (at batch 16, 8x the released strength)."""
     im_weight: float = 2.0
     """Loss weight of the release's feature imitation (term ``ld_im``, off unless enabled):
     ``loss_im=dict(type='IMLoss', loss_weight=2.0)`` in the authors' training configs."""

@@ -11,7 +11,6 @@ import asyncio
 import json
 import pickle
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -102,6 +101,27 @@ def test_is_loopback(host, expected):
 
 
 # batcher -----------------------------------------------------------------------------
+# Concurrent steps are ordered with events, never with wall-clock sleeps. A deadline far
+# beyond any test (`_NEVER_S`) turns "did not wait" into "finished at all"; `_HANG_S` only
+# turns a hang into a failure.
+_NEVER_S = 3600.0
+_HANG_S = 60.0
+
+
+async def _until(condition, max_yields=1000):
+    """Yield to the event loop (no wall-clock wait) until ``condition()`` holds."""
+    for _ in range(max_yields):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the event loop went idle before the condition held")
+
+
+async def _entered(event: threading.Event) -> None:
+    """Wait, without blocking the loop, until the worker thread has set ``event``."""
+    assert await asyncio.to_thread(event.wait, _HANG_S), "run_batch was never called"
+
+
 def test_batcher_groups_concurrent_items_and_keeps_order():
     calls: list[list[int]] = []
 
@@ -131,67 +151,65 @@ def test_batcher_waits_only_for_announced_views():
         return items
 
     async def main():
-        batcher = DynamicBatcher(run, max_batch=8, max_wait_s=2.0, max_queue=32)
+        batcher = DynamicBatcher(run, max_batch=8, max_wait_s=_NEVER_S, max_queue=32)
         batcher.start()
-        started = time.perf_counter()
-        assert await batcher.submit(["alone"]) == ["alone"]
-        lone = time.perf_counter() - started
+        # Nothing announced: a lone request runs at once, long before its deadline.
+        lone = await asyncio.wait_for(batcher.submit(["alone"]), _HANG_S)
         # Another request is still decoding two views: the first one waits for them.
         batcher.announce(2)
-
-        async def late():
-            await asyncio.sleep(0.2)
-            batcher.retract(2)
-            return await batcher.submit(["b", "c"])
-
-        started = time.perf_counter()
-        results = await asyncio.gather(batcher.submit(["a"]), late())
-        together = time.perf_counter() - started
+        first = asyncio.ensure_future(batcher.submit(["a"]))
+        await _until(lambda: batcher.queue_depth == 1)
+        for _ in range(50):  # give the worker every chance to take "a" alone
+            await asyncio.sleep(0)
+        held = batcher.queue_depth
+        batcher.retract(2)
+        late = asyncio.ensure_future(batcher.submit(["b", "c"]))
+        together = await asyncio.wait_for(asyncio.gather(first, late), _HANG_S)
         # A request that fails while decoding retracts its views: no wait until the deadline.
         batcher.announce(1)
         task = asyncio.ensure_future(batcher.submit(["d"]))
-        await asyncio.sleep(0.05)
+        await _until(lambda: batcher.queue_depth == 1)
         batcher.retract(1)
-        started = time.perf_counter()
-        await task
-        released = time.perf_counter() - started
+        released = await asyncio.wait_for(task, _HANG_S)
         await batcher.close()
-        return lone, results, together, released
+        return lone, held, together, released
 
-    lone, results, together, released = asyncio.run(main())
-    assert lone < 1.0  # far below max_wait_s = 2 s
-    assert results == [["a"], ["b", "c"]]
-    assert calls[1] == ["a", "b", "c"] and 0.15 < together < 1.5
-    assert released < 1.0
+    lone, held, together, released = asyncio.run(main())
+    assert lone == ["alone"]
+    assert held == 1  # "a" still waited for the announced views
+    assert together == [["a"], ["b", "c"]]
+    assert calls[1] == ["a", "b", "c"]
+    assert released == ["d"] and calls[2] == ["d"]
 
 
 def test_batcher_refuses_beyond_max_queue_immediately():
+    entered = threading.Event()
     release = threading.Event()
 
     def run(items):
-        release.wait(5)
+        entered.set()
+        release.wait(_HANG_S)
         return items
 
     async def main():
         batcher = DynamicBatcher(run, max_batch=1, max_wait_s=0.0, max_queue=2)
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(["a"]))
-        await asyncio.sleep(0.05)  # "a" is in the forward pass; the queue is empty
+        await _entered(entered)  # "a" is in the forward pass; the queue is empty
         second = asyncio.ensure_future(batcher.submit(["b", "c"]))
-        await asyncio.sleep(0.01)
-        assert batcher.queue_depth == 2
-        started = time.perf_counter()
+        await _until(lambda: batcher.queue_depth == 2)
+        # The forward pass is still blocked: an answer now cannot have waited for room.
         with pytest.raises(Overloaded) as info:
-            await batcher.submit(["d"])
-        refused_in = time.perf_counter() - started
+            await asyncio.wait_for(batcher.submit(["d"]), _HANG_S)
+        refused_while_busy = not release.is_set()
         release.set()
         results = await asyncio.gather(first, second)
         await batcher.close()
-        return info.value, refused_in, results
+        return info.value, refused_while_busy, results
 
-    error, refused_in, results = asyncio.run(main())
+    error, refused_while_busy, results = asyncio.run(main())
     assert error.status == 503 and int(error.headers["Retry-After"]) >= 1
-    assert refused_in < 1.0
+    assert refused_while_busy
     assert results == [["a"], ["b", "c"]]
 
 
@@ -215,25 +233,27 @@ def test_batcher_failure_fails_only_that_batch():
 
 def test_batcher_skips_views_of_cancelled_requests():
     seen: list[str] = []
+    entered = threading.Event()
     release = threading.Event()
 
     def run(items):
         seen.extend(items)
-        release.wait(5)
+        entered.set()
+        release.wait(_HANG_S)
         return items
 
     async def main():
         batcher = DynamicBatcher(run, max_batch=8, max_wait_s=0.0, max_queue=8)
         batcher.start()
         blocker = asyncio.ensure_future(batcher.submit(["first"]))
-        await asyncio.sleep(0.05)
+        await _entered(entered)
         doomed = asyncio.ensure_future(batcher.submit(["gone"]))
-        await asyncio.sleep(0.01)
+        await _until(lambda: batcher.queue_depth == 1)
         doomed.cancel()
         kept = asyncio.ensure_future(batcher.submit(["kept"]))
-        await asyncio.sleep(0.01)
+        await _until(lambda: doomed.done() and batcher.queue_depth == 2)
         release.set()
-        out = await asyncio.gather(blocker, kept)
+        out = await asyncio.wait_for(asyncio.gather(blocker, kept), _HANG_S)
         await batcher.close()
         return out
 
