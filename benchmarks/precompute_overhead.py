@@ -99,7 +99,7 @@ def render_views(paths: dict[str, Path], canvas: int):
 def load_teacher(paths: dict[str, Path], device: str):
     from detcore.checkpoint import load_detector
 
-    model, _ = load_detector(paths["teacher"], map_location=device)
+    model = load_detector(paths["teacher"], map_location=device)
     model.eval()
     return model
 
@@ -111,9 +111,9 @@ def teacher_forward(model, pixels, device: str, amp_dtype, with_backbone: bool) 
     images = torch.from_numpy(pixels).to(device, non_blocking=True)
     with torch.inference_mode():
         if amp_dtype is None:
-            return model(images, with_backbone=with_backbone).targets()
+            return model(images, with_backbone=with_backbone).to_targets(("cls", "box", "fpn") + (("backbone",) if with_backbone else ()))
         with torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype):
-            return model(images, with_backbone=with_backbone).targets()
+            return model(images, with_backbone=with_backbone).to_targets(("cls", "box", "fpn") + (("backbone",) if with_backbone else ()))
 
 
 def forward_alone(

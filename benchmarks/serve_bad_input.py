@@ -158,13 +158,13 @@ def direct_targets(teacher_path: Path, pixels: dict, views: list) -> dict:
     from detcore.checkpoint import load_detector
 
     torch.set_num_threads(1)
-    model, _ = load_detector(teacher_path, map_location="cpu")
+    model = load_detector(teacher_path, map_location="cpu")
     model.eval()
     out = {}
     with torch.inference_mode():
         for view in views:
             canvas = torch.from_numpy(render_array(pixels[view.image_id], view))[None]
-            targets = model(canvas).targets()
+            targets = model(canvas).to_targets(("cls", "box", "fpn"))
             out[view.key] = {name: t[0].numpy() for name, t in targets.items()}
     return out
 

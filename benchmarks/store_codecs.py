@@ -64,13 +64,13 @@ def teacher_views(checkpoint: str, annotations: str, images: str, count: int, gr
     import numpy as np
     import torch
 
-    from detcore.checkpoint import load_detector
+    from detcore.checkpoint import load_detector_with_meta
     from detcore.coco import CocoDataset
     from detcore.datasets import ViewDataset, collate_views
     from detcore.views import plan_views
     from label_store import default_target_specs
 
-    model, meta = load_detector(checkpoint, map_location="cpu")
+    model, meta = load_detector_with_meta(checkpoint, map_location="cpu")
     config = meta["detector_config"]
     dataset = CocoDataset(annotations, images)
     ids = dataset.image_ids[:count]
@@ -83,7 +83,7 @@ def teacher_views(checkpoint: str, annotations: str, images: str, count: int, gr
     backbone = [f.shape[1] for f in outputs.backbone_features] if outputs.backbone_features is not None else None
     specs = default_target_specs(model.num_classes, model.reg_max, canvas, model.strides, outputs.fpn_features[0].shape[1],
                                  backbone_channels=backbone, groups=groups)
-    arrays = {name: value.float().numpy() for name, value in outputs.targets().items()}
+    arrays = {name: value.float().numpy() for name, value in outputs.to_targets(groups).items()}
     targets = [{spec.name: np.ascontiguousarray(arrays[spec.name][i]) for spec in specs} for i in range(len(ids))]
     what = (f"teacher {config.arch} ({config.fpn_channels} ch) {checkpoint}, canvas {canvas}, K={model.num_classes}, "
             f"R={model.reg_max}, {len(ids)} real views")

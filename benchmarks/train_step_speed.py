@@ -25,7 +25,7 @@ dedicated machine such as a lent GPU one, where load does not drift between bloc
     python benchmarks/train_step_speed.py [--threads 2] [--steps 30] [--num-workers 0] [--sequential]
 
 ``--device cuda`` puts the student (and the in-process teacher) on a GPU under the
-trainer's autocast (`detcore.train._autocast`: bf16 where supported), moves each batch and
+trainer's autocast (`detcore.train.autocast_context`: bf16 where supported), moves each batch and
 its targets there as `train_student` does, and ends each step's time at
 `torch.cuda.synchronize()`; loading stays on the CPU (use ``--num-workers``).
 """
@@ -48,12 +48,12 @@ def write_store(url: Path, teacher_path: Path, annotations: Path, images: Path, 
     """Teacher forward over {original, flip} views of every image -> a committed store (label_store only)."""
     import torch
 
-    from detcore.checkpoint import load_detector, teacher_fingerprint
+    from detcore.checkpoint import load_detector_with_meta, teacher_fingerprint
     from detcore.coco import CocoDataset
     from detcore.views import content_hash, plan_views, render
     from label_store import TeacherFingerprint, create_store, default_target_specs
 
-    teacher, meta = load_detector(teacher_path)
+    teacher, meta = load_detector_with_meta(teacher_path)
     coco = CocoDataset(annotations, images)
     config = teacher.config
     specs = default_target_specs(
@@ -69,7 +69,7 @@ def write_store(url: Path, teacher_path: Path, annotations: Path, images: Path, 
         pixels = [coco.load(v.image_id) for v in chunk]
         rendered = [render(p, v) for p, v in zip(pixels, chunk)]
         with torch.no_grad():
-            outputs = teacher(torch.stack([r.image for r in rendered]), with_backbone=True).targets()
+            outputs = teacher(torch.stack([r.image for r in rendered]), with_backbone=True).to_targets(("cls", "box", "fpn", "backbone"))
         for index, (view, pix, item) in enumerate(zip(chunk, pixels, rendered)):
             part.append(
                 {"image_id": view.image_id, "view_id": view.view_id, "view": view.to_json(),
@@ -118,7 +118,7 @@ class Config:
 
         from detcore.coco import CocoDataset
         from detcore.models.gfl import build_detector
-        from detcore.train import _autocast
+        from detcore.train import autocast_context
         from student_trainer.config import build_run_config
         from student_trainer.data import ShardedViewSampler, StoreViewDataset, collate_train
         from student_trainer.distill import DistillationModel, needed_target_names
@@ -137,7 +137,7 @@ class Config:
         dataset = StoreViewDataset(coco, views, expected_hashes={v.key: h for v, h in stored},
                                    target_reader=store.worker_reader() if offline else None)
         self.device = torch.device(args.device)
-        self.autocast, _ = _autocast(self.device, True)
+        self.autocast, _ = autocast_context(self.device, True)
         self.source = (store if source_kind == "store"
                        else InProcessTeacherSource(str(paths["teacher"]), self.names, device=self.device))
         self.sampler = ShardedViewSampler(views, seed=0)
@@ -181,12 +181,10 @@ class Config:
         start = time.perf_counter()
         batch = self._next_batch()
         device = self.device
-        targets = None
-        if self.names:
-            targets = {k: v.to(device, non_blocking=True) for k, v in self.source.complete(batch).items()}
+        teacher = self.source.complete(batch, device=device) if self.names else None
         with self.autocast:
             terms, _ = self.model(batch["images"].to(device, non_blocking=True), [b.to(device) for b in batch["gt_boxes"]],
-                                  [lb.to(device) for lb in batch["gt_labels"]], targets, batch.get("regions"))
+                                  [lb.to(device) for lb in batch["gt_labels"]], teacher, batch.get("regions"))
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -12,6 +12,12 @@ A checkpoint is a ``torch.save`` dict of plain types and tensors (it loads with
     model_state       the state_dict
     training          None, or the resume state: step, optimizer, scheduler, rng, train config ...
     metadata          free-form plain values (metrics, timings, library versions)
+    architecture      optional: {"family": "gfl" | "mmdet-gfl" | "torchvision-fcos" |
+                      "torchvision-retinanet", ...}; absent means "gfl" (a native detector)
+
+Imported checkpoints (format_version 2, `distill teacher import`) also carry
+``source_format``, ``source_sha256`` and ``point_offset``; their ``detector_config`` may be
+absent (the architecture dict describes the model). `load_detector` dispatches on the family.
 
 Writes are atomic: a temporary file in the same folder, then ``os.replace``.
 """
@@ -31,6 +37,10 @@ from detcore.views import PIXEL_MEAN, PIXEL_STD
 CHECKPOINT_FORMAT = "distillery.detector"
 CHECKPOINT_FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
+IMPORTED_FORMAT_VERSIONS = (2,)
+"""format_version of checkpoints written by `distill teacher import` (those with an imported family)."""
+NATIVE_FAMILY = "gfl"
+IMPORTED_FAMILIES = ("mmdet-gfl", "torchvision-fcos", "torchvision-retinanet")
 
 
 class CheckpointError(ValueError):
@@ -130,44 +140,87 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"load_checkpoint(path=) expects a dict with format={CHECKPOINT_FORMAT!r}. Got format={found!r} in "
             f"{str(path)!r}; it is not a distillery detector checkpoint (train one with `distill detector train`)."
         )
+    family = architecture_of(payload, path)["family"]
     version = payload.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
+    supported = SUPPORTED_FORMAT_VERSIONS if family == NATIVE_FAMILY else IMPORTED_FORMAT_VERSIONS
+    if version not in supported:
         raise CheckpointError(
-            f"load_checkpoint(path=) expects format_version in {list(SUPPORTED_FORMAT_VERSIONS)}. Got {version!r} in "
+            f"load_checkpoint(path=) expects format_version in {list(supported)}. Got {version!r} in "
             f"{str(path)!r}; it was written by another version of distillery."
         )
-    for key in ("detector_config", "classes", "canvas_hw", "preprocessing", "model_state"):
+    required = ("classes", "canvas_hw", "preprocessing", "model_state")
+    for key in (("detector_config",) if family == NATIVE_FAMILY else ()) + required:
         if key not in payload:
             raise CheckpointError(f"load_checkpoint(path=) expects key {key!r}. Missing in {str(path)!r}.")
     return payload
 
 
-def load_detector(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
-    """Rebuild the detector of a checkpoint, in eval mode.
+def architecture_of(payload: dict[str, Any], path: str | os.PathLike = "") -> dict[str, Any]:
+    """The checkpoint's architecture dict; ``{"family": "gfl"}`` for native checkpoints without one."""
+    architecture = payload.get("architecture")
+    if architecture is None:
+        return {"family": NATIVE_FAMILY}
+    families = (NATIVE_FAMILY, *IMPORTED_FAMILIES)
+    if not isinstance(architecture, dict) or architecture.get("family") not in families:
+        found = architecture.get("family") if isinstance(architecture, dict) else type(architecture).__name__
+        raise CheckpointError(
+            f"load_checkpoint(path=) expects architecture['family'] in {list(families)}. Got {found!r} in {str(path)!r}."
+        )
+    return dict(architecture)
 
-    Returns:
-        ``(GFLDetector, meta)`` where ``meta`` holds ``detector_config`` (a `DetectorConfig`),
-        ``classes``, ``canvas_hw`` (tuple), ``preprocessing``, ``metadata``, ``format_version``
-        and ``path``.
-    """
+
+def _build_model(payload: dict[str, Any], path: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
+    """The untrained module of a checkpoint's architecture, and its `DetectorConfig` (None when imported)."""
+    architecture = architecture_of(payload, path)
+    family = architecture["family"]
+    if family == "mmdet-gfl":
+        from detcore.importers.mmdet_gfl import build_mmdet_gfl
+
+        return build_mmdet_gfl(architecture), None
+    if family in ("torchvision-fcos", "torchvision-retinanet"):
+        from detcore.importers.torchvision_models import build_torchvision_detector
+
+        return build_torchvision_detector(architecture), None
     from detcore.models.gfl import DetectorConfig, build_detector_from_config
 
-    payload = load_checkpoint(path, map_location=map_location)
     try:
         config = DetectorConfig.from_dict(payload["detector_config"])
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"load_detector(path=) expects a valid detector_config. Got an invalid one in {str(path)!r}: {error}") from error
-    model = build_detector_from_config(config, load_backbone_weights=False)
+    return build_detector_from_config(config, load_backbone_weights=False), config
+
+
+def load_detector(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the detector of any distillery checkpoint (native or imported), in eval mode.
+
+    Its ``forward(images)`` takes Tensor[B, 3, H, W] rendered by `detcore.views.render` and
+    returns `detcore.outputs.DenseOutputs`.
+    """
+    return load_detector_with_meta(path, map_location)[0]
+
+
+def load_detector_with_meta(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """`load_detector` plus the checkpoint's description.
+
+    Returns:
+        ``(model, meta)`` where ``meta`` holds ``detector_config`` (a `DetectorConfig`, None
+        for imported checkpoints), ``architecture`` (dict with ``family``), ``classes``,
+        ``canvas_hw`` (tuple), ``preprocessing``, ``metadata``, ``format_version`` and ``path``.
+    """
+    payload = load_checkpoint(path, map_location=map_location)
+    model, config = _build_model(payload, path)
     missing, unexpected = model.load_state_dict(payload["model_state"], strict=False)
     if missing or unexpected:
+        what = config.arch if config is not None else architecture_of(payload, path)["family"]
         raise CheckpointError(
-            f"load_detector(path=) expects weights matching {config.arch}. In {str(path)!r}: missing {missing[:5]}, "
+            f"load_detector(path=) expects weights matching {what}. In {str(path)!r}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}."
         )
     model.to(map_location)
     model.eval()
     meta = {
         "detector_config": config,
+        "architecture": architecture_of(payload, path),
         "classes": tuple(payload["classes"]),
         "canvas_hw": (int(payload["canvas_hw"][0]), int(payload["canvas_hw"][1])),
         "preprocessing": payload["preprocessing"],
@@ -194,16 +247,28 @@ def teacher_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     """What a label store records about its teacher, in plain JSON types.
 
     Keys: ``architecture``, ``checkpoint_sha256``, ``classes`` (list), ``canvas_hw`` (list),
-    ``strides`` (list), ``reg_max``, ``preprocessing`` (dict).
+    ``strides`` (list), ``reg_max``, ``preprocessing`` (dict). An imported teacher's
+    architecture names its family; its ``preprocessing`` records ``point_offset`` when it is
+    not this project's 0.5 (`detcore.outputs.fingerprint_point_offset`), so native
+    fingerprints stay as they were.
     """
+    from detcore.outputs import DEFAULT_REG_MAX, DEFAULT_STRIDES
+
     payload = load_checkpoint(path)
-    config = payload["detector_config"]
+    config = payload.get("detector_config") or {}
+    architecture = architecture_of(payload, path)
+    preprocessing = dict(payload["preprocessing"])
+    point_offset = float(payload.get("point_offset", 0.5))
+    if point_offset != 0.5:
+        preprocessing["point_offset"] = point_offset
+    name = config.get("arch") if architecture["family"] == NATIVE_FAMILY else architecture.get("name", architecture["family"])
+    reg_max = config.get("reg_max", architecture.get("reg_max")) or DEFAULT_REG_MAX
     return {
-        "architecture": str(config["arch"]),
+        "architecture": str(name),
         "checkpoint_sha256": checkpoint_sha256(path),
         "classes": [str(c) for c in payload["classes"]],
         "canvas_hw": [int(v) for v in payload["canvas_hw"]],
-        "strides": [int(s) for s in config["strides"]],
-        "reg_max": int(config["reg_max"]),
-        "preprocessing": dict(payload["preprocessing"]),
+        "strides": [int(s) for s in config.get("strides", architecture.get("strides", DEFAULT_STRIDES))],
+        "reg_max": int(reg_max),
+        "preprocessing": preprocessing,
     }

@@ -236,7 +236,9 @@ def _config_identity(config: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def _autocast(device, enabled: bool):
+def autocast_context(device, enabled: bool):
+    """Training autocast for ``device``: bf16 (fp16 where unsupported) on CUDA when ``enabled``,
+    else a no-op; and whether fp16 needs a gradient scaler."""
     import contextlib
 
     import torch
@@ -353,11 +355,11 @@ def evaluate_detector(
     """Load a checkpoint and evaluate it on a COCO dataset at the checkpoint's canvas (see `evaluate_model`)."""
     import torch
 
-    from detcore.checkpoint import load_detector
+    from detcore.checkpoint import load_detector_with_meta
     from detcore.coco import CocoDataset
 
     dev = resolve_device(device)
-    model, meta = load_detector(checkpoint, map_location=dev)
+    model, meta = load_detector_with_meta(checkpoint, map_location=dev)
     dataset = CocoDataset(annotations, images)
     if tuple(dataset.classes) != tuple(meta["classes"]):
         raise ValueError(
@@ -434,7 +436,7 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
     if use_channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.optimizer, config.peak_lr, config.decay)
-    autocast, use_scaler = _autocast(device, config.amp)
+    autocast, use_scaler = autocast_context(device, config.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
     step, history, failures, nonfinite_steps, train_seconds, images_seen = 0, [], {}, 0, 0.0, 0

@@ -1,8 +1,7 @@
 """label_store: a chunked, compressed, verifiable store of dense teacher targets.
 
 The public names below load on first use (PEP 562), so ``import label_store`` (and the
-``distill`` CLI's ``--help``) stays cheap; no module of the package imports torch
-at import time (`label_store.torch_adapter` imports it inside its functions).
+``distill`` CLI's ``--help``) stays cheap; no module of the package imports torch.
 
 Writing::
 
@@ -42,6 +41,7 @@ _EXPORTS = {
     "PartWriter": "label_store.writer",
     "DEFAULT_VIEWS_PER_SHARD": "label_store.writer",
     "open_store": "label_store.reader",
+    "read_store_targets": "label_store.reader",
     "StoreReader": "label_store.reader",
     "verify_store": "label_store.maintenance",
     "VerifyReport": "label_store.maintenance",

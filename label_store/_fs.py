@@ -22,6 +22,11 @@ LAYOUT = {
 }
 """Directories under the store root (see `label_store.writer` for the whole layout)."""
 
+QUANT_ARRAY = "quant"
+"""Array of a part holding the quantization parameters (scale, offset) of every view."""
+WRITER_LEASE = "_writer.json"
+"""File in a part directory naming the process that writes it."""
+
 
 @dataclass
 class Location:

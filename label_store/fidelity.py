@@ -14,7 +14,8 @@ Reference losses (numpy re-implementations, no torch), one per target group:
               against sigmoid(teacher logits), mean over all elements;
     box       LD's KL divergence at temperature T = 10 over each edge's R + 1 bins,
               ``T**2 * KL(softmax(t / T) || softmax(s / T))``, mean over points and edges;
-    fpn,      FGD's feature term without its masks: mean squared error;
+    edges,    FGD's feature term without its masks: mean squared error;
+    fpn,
     backbone
 The reference student is the teacher plus Gaussian noise of std ``0.5 * std(teacher)``
 (fixed seed): a student close to its teacher, where the loss is small and a codec's
@@ -30,17 +31,23 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from label_store.codecs import parse_codec
-from label_store.schema import TargetSpec
+from label_store.schema import TARGET_GROUPS, TargetSpec
 
 LD_TEMPERATURE = 10.0
 STUDENT_NOISE = 0.5
 """Reference student = teacher + N(0, (STUDENT_NOISE * std(teacher))**2)."""
 REFERENCE_SEED = 20261122
 
-LOSS_BUDGETS = {"cls": 0.005, "box": 0.005, "fpn": 0.01, "backbone": 0.01}
+LOSS_BUDGETS = {"cls": 0.005, "box": 0.005, "edges": 0.01, "fpn": 0.01, "backbone": 0.01}
 """Largest acceptable relative loss error per group (the defaults are chosen against it)."""
 
-LOSS_NAMES = {"cls": "bce_sigmoid_targets", "box": f"ld_kl_t{int(LD_TEMPERATURE)}", "fpn": "feature_mse", "backbone": "feature_mse"}
+LOSS_NAMES = {
+    "cls": "bce_sigmoid_targets",
+    "box": f"ld_kl_t{int(LD_TEMPERATURE)}",
+    "edges": "feature_mse",
+    "fpn": "feature_mse",
+    "backbone": "feature_mse",
+}
 
 
 def _softplus(x: np.ndarray) -> np.ndarray:
@@ -286,7 +293,7 @@ def choose_codecs(
     arrays = [check_targets(t, specs, f"choose_codecs(targets_sample[{i}])") for i, t in enumerate(targets_sample)]
     if not arrays:
         raise ValueError("choose_codecs(targets_sample=) expects at least one view. Got none.")
-    groups = sorted({spec.group for spec in specs}, key=lambda g: ("cls", "box", "fpn", "backbone").index(g))
+    groups = sorted({spec.group for spec in specs}, key=TARGET_GROUPS.index)
     references = {(i, spec.name): _reference(spec.group, view[spec.name]) for i, view in enumerate(arrays) for spec in specs}
     rows, chosen = [], {}
     for group in groups:

@@ -14,7 +14,8 @@ from label_store._manifest import load_parts
 from label_store.encoding import view_checksum
 from label_store.errors import CorruptDataError
 from label_store.reader import StoreReader, open_store
-from label_store.writer import QUANT_ARRAY, WRITER_LEASE, _process_start_time
+from label_store._fs import QUANT_ARRAY, WRITER_LEASE
+from label_store.writer import _process_start_time
 
 
 @dataclass(frozen=True, slots=True)

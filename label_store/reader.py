@@ -19,14 +19,18 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from label_store._fs import LAYOUT, Location
+from label_store._fs import LAYOUT, QUANT_ARRAY, Location
 from label_store._manifest import PartEntry, StoreMeta, load_parts, read_store_meta, view_key
 from label_store._shard import ChunkReader, RangeSource, ShardedArray
 from label_store.encoding import EncodedTarget, iter_blob
 from label_store.errors import CorruptDataError, FingerprintMismatchError, StoreFormatError, ViewNotFoundError
 from label_store.fidelity import FidelityAccumulator, group_summary
 from label_store.schema import TargetSpec, TeacherFingerprint
-from label_store.writer import QUANT_ARRAY
+
+
+def read_store_targets(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[TargetSpec, ...]:
+    """The target specs a store was created with (no parts needed). Raises `StoreNotFoundError`."""
+    return tuple(read_store_meta(Location(url, dict(storage_options or {}))).targets)
 
 
 def open_store(

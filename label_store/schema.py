@@ -4,7 +4,8 @@ Legend: K classes, R reg_max, C channels, H x W one level's map (``ceil(canvas /
 
 Target names are ``<group>/<level>``: ``cls/p3`` (K sigmoid logits), ``box/p3``
 (4 * (R + 1) edge-distribution logits, channel ``e * (R + 1) + j`` is bin j of edge e in
-(left, top, right, bottom)), ``fpn/p3`` (C FPN features) and ``backbone/c3`` (backbone
+(left, top, right, bottom)), ``edges/p3`` (4 expected edge distances (left, top, right,
+bottom) in stride units), ``fpn/p3`` (C FPN features) and ``backbone/c3`` (backbone
 stage features). Every target of a view is float32 array[C, H, W] before encoding and
 after decoding; the canvas is fixed per store, so every view has the same shapes.
 """
@@ -22,8 +23,9 @@ from label_store.codecs import TargetCodec, parse_codec
 SCHEMA_VERSION = 1
 """Version of the on-disk layout; readers refuse versions they do not know."""
 
-TARGET_GROUPS = ("cls", "box", "fpn", "backbone")
-"""Known target groups; each has a reference loss in `label_store.fidelity`."""
+TARGET_GROUPS = ("cls", "box", "edges", "fpn", "backbone")
+"""Known target groups in store order, the one definition (`detcore.outputs` re-exports it);
+each has a reference loss in `label_store.fidelity`."""
 
 BACKBONE_STRIDES = {"c3": 8, "c4": 16, "c5": 32}
 """Stride of each backbone stage (matches detcore.outputs, which label_store must not import)."""
@@ -42,11 +44,13 @@ BACKBONE_STRIDES = {"c3": 8, "c4": 16, "c5": 32}
 DEFAULT_CODECS = {
     "cls": "int5-view-dchw+zstd15",
     "box": "int6-view-dbhw+zstd15",
+    # Edge distances (stride units, smooth across neighbouring points): 8 bits per channel.
+    "edges": "int8-channel-dhw+zstd15",
     "fpn": "int6-view-dhw+zstd15",
     "backbone": "int6-view+blosc-zstd5-bitshuffle",
 }
 
-_NAME_RE = re.compile(r"^(cls|box|fpn|backbone)/([a-z][a-z0-9_]{0,15})$")
+_NAME_RE = re.compile(r"^(cls|box|edges|fpn|backbone)/([a-z][a-z0-9_]{0,15})$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -279,7 +283,7 @@ def default_target_specs(
         fpn_channels: C of every FPN level.
         backbone_channels: channels of stages ``(c3, c4, c5)`` (a sequence or a mapping from
             stage name); required when ``"backbone"`` is in ``groups``.
-        groups: which target groups to store, any of ``cls``, ``box``, ``fpn``, ``backbone``.
+        groups: which target groups to store, any of `TARGET_GROUPS`.
         codecs: codec per group overriding `DEFAULT_CODECS`.
     Returns:
         Specs in group order, then level order.
@@ -303,7 +307,7 @@ def default_target_specs(
         return (math.ceil(canvas[0] / stride), math.ceil(canvas[1] / stride))
 
     levels = [(level_name(s), hw(s)) for s in strides]
-    channels = {"cls": num_classes, "box": 4 * (reg_max + 1), "fpn": fpn_channels}
+    channels = {"cls": num_classes, "box": 4 * (reg_max + 1), "edges": 4, "fpn": fpn_channels}
     specs: list[TargetSpec] = []
     for group in groups:
         if group == "backbone":

@@ -47,7 +47,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from label_store._fs import LAYOUT, Location
+from label_store._fs import LAYOUT, QUANT_ARRAY, WRITER_LEASE, Location
 from label_store._shard import encode_shard, shard_key
 from label_store._manifest import (
     MAX_IMAGE_ID,
@@ -79,8 +79,6 @@ DEFAULT_FIDELITY_VIEWS = 2
 """Views per part whose codec fidelity is measured at write time."""
 
 _PART_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-QUANT_ARRAY = "quant"
-WRITER_LEASE = "_writer.json"
 _GROUP_METADATA = json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"}, indent=2).encode()
 
 

@@ -83,8 +83,10 @@ def check_store_fits(
     available = {spec.name for spec in specs}
     missing = [name for name in needed if name not in available]
     if missing:
+        groups = sorted({name.split("/", 1)[0] for name in missing})
         problems.append(
             f"targets: the enabled losses need {missing}, which the store does not hold (it has {sorted(available)}); "
+            f"missing target group(s) {groups} of the teacher {fingerprint.architecture!r}; "
             "precompute with the missing --targets groups or disable the losses that need them"
         )
     if problems:

@@ -10,18 +10,20 @@ once (`GFLDetector.assign`) and shares that assignment with LD and BCD, computes
 GFL loss and the enabled distillation recipes with the weights of the run config, and
 returns the weighted terms to add plus detached components for logging.
 
-Teacher targets enter as a dict by label-store name (``cls/p3`` ... ``backbone/c5``) of
-Tensor[B, C, H, W]; `check_targets` refuses any whose shape does not fit the student.
+Teacher targets enter as `detcore.outputs.DenseOutputs` (sources decode the label-store
+names with `DenseOutputs.from_targets`); `check_targets` refuses any whose shape does not
+fit the student. Decoding and regions use each side's own ``point_offset``: ATSS, VLR and
+imitation regions the student's, the teacher's boxes (BCD's IoU term) the teacher's.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from detcore.outputs import BACKBONE_STAGES, feature_hw, level_anchors, level_name
+from detcore.outputs import BACKBONE_STAGES, DenseOutputs, feature_hw, level_anchors, level_name
 from student_trainer.config import LossConfig
 from student_trainer.losses.recipes import (
     OPTIMISED_KEYS,
@@ -39,51 +41,89 @@ class TargetShapeError(ValueError):
     """Teacher targets whose shapes do not fit the student's outputs."""
 
 
-def needed_target_names(losses: LossConfig, strides: Sequence[int]) -> list[str]:
-    """Label-store names the enabled terms read, in store order (cls, box, fpn, backbone)."""
-    levels = [level_name(s) for s in strides]
-    names: list[str] = []
-    if losses.uses("ld_main", "ld_vlr", "ld_kd", "bcd"):
-        names += [f"cls/{lv}" for lv in levels] + [f"box/{lv}" for lv in levels]
-    fpn_levels = set(levels) if losses.uses("ld_im", "fgd") else set()
-    backbone: list[str] = []
+def needed_target_groups(losses: LossConfig, available: Collection[str] | None = None) -> tuple[str, ...]:
+    """Target groups the enabled terms read, in store order.
+
+    LD reads ``cls`` and ``box`` (edge distributions); BCD reads ``cls`` and the teacher's
+    decoded boxes: ``box`` or, when ``available`` (the groups a store holds) has no ``box``,
+    ``edges``. FGD and ld_im read ``fpn``; HGD ``fpn`` and/or ``backbone`` by its stages.
+    """
+    groups = set()
+    if losses.uses("ld_main", "ld_vlr", "ld_kd"):
+        groups |= {"cls", "box"}
+    if losses.uses("bcd"):
+        groups.add("cls")
+        groups.add("edges" if available is not None and "box" not in available and "edges" in available else "box")
+    if losses.uses("ld_im", "fgd"):
+        groups.add("fpn")
     if losses.uses("hgd"):
         for stage in losses.hgd.stages:
-            if stage in BACKBONE_STAGES:
-                backbone.append(stage)
-            else:
-                fpn_levels.add(stage)
-    names += [f"fpn/{lv}" for lv in levels if lv in fpn_levels]
-    names += [f"backbone/{stage}" for stage in BACKBONE_STAGES if stage in backbone]
+            groups.add("backbone" if stage in BACKBONE_STAGES else "fpn")
+    return tuple(g for g in ("cls", "box", "edges", "fpn", "backbone") if g in groups)
+
+
+def needed_target_names(losses: LossConfig, strides: Sequence[int], available: Collection[str] | None = None) -> list[str]:
+    """Label-store names of the groups the enabled terms read (`needed_target_groups`), every
+    level or stage of each, in store order; `DenseOutputs.from_targets` decodes them.
+
+    ``available``: the groups the store holds (BCD reads ``edges`` when it has no ``box``).
+    """
+    levels = [level_name(s) for s in strides]
+    names: list[str] = []
+    for group in needed_target_groups(losses, available):
+        names += [f"{group}/{part}" for part in (BACKBONE_STAGES if group == "backbone" else levels)]
     return names
 
 
-def check_targets(targets: Mapping[str, Tensor], outputs, names: Sequence[str], where: str = "") -> None:
-    """Raise `TargetShapeError` unless every needed target fits the student's outputs.
+def check_targets(teacher: DenseOutputs, outputs: DenseOutputs, groups: Sequence[str], where: str = "") -> None:
+    """Raise `TargetShapeError` unless every needed teacher group fits the student's outputs.
 
-    ``cls`` and ``box`` must match the student's shapes exactly; ``fpn`` and ``backbone``
-    must match in batch and spatial size (channels may differ: adapters map them).
+    ``cls`` and ``box`` must match the student's shapes exactly, ``edges`` must be
+    [B, 4, H, W] at the student's map sizes; ``fpn`` and ``backbone`` must match in batch
+    and spatial size (channels may differ: adapters map them).
     """
-    student = {}
-    for lv, cls, box, feat in zip(outputs.level_names, outputs.cls_logits, outputs.box_logits, outputs.fpn_features):
-        student[f"cls/{lv}"], student[f"box/{lv}"], student[f"fpn/{lv}"] = cls, box, feat
-    if outputs.backbone_features is not None:
-        for stage, feat in zip(BACKBONE_STAGES, outputs.backbone_features):
-            student[f"backbone/{stage}"] = feat
-    for name in names:
-        if name not in targets:
-            raise TargetShapeError(f"DistillationModel(targets=) expects target {name!r}. Got {sorted(targets)}{where}.")
-        t, s = targets[name], student.get(name)
-        if s is None:
-            raise TargetShapeError(f"DistillationModel(targets=) got {name!r}, which the student does not produce{where}.")
-        exact = name.split("/", 1)[0] in ("cls", "box")
-        same = tuple(t.shape) == tuple(s.shape) if exact else (t.shape[0] == s.shape[0] and tuple(t.shape[2:]) == tuple(s.shape[2:]))
-        if t.ndim != 4 or not same:
-            expected = list(s.shape) if exact else [s.shape[0], "C", *s.shape[2:]]
+    if not isinstance(teacher, DenseOutputs):
+        raise TargetShapeError(f"DistillationModel(teacher=) expects DenseOutputs. Got {type(teacher).__name__}{where}.")
+    student_names = list(outputs.level_names)
+    per_group = {
+        "cls": (teacher.cls_logits, outputs.cls_logits, student_names, True),
+        "box": (teacher.box_logits, outputs.box_logits, student_names, True),
+        "edges": (
+            teacher.edge_distances() if "edges" in teacher.available_groups else None,
+            outputs.fpn_features,
+            student_names, "edges",
+        ),
+        "fpn": (teacher.fpn_features or None, outputs.fpn_features, student_names, False),
+        "backbone": (teacher.backbone_features, outputs.backbone_features, list(BACKBONE_STAGES), False),
+    }
+    for group in groups:
+        given, student, names, exact = per_group[group]
+        if given is None:
             raise TargetShapeError(
-                f"DistillationModel(targets=) expects {name!r} as Tensor{expected}. Got {list(t.shape)}{where}; "
-                "the store's canvas, classes or reg_max do not fit the student."
+                f"DistillationModel(teacher=) expects the target group {group!r}. Got {list(teacher.available_groups)}{where}."
             )
+        if student is None:
+            raise TargetShapeError(f"DistillationModel(teacher=) got {group!r}, which the student does not produce{where}.")
+        if len(given) != len(student):
+            raise TargetShapeError(
+                f"DistillationModel(teacher=) expects {len(student)} levels of {group!r}. Got {len(given)}{where}."
+            )
+        for name, t, s in zip(names, given, student):
+            name = f"{group}/{name}"
+            if exact == "edges":
+                expected = [s.shape[0], 4, *s.shape[2:]]
+                same = list(t.shape) == expected
+            elif exact:
+                expected = list(s.shape)
+                same = tuple(t.shape) == tuple(s.shape)
+            else:
+                expected = [s.shape[0], "C", *s.shape[2:]]
+                same = t.shape[0] == s.shape[0] and tuple(t.shape[2:]) == tuple(s.shape[2:])
+            if t.ndim != 4 or not same:
+                raise TargetShapeError(
+                    f"DistillationModel(targets=) expects {name!r} as Tensor{expected}. Got {list(t.shape)}{where}; "
+                    "the store's canvas, classes or reg_max do not fit the student."
+                )
 
 
 class GTRegions:
@@ -100,9 +140,11 @@ class GTRegions:
     Picklable (plain tensors and numbers), so every DataLoader worker gets a copy.
     """
 
-    def __init__(self, strides: Sequence[int], canvas_hw: tuple[int, int], ld_config, vlr: bool, im: bool) -> None:
+    def __init__(
+        self, strides: Sequence[int], canvas_hw: tuple[int, int], ld_config, vlr: bool, im: bool, point_offset: float = 0.5
+    ) -> None:
         shapes = [feature_hw(canvas_hw, int(s)) for s in strides]
-        per_level = level_anchors([int(s) for s in strides], shapes)
+        per_level = level_anchors([int(s) for s in strides], shapes, point_offset=point_offset)
         self.anchors = torch.cat(per_level)
         self.num_level_anchors = tuple(int(a.shape[0]) for a in per_level)
         self.ld_config = ld_config
@@ -120,8 +162,9 @@ class DistillationModel(nn.Module):
         student: a `detcore.models.gfl.GFLDetector`.
         losses: which terms and their recipe configs (weights, temperatures).
         canvas_hw: the store's canvas (FGD masks, HGD micro weights).
-        teacher_channels: channels of every teacher feature target by name
-            (``fpn/p3`` ..., ``backbone/c3`` ...), from the source's target specs.
+        teacher_channels: channels of every teacher target by name (``fpn/p3`` ...,
+            ``backbone/c3`` ...), from the source's target specs; its groups say whether
+            BCD reads the teacher's ``box`` or ``edges``.
     """
 
     def __init__(
@@ -135,7 +178,7 @@ class DistillationModel(nn.Module):
         self.student = student
         self.losses = losses
         self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
-        self.names = needed_target_names(losses, student.strides)
+        self.groups = needed_target_groups(losses, {name.split("/", 1)[0] for name in teacher_channels})
         self.levels = [level_name(s) for s in student.strides]
         self.fgd = None
         self.hgd = None
@@ -197,7 +240,9 @@ class DistillationModel(nn.Module):
         keys = self._region_keys()
         if not keys:
             return None
-        return GTRegions(self.student.strides, self.canvas_hw, self.losses.ld, "vlr" in keys, "im" in keys)
+        return GTRegions(
+            self.student.strides, self.canvas_hw, self.losses.ld, "vlr" in keys, "im" in keys, self.student.point_offset
+        )
 
     def _batch_regions(self, regions: Mapping[str, Tensor] | None, gfl_targets, gt_boxes: Sequence[Tensor]) -> dict[str, Tensor]:
         """The batch's regions, Tensor[B, A] each: those given (shape-checked), the rest computed here."""
@@ -235,14 +280,15 @@ class DistillationModel(nn.Module):
         images: Tensor,
         gt_boxes: Sequence[Tensor],
         gt_labels: Sequence[Tensor],
-        targets: Mapping[str, Tensor] | None = None,
+        teacher: DenseOutputs | None = None,
         regions: Mapping[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Args:
             images: Tensor[B, 3, H, W] rendered views.
             gt_boxes: per image Tensor[M_b, 4] canvas pixels.
             gt_labels: per image LongTensor[M_b].
-            targets: teacher targets by name, Tensor[B, C, H, W] each (None when no term is on).
+            teacher: the teacher's outputs for the batch (None when no term is on); only the
+                groups the enabled terms read need be present.
             regions: the batch's `GTRegions` stacked by the loader (``vlr`` Tensor[B, A],
                 ``im`` BoolTensor[B, A]); whatever is missing is computed here, the same way.
 
@@ -257,22 +303,22 @@ class DistillationModel(nn.Module):
         det = self.student.loss(outputs, gt_boxes, gt_labels, targets=gfl_targets)
         terms = {name: value * losses.detector_weight for name, value in det.items()}
         logs: dict[str, Tensor] = {}
-        if not self.names:
+        if not self.groups:
             return terms, logs
-        if targets is None:
-            raise TargetShapeError(f"DistillationModel.forward(targets=) expects the teacher targets {self.names}. Got None.")
-        check_targets(targets, outputs, self.names)
+        if teacher is None:
+            raise TargetShapeError(f"DistillationModel.forward(teacher=) expects the teacher groups {list(self.groups)}. Got None.")
+        check_targets(teacher, outputs, self.groups)
         strides, reg_max = outputs.strides, outputs.reg_max
         batch_regions = self._batch_regions(regions, gfl_targets, gt_boxes)
         if losses.uses("ld_main", "ld_vlr", "ld_kd", "bcd"):
-            teacher_cls = [targets[f"cls/{lv}"] for lv in self.levels]
-            teacher_box = [targets[f"box/{lv}"] for lv in self.levels]
+            teacher_cls = teacher.cls_logits
+            teacher_box = teacher.box_logits if "box" in self.groups else None
             same_atss = losses.ld.topk == self.student.config.atss_topk
             if losses.uses("ld_main", "ld_vlr", "ld_kd"):
                 assignment = self._assignment(gfl_targets, batch_regions.get("vlr")) if same_atss else None
                 ld = ld_recipe(
                     outputs.cls_logits, outputs.box_logits, teacher_cls, teacher_box, gt_boxes, strides, reg_max,
-                    config=losses.ld, assignment=assignment,
+                    config=losses.ld, assignment=assignment, point_offset=outputs.point_offset,
                 )
                 terms.update({key: ld[key] for key in OPTIMISED_KEYS["ld"] if key in losses.enabled})
             if losses.uses("bcd"):
@@ -280,29 +326,31 @@ class DistillationModel(nn.Module):
                 assignment = self._assignment(gfl_targets, None) if same_atss else None
                 bcd = bcd_recipe(
                     outputs.cls_logits, outputs.box_logits, teacher_cls, teacher_box, gt_boxes, strides, reg_max,
-                    config=losses.bcd, assignment=assignment,
+                    config=losses.bcd, assignment=assignment, point_offset=outputs.point_offset,
+                    teacher_edges=None if teacher_box is not None else teacher.edge_distances(),
+                    teacher_point_offset=teacher.point_offset,
                 )
                 terms.update({key: bcd[key] for key in OPTIMISED_KEYS["bcd"]})
         if self.ld_im is not None:
             im = ld_im_recipe(
-                self.ld_im, outputs.fpn_features, [targets[f"fpn/{lv}"] for lv in self.levels], gt_boxes, strides,
-                config=losses.ld, region=batch_regions["im"].bool(),
+                self.ld_im, outputs.fpn_features, teacher.fpn_features, gt_boxes, strides,
+                config=losses.ld, region=batch_regions["im"].bool(), point_offset=outputs.point_offset,
             )
             terms["ld_im"] = im.pop("ld_im")
             logs.update(im)
         if self.fgd is not None:
             fgd = fgd_recipe(
-                self.fgd, outputs.fpn_features, [targets[f"fpn/{lv}"] for lv in self.levels], gt_boxes, self.canvas_hw
+                self.fgd, outputs.fpn_features, teacher.fpn_features, gt_boxes, self.canvas_hw
             )
             terms["fgd"] = fgd.pop("fgd")
             logs.update(fgd)
         if self.hgd is not None:
             student_feats = dict(zip(self.levels, outputs.fpn_features))
             student_feats.update(zip(BACKBONE_STAGES, outputs.backbone_features))
-            teacher_feats = {}
-            for stage in self.hgd.stages:
-                key = f"backbone/{stage}" if stage in BACKBONE_STAGES else f"fpn/{stage}"
-                teacher_feats[stage] = targets[key]
+            available = dict(zip(self.levels, teacher.fpn_features))
+            if teacher.backbone_features is not None:
+                available.update(zip(BACKBONE_STAGES, teacher.backbone_features))
+            teacher_feats = {stage: available[stage] for stage in self.hgd.stages}
             hgd = hgd_recipe(self.hgd, student_feats, teacher_feats, gt_boxes, self.canvas_hw, config=losses.hgd)
             terms["hgd"] = hgd.pop("hgd")
             logs.update(hgd)

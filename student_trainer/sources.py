@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from detcore.outputs import TARGET_GROUPS, DenseOutputs, fingerprint_point_offset, map_outputs
 from detcore.views import View
 from student_trainer.data import StoreTargetReader
 
@@ -108,8 +109,24 @@ class TargetSource(ABC):
         """Keys `worker_reader` can serve (None: all)."""
         return None
 
-    def complete(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Targets of a `student_trainer.data.collate_train` batch, fetching what the workers did not read."""
+    def outputs(self, targets: Mapping[str, Tensor]) -> DenseOutputs:
+        """Targets by label-store name as the teacher's `DenseOutputs` (strides, reg_max and point
+        convention from the fingerprint)."""
+        fingerprint = self.fingerprint
+        return DenseOutputs.from_targets(
+            targets, strides=fingerprint.strides, reg_max=fingerprint.reg_max,
+            point_offset=fingerprint_point_offset(fingerprint),
+        )
+
+    def complete(self, batch: Mapping[str, Any], device: str | torch.device | None = None) -> DenseOutputs:
+        """The teacher's outputs for a `student_trainer.data.collate_train` batch, fetching what the
+        workers did not read; on ``device`` when given."""
+        targets = self._complete_targets(batch)
+        if device is not None:
+            targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+        return self.outputs(targets)
+
+    def _complete_targets(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         if batch["targets"] is not None:
             return dict(batch["targets"])
         partial = batch["partial_targets"]
@@ -285,7 +302,7 @@ class RemoteSource(TargetSource):
         missing = [n for n in self.names if n not in available]
         if missing:
             raise RemoteSourceError(f"RemoteSource(names=) expects targets the endpoint serves ({sorted(available)}). Missing {missing}.")
-        self.groups = sorted({n.split("/", 1)[0] for n in self.names}, key=["cls", "box", "fpn", "backbone"].index)
+        self.groups = sorted({n.split("/", 1)[0] for n in self.names}, key=TARGET_GROUPS.index)
 
     @property
     def fingerprint(self):
@@ -441,7 +458,7 @@ class ReadThroughSource(TargetSource):
 class InProcessTeacherSource(TargetSource):
     """The teacher in the training process: the online baseline offline results are compared with.
 
-    Loads the checkpoint with `detcore.checkpoint.load_detector` and runs it under
+    Loads the checkpoint with `detcore.teacher.load_teacher` (native or imported) and runs it under
     ``torch.no_grad`` on the very canvases the student is given (same views, same pixels).
     Never the default; it costs a teacher forward per step and the teacher's memory.
 
@@ -454,34 +471,18 @@ class InProcessTeacherSource(TargetSource):
     kind = "inprocess"
 
     def __init__(self, checkpoint: str, names: Sequence[str], device: str | torch.device = "cpu") -> None:
-        from detcore.checkpoint import load_detector, teacher_fingerprint
-        from detcore.outputs import BACKBONE_STAGES, BACKBONE_STRIDES, feature_hw, level_name
+        from detcore.teacher import load_teacher
         from label_store import TargetSpec, TeacherFingerprint
 
         self.checkpoint = str(checkpoint)
         self.names = list(names)
         self.device = torch.device(device)
-        self.teacher, meta = load_detector(self.checkpoint, map_location=self.device)
-        self.teacher.eval()
-        for parameter in self.teacher.parameters():
-            parameter.requires_grad_(False)
-        self._fingerprint = TeacherFingerprint.from_dict(teacher_fingerprint(self.checkpoint))
-        config = self.teacher.config
-        canvas = tuple(meta["canvas_hw"])
-        specs = []
-        for stride in config.strides:
-            h, w = feature_hw(canvas, stride)
-            level = level_name(stride)
-            specs.append(TargetSpec(f"cls/{level}", (config.num_classes, h, w), "fp32"))
-            specs.append(TargetSpec(f"box/{level}", (4 * (config.reg_max + 1), h, w), "fp32"))
-            specs.append(TargetSpec(f"fpn/{level}", (config.fpn_channels, h, w), "fp32"))
-        backbone_channels = getattr(self.teacher.backbone, "out_channels", None)
-        if backbone_channels is not None:
-            for stage, channels in zip(BACKBONE_STAGES, backbone_channels):
-                h, w = feature_hw(canvas, BACKBONE_STRIDES[stage])
-                specs.append(TargetSpec(f"backbone/{stage}", (int(channels), h, w), "fp32"))
-        self._specs = specs
+        self.teacher = load_teacher(self.checkpoint, device=str(self.device), precision="fp32")
+        self._fingerprint = TeacherFingerprint.from_dict(self.teacher.fingerprint())
+        groups = [g for g in self.teacher.available_groups if g != "edges" or "box" not in self.teacher.available_groups]
+        self._specs = [TargetSpec(s.name, s.shape, "fp32") for s in self.teacher.target_specs(groups)]
         self.with_backbone = any(n.startswith("backbone/") for n in self.names)
+        self.groups = tuple(sorted({n.split("/", 1)[0] for n in self.names}, key=TARGET_GROUPS.index))
         self.teacher_seconds = 0.0
 
     @property
@@ -492,23 +493,25 @@ class InProcessTeacherSource(TargetSource):
     def specs(self) -> list[Any]:
         return list(self._specs)
 
-    def get(self, views, *, images=None, image_paths=None, content_hashes=None) -> dict[str, Tensor]:
+    def _forward(self, views, images) -> DenseOutputs:
         if images is None or images.ndim != 4 or images.shape[0] != len(views):
             raise TargetSourceError(
                 f"InProcessTeacherSource.get(images=) expects the rendered Tensor[B, 3, H, W] of the {len(views)} views. "
                 f"Got {None if images is None else tuple(images.shape)}."
             )
         start = time.perf_counter()
-        with torch.no_grad():
-            outputs = self.teacher(images.to(self.device), with_backbone=self.with_backbone)
-        targets = outputs.targets()
-        out = {name: targets[name].float() for name in self.names}
+        outputs = self.teacher.forward(images, backbone=self.with_backbone)
         self.teacher_seconds += time.perf_counter() - start
-        return out
+        return outputs
 
-    def complete(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        # The whole batch, on the teacher's device: no CPU round trip.
-        return self.get(batch["views"], images=batch["images"])
+    def get(self, views, *, images=None, image_paths=None, content_hashes=None) -> dict[str, Tensor]:
+        targets = self._forward(views, images).to_targets(self.groups)
+        return {name: targets[name].float() for name in self.names}
+
+    def complete(self, batch: Mapping[str, Any], device: str | torch.device | None = None) -> DenseOutputs:
+        # The whole batch, on the teacher's device: no CPU round trip, no encoding to names.
+        outputs = map_outputs(self._forward(batch["views"], batch["images"]), lambda t: t.float())
+        return outputs if device is None else map_outputs(outputs, lambda t: t.to(device, non_blocking=True))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "teacher": self.checkpoint, "teacher_seconds": round(self.teacher_seconds, 3)}

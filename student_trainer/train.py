@@ -216,7 +216,7 @@ def train_student(
     from detcore.coco import CocoDataset
     from detcore.models.gfl import build_detector
     from detcore.train import (
-        OPTIMIZER_DEFAULTS, _autocast, build_optimizer, config_difference, evaluate_model, learning_rate_factor,
+        OPTIMIZER_DEFAULTS, autocast_context, build_optimizer, config_difference, evaluate_model, learning_rate_factor,
         optimizer_step, resolve_device,
     )
     from student_trainer.data import FailureLog, ShardedViewSampler, StoreViewDataset, check_store_fits, collate_train
@@ -236,7 +236,11 @@ def train_student(
 
     # -- data, source, fingerprint check -----------------------------------------------
     coco = CocoDataset(config.data.annotations, config.data.images)
-    names = needed_target_names(losses, student_cfg.strides)
+    available = None
+    if config.data.store and losses.uses("bcd"):
+        # BCD reads the teacher's edge distances when the store holds no edge distributions.
+        available = {spec.group for spec in StoreSource(config.data.store, []).specs}
+    names = needed_target_names(losses, student_cfg.strides, available)
     source = build_source(config, names, device=device) if names or config.source.kind != "store" else None
     store_for_views = None
     if config.data.store:
@@ -293,7 +297,7 @@ def train_student(
     teacher_channels = {spec.name: int(spec.shape[0]) for spec in reference.specs}
     model = DistillationModel(student, losses, canvas_hw, teacher_channels).to(device)
     optimizer = build_optimizer(model, optim.optimizer, optim.peak_lr, optim.decay)
-    autocast, use_scaler = _autocast(device, optim.amp)
+    autocast, use_scaler = autocast_context(device, optim.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
     # -- resume ------------------------------------------------------------------------
@@ -406,12 +410,10 @@ def train_student(
                     images = batch["images"].to(device, non_blocking=True)
                     gt_boxes = [b.to(device) for b in batch["gt_boxes"]]
                     gt_labels = [lb.to(device) for lb in batch["gt_labels"]]
-                    targets = None
-                    if names:
-                        targets = {k: v.to(device, non_blocking=True) for k, v in source.complete(batch).items()}
+                    teacher = source.complete(batch, device=device) if names else None
                     regions = batch.get("regions")
                     with autocast:
-                        terms, extras = train_model(images, gt_boxes, gt_labels, targets, regions)
+                        terms, extras = train_model(images, gt_boxes, gt_labels, teacher, regions)
                     loss = sum(terms.values())
                     if optimizer_step(loss, optimizer, scaler, model.parameters(), optim.grad_clip):
                         for key, value in {**terms, **extras}.items():

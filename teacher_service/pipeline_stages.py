@@ -34,6 +34,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from label_store.schema import TARGET_GROUPS
+
 PASSTHROUGH_COLUMNS = ("image_id", "view_id", "view", "content_hash", "valid_region", "error", "decode_s")
 """Columns the teacher stage copies from its input to its output (``error`` may gain entries)."""
 
@@ -205,11 +207,9 @@ def _decode_and_render(batch: Mapping[str, np.ndarray], fault: tuple[str, str] |
 
 def select_device(device: str) -> str:
     """``"auto"`` -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``; others unchanged."""
-    import torch
+    from detcore.teacher import resolve_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return resolve_device(device)
 
 
 def device_quantizable(codec) -> bool:
@@ -252,20 +252,11 @@ def quantize_batch(tensor, codec):
 
 
 def autocast_dtype(device: str, precision: str):
-    """The autocast dtype for a device and precision name, or None for float32.
+    """The autocast dtype for a device and precision name, or None for float32
+    (`detcore.teacher.autocast_dtype`)."""
+    from detcore.teacher import autocast_dtype as teacher_autocast_dtype
 
-    ``auto`` is bfloat16 on a GPU that supports it (float16 on older ones) and float32 on
-    the CPU, where autocast is slower than float32 for these convolutions.
-    """
-    import torch
-
-    if precision == "fp32" or (precision == "auto" and not device.startswith("cuda")):
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return teacher_autocast_dtype(device, precision)
 
 
 def pin_process(cores: Sequence[int]) -> None:
@@ -327,18 +318,13 @@ class TeacherPredictor:
         self.cpu_affinity = frozenset(int(c) for c in cpu_affinity) if cpu_affinity else None
         if self.cpu_affinity:
             pin_process(self.cpu_affinity)  # before torch starts its thread pools
-        import torch
+        from detcore.teacher import load_teacher
 
-        from detcore.checkpoint import load_detector
-
-        if torch_threads is not None:
-            torch.set_num_threads(int(torch_threads))
         self.device = select_device(device)
-        self.amp_dtype = autocast_dtype(self.device, precision)
-        self.model, _ = load_detector(teacher_path, map_location=self.device)
-        self.model.eval()
+        self.teacher = load_teacher(teacher_path, device=self.device, precision=precision, torch_threads=torch_threads)
         self.target_shapes = {name: tuple(int(s) for s in shape) for name, shape in target_shapes.items()}
         self.with_backbone = any(name.startswith("backbone/") for name in self.target_shapes)
+        self.groups = tuple(g for g in TARGET_GROUPS if any(name.split("/", 1)[0] == g for name in self.target_shapes))
         self.batch_size = int(batch_size)
         self.transfer_dtypes = {name: np.dtype((transfer_dtypes or {}).get(name, "float32")) for name in self.target_shapes}
         from label_store.codecs import parse_codec
@@ -357,12 +343,8 @@ class TeacherPredictor:
 
         images = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         with torch.inference_mode():
-            if self.amp_dtype is None:
-                outputs = self.model(images, with_backbone=self.with_backbone)
-            else:
-                with torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp_dtype):
-                    outputs = self.model(images, with_backbone=self.with_backbone)
-        produced = outputs.targets()
+            outputs = self.teacher.forward(images, backbone=self.with_backbone)
+            produced = outputs.to_targets(self.groups)
         missing = [name for name in self.target_shapes if name not in produced]
         if missing:
             raise KeyError(f"TeacherPredictor expects the teacher to produce targets {missing}. Got {sorted(produced)}.")

@@ -32,10 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-logger = logging.getLogger("teacher_service.precompute")
+from label_store.schema import TARGET_GROUPS  # the one definition, re-exported for the CLI
 
-TARGET_GROUPS = ("cls", "box", "fpn", "backbone")
-"""Target groups a store can hold (names ``cls/p3``, ``box/p3``, ``fpn/p3``, ``backbone/c3`` ...)."""
+logger = logging.getLogger("teacher_service.precompute")
 
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZE_MODES = ("auto", "on", "off")
@@ -351,40 +350,15 @@ def split_codecs(codecs: Sequence[tuple[str, str]], target_groups: Sequence[str]
 
 def store_layout(config: PrecomputeConfig) -> StoreLayout:
     """Fingerprint and target specs of the store that ``config`` fills (loads the teacher once)."""
-    import torch
+    from detcore.teacher import TeacherGroupError, load_teacher
 
-    from detcore.checkpoint import load_detector, teacher_fingerprint
-    from label_store.schema import default_target_specs
-
-    fingerprint = dict(teacher_fingerprint(config.teacher))
+    teacher = load_teacher(config.teacher, device="cpu", precision="fp32")
+    fingerprint = teacher.fingerprint()
     canvas_hw = tuple(int(v) for v in (config.canvas_hw or fingerprint["canvas_hw"]))
     fingerprint["canvas_hw"] = list(canvas_hw)
-    model, _ = load_detector(config.teacher, map_location="cpu")
-    model.eval()
-    strides = tuple(int(s) for s in fingerprint["strides"])
-    # Channel counts do not depend on the canvas: probe with the smallest one every level sees,
-    # on one thread (a tiny forward; intra-op threads only cost time on a busy machine).
-    side = max(strides)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            probe = model(torch.zeros(1, 3, side, side), with_backbone=True)
-    finally:
-        torch.set_num_threads(threads)
-    backbone_channels = tuple(int(t.shape[1]) for t in probe.backbone_features) if probe.backbone_features else None
     per_group, per_target = split_codecs(config.codecs, config.target_groups)
     try:
-        specs = default_target_specs(
-            num_classes=len(fingerprint["classes"]),
-            reg_max=int(fingerprint["reg_max"]),
-            canvas_hw=canvas_hw,
-            strides=strides,
-            fpn_channels=int(probe.fpn_features[0].shape[1]),
-            backbone_channels=backbone_channels,
-            groups=tuple(config.target_groups),
-            codecs=per_group or None,
-        )
+        specs = teacher.target_specs(tuple(config.target_groups), canvas_hw, codecs=per_group or None)
         unknown = sorted(set(per_target) - {spec.name for spec in specs})
         if unknown:
             raise PrecomputeInputError(
@@ -394,6 +368,8 @@ def store_layout(config: PrecomputeConfig) -> StoreLayout:
         specs = _keep_existing_codecs(config, specs, per_group, per_target)
     except PrecomputeInputError:
         raise
+    except TeacherGroupError as error:  # e.g. --targets box for a teacher without edge distributions
+        raise PrecomputeInputError(f"--targets: {error}") from error
     except ValueError as error:  # an unknown codec name: the message carries the grammar
         raise PrecomputeInputError(str(error)) from error
     return StoreLayout(fingerprint, tuple(specs), canvas_hw, tuple(fingerprint["classes"]))
@@ -406,15 +382,14 @@ def _keep_existing_codecs(config: PrecomputeConfig, specs: list, per_group: dict
     still resume with the same command. An explicit ``codecs`` choice that differs from the
     store is still refused (by `create_store`, naming each target).
     """
-    from label_store._fs import Location
-    from label_store._manifest import read_store_meta
     from label_store.errors import StoreNotFoundError
+    from label_store.reader import read_store_targets
 
     try:
-        existing = read_store_meta(Location(config.store, dict(config.storage_options)))
+        existing = read_store_targets(config.store, config.storage_options)
     except StoreNotFoundError:
         return specs
-    stored = {spec.name: spec for spec in existing.targets}
+    stored = {spec.name: spec for spec in existing}
     out, kept = [], []
     for spec in specs:
         chosen = spec.name in per_target or spec.group in per_group

@@ -151,9 +151,9 @@ class GFLTargets:
 
 def anchors_for_outputs(outputs: DenseOutputs) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...]]:
     """Anchors Tensor[A, 4], points Tensor[A, 2], point strides Tensor[A], points per level."""
-    shapes = [tuple(t.shape[-2:]) for t in outputs.cls_logits]
-    device = outputs.cls_logits[0].device
-    per_level = level_anchors(outputs.strides, shapes, device=device)
+    shapes = outputs.shapes_hw
+    device = next(t for g in (outputs.fpn_features, outputs.cls_logits) if g for t in g).device
+    per_level = level_anchors(outputs.strides, shapes, device=device, point_offset=outputs.point_offset)
     anchors = torch.cat(per_level)
     points = (anchors[:, :2] + anchors[:, 2:]) * 0.5
     counts = tuple(a.shape[0] for a in per_level)
@@ -216,6 +216,9 @@ def assign_gfl_targets(
 class GFLDetector(nn.Module):
     """Backbone -> FPN -> GFL head. Build with `build_detector` or `build_detector_from_config`."""
 
+    point_offset = 0.5
+    """Cell (x, y) of stride s sits at ((x + 0.5) * s, (y + 0.5) * s) (`DenseOutputs.point_offset`)."""
+
     def __init__(self, config: DetectorConfig, backbone: nn.Module, fpn: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.config = config
@@ -256,6 +259,7 @@ class GFLDetector(nn.Module):
             strides=self.strides,
             reg_max=self.reg_max,
             backbone_features=tuple(stages) if with_backbone else None,
+            point_offset=self.point_offset,
         )
 
     def assign(self, outputs: DenseOutputs, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor]) -> GFLTargets:
@@ -370,7 +374,10 @@ def predict_detections(
         start = 0
         for level, count in enumerate(counts):
             scores = outputs.cls_logits[level][b].flatten(1).t().float().sigmoid()  # [HW, K]
-            box_logits = outputs.box_logits[level][b].flatten(1).t()  # [HW, 4(R+1)]
+            if outputs.box_logits is not None:
+                box_logits = outputs.box_logits[level][b].flatten(1).t()  # [HW, 4(R+1)]
+            else:
+                box_logits = outputs.distances[level][b].flatten(1).t()  # [HW, 4] stride units
             level_points = points[start : start + count]
             stride = outputs.strides[level]
             start += count
@@ -380,7 +387,10 @@ def predict_detections(
             candidate, label = (scores > score_thr).nonzero(as_tuple=True)
             if candidate.numel() == 0:
                 continue
-            distances = distribution_to_distance(box_logits[candidate], outputs.reg_max) * stride
+            if outputs.box_logits is not None:
+                distances = distribution_to_distance(box_logits[candidate], outputs.reg_max) * stride
+            else:
+                distances = box_logits[candidate].float() * stride
             boxes_all.append(distance_to_boxes(level_points[candidate], distances, max_hw=canvas_hw))
             scores_all.append(scores[candidate, label])
             labels_all.append(label)

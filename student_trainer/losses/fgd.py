@@ -156,10 +156,11 @@ class FGDLoss(nn.Module):
     in the mask term (as released). ``align`` is a 1x1 convolution with bias when C_s != C_t.
     The hyper-parameters are the released ones per family (`FGD_DEFAULTS`, `for_family`).
 
-    ``normalize="teacher_rms"`` (the default) first divides S (after ``align``) and T by
-    the teacher level's root mean square over the batch (a detached scalar), so the
-    released weights and temperature meet features of unit scale whatever the teacher's
-    FPN magnitude; ``normalize="none"`` is the released code exactly. Why: the released
+    ``normalize="none"`` (the default) is the released code exactly.
+    ``normalize="teacher_rms"`` (what the training recipe, `FGDConfig`, chooses) first
+    divides S (after ``align``) and T by the teacher level's root mean square over the
+    batch (a detached scalar), so the released weights and temperature meet features of
+    unit scale whatever the teacher's FPN magnitude. Why the recipe does: the released
     weights were tuned on mmdetection's COCO teachers; a from-scratch teacher here has FPN
     features with RMS 6-15, where mean|F| / T ~ 20 turns the spatial attention into a
     near one-hot map (one cell weighted H*W) and the weighted term outgrows the detection
@@ -175,7 +176,7 @@ class FGDLoss(nn.Module):
         beta: float = 5e-4,
         gamma: float = 5e-4,
         lambda_: float = 5e-6,
-        normalize: str = "teacher_rms",
+        normalize: str = "none",
     ) -> None:
         super().__init__()
         if not temperature > 0:

@@ -119,7 +119,8 @@ class FGDConfig:
     lambda_: float = 5e-6
     """Weight of the global relation loss."""
     normalize: str = "teacher_rms"
-    """``teacher_rms``: features divided by the teacher level's RMS first; ``none``: as released."""
+    """``teacher_rms``: features divided by the teacher level's RMS first (this recipe's choice, a
+    deviation; `FGDLoss` itself defaults to the release); ``none``: as released."""
 
     @classmethod
     def for_family(cls, family: str) -> "FGDConfig":
@@ -188,6 +189,7 @@ def assign_points(
     vlr_alpha: float | None = 0.25,
     vlr_diou: str = "standard",
     device=None,
+    point_offset: float = 0.5,
 ) -> PointAssignment:
     """ATSS over the GFL anchors of all levels, per image, from the view's GT.
 
@@ -199,12 +201,13 @@ def assign_points(
         vlr_alpha: alpha of `detcore.assign.vlr_region`; None skips the VLR.
         vlr_diou: DIoU flavour of the VLR.
         device: of the anchors (default: the GT's).
+        point_offset: where a cell's point sits (`detcore.outputs.level_points`).
     """
     if len(strides) != len(shapes_hw):
         raise LossInputError(f"assign_points(shapes_hw=) expects one (H, W) per stride ({len(strides)}). Got {len(shapes_hw)}.")
     if device is None:
         device = gt_boxes[0].device if len(gt_boxes) else torch.device("cpu")
-    anchors_per_level = level_anchors(strides, shapes_hw, device=device)
+    anchors_per_level = level_anchors(strides, shapes_hw, device=device, point_offset=point_offset)
     num_level_points = tuple(int(a.shape[0]) for a in anchors_per_level)
     anchors = torch.cat(anchors_per_level, dim=0)
     assigned, regions = [], []
@@ -235,13 +238,17 @@ def _check_dense(
     gt_boxes: Sequence[Tensor],
     strides: Sequence[int],
     reg_max: int,
+    teacher_edges: Sequence[Tensor] | None = None,
 ) -> list[tuple[int, int]]:
     num_levels = len(strides)
+    teacher_regression = ("teacher_box", teacher_box) if teacher_box is not None else ("teacher_edges", teacher_edges)
+    if teacher_regression[1] is None:
+        raise LossInputError(f"{owner}(teacher_box=, teacher_edges=) expects one of them per level. Got None for both.")
     for name, per_level in (
         ("student_cls", student_cls),
         ("student_box", student_box),
         ("teacher_cls", teacher_cls),
-        ("teacher_box", teacher_box),
+        teacher_regression,
     ):
         if len(per_level) != num_levels:
             raise LossInputError(
@@ -267,10 +274,11 @@ def _check_dense(
                 f"{owner}(student_box=) expects Tensor{list(expected_box)} at stride {stride} (reg_max={reg_max}). "
                 f"Got {describe(box)}."
             )
-        for name, teacher, student in (("teacher_cls", teacher_cls[level], cls), ("teacher_box", teacher_box[level], box)):
-            if not isinstance(teacher, Tensor) or teacher.shape != student.shape:
+        expected = {"teacher_cls": tuple(cls.shape), "teacher_box": tuple(box.shape), "teacher_edges": (b, 4, h, w)}
+        for name, teacher in (("teacher_cls", teacher_cls[level]), (teacher_regression[0], teacher_regression[1][level])):
+            if not isinstance(teacher, Tensor) or tuple(teacher.shape) != expected[name]:
                 raise LossInputError(
-                    f"{owner}({name}=) expects the student's shape {list(student.shape)} at stride {stride}. "
+                    f"{owner}({name}=) expects the shape {list(expected[name])} at stride {stride}. "
                     f"Got {describe(teacher)}."
                 )
         shapes_hw.append((h, w))
@@ -306,6 +314,7 @@ def ld_recipe(
     reg_max: int,
     config: LDConfig = LDConfig(),
     assignment: PointAssignment | None = None,
+    point_offset: float = 0.5,
 ) -> dict[str, Tensor]:
     """LD on GFL as released, summed over levels; each level pools the batch's locations.
 
@@ -325,6 +334,7 @@ def ld_recipe(
         reg_max: R.
         config: weights, temperatures, avg factors, ATSS/VLR settings.
         assignment: precomputed `assign_points` result with ``vlr`` (else computed here).
+        point_offset: the student's point convention, for ATSS and the VLR.
     Returns:
         dict of float32 scalars ``ld_main``, ``ld_vlr``, ``ld_kd`` (weighted).
     """
@@ -333,7 +343,7 @@ def ld_recipe(
     if assignment is None:
         assignment = assign_points(
             gt_boxes, strides, shapes_hw, topk=config.topk, vlr_alpha=config.alpha, vlr_diou=config.vlr_diou,
-            device=student_cls[0].device,
+            device=student_cls[0].device, point_offset=point_offset,
         )
     _check_assignment("ld_recipe", assignment, batch, shapes_hw, need_vlr=True)
     per_batch = batch / config.avg_factor_images if config.avg_factor_images else 1.0
@@ -389,7 +399,7 @@ def view_regions(
 
 def imitation_points(
     gt_boxes: Sequence[Tensor], strides: Sequence[int], shapes_hw: Sequence[tuple[int, int]], ratio: float = 0.5,
-    device=None,
+    device=None, point_offset: float = 0.5,
 ) -> Tensor:
     """`detcore.assign.imitation_region` of every image over the GFL anchors of all levels.
 
@@ -398,7 +408,7 @@ def imitation_points(
     """
     if device is None:
         device = gt_boxes[0].device if len(gt_boxes) else torch.device("cpu")
-    per_level = level_anchors(strides, shapes_hw, device=device)
+    per_level = level_anchors(strides, shapes_hw, device=device, point_offset=point_offset)
     anchors, counts = torch.cat(per_level, dim=0), [int(a.shape[0]) for a in per_level]
     config = LDConfig(im_ratio=ratio)
     rows = [view_regions(anchors, counts, boxes, config, ("im",))["im"] for boxes in gt_boxes]
@@ -413,6 +423,7 @@ def ld_im_recipe(
     strides: Sequence[int],
     config: LDConfig = LDConfig(),
     region: Tensor | None = None,
+    point_offset: float = 0.5,
 ) -> dict[str, Tensor]:
     """The release's feature imitation next to LD (``loss_im``, ``finegrained``), summed over levels.
 
@@ -431,6 +442,7 @@ def ld_im_recipe(
         strides: stride of each level.
         config: ``im_weight`` and ``im_ratio``.
         region: precomputed `imitation_points` (else computed here).
+        point_offset: the student's point convention, for the region.
     Returns:
         dict of float32 scalars: ``ld_im`` (weighted, to optimise) and, detached and
         unweighted, ``ld_im_<level index>`` per level.
@@ -443,7 +455,9 @@ def ld_im_recipe(
     check_gt_boxes("ld_im_recipe", gt_boxes, student_fpn[0].shape[0])
     if region is None:
         shapes_hw = [(int(f.shape[2]), int(f.shape[3])) for f in student_fpn]
-        region = imitation_points(gt_boxes, strides, shapes_hw, config.im_ratio, device=student_fpn[0].device)
+        region = imitation_points(
+            gt_boxes, strides, shapes_hw, config.im_ratio, device=student_fpn[0].device, point_offset=point_offset
+        )
     per_level = module(student_fpn, teacher_fpn, region)
     out = {"ld_im": config.im_weight * per_level.sum()}
     for level, value in enumerate(per_level):
@@ -461,6 +475,9 @@ def bcd_recipe(
     reg_max: int,
     config: BCDConfig = BCDConfig(),
     assignment: PointAssignment | None = None,
+    point_offset: float = 0.5,
+    teacher_edges: Sequence[Tensor] | None = None,
+    teacher_point_offset: float | None = None,
 ) -> dict[str, Tensor]:
     """BCD on GFL as released, summed over levels.
 
@@ -470,19 +487,32 @@ def bcd_recipe(
     E[edge]``), with per-location weight ``max_k |sigmoid(t) - sigmoid(s)|`` (detached).
     A level without positives adds 0 (so does a batch without any).
 
-    Args: as `ld_recipe` (``assignment`` needs no ``vlr``).
+    Args: as `ld_recipe` (``assignment`` needs no ``vlr``), and
+        teacher_box: may be None when ``teacher_edges`` are given: the IoU term needs only
+            the teacher's decoded boxes.
+        teacher_edges: per level Tensor[B, 4, H, W] expected edge distances in stride units
+            (`DenseOutputs.edge_distances`), used when ``teacher_box`` is None.
+        point_offset: the student's point convention (ATSS, the student's boxes).
+        teacher_point_offset: the teacher's, for its boxes (default: ``point_offset``).
     Returns:
         dict of float32 scalars ``bcd_cls``, ``bcd_iou`` (weighted).
     """
-    shapes_hw = _check_dense("bcd_recipe", student_cls, student_box, teacher_cls, teacher_box, gt_boxes, strides, reg_max)
+    shapes_hw = _check_dense(
+        "bcd_recipe", student_cls, student_box, teacher_cls, teacher_box, gt_boxes, strides, reg_max, teacher_edges
+    )
     batch = student_cls[0].shape[0]
     device = student_cls[0].device
+    if teacher_point_offset is None:
+        teacher_point_offset = point_offset
     if assignment is None:
-        assignment = assign_points(gt_boxes, strides, shapes_hw, topk=config.topk, vlr_alpha=None, device=device)
+        assignment = assign_points(
+            gt_boxes, strides, shapes_hw, topk=config.topk, vlr_alpha=None, device=device, point_offset=point_offset
+        )
     _check_assignment("bcd_recipe", assignment, batch, shapes_hw, need_vlr=False)
     assigned_gt = assignment.assigned_gt.to(device)
     num_positives = float((assigned_gt > 0).sum())
-    points_per_level = level_points(strides, shapes_hw, device=device)
+    points_per_level = level_points(strides, shapes_hw, device=device, point_offset=point_offset)
+    teacher_points_per_level = level_points(strides, shapes_hw, device=device, point_offset=teacher_point_offset)
     cls_terms, iou_terms = [], []
     start = 0
     for level, count in enumerate(assignment.num_level_points):
@@ -490,7 +520,7 @@ def bcd_recipe(
         start += count
         device = student_cls[level].device
         s_cls, t_cls = _flat(student_cls[level]), _flat(teacher_cls[level].detach().to(device))
-        s_box, t_box = _flat(student_box[level]), _flat(teacher_box[level].detach().to(device))
+        s_box = _flat(student_box[level])
         if not bool(positive.any()):
             cls_terms.append(_zero_like(s_cls))
             iou_terms.append(_zero_like(s_box))
@@ -498,9 +528,14 @@ def bcd_recipe(
         cls_terms.append(config.cls_weight * bcd_cls_loss(s_cls, t_cls, None, num_positives, config.beta))
         gap = (as_float32(t_cls).sigmoid() - as_float32(s_cls.detach()).sigmoid()).abs().max(dim=1).values
         points = points_per_level[level].repeat(batch, 1)
+        teacher_points = teacher_points_per_level[level].repeat(batch, 1)
         stride = float(strides[level])
+        if teacher_box is not None:
+            t_distance = distribution_to_distance(_flat(teacher_box[level].detach().to(device)), reg_max)
+        else:
+            t_distance = as_float32(_flat(teacher_edges[level].detach().to(device)))
         s_boxes = distance_to_boxes(points, distribution_to_distance(s_box, reg_max) * stride)
-        t_boxes = distance_to_boxes(points, distribution_to_distance(t_box, reg_max) * stride)
+        t_boxes = distance_to_boxes(teacher_points, t_distance * stride)
         iou_terms.append(config.iou_weight * iou_ld_loss(s_boxes, t_boxes, gap, num_positives))
     return {"bcd_cls": torch.stack(cls_terms).sum(), "bcd_iou": torch.stack(iou_terms).sum()}
 

@@ -2,7 +2,7 @@
 
 Legend: B views in a batch, K classes, R reg_max, C channels, canvas H x W.
 
-`OnlineTeacher` wraps a loaded `GFLDetector` with what the endpoint needs to answer:
+`OnlineTeacher` wraps a loaded `detcore.teacher.Teacher` with what the endpoint needs to answer:
 the canvas every view must use, the target specs (the same `label_store` specs a store
 of this teacher holds), the fingerprint and its digest. `prepare_view` (any thread) turns
 uploaded bytes plus a view into the normalised canvas; `forward` (the single batcher
@@ -19,12 +19,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from detcore.views import View, ViewError, content_hash, render_array
+from label_store.schema import TARGET_GROUPS
 from label_store.wire import fingerprint_digest
 from teacher_service.api.problems import RequestProblem
 
 logger = logging.getLogger(__name__)
 
-TARGET_GROUPS = ("cls", "box", "fpn", "backbone")
 DEFAULT_GROUPS = ("cls", "box", "fpn")
 
 
@@ -62,13 +62,12 @@ class OnlineTeacher:
     """A loaded teacher plus the contract of its answers (canvas, specs, fingerprint).
 
     Args:
-        model: a `GFLDetector` in eval mode on ``device``.
+        model: a `detcore.teacher.Teacher` on ``device``.
         device: torch device string.
         canvas_hw: the canvas ``(H, W)`` every view must use.
         specs: `label_store.TargetSpec` of every target the teacher can produce, in order.
-        fingerprint: the teacher fingerprint dict (`detcore.checkpoint.teacher_fingerprint`).
+        fingerprint: the teacher fingerprint dict (`detcore.teacher.Teacher.fingerprint`).
         default_groups: groups answered when a request names none.
-        amp_dtype: torch autocast dtype, or None for float32.
     """
 
     def __init__(
@@ -80,10 +79,8 @@ class OnlineTeacher:
         specs: Sequence[Any],
         fingerprint: dict[str, Any],
         default_groups: Sequence[str] = DEFAULT_GROUPS,
-        amp_dtype: Any = None,
     ) -> None:
         self.model = model
-        self.amp_dtype = amp_dtype
         self.device = device
         self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
         self.specs = list(specs)
@@ -119,40 +116,28 @@ class OnlineTeacher:
         """
         import torch
 
-        from detcore.checkpoint import load_detector, teacher_fingerprint
-        from label_store import TeacherFingerprint, default_target_specs
-        from teacher_service.pipeline_stages import autocast_dtype, select_device
+        from detcore.teacher import load_teacher
+        from label_store import TeacherFingerprint
+        from teacher_service.pipeline_stages import select_device
 
-        if torch_threads is not None:
-            torch.set_num_threads(int(torch_threads))
         device = select_device(device)
-        fingerprint = dict(teacher_fingerprint(str(checkpoint)))
-        model, _ = load_detector(str(checkpoint), map_location=device)
-        model = model.to(device).eval()
+        teacher = load_teacher(str(checkpoint), device=device, precision=precision, torch_threads=torch_threads)
+        fingerprint = teacher.fingerprint()
         canvas_hw = tuple(int(v) for v in (canvas_hw or fingerprint["canvas_hw"]))
         # The store records the canvas it was made for; an endpoint for that store must too.
         fingerprint["canvas_hw"] = list(canvas_hw)
         # Normalised exactly as a store's manifest holds it, so that the digests agree.
         fingerprint = TeacherFingerprint.from_dict(fingerprint).to_dict()
-        # One warm-up pass at the real canvas: channel counts, level shapes, and the allocator.
-        with torch.inference_mode():
-            probe = model(torch.zeros(1, 3, *canvas_hw, device=device), with_backbone=True)
-        backbone_channels = tuple(int(t.shape[1]) for t in probe.backbone_features) if probe.backbone_features else None
-        groups = TARGET_GROUPS if backbone_channels else DEFAULT_GROUPS
+        # Every group the teacher gives, edge distances only where there are no distributions.
+        groups = tuple(g for g in teacher.available_groups if g != "edges" or "box" not in teacher.available_groups)
         unknown = [name for name in (codecs or {}) if name not in groups]
         if unknown:
             raise ValueError(f"OnlineTeacher.load(codecs=) expects target groups from {list(groups)}. Got {unknown}.")
-        specs = default_target_specs(
-            num_classes=len(fingerprint["classes"]),
-            reg_max=int(fingerprint["reg_max"]),
-            canvas_hw=canvas_hw,
-            strides=tuple(int(s) for s in fingerprint["strides"]),
-            fpn_channels=int(probe.fpn_features[0].shape[1]),
-            backbone_channels=backbone_channels,
-            groups=groups,
-            codecs=dict(codecs) if codecs else None,
-        )
-        shapes = {name: tuple(t.shape[1:]) for name, t in probe.targets().items()}
+        specs = teacher.target_specs(groups, canvas_hw, codecs=codecs)
+        # One warm-up pass at the real canvas: level shapes, and the allocator.
+        with torch.inference_mode():
+            probe = teacher.forward(torch.zeros(1, 3, *canvas_hw, device=device), backbone="backbone" in groups)
+        shapes = {name: tuple(t.shape[1:]) for name, t in probe.to_targets(groups).items()}
         for spec in specs:
             if tuple(spec.shape) != shapes.get(spec.name):
                 raise ValueError(
@@ -160,14 +145,7 @@ class OnlineTeacher:
                     f"Got {shapes.get(spec.name)} (checkpoint={checkpoint})."
                 )
         logger.info("teacher %s loaded on %s: canvas %s, %d targets", checkpoint, device, canvas_hw, len(specs))
-        return cls(
-            model,
-            device=device,
-            canvas_hw=canvas_hw,
-            specs=specs,
-            fingerprint=fingerprint,
-            amp_dtype=autocast_dtype(device, precision),
-        )
+        return cls(teacher, device=device, canvas_hw=canvas_hw, specs=specs, fingerprint=fingerprint)
 
     # request side --------------------------------------------------------------------
     def resolve_targets(self, requested: str | Sequence[str] | None) -> list[Any]:
@@ -224,16 +202,12 @@ class OnlineTeacher:
         """One forward pass over a batch; per view, name -> float32 ``[C, H_l, W_l]``."""
         import torch
 
-        with_backbone = any(group_of(n) == "backbone" for item in batch for n in item.names)
+        wanted = {n for item in batch for n in item.names}
+        groups = tuple(g for g in TARGET_GROUPS if any(group_of(n) == g for n in wanted))
         images = torch.from_numpy(np.stack([item.canvas for item in batch])).to(self.device)
         with torch.inference_mode():
-            if self.amp_dtype is None:
-                outputs = self.model(images, with_backbone=with_backbone)
-            else:
-                with torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp_dtype):
-                    outputs = self.model(images, with_backbone=with_backbone)
-            wanted = {n for item in batch for n in item.names}
-            arrays = {name: t.float().cpu().numpy() for name, t in outputs.targets().items() if name in wanted}
+            outputs = self.model.forward(images, backbone="backbone" in groups)
+            arrays = {name: t.float().cpu().numpy() for name, t in outputs.to_targets(groups).items() if name in wanted}
         return [{name: arrays[name][i] for name in item.names} for i, item in enumerate(batch)]
 
 

@@ -42,7 +42,7 @@ def test_tiny_output_shapes_per_level(tiny, canvas):
         assert tuple(feat.shape) == (2, 32, h, w)
     for stride, channels, feat in zip((8, 16, 32), (64, 96, 128), out.backbone_features):
         assert tuple(feat.shape) == (2, channels, *feature_hw(canvas, stride))
-    assert set(out.targets()) >= {"cls/p3", "box/p7", "fpn/p5", "backbone/c5"}
+    assert set(out.to_targets(("cls", "box", "fpn", "backbone"))) >= {"cls/p3", "box/p7", "fpn/p5", "backbone/c5"}
     assert tiny(torch.randn(1, 3, 64, 64)).backbone_features is None
 
 

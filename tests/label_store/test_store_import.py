@@ -12,7 +12,7 @@ import label_store
 def test_import_does_not_load_torch():
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(label_store.__file__)))
     code = (
-        "import sys, label_store, label_store.cli, label_store.testing, label_store.torch_adapter\n"
+        "import sys, label_store, label_store.cli, label_store.testing\n"
         "names = [getattr(label_store, n) for n in label_store.__all__]\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
         "print(len(names))\n"

@@ -1,11 +1,10 @@
-"""Reading from torch DataLoader worker processes, pickling, and the torch adapter."""
+"""Reading from torch DataLoader worker processes, and pickling."""
 
 from __future__ import annotations
 
 import pickle
 
 import numpy as np
-import pytest
 import torch  # a project requirement; label_store itself imports without it (test_store_import.py)
 
 from label_store import create_store, open_store
@@ -20,9 +19,11 @@ class _TargetsDataset(torch.utils.data.Dataset):
         return len(self.keys)
 
     def __getitem__(self, index):
-        from label_store.torch_adapter import to_torch
+        return {name: torch.from_numpy(array) for name, array in self.reader.read(*self.keys[index]).items()}
 
-        return to_torch(self.reader.read(*self.keys[index]))
+
+def collate_targets(batch):
+    return {name: torch.stack([item[name] for item in batch]) for name in batch[0]}
 
 
 def _fill(tmp_path, fingerprint, specs, make_record, make_targets, count=6):
@@ -36,8 +37,6 @@ def _fill(tmp_path, fingerprint, specs, make_record, make_targets, count=6):
 
 
 def test_dataloader_workers_read_the_same_targets(tmp_path, fingerprint, specs, make_record, make_targets):
-    from label_store.torch_adapter import collate_targets
-
     reader = open_store(_fill(tmp_path, fingerprint, specs, make_record, make_targets), expected_fingerprint=fingerprint, threads=2)
     direct = [reader.read(*key) for key in reader.keys()]  # the parent opens its handles first
     loader = torch.utils.data.DataLoader(_TargetsDataset(reader), batch_size=2, num_workers=2, collate_fn=collate_targets)
@@ -59,19 +58,3 @@ def test_reader_pickles_without_handles(tmp_path, fingerprint, specs, make_recor
     again = clone.read_many(clone.keys())
     for a, b in zip(first, again):
         assert all(np.array_equal(a[k], b[k]) for k in a)
-
-
-def test_torch_adapter_shapes_and_errors():
-    from label_store.torch_adapter import collate_targets, to_torch
-
-    view = {"cls/p3": np.ones((3, 2, 2), np.float32), "box/p3": np.zeros((8, 2, 2), np.float32)}
-    tensors = to_torch(view)
-    assert tensors["cls/p3"].shape == (3, 2, 2) and tensors["cls/p3"].dtype == torch.float32
-    batch = collate_targets([view, tensors])
-    assert batch["box/p3"].shape == (2, 8, 2, 2) and float(batch["cls/p3"].sum()) == 24.0
-    with pytest.raises(ValueError, match="float32"):
-        to_torch({"cls/p3": np.ones((1, 1, 1), np.float64)})
-    with pytest.raises(ValueError, match="same targets"):
-        collate_targets([view, {"cls/p3": view["cls/p3"]}])
-    with pytest.raises(ValueError, match="empty"):
-        collate_targets([])

@@ -32,13 +32,13 @@ class FakeEndpoint:
         import torch
         from fastapi import FastAPI, HTTPException, Request, Response
 
-        from detcore.checkpoint import load_detector, teacher_fingerprint
+        from detcore.checkpoint import load_detector_with_meta, teacher_fingerprint
         from detcore.images import load_image
         from detcore.views import View, content_hash, render
         from label_store import default_target_specs
         from label_store.wire import FINGERPRINT_HEADER, MEDIA_TYPE, fingerprint_digest, pack_targets
 
-        teacher, meta = load_detector(self.teacher_path)
+        teacher, meta = load_detector_with_meta(self.teacher_path)
         fingerprint = teacher_fingerprint(self.teacher_path)
         digest = fingerprint_digest(fingerprint)
         config = teacher.config
@@ -79,7 +79,7 @@ class FakeEndpoint:
                     images.append(render(pixels, view).image)
                     entries.append({"image_id": view.image_id, "view_id": view.view_id, "content_hash": content_hash(pixels)})
             with torch.no_grad():
-                outputs = teacher(torch.stack(images), with_backbone=True).targets()
+                outputs = teacher(torch.stack(images), with_backbone=True).to_targets(("cls", "box", "fpn", "backbone"))
             for index, entry in enumerate(entries):
                 entry["targets"] = {s.name: outputs[s.name][index].numpy() for s in chosen}
             body = pack_targets(entries, chosen, fingerprint)

@@ -97,12 +97,12 @@ def write_store(
     fingerprint_overrides: dict | None = None,
 ) -> Path:
     """Teacher forward over {original, flip} views of every image -> a committed store."""
-    from detcore.checkpoint import load_detector, teacher_fingerprint
+    from detcore.checkpoint import load_detector_with_meta, teacher_fingerprint
     from detcore.coco import CocoDataset
     from detcore.views import content_hash, plan_views, render
     from label_store import TeacherFingerprint, create_store, default_target_specs
 
-    teacher, meta = load_detector(teacher_path)
+    teacher, meta = load_detector_with_meta(teacher_path)
     canvas = tuple(canvas or meta["canvas_hw"])
     coco = CocoDataset(annotations, images)
     fp = dict(teacher_fingerprint(teacher_path))
@@ -121,7 +121,7 @@ def write_store(
     pixels = {i: coco.load(i) for i in ids}
     rendered = [render(pixels[view.image_id], view) for view in views]
     with torch.no_grad():
-        outputs = teacher(torch.stack([r.image for r in rendered]), with_backbone=True).targets()
+        outputs = teacher(torch.stack([r.image for r in rendered]), with_backbone=True).to_targets(groups)
     for index, (view, item) in enumerate(zip(views, rendered)):
         part.append(
             {"image_id": view.image_id, "view_id": view.view_id, "view": view.to_json(),

@@ -164,7 +164,7 @@ def test_workers_compute_the_gt_regions_the_model_would(world):
     assert set(batch["regions"]) == {"vlr", "im"} and batch["regions"]["im"].dtype == torch.bool
     assert batch["regions"]["vlr"].shape == (4, sum(h * w for h, w in [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]))
     assert (batch["regions"]["vlr"] > 0).any() and batch["regions"]["im"].any()
-    args = (batch["images"], batch["gt_boxes"], batch["gt_labels"], batch["targets"])
+    args = (batch["images"], batch["gt_boxes"], batch["gt_labels"], source.outputs(batch["targets"]))
     with torch.no_grad():
         own, _ = model(*args)
         given, _ = model(*args, regions=batch["regions"])

@@ -59,7 +59,7 @@ def _model(config, source):
 def _losses(config, names, source, batch, targets):
     model = _model(config, source)
     with torch.no_grad():
-        terms, _ = model(batch["images"], batch["gt_boxes"], batch["gt_labels"], targets)
+        terms, _ = model(batch["images"], batch["gt_boxes"], batch["gt_labels"], source.outputs(targets))
     return {k: float(v) for k, v in terms.items()}
 
 
@@ -69,7 +69,7 @@ def _first_order_bounds(config, source, batch, targets, bounds, monkeypatch):
     leaves = {name: t.clone().requires_grad_(True) for name, t in targets.items()}
     with monkeypatch.context() as patch:
         patch.setattr(torch.Tensor, "detach", lambda self: self)
-        terms, _ = model(batch["images"], batch["gt_boxes"], batch["gt_labels"], leaves)
+        terms, _ = model(batch["images"], batch["gt_boxes"], batch["gt_labels"], source.outputs(leaves))
         out = {}
         for term in TERMS:
             grads = torch.autograd.grad(terms[term], list(leaves.values()), retain_graph=True, allow_unused=True)

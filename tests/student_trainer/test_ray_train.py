@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("one_to
 def test_two_worker_ray_train_run(world, tmp_path, monkeypatch):
     import ray
 
-    from detcore.checkpoint import load_detector
+    from detcore.checkpoint import load_detector_with_meta
     from student_trainer.ray_train import train_with_ray
 
     monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="st-ray-"))
@@ -32,7 +32,7 @@ def test_two_worker_ray_train_run(world, tmp_path, monkeypatch):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]  # written by rank 0 only
     assert all(line["fgd"] > 0 and line["ld_kd"] >= 0 for line in lines)
-    model, meta = load_detector(out / "final.pt")
+    model, meta = load_detector_with_meta(out / "final.pt")
     assert meta["classes"] == ("square", "disc")
     final = torch.load(out / "final.pt", weights_only=True)
     assert any(k.startswith("fgd.") for k in final["training"]["distill_state"])

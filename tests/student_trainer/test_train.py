@@ -18,7 +18,7 @@ def _read_jsonl(path):
 
 
 def test_store_run_writes_every_output(world, tmp_path):
-    from detcore.checkpoint import load_detector
+    from detcore.checkpoint import load_detector_with_meta
     from detcore.train import evaluate_detector
     from student_trainer.train import train_student
 
@@ -44,7 +44,7 @@ def test_store_run_writes_every_output(world, tmp_path):
     assert [e["tag"] for e in evals] == ["epoch 1", "final"]  # 4 images / batch 2: an epoch is 2 steps
     assert list((out / "tb").glob("events.out.tfevents.*"))
     # the student is a plain detcore checkpoint: `distill detector eval` loads it
-    model, meta = load_detector(out / "final.pt")
+    model, meta = load_detector_with_meta(out / "final.pt")
     assert meta["classes"] == ("square", "disc") and meta["canvas_hw"] == (64, 64)
     assert model.config.fpn_channels == 16
     metrics = evaluate_detector(out / "final.pt", world.val_annotations, world.val_images, progress=False)

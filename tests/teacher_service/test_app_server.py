@@ -106,14 +106,15 @@ def _direct_forward(teacher_path, view_list, pixels, names):
     """The teacher run in this process on the same canvases, as one batch, one thread."""
     from detcore.checkpoint import load_detector
 
-    model, _ = load_detector(teacher_path, map_location="cpu")
+    model = load_detector(teacher_path, map_location="cpu")
     model.eval()
     batch = torch.from_numpy(np.stack([render_array(pixels[v.image_id], v) for v in view_list]))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            outputs = model(batch, with_backbone=any(n.startswith("backbone/") for n in names)).targets()
+            with_backbone = any(n.startswith("backbone/") for n in names)
+            outputs = model(batch, with_backbone=with_backbone).to_targets(("cls", "box", "fpn") + (("backbone",) if with_backbone else ()))
     finally:
         torch.set_num_threads(threads)
     return [{name: outputs[name][i].numpy().copy() for name in names} for i in range(len(view_list))]

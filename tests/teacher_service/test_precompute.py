@@ -83,7 +83,7 @@ def data(tmp_path_factory):
 def teacher_model(data):
     from detcore.checkpoint import load_detector
 
-    model, _ = load_detector(data["teacher"], map_location="cpu")
+    model = load_detector(data["teacher"], map_location="cpu")
     return model.eval()
 
 
@@ -100,7 +100,7 @@ def _config(data, store, **overrides) -> PrecomputeConfig:
 def _direct_targets(model, pixels_chw: np.ndarray, with_backbone: bool) -> dict[str, np.ndarray]:
     with torch.inference_mode():
         out = model(torch.from_numpy(pixels_chw)[None], with_backbone=with_backbone)
-    return {name: t[0].numpy() for name, t in out.targets().items()}
+    return {name: t[0].numpy() for name, t in out.to_targets(("cls", "box", "fpn") + (("backbone",) if with_backbone else ())).items()}
 
 
 # ---- stages as plain functions -------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_teacher_predictor_matches_direct_forward_and_skips_error_rows(data, tea
     batch = decode_and_render(_decode_batch(dataset, views))
     batch["error"][2] = "ImageDecodeError: injected"
     batch["pixels"][4, :, 5, 5] = np.nan  # a teacher output that the store would refuse
-    shapes = {name: tuple(t.shape[1:]) for name, t in teacher_model(torch.zeros(1, 3, *CANVAS), with_backbone=True).targets().items()}
+    shapes = {name: tuple(t.shape[1:]) for name, t in teacher_model(torch.zeros(1, 3, *CANVAS), with_backbone=True).to_targets(("cls", "box", "fpn", "backbone")).items()}
     predictor = TeacherPredictor(
         str(data["teacher"]), shapes, batch_size=2, device="cpu", torch_threads=1,
         transfer_dtypes={"fpn/p3": "float16"},
@@ -198,7 +198,7 @@ def test_teacher_predictor_under_bf16_autocast_stays_near_float32(data, teacher_
     views = plan_views([(i, dataset.record(i).height, dataset.record(i).width) for i in dataset.image_ids[:2]],
                        canvas_hw=CANVAS)
     batch = decode_and_render(_decode_batch(dataset, views))
-    shapes = {name: tuple(t.shape[1:]) for name, t in teacher_model(torch.zeros(1, 3, *CANVAS)).targets().items()}
+    shapes = {name: tuple(t.shape[1:]) for name, t in teacher_model(torch.zeros(1, 3, *CANVAS)).to_targets(("cls", "box", "fpn")).items()}
     exact = TeacherPredictor(str(data["teacher"]), shapes, batch_size=2, device="cpu", torch_threads=1)(batch)
     reduced = TeacherPredictor(str(data["teacher"]), shapes, batch_size=2, device="cpu", precision="bf16",
                                torch_threads=1)(batch)
@@ -776,7 +776,7 @@ def test_teacher_predictor_quantizes_and_samples_originals(data, teacher_model):
                        canvas_hw=CANVAS)
     batch = decode_and_render(_decode_batch(dataset, views))
     batch["error"][0] = "ImageDecodeError: injected"
-    shapes = {name: tuple(t.shape[1:]) for name, t in teacher_model(torch.zeros(1, 3, *CANVAS)).targets().items()}
+    shapes = {name: tuple(t.shape[1:]) for name, t in teacher_model(torch.zeros(1, 3, *CANVAS)).to_targets(("cls", "box", "fpn")).items()}
     codec = "int6-view-dhw+zstd15"
     predictor = TeacherPredictor(str(data["teacher"]), shapes, batch_size=2, device="cpu", torch_threads=1,
                                  quantize={"fpn/p3": codec, "cls/p4": codec}, fidelity_views=2)

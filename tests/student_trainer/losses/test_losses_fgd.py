@@ -227,7 +227,7 @@ def test_teacher_rms_normalisation_hand_case():
     student = 9.0 * torch.randn(2, 4, 4, 4, generator=gen)
     teacher = 12.0 * torch.randn(2, 4, 4, 4, generator=gen)
     gt_boxes = [torch.tensor([[4.0, 2.0, 20.0, 18.0]]), torch.zeros(0, 4)]
-    out = FGDLoss(4, 4, alpha=2.0, beta=3.0, gamma=5.0, lambda_=7.0)(student, teacher, gt_boxes, (32, 32))
+    out = FGDLoss(4, 4, alpha=2.0, beta=3.0, gamma=5.0, lambda_=7.0, normalize="teacher_rms")(student, teacher, gt_boxes, (32, 32))
     s, t = student.numpy().astype(np.float64), teacher.numpy().astype(np.float64)
     rms = np.sqrt((t**2).mean())
     s, t = s / rms, t / rms
@@ -247,7 +247,7 @@ def test_teacher_rms_normalisation_makes_the_loss_scale_free():
     student = torch.randn(2, 4, 6, 6, generator=gen)
     teacher = torch.randn(2, 4, 6, 6, generator=gen)
     gt_boxes = [torch.tensor([[2.0, 2.0, 30.0, 20.0]]), torch.tensor([[10.0, 10.0, 40.0, 44.0]])]
-    normalised, released = FGDLoss(4, 4), FGDLoss(4, 4, normalize="none")
+    normalised, released = FGDLoss(4, 4, normalize="teacher_rms"), FGDLoss(4, 4)
     small = normalised(student, teacher, gt_boxes, (48, 48))
     large = normalised(10.0 * student, 10.0 * teacher, gt_boxes, (48, 48))
     for key in ("fg", "bg", "mask", "relation"):
