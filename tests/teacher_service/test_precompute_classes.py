@@ -90,8 +90,7 @@ def _cli(argv: list[str]) -> int:
 def _teacher_cls(path: Path, pixels: np.ndarray) -> list[np.ndarray]:
     from detcore.checkpoint import load_detector
 
-    loaded = load_detector(path, map_location="cpu")
-    model = (loaded[0] if isinstance(loaded, tuple) else loaded).eval()
+    model = load_detector(path, map_location="cpu").eval()
     with torch.no_grad():
         outputs = model(torch.from_numpy(pixels)[None])
     return [t[0].numpy() for t in outputs.cls_logits]
