@@ -130,7 +130,6 @@ class ClassMapping:
             "dropped_teacher_classes": list(self.dropped_teacher_classes),
             "missing_dataset_classes": list(self.missing_dataset_classes),
             "class_map": {teacher: dataset for teacher, dataset in self.class_map},
-            "missing_class_logit": MISSING_CLASS_LOGIT,
         }
 
     @classmethod

@@ -81,6 +81,10 @@ def register(subparsers) -> None:
     source.add_argument("--endpoint", metavar="URL", help="teacher endpoint base URL (remote, read-through)")
     source.add_argument("--token", help="bearer token for the endpoint (default: $DISTILL_TOKEN)")
     source.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (in-process baseline only)")
+    source.add_argument("--class-map", metavar="FILE",
+                        help="in-process teacher: JSON of teacher class name -> dataset category name (as distill precompute)")
+    source.add_argument("--allow-missing-classes", action="store_true", default=None,
+                        help="in-process teacher: accept dataset categories it lacks, left out of class distillation")
 
     optim = parser.add_argument_group("schedule")
     length = optim.add_mutually_exclusive_group()
@@ -127,6 +131,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_config(config, *, progress: bool = True) -> int:
     """Run a resolved config (local or Ray Train) and map errors to exit codes."""
     from detcore.checkpoint import CheckpointError
+    from detcore.classes import ClassMappingError
     from detcore.coco import AnnotationError
     from label_store.errors import FingerprintMismatchError, SchemaVersionError, StoreNotFoundError
     from student_trainer.data import ImageChangedError, StoreFitError
@@ -136,7 +141,7 @@ def run_config(config, *, progress: bool = True) -> int:
 
     usage_errors = (
         StoreFitError, FingerprintMismatchError, TeacherMismatchError, ResumeMismatchError, StoreNotFoundError,
-        SchemaVersionError, AnnotationError, CheckpointError, TargetShapeError, ImageChangedError,
+        SchemaVersionError, AnnotationError, CheckpointError, TargetShapeError, ImageChangedError, ClassMappingError,
     )
     try:
         if config.num_ray_workers > 0:
