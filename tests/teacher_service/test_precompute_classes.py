@@ -125,6 +125,17 @@ def test_store_holds_the_dataset_classes_in_the_dataset_order(data, local_ray, t
     assert "dropped     triangle" in out
     assert "DISC -> disc" in out
 
+    # distill serve with the store's annotations serves the store's classes: same fingerprint, same digest.
+    from label_store.wire import fingerprint_digest
+    from teacher_service.api.settings import ServeSettings
+    from teacher_service.app import load_teacher
+
+    settings = ServeSettings(teacher=data["teacher"], auth_disabled=True, device="cpu", canvas_hw=CANVAS, annotations=data["annotations"])
+    online = load_teacher(settings)
+    assert online.fingerprint == fingerprint.to_dict()
+    assert online.digest == fingerprint_digest(fingerprint.to_dict())
+    assert [spec.shape for spec in online.specs if spec.name.startswith("cls/")][0][0] == 2
+
 
 def test_missing_dataset_class_exits_2_naming_it(data, tmp_path, capsys):
     with pytest.raises(PrecomputeInputError, match=r"\['square'\]"):
@@ -140,6 +151,13 @@ def test_missing_dataset_class_exits_2_naming_it(data, tmp_path, capsys):
     class_map.write_text("[]")
     assert _cli([*argv, "--class-map", str(class_map)]) == 2
     assert "--class-map expects a JSON object" in capsys.readouterr().err
+
+    # distill serve refuses the same mapping before it starts serving.
+    serve = ["serve", "--teacher", str(data["lacking"]), "--no-auth", "--device", "cpu"]
+    assert _cli([*serve, "--annotations", str(data["annotations"])]) == 2
+    assert "['square']" in capsys.readouterr().err
+    assert _cli([*serve, "--allow-missing-classes"]) == 2
+    assert "pass --annotations FILE" in capsys.readouterr().err
 
 
 def test_missing_dataset_class_allowed_and_renamed(data, local_ray, tmp_path):
