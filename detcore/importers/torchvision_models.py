@@ -9,8 +9,8 @@ tensor shapes and returns it as a plain dict; `build_torchvision_detector` rebui
 from that dict with torchvision's own backbone, FPN and head modules.
 
 What differs from torchvision's ``FCOS`` / ``RetinaNet`` modules: no ``GeneralizedRCNNTransform``
-(the input is a view rendered by `detcore.views.render`, already normalised with
-`torchvision_preprocessing`) and no anchors or post-processing: ``forward`` returns the raw
+(the input is a view rendered by `detcore.views.render`, already normalised: torchvision's
+ImageNet mean and std on 0-1 pixels are this project's on 0-255 pixels) and no anchors or post-processing: ``forward`` returns the raw
 per-level maps as `detcore.outputs.DenseOutputs`:
 
 - FCOS: ``cls_logits[l]`` Tensor[B, K, H, W], the head's raw sigmoid logits;
@@ -61,19 +61,6 @@ _SHOWN_KEYS = 12
 
 class TorchvisionImportError(ValueError):
     """A state_dict that is not one of the supported torchvision detectors (names the keys or shapes)."""
-
-
-def torchvision_preprocessing() -> dict[str, Any]:
-    """Input convention of torchvision's detectors in `detcore.views.render` terms (0-255 RGB).
-
-    torchvision divides by 255 and normalises with ImageNet's mean (0.485, 0.456, 0.406) and
-    std (0.229, 0.224, 0.225); on 0-255 pixels that is the mean and std below.
-    """
-    return {
-        "channel_order": "RGB",
-        "pixel_mean": [123.675, 116.28, 103.53],
-        "pixel_std": [58.395, 57.12, 57.375],
-    }
 
 
 def _show(keys: Sequence[str]) -> str:
@@ -205,8 +192,10 @@ def convert_torchvision_state(
         batch_norm_eps = 0.0 if v1_published else 1e-5
     backbone["norm_eps"] = float(batch_norm_eps)
 
+    variant = "_v2" if kind == "retinanet" and head_norm == "group_norm" else ""
     architecture = {
         "family": f"torchvision-{kind}",
+        "name": f"torchvision_{kind}_r{backbone['depth']}_fpn{variant}",
         "backbone": backbone,
         "fpn_channels": FPN_CHANNELS,
         "extra_levels_from": "p5" if p6_in == FPN_CHANNELS else "c5",

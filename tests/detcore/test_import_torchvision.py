@@ -161,13 +161,23 @@ def test_retinanet_levels_equal_torchvision(retinanet_model, retinanet_v2_model,
     assert torch.equal(model.state_dict()["head.classification_head.cls_logits.weight"], state["head.classification_head.cls_logits.weight"])
 
 
-def test_model_state_round_trips_through_a_file(fcos_model, tmp_path):
-    architecture, model_state, _ = convert_torchvision_state("fcos", _without_counters(fcos_model.state_dict()), CLASSES)
-    torch.save({"architecture": architecture, "model_state": model_state}, tmp_path / "t.pt")
+@pytest.mark.parametrize("kind", ["fcos", "retinanet_v2"])
+def test_model_state_round_trips_through_a_file(fcos_model, retinanet_v2_model, images, kind, tmp_path):
+    source = fcos_model if kind == "fcos" else retinanet_v2_model
+    architecture, model_state, _ = convert_torchvision_state(kind.split("_")[0], _without_counters(source.state_dict()), CLASSES)
+    assert architecture["name"] == ("torchvision_fcos_r50_fpn" if kind == "fcos" else "torchvision_retinanet_r50_fpn_v2")
+    # A plain dict (no state_dict metadata), as a checkpoint file holds it.
+    torch.save({"architecture": architecture, "model_state": dict(model_state)}, tmp_path / "t.pt")
     loaded = torch.load(tmp_path / "t.pt", weights_only=True)
     model = build_torchvision_detector(loaded["architecture"])
     model.load_state_dict(loaded["model_state"])
-    assert torch.equal(model.head.classification_head.cls_logits.weight, fcos_model.head.classification_head.cls_logits.weight)
+    direct = build_torchvision_detector(architecture)
+    direct.load_state_dict(model_state)
+    with torch.no_grad():
+        mine, theirs = model(images), direct(images)
+    for a, b in zip(mine.fpn_features, theirs.fpn_features, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(model.head.classification_head.cls_logits.weight, source.head.classification_head.cls_logits.weight)
 
 
 def test_wrong_kind_is_named(fcos_model, retinanet_model):
