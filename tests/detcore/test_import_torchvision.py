@@ -218,3 +218,47 @@ def test_not_a_state_dict():
         convert_torchvision_state("fcos", [1, 2], CLASSES)
     with pytest.raises(TorchvisionImportError, match="non-tensor values at keys: epoch"):
         convert_torchvision_state("fcos", {"epoch": 3}, CLASSES)
+
+
+def _write_imported(path, kind: str, state: dict, classes) -> None:
+    """A format-version-2 checkpoint as `distill teacher import` writes one."""
+    from detcore.checkpoint import CHECKPOINT_FORMAT, IMPORTED_FORMAT_VERSIONS, preprocessing_spec
+
+    architecture, model_state, classes = convert_torchvision_state(kind, state, classes)
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT, "format_version": IMPORTED_FORMAT_VERSIONS[-1], "architecture": architecture,
+            "classes": list(classes), "canvas_hw": list(IMAGE_HW), "preprocessing": preprocessing_spec(), "point_offset": 0.0,
+            "source_format": f"torchvision-{kind}", "source_sha256": "0" * 64, "model_state": dict(model_state),
+            "training": None, "metadata": {},
+        },
+        path,
+    )
+
+
+def test_imported_teachers_through_the_teacher_api_with_a_class_mapping(fcos_model, retinanet_model, images, tmp_path):
+    from detcore.classes import map_classes
+    from detcore.teacher import TeacherGroupError, load_teacher
+
+    _write_imported(tmp_path / "fcos.pt", "fcos", fcos_model.state_dict(), ["Bird", "cat", "zebra"])
+    dataset = ("cat", "bird")
+    teacher = load_teacher(tmp_path / "fcos.pt")
+    teacher.use_class_mapping(map_classes(teacher.teacher_classes, dataset))
+    assert teacher.available_groups == ("cls", "edges", "fpn", "backbone")
+    assert teacher.point_offset == 0.0 and teacher.reg_max is None
+    assert teacher.fingerprint()["classes"] == list(dataset)
+    assert teacher.fingerprint()["architecture"] == "torchvision_fcos_r50_fpn"
+    assert [s.shape[0] for s in teacher.target_specs(("cls",), IMAGE_HW)] == [2] * 5
+    outputs = teacher.forward(images)
+    _, features, head = _reference_levels(fcos_model, images)
+    for level in range(5):
+        assert torch.equal(outputs.cls_logits[level], head["cls_logits"][level][:, [1, 0]])
+        assert torch.equal(outputs.edge_distances()[level], head["bbox_regression"][level])
+    with pytest.raises(TeacherGroupError, match="box"):
+        teacher.check_groups(("box",))
+
+    _write_imported(tmp_path / "retina.pt", "retinanet", retinanet_model.state_dict(), CLASSES)
+    retina = load_teacher(tmp_path / "retina.pt")
+    assert retina.available_groups == ("fpn", "backbone")
+    with pytest.raises(TeacherGroupError, match="cls"):
+        retina.check_groups(("cls", "fpn"))
