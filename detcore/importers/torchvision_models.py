@@ -35,7 +35,6 @@ import re
 from functools import partial
 from typing import Any, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
 TORCHVISION_KINDS = ("fcos", "retinanet")
