@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 failure; 2 bad usage or input (bad arguments, unusable annotation
 file or checkpoint, a resume with another configuration); 3 done, but some images could
-not be decoded (listed by id).
+not be decoded (listed by id); 130 / 143 `detector train` stopped by Ctrl-C / SIGTERM
+with last.pt written (re-run to resume).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         help="train a detector; writes OUT/final.pt, OUT/last.pt and OUT/metrics.json",
         description=(
             "Train a GFL detector on a COCO-format dataset, views of one canvas (original and flipped). "
-            "Re-running the same command with the same --out resumes from OUT/last.pt. Images that cannot be "
+            "Re-running the same command with the same --out resumes from OUT/last.pt; Ctrl-C or SIGTERM ends the "
+            "current step, writes OUT/last.pt and exits 130 / 143. Images that cannot be "
             "decoded are skipped and reported by id (exit 3). With --val-annotations/--val-images, COCO AP is "
             "measured at the end."
         ),

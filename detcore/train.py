@@ -8,7 +8,8 @@ Outputs in ``out_dir``: ``last.pt`` (resume state, written every ``checkpoint_ev
 steps), ``final.pt`` (weights only, at the end) and ``metrics.json``. A run restarted
 with the same ``out_dir`` resumes from ``last.pt``; a different configuration there is
 refused (`TrainConfigMismatchError`). Images that fail to decode are skipped and listed
-by id in ``metrics.json`` (and printed), never a crash.
+by id in ``metrics.json`` (and printed), never a crash. Ctrl-C or SIGTERM ends the current
+step, writes ``last.pt`` and raises `detcore.interrupt.Interrupted` (exit 130 / 143).
 """
 
 from __future__ import annotations
@@ -396,6 +397,7 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
     from detcore.checkpoint import load_checkpoint, save_checkpoint
     from detcore.coco import CocoDataset
     from detcore.datasets import EpochViewSampler, ViewDataset, collate_views
+    from detcore.interrupt import StopRequest, ignore_stop_signals
     from detcore.models.gfl import build_detector
     from detcore.views import plan_views
 
@@ -489,6 +491,7 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
         collate_fn=collate_views,
         drop_last=drop_last,
         pin_memory=device.type == "cuda",
+        worker_init_fn=ignore_stop_signals if config.num_workers > 0 else None,
     )
     start_step = step
     window: dict[str, list[float]] = {}
@@ -496,6 +499,7 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=f"train {config.arch}", unit="step", disable=not progress)
     stopped = False
+    stop = StopRequest().install()  # Ctrl-C / SIGTERM: end the step, write last.pt, exit 130 / 143
     try:
         while step < total_steps and not stopped:
             epoch, within = divmod(step, iters_per_epoch)
@@ -544,13 +548,15 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
                     tick = time.perf_counter()
                 if step % config.checkpoint_every == 0 or step == total_steps:
                     save_last()
-                if stop_after_steps is not None and step - start_step >= stop_after_steps and step < total_steps:
+                time_boxed = stop_after_steps is not None and step - start_step >= stop_after_steps
+                if step < total_steps and (stop.requested or time_boxed):
                     save_last()
                     stopped = True
                     break
                 if step >= total_steps or (step % iters_per_epoch == 0):
                     break
     finally:
+        stop.restore()
         bar.close()
 
     summary: dict[str, Any] = {
@@ -575,6 +581,7 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
         "val": None,
     }
     if stopped:
+        stop.raise_if_requested(f"{last_path} holds step {step}/{total_steps}; re-run the same command to resume")
         return summary
     if val_dataset is not None:
         summary["val"] = evaluate_model(

@@ -4,7 +4,8 @@ Each package owns its subcommands in a `cli` module exposing ``register(subparse
 heavy imports (torch, ray, zarr) happen inside the command functions, so `--help` is fast.
 
 Exit codes: 0 success; 1 failure; 2 bad usage or input; 3 finished, but some items
-(images, views) failed and were reported; 130 interrupted (resumable).
+(images, views) failed and were reported; 130 interrupted by SIGINT (Ctrl-C), 143 by
+SIGTERM (resumable: `detcore.interrupt`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ typical flow:
   distill train --store stores/t.zarr --annotations ... --images ... --student gfl_tiny --out runs/ld
   distill quickstart            # all of the above on the built-in default, quick preset
 
-exit codes: 0 ok, 1 failure, 2 bad usage or input, 3 done with some failed items, 130 interrupted
+exit codes: 0 ok, 1 failure, 2 bad usage or input, 3 done with some failed items,
+            130 interrupted (Ctrl-C), 143 terminated (SIGTERM); re-run the same command to resume
 """
 
 
@@ -76,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         # `distill` or `distill store` alone: show the help of the deepest parser reached.
         (getattr(args, "_parser", None) or parser).print_help()
         return EXIT_USAGE
+    from detcore.interrupt import Interrupted
+
     try:
         return int(func(args) or 0)
+    except Interrupted as stop:
+        return stop.report()
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -40,6 +40,7 @@ _EXPORTS = {
     "Store": "label_store.writer",
     "PartWriter": "label_store.writer",
     "DEFAULT_VIEWS_PER_SHARD": "label_store.writer",
+    "StoreFiller": "label_store.fill",
     "open_store": "label_store.reader",
     "read_store_targets": "label_store.reader",
     "StoreReader": "label_store.reader",

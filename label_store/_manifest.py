@@ -150,10 +150,18 @@ class PartEntry:
     """Fidelity sums of the views this part sampled (`label_store.fidelity.FidelityAccumulator`)."""
     table: pa.Table
     """`PART_SCHEMA` rows."""
+    origin: str = "precompute"
+    """Where the part's targets came from: ``precompute`` (a precompute job; parts written
+    before the field existed read as this) or ``endpoint`` (fetched by a read-through trainer)."""
+
+
+PART_ORIGINS = ("precompute", "endpoint")
+"""The values of `PartEntry.origin`."""
 
 
 def part_entry_bytes(
-    *, part_id: str, part_dir: str, committed_at_ns: int, targets: Sequence[str], fidelity: dict, writer: dict, rows: dict[str, list]
+    *, part_id: str, part_dir: str, committed_at_ns: int, targets: Sequence[str], fidelity: dict, writer: dict, rows: dict[str, list],
+    origin: str = "precompute",
 ) -> bytes:
     table = pa.Table.from_pydict(rows, schema=PART_SCHEMA)
     meta = {
@@ -165,6 +173,7 @@ def part_entry_bytes(
         "targets": list(targets),
         "fidelity": fidelity,
         "writer": writer,
+        "origin": origin,
     }
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     sink = io.BytesIO()
@@ -185,6 +194,7 @@ def parse_part_entry(raw: bytes, path: str) -> PartEntry:
             targets=tuple(meta["targets"]),
             fidelity=meta["fidelity"],
             table=table,
+            origin=str(meta.get("origin", "precompute")),
         )
     except Exception as error:  # pyarrow raises several types for a damaged file
         raise StoreFormatError(f"manifest entry {path} is unreadable: {error!r}") from None

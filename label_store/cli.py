@@ -22,6 +22,22 @@ def _storage_options(text: str | None) -> dict:
     return value
 
 
+def storage_option(text: str) -> tuple[str, object]:
+    """argparse type of ``--storage-option KEY=VALUE`` (`distill precompute`, `distill train`).
+
+    JSON literals become their values (``anon=false`` -> False, ``max_concurrency=4`` -> 4);
+    anything else stays a string. Credentials belong in the environment (``AWS_ACCESS_KEY_ID``
+    ...), not here: a command line is visible in ``ps``.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"--storage-option expects KEY=VALUE. Got {text!r}.")
+    try:
+        return (key.strip(), json.loads(value.strip()))
+    except json.JSONDecodeError:
+        return (key.strip(), value.strip())
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -60,6 +76,8 @@ def _print_inspect(info: dict) -> None:
         f"views            {info['views']} in {info['images']} images, {info['parts']} parts "
         f"({info['duplicate_views']} duplicate copies ignored, {info['uncommitted_parts']} uncommitted parts)"
     )
+    origins = info["views_by_origin"]
+    print(f"origin           {origins.get('precompute', 0)} views precomputed, {origins.get('endpoint', 0)} fetched from the endpoint (read-through)")
     print(f"failures         {len(info['failures'])}")
     ratio = info["ratio_vs_fp32"]
     print(

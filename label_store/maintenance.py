@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from label_store._fs import LAYOUT, Location
-from label_store._manifest import load_parts
+from label_store._manifest import PART_ORIGINS, load_parts
 from label_store.encoding import view_checksum
 from label_store.errors import CorruptDataError
 from label_store.reader import StoreReader, open_store
@@ -172,7 +172,8 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
     (visible views), images (distinct image ids with a committed view), parts, duplicate_views
     (copies shadowed by an earlier commit), uncommitted_parts, failures (list of
     {image_id, view_id, reason}), bytes_on_disk, bytes_committed, bytes_per_view,
-    fp32_bytes_per_view, ratio_vs_fp32, fidelity.
+    fp32_bytes_per_view, ratio_vs_fp32, fidelity, views_by_origin (visible views per
+    part origin: ``precompute``, ``endpoint`` for views a read-through trainer fetched).
     """
     reader: StoreReader = open_store(url, storage_options=storage_options, threads=1)
     location = reader._location
@@ -233,6 +234,10 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
     fp32_per_view = sum(spec.fp32_nbytes for spec in reader.targets)
     per_view = bytes_committed / rows if rows else 0.0
     visible = reader.views()
+    origin_of_part = {entry.part_id: entry.origin for entry in reader._parts}
+    views_by_origin = {origin: 0 for origin in PART_ORIGINS}
+    for part_id in visible.column("part").to_pylist():
+        views_by_origin[origin_of_part[part_id]] = views_by_origin.get(origin_of_part[part_id], 0) + 1
     return {
         "url": url,
         "schema_version": reader.schema_version,
@@ -252,4 +257,5 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
         "fp32_bytes_per_view": fp32_per_view,
         "ratio_vs_fp32": fp32_per_view / per_view if per_view else None,
         "fidelity": reader.fidelity,
+        "views_by_origin": views_by_origin,
     }

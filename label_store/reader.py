@@ -226,6 +226,13 @@ class StoreReader:
         """A new reader that also sees the parts committed since this one was opened."""
         return StoreReader(self._location, self._meta, load_parts(self._location), self._threads)
 
+    def refresh_if_changed(self) -> "StoreReader":
+        """`refresh` when the manifest lists parts this reader lacks (one directory listing), else self."""
+        directory = self._location.path(LAYOUT["manifest_parts"])
+        self._location.refresh(directory)
+        listed = {name[: -len(".parquet")] for name in self._location.list_names(directory, ".parquet")}
+        return self.refresh() if listed - set(self.parts) else self
+
     # ---- data ---------------------------------------------------------------------
 
     def _process(self) -> _ProcessState:

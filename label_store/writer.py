@@ -52,6 +52,7 @@ from label_store._shard import encode_shard, shard_key
 from label_store._manifest import (
     MAX_IMAGE_ID,
     MAX_VIEW_ID,
+    PART_ORIGINS,
     StoreMeta,
     failures_bytes,
     load_failures,
@@ -255,8 +256,11 @@ class Store:
         """Targets in the store's order (the order of the checksum and of `encode_targets`)."""
         return self._meta.targets
 
-    def open_part(self, part_id: str, *, fidelity_views: int = DEFAULT_FIDELITY_VIEWS) -> "PartWriter":
+    def open_part(self, part_id: str, *, fidelity_views: int = DEFAULT_FIDELITY_VIEWS, origin: str = "precompute") -> "PartWriter":
         """Start writing part ``part_id`` (letters, digits, ``_`` and ``-``; one per writer task).
+
+        ``origin`` is recorded in the part's manifest entry: ``precompute`` or ``endpoint``
+        (targets a read-through trainer fetched from the teacher endpoint).
 
         Raises:
             PartExistsError: the part is already committed.
@@ -265,7 +269,7 @@ class Store:
             raise ValueError(f"Store.open_part(part_id=) expects 1-128 letters, digits, '_' or '-'. Got {part_id!r}.")
         if self.is_committed(part_id):
             raise PartExistsError(f"Store.open_part(part_id={part_id!r}) expects a new part. Got one already committed in {self.url}; skip it.")
-        return PartWriter(self, part_id, fidelity_views=fidelity_views)
+        return PartWriter(self, part_id, fidelity_views=fidelity_views, origin=origin)
 
     def is_committed(self, part_id: str) -> bool:
         path = self._location.path(LAYOUT["manifest_parts"], f"{part_id}.parquet")
@@ -331,9 +335,12 @@ class PartWriter:
     Leaving a ``with`` block without `commit` aborts the part.
     """
 
-    def __init__(self, store: Store, part_id: str, *, fidelity_views: int = DEFAULT_FIDELITY_VIEWS) -> None:
+    def __init__(self, store: Store, part_id: str, *, fidelity_views: int = DEFAULT_FIDELITY_VIEWS, origin: str = "precompute") -> None:
         if not isinstance(fidelity_views, int) or fidelity_views < 0:
             raise ValueError(f"PartWriter(fidelity_views=) expects an int >= 0. Got {fidelity_views!r}.")
+        if origin not in PART_ORIGINS:
+            raise ValueError(f"PartWriter(origin=) expects one of {PART_ORIGINS}. Got {origin!r}.")
+        self.origin = origin
         self.store = store
         self.part_id = part_id
         self.part_dir = f"{part_id}.{uuid.uuid4().hex[:12]}"
@@ -550,6 +557,7 @@ class PartWriter:
             fidelity=self._fidelity.stats,
             writer={"host": socket.gethostname(), "pid": os.getpid()},
             rows=rows,
+            origin=self.origin,
         )
         path = self._location.path(LAYOUT["manifest_parts"], f"{self.part_id}.parquet")
         try:

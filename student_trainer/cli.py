@@ -2,8 +2,9 @@
 
 Exit codes: 0 ok; 1 failure; 2 bad usage or input (bad arguments or config file, a store
 that does not fit the student, a teacher fingerprint mismatch, a resume with another
-configuration); 3 done, but some images were skipped (changed on disk since precompute,
-or undecodable; listed by id).
+configuration, only the old token variable DISTILL_TOKEN set); 3 done, but some images
+were skipped (changed on disk since precompute, or undecodable; listed by id); 130 / 143
+stopped by Ctrl-C / SIGTERM with last.pt written (re-run to resume).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ stored recipe; an image whose pixels changed since precompute is skipped and rep
 id (--strict-hash to stop instead). Re-running the same command resumes from OUT/last.pt.
 Outputs: OUT/final.pt (a detcore checkpoint: `distill detector eval` loads it),
 OUT/results.json (final COCO AP), OUT/metrics.jsonl, OUT/tb/ (TensorBoard), OUT/run_config.json.
+Ctrl-C or SIGTERM ends the current step, writes OUT/last.pt and exits 130 / 143; re-run
+the same command to resume.
 """
 
 EPILOG = """\
@@ -40,12 +43,15 @@ examples:
   distill train --store stores/t.zarr --annotations train.json --images train/ \\
       --student gfl_tiny --losses ld --out runs/ld --val-annotations val.json --val-images val/
   distill train --config runs/ld.yaml --ray-workers 2          # data-parallel with Ray Train
-  distill train ... --source remote --endpoint http://teacher:8000 --token $TOKEN
+  distill train ... --source remote --endpoint http://teacher:8000   # token from $DISTILLERY_TOKEN
+  distill train --store s3://bucket/t.zarr --storage-option endpoint_url=http://minio:9000 ...
 """
 
 
 def register(subparsers) -> None:
     """Add ``train`` to the `distill` command."""
+    from label_store.cli import storage_option
+
     parser = subparsers.add_parser(
         "train",
         help="train a student from the label store (LD, BCD, FGD, HGD; no teacher in the process)",
@@ -55,6 +61,9 @@ def register(subparsers) -> None:
     )
     data = parser.add_argument_group("data")
     data.add_argument("--store", metavar="URL", help="label store path or URL (fsspec)")
+    data.add_argument("--storage-option", type=storage_option, action="append", default=None, metavar="KEY=VALUE",
+                      help="fsspec option for a remote store, e.g. endpoint_url=http://minio:9000 (repeatable); "
+                           "credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
     data.add_argument("--annotations", metavar="FILE", help="COCO annotation JSON of the training images")
     data.add_argument("--images", metavar="DIR", help="folder the training file names are relative to")
     data.add_argument("--val-annotations", metavar="FILE", help="COCO annotation JSON for evaluation (AP per --eval-every and at the end)")
@@ -79,7 +88,8 @@ def register(subparsers) -> None:
     source.add_argument("--source", choices=("store", "remote", "read-through", "inprocess"),
                         help="where teacher targets come from (default: store)")
     source.add_argument("--endpoint", metavar="URL", help="teacher endpoint base URL (remote, read-through)")
-    source.add_argument("--token", help="bearer token for the endpoint (default: $DISTILL_TOKEN)")
+    source.add_argument("--token", help="bearer token for the endpoint (default: $DISTILLERY_TOKEN, the variable "
+                                        "distill serve reads; prefer it: a command line is visible in ps)")
     source.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (in-process baseline only)")
     source.add_argument("--class-map", metavar="FILE",
                         help="in-process teacher: JSON of teacher class name -> dataset category name (as distill precompute)")
@@ -90,8 +100,9 @@ def register(subparsers) -> None:
     length = optim.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, metavar="N", help="passes over the images, one view each (default: 12)")
     length.add_argument("--iters", type=int, metavar="N", help="optimizer steps (overrides epochs)")
-    optim.add_argument("--batch-size", type=int, metavar="B", help="images per step, per worker (default: 8)")
-    optim.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3 adamw, 0.01 sgd)")
+    optim.add_argument("--batch-size", type=int, metavar="B", help="images per step, per worker: the global batch is B x --ray-workers (default: 8)")
+    optim.add_argument("--lr", type=float, help="peak learning rate, never rescaled by the number of workers; for a k times larger global "
+                       "batch, scale it by k (sgd) or sqrt(k) (adamw) yourself (default: 2e-3 adamw, 0.01 sgd)")
     optim.add_argument("--optimizer", choices=("adamw", "sgd"), help="optimizer and schedule (default: adamw, cosine)")
     optim.add_argument("--seed", type=int, help="initialisation and view-sampling seed (default: 0)")
     optim.add_argument("--eval-every", type=int, metavar="EPOCHS", help="COCO AP every N epochs (default: 0, only at the end)")
@@ -102,7 +113,8 @@ def register(subparsers) -> None:
     run.add_argument("--out", metavar="DIR", help="output folder (default: runs/student)")
     run.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     run.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads")
-    run.add_argument("--ray-workers", type=int, metavar="N", help="data-parallel Ray Train workers (0: train in this process)")
+    run.add_argument("--ray-workers", type=int, metavar="N", help="data-parallel Ray Train workers (0: train in this process); the global batch is --batch-size x N "
+                     "and --lr is not rescaled (see docs/operations.md, 'Training on many workers')")
     run.add_argument("--address", help="Ray cluster address for --ray-workers (default: a local cluster)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar, log lines instead (also when TQDM_DISABLE is set)")
@@ -136,14 +148,17 @@ def run_config(config, *, progress: bool = True) -> int:
     from label_store.errors import FingerprintMismatchError, SchemaVersionError, StoreNotFoundError
     from student_trainer.data import ImageChangedError, StoreFitError
     from student_trainer.distill import TargetShapeError
-    from student_trainer.sources import RemoteSourceError, TeacherMismatchError
+    from student_trainer.sources import RemoteSourceError, TeacherMismatchError, TokenVariableError, endpoint_token
     from student_trainer.train import ResumeMismatchError
 
     usage_errors = (
         StoreFitError, FingerprintMismatchError, TeacherMismatchError, ResumeMismatchError, StoreNotFoundError,
-        SchemaVersionError, AnnotationError, CheckpointError, TargetShapeError, ImageChangedError, ClassMappingError,
+        SchemaVersionError, AnnotationError, CheckpointError, TargetShapeError, ImageChangedError, TokenVariableError,
+        ClassMappingError,
     )
     try:
+        if config.source.kind in ("remote", "read-through"):
+            endpoint_token(config.source.token)  # refuse the old variable before any work
         if config.num_ray_workers > 0:
             from student_trainer.ray_train import train_with_ray
 

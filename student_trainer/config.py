@@ -134,6 +134,10 @@ class DataConfig:
     """DataLoader worker processes (0 loads in the training process)."""
     max_images: int | None = None
     """Train on the first N images of the store only (tiny runs, benchmarks)."""
+    storage_options: tuple[tuple[str, Any], ...] = ()
+    """fsspec options of a remote store, ``((key, value), ...)``, e.g. ``(("endpoint_url", "http://minio:9000"),)``.
+    Credentials belong in the environment (``AWS_ACCESS_KEY_ID`` ...); values under secret
+    keys (`SECRET_OPTION_KEYS`) are left out of what a run writes (`TrainRunConfig.to_record`)."""
 
 
 @dataclass(frozen=True)
@@ -238,7 +242,7 @@ class SourceConfig:
     endpoint: str | None = None
     """Base URL of the teacher endpoint (remote and read-through)."""
     token: str | None = None
-    """Bearer token for the endpoint; None reads ``$DISTILL_TOKEN``."""
+    """Bearer token for the endpoint; None reads ``$DISTILLERY_TOKEN`` (`sources.endpoint_token`)."""
     teacher: str | None = None
     """Teacher checkpoint (in-process source only)."""
     class_map: str | None = None
@@ -295,7 +299,19 @@ class TrainRunConfig:
     """Ray cluster address for Ray Train (None: a local cluster)."""
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything, secrets included (for `config_from_dict` in Ray Train workers)."""
         return _to_jsonable(self)
+
+    def to_record(self) -> dict[str, Any]:
+        """`to_dict` without secrets (the token, secret storage options): what run_config.json,
+        results.json and the checkpoints keep."""
+        record = self.to_dict()
+        if record["source"]["token"] is not None:
+            record["source"]["token"] = REDACTED
+        record["data"]["storage_options"] = [
+            [key, REDACTED if is_secret_option(key) else value] for key, value in record["data"]["storage_options"]
+        ]
+        return record
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -307,6 +323,17 @@ class TrainRunConfig:
         if self.data.photometric:
             notes.append("photometric augmentation on the student side: teacher targets were computed on unjittered pixels")
         return notes
+
+
+REDACTED = "<redacted>"
+SECRET_OPTION_KEYS = ("key", "secret", "token", "password", "session", "credential", "access_key", "secret_key")
+"""Storage option keys whose values are secrets (matched as parts of the lower-cased key)."""
+
+
+def is_secret_option(key: str) -> bool:
+    """Whether a storage option ``key`` names a secret (``secret``, ``aws_secret_access_key``, ``token`` ...)."""
+    lowered = key.lower()
+    return any(part in lowered for part in SECRET_OPTION_KEYS)
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -332,10 +359,14 @@ def _coerce(value: Any, annotation: Any, default: Any, where: str) -> Any:
     if annotation is Any and dataclasses.is_dataclass(default):
         return _dataclass_from(type(default), value, where)
     if origin is tuple:
+        if isinstance(value, Mapping):  # ((key, value), ...) fields may be written as a mapping
+            value = list(value.items())
         if isinstance(value, str):
             value = [v for v in value.replace("x", ",").split(",") if v.strip()] if args[0] is int else value.split(",")
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"TrainRunConfig({where}=) expects a list. Got {value!r}.")
+        if len(args) > 1 and args[1] is not Ellipsis and len(value) == len(args):  # one type per item
+            return tuple(_coerce(v, a, None, where) for v, a in zip(value, args))
         item_type = args[0]
         return tuple(_coerce(v, item_type, None, where) for v in value)
     if annotation is bool:
@@ -456,6 +487,7 @@ CLI_KEYS = {
     "photometric": "data.photometric",
     "num_workers": "data.num_workers",
     "max_images": "data.max_images",
+    "storage_option": "data.storage_options",
     "student": "student.arch",
     "student_init": "student.init",
     "epochs": "optim.epochs",

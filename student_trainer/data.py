@@ -107,12 +107,17 @@ class StoreTargetReader:
         url: store URL or path.
         names: target names to read.
         expected_fingerprint: checked by `label_store.open_store` on every open.
+        storage_options: fsspec options of a remote store.
     """
 
-    def __init__(self, url: str, names: Sequence[str], expected_fingerprint: Any = None) -> None:
+    def __init__(
+        self, url: str, names: Sequence[str], expected_fingerprint: Any = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.url = str(url)
         self.names = list(names)
         self.expected_fingerprint = expected_fingerprint
+        self.storage_options = dict(storage_options or {})
         self._reader = None
         self._pid: int | None = None
 
@@ -127,9 +132,14 @@ class StoreTargetReader:
         if self._reader is None or self._pid != os.getpid():
             from label_store import open_store
 
-            self._reader = open_store(self.url, expected_fingerprint=self.expected_fingerprint)
+            self._reader = open_store(self.url, expected_fingerprint=self.expected_fingerprint,
+                                      storage_options=self.storage_options)
             self._pid = os.getpid()
         return self._reader
+
+    def refresh(self) -> None:
+        """See the parts committed since the store was opened (one manifest listing when none were)."""
+        self._reader = self.reader.refresh_if_changed()
 
     def read(self, image_id: int, view_id: int) -> dict[str, np.ndarray]:
         """name -> float32 array[C, H, W] of one view."""
@@ -209,6 +219,25 @@ class StoreViewDataset(Dataset):
             item["image"] = photometric_jitter(item["image"], item["valid_region"])
         return item
 
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any] | DecodeFailure]:
+        """A batch of items (the DataLoader's batched fetch, in its worker).
+
+        When the target reader fetches (`student_trainer.sources.ReadThroughReader`), the
+        items the store could not serve get their targets here, in one request per batch;
+        such an item carries ``fetched``, every target of the store, for the trainer to commit.
+        """
+        items = [self[index] for index in indices]
+        fetch_many = getattr(self.target_reader, "fetch_many", None)
+        wanting = [item for item in items if isinstance(item, dict) and item["targets"] is None]
+        if fetch_many is not None and wanting:
+            got = fetch_many([item["view"] for item in wanting], [item["image_path"] for item in wanting],
+                             [item["content_hash"] for item in wanting])
+            for item, (targets, fetched) in zip(wanting, got):
+                item["targets"] = targets
+                if fetched is not None:
+                    item["fetched"] = fetched
+        return items
+
 
 def photometric_jitter(image: torch.Tensor, valid_region: tuple[int, int, int, int], strength: float = 0.2) -> torch.Tensor:
     """Brightness and contrast jitter of a normalised canvas Tensor[3, H, W], inside the valid region.
@@ -230,7 +259,8 @@ def photometric_jitter(image: torch.Tensor, valid_region: tuple[int, int, int, i
 def collate_train(batch: Sequence[dict[str, Any] | DecodeFailure | None]) -> dict[str, Any]:
     """`detcore.datasets.collate_views` plus targets and image paths.
 
-    Adds ``image_paths`` (list of B); ``regions``: name -> Tensor[B, A] when every item
+    Adds ``image_paths`` (list of B); ``fetched``: ``(index, name -> array)`` of the items
+    whose targets the worker fetched from the endpoint (every store target); ``regions``: name -> Tensor[B, A] when every item
     carries them, else None; and ``targets``: name -> Tensor[B, C, H, W] when every item
     carries its targets, else None with ``missing`` (indices of the items without) and
     ``partial_targets`` (per item dict or None) for the target source to complete.
@@ -243,6 +273,7 @@ def collate_train(batch: Sequence[dict[str, Any] | DecodeFailure | None]) -> dic
         {name: torch.stack([r[name] for r in regions]) for name in regions[0]}
         if items and all(r is not None for r in regions) else None
     )
+    out["fetched"] = [(i, item["fetched"]) for i, item in enumerate(items) if item.get("fetched") is not None]
     per_item = [item.get("targets") for item in items]
     out["missing"] = [i for i, t in enumerate(per_item) if t is None]
     if items and not out["missing"]:

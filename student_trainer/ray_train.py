@@ -7,7 +7,10 @@ wrapped in DDP by ``ray.train.torch.prepare_model`` (so the FGD/HGD modules are
 synchronised with the student), and each worker reading its own shard of the epoch's
 views from the store (`student_trainer.data.ShardedViewSampler`: one view per image per
 epoch, padded so every rank takes the same number of steps). ``--batch-size`` is per
-worker; the learning rate is not rescaled.
+worker, so the global batch is ``batch_size * N``; the learning rate is never rescaled:
+keep the global batch to keep the result (docs/operations.md, "Training on many
+workers"). DDP averages the gradients, so every rank ends each step with the same
+parameters (``results.json`` lists each rank's `student_trainer.train.parameter_digest`).
 
 Rank 0 writes ``last.pt``, ``final.pt``, ``metrics.jsonl``, TensorBoard files and
 ``results.json`` into ``--out`` and, at every epoch end, reports ``last.pt`` to Ray Train

@@ -22,6 +22,7 @@ This module never imports `teacher_service`; a remote teacher is reached over HT
 from __future__ import annotations
 
 import json
+import logging
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -35,6 +36,8 @@ from detcore.outputs import TARGET_GROUPS, DenseOutputs, fingerprint_point_offse
 from detcore.views import View
 from student_trainer.data import StoreTargetReader
 
+logger = logging.getLogger(__name__)
+
 
 class TargetSourceError(RuntimeError):
     """A target source could not deliver the targets of a batch (names the views and the cause)."""
@@ -42,6 +45,33 @@ class TargetSourceError(RuntimeError):
 
 class RemoteSourceError(TargetSourceError, ConnectionError):
     """The teacher endpoint failed, refused the request, or stayed overloaded past the retry budget."""
+
+
+class TokenVariableError(ValueError):
+    """Only the old token variable (`OLD_TOKEN_ENV`) is set: the endpoint would answer 401."""
+
+
+TOKEN_ENV = "DISTILLERY_TOKEN"
+"""Environment variable with the endpoint's bearer token: the one `distill serve` reads too."""
+OLD_TOKEN_ENV = "DISTILL_TOKEN"
+"""The variable earlier versions of the trainer read; refused, naming `TOKEN_ENV`."""
+
+
+def endpoint_token(explicit: str | None) -> str | None:
+    """The bearer token for the teacher endpoint: ``explicit`` (``--token``), else ``$DISTILLERY_TOKEN``.
+
+    Raises:
+        TokenVariableError: neither is set but ``$DISTILL_TOKEN`` is (old instructions).
+    """
+    import os
+
+    token = explicit or os.environ.get(TOKEN_ENV)
+    if not token and os.environ.get(OLD_TOKEN_ENV):
+        raise TokenVariableError(
+            f"the endpoint token is read from ${TOKEN_ENV} (the variable `distill serve` reads). Got only "
+            f"${OLD_TOKEN_ENV}, which is no longer read; export {TOKEN_ENV} with the same value (or pass --token)."
+        )
+    return token
 
 
 class TeacherMismatchError(ValueError):
@@ -150,6 +180,9 @@ class TargetSource(ABC):
             out[name] = torch.stack(rows)
         return out
 
+    def flush(self) -> None:
+        """Finish pending writes (called at every epoch end)."""
+
     def close(self) -> None:
         """Release connections or models."""
 
@@ -165,17 +198,22 @@ class StoreSource(TargetSource):
         url: store URL or path (local, or fsspec).
         names: target names to read.
         expected_fingerprint: refuse a store made by another teacher (`label_store.FingerprintMismatchError`).
+        storage_options: fsspec options of a remote store (`DataConfig.storage_options`).
     """
 
     kind = "store"
 
-    def __init__(self, url: str, names: Sequence[str], expected_fingerprint: Any = None) -> None:
+    def __init__(
+        self, url: str, names: Sequence[str], expected_fingerprint: Any = None,
+        storage_options: Sequence[tuple[str, Any]] | Mapping[str, Any] = (),
+    ) -> None:
         from label_store import open_store
 
         self.url = str(url)
         self.names = list(names)
         self.expected_fingerprint = expected_fingerprint
-        self.reader = open_store(self.url, expected_fingerprint=expected_fingerprint)
+        self.storage_options = dict(storage_options)
+        self.reader = open_store(self.url, expected_fingerprint=expected_fingerprint, storage_options=self.storage_options)
         self._keys = None
 
     @property
@@ -202,7 +240,8 @@ class StoreSource(TargetSource):
         return out
 
     def worker_reader(self) -> StoreTargetReader:
-        return StoreTargetReader(self.url, self.names, expected_fingerprint=self.fingerprint)
+        return StoreTargetReader(self.url, self.names, expected_fingerprint=self.fingerprint,
+                                 storage_options=self.storage_options)
 
     def readable_keys(self) -> set[tuple[int, int]]:
         return set(self.keys())
@@ -269,6 +308,10 @@ class RemoteSource(TargetSource):
 
         self.url = str(url).rstrip("/")
         self.names = list(names)
+        self.settings = {
+            "url": self.url, "token": token, "timeout_s": float(timeout_s), "max_retries": int(max_retries),
+            "backoff_s": float(backoff_s), "max_backoff_s": float(max_backoff_s),
+        }
         self.max_retries = int(max_retries)
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
@@ -302,7 +345,6 @@ class RemoteSource(TargetSource):
         missing = [n for n in self.names if n not in available]
         if missing:
             raise RemoteSourceError(f"RemoteSource(names=) expects targets the endpoint serves ({sorted(available)}). Missing {missing}.")
-        self.groups = sorted({n.split("/", 1)[0] for n in self.names}, key=TARGET_GROUPS.index)
 
     @property
     def fingerprint(self):
@@ -351,18 +393,32 @@ class RemoteSource(TargetSource):
         )
 
     def get(self, views, *, images=None, image_paths=None, content_hashes=None) -> dict[str, Tensor]:
-        from label_store.wire import FINGERPRINT_HEADER, fingerprint_digest, unpack_targets
-
         views = list(views)
         if not views:
             return {}
+        entries = self.fetch(views, image_paths=image_paths, content_hashes=content_hashes)
+        return _stack([e["targets"] for e in entries], self.names)
+
+    def fetch(
+        self, views: Sequence[View], *, image_paths: Sequence[str] | None, content_hashes: Sequence[str | None] | None = None,
+        names: Sequence[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """One request for ``views``: per view ``{"image_id", "view_id", "content_hash", "targets"}``.
+
+        ``targets`` maps each of ``names`` (default: this source's) to a float32 array[C, H, W].
+        """
+        from label_store.wire import FINGERPRINT_HEADER, fingerprint_digest, unpack_targets
+
+        views = list(views)
+        names = list(self.names if names is None else names)
+        groups = sorted({n.split("/", 1)[0] for n in names}, key=TARGET_GROUPS.index)
         if image_paths is None or len(image_paths) != len(views):
             raise TargetSourceError(
                 f"RemoteSource.get(image_paths=) expects one image file per view ({len(views)}). "
                 f"Got {None if image_paths is None else len(image_paths)}."
             )
         files = [("images", (Path(p).name, Path(p).read_bytes(), "application/octet-stream")) for p in image_paths]
-        data = {"views": json.dumps([v.to_dict() for v in views]), "targets": ",".join(self.groups)}
+        data = {"views": json.dumps([v.to_dict() for v in views]), "targets": ",".join(groups)}
         keys = [v.key for v in views]
         response = self._request("POST", "/v1/targets", what=f"views {keys[:4]}{'...' if len(keys) > 4 else ''}", data=data, files=files)
         header = response.headers.get(FINGERPRINT_HEADER)
@@ -384,7 +440,12 @@ class RemoteSource(TargetSource):
                         f"RemoteSource expects the endpoint to render the pixels the trainer loaded. Image "
                         f"{entry['image_id']}: endpoint hash {entry['content_hash']} != local {expected}."
                     )
-        return _stack([e["targets"] for e in entries], self.names)
+        for entry in entries:
+            missing = [n for n in names if n not in entry["targets"]]
+            if missing:
+                raise RemoteSourceError(f"RemoteSource expects targets {names} from {self.url}. Got no {missing} for view {(entry['image_id'], entry['view_id'])}.")
+            entry["targets"] = {n: np.asarray(entry["targets"][n], dtype=np.float32) for n in names}
+        return entries
 
     def close(self) -> None:
         self._client.close()
@@ -393,15 +454,102 @@ class RemoteSource(TargetSource):
         return {**super().describe(), "endpoint": self.url, "retries": self.retries_done}
 
 
+class ReadThroughReader:
+    """The read-through source's reader in the DataLoader workers: the store, then the endpoint.
+
+    Picklable; the store reader and the HTTP client are opened lazily once per process.
+    `read` serves what the store holds (None for a miss); `fetch_many` asks the endpoint
+    for a batch's misses in one request, after looking again at the store (a part
+    committed since, by this run at an epoch end or by another trainer, is read, not
+    fetched). A fetched view carries every target of the store (``fill``) when the store
+    can be filled, so that the training process commits it (`ReadThroughSource`).
+
+    Args:
+        store: the store's `StoreTargetReader` (the trainer's target names).
+        remote_settings: `RemoteSource.settings`.
+        fill_names: every target name of the store (fetched too), or None not to fill.
+        fingerprint: the store's teacher, checked against the endpoint's in each process.
+    """
+
+    def __init__(self, store: StoreTargetReader, remote_settings: Mapping[str, Any], fill_names: Sequence[str] | None, fingerprint: Any) -> None:
+        self.store = store
+        self.names = list(store.names)
+        self.remote_settings = dict(remote_settings)
+        self.fill_names = None if fill_names is None else list(fill_names)
+        self.fingerprint = fingerprint
+        self._remote: RemoteSource | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_remote"] = None
+        state["_pid"] = None
+        return state
+
+    @property
+    def remote(self) -> RemoteSource:
+        import os
+
+        if self._remote is None or self._pid != os.getpid():
+            settings = dict(self.remote_settings)
+            self._remote = RemoteSource(settings.pop("url"), self.names, expected_fingerprint=self.fingerprint, **settings)
+            self._pid = os.getpid()
+        return self._remote
+
+    def read(self, image_id: int, view_id: int) -> dict[str, np.ndarray] | None:
+        """name -> float32 array[C, H, W] from the store, or None when the store lacks the view."""
+        if (image_id, view_id) not in self.store.reader:
+            return None
+        return self.store.read(image_id, view_id)
+
+    def fetch_many(
+        self, views: Sequence[View], image_paths: Sequence[str], content_hashes: Sequence[str | None]
+    ) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]:
+        """Per view ``(targets, fill)``: the trainer's targets, and every store target when fetched (None when read)."""
+        self.store.refresh()
+        out: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None] | None] = [None] * len(views)
+        misses = []
+        for index, view in enumerate(views):
+            if view.key in self.store.reader:
+                out[index] = (self.store.read(*view.key), None)
+            else:
+                misses.append(index)
+        if misses:
+            names = self.fill_names if self.fill_names is not None else self.names
+            entries = self.remote.fetch(
+                [views[i] for i in misses], image_paths=[image_paths[i] for i in misses],
+                content_hashes=[content_hashes[i] for i in misses], names=names,
+            )
+            for index, entry in zip(misses, entries):
+                full = entry["targets"]
+                out[index] = ({n: full[n] for n in self.names}, full if self.fill_names is not None else None)
+        return out
+
+    def close(self) -> None:
+        if self._remote is not None:
+            self._remote.close()
+
+
 class ReadThroughSource(TargetSource):
-    """The store first; views the store does not hold are fetched from the endpoint.
+    """The store first; views the store does not hold are fetched from the endpoint and committed to the store.
 
     The endpoint must serve the store's teacher (checked at start, `TeacherMismatchError`).
+    The fetches run in the DataLoader workers (`ReadThroughReader`, one request per batch
+    of misses); the training process buffers what they fetched in a `label_store.StoreFiller`,
+    which commits parts of ``fill_part_views`` views (``origin="endpoint"``) in a background
+    thread when full and at every epoch end (`flush`), each view once even when several
+    trainers fill the store. The next epoch reads those views from the store.
+
+    Args:
+        store, remote: the two sources.
+        fill: commit fetched views to the store (needs the endpoint to serve every target
+            the store holds; otherwise a warning, and nothing is written).
+        fill_part_views: N, views per committed part.
     """
 
     kind = "read-through"
 
-    def __init__(self, store: StoreSource, remote: RemoteSource) -> None:
+    def __init__(self, store: StoreSource, remote: RemoteSource, *, fill: bool = True, fill_part_views: int = 64) -> None:
         differences = store.fingerprint.diff(remote.fingerprint)
         if differences:
             raise TeacherMismatchError(
@@ -412,6 +560,25 @@ class ReadThroughSource(TargetSource):
         self.remote = remote
         self.names = list(store.names)
         self.fetched_views = 0
+        self.filler = None
+        self.fill_names: list[str] | None = None
+        if fill:
+            stored = [spec.name for spec in store.specs]
+            served = {spec.name: tuple(spec.shape) for spec in remote.specs}
+            unserved = [spec.name for spec in store.specs if served.get(spec.name) != tuple(spec.shape)]
+            if unserved:
+                logger.warning(
+                    "read-through: the endpoint %s does not serve the store's targets %s; fetched views are not written to %s",
+                    remote.url, unserved, store.url,
+                )
+            else:
+                from label_store.fill import StoreFiller
+
+                self.fill_names = stored
+                self.filler = StoreFiller(
+                    store.url, expected_fingerprint=store.fingerprint, part_views=fill_part_views, background=True,
+                    storage_options=store.storage_options,
+                )
 
     @property
     def fingerprint(self):
@@ -421,11 +588,25 @@ class ReadThroughSource(TargetSource):
     def specs(self) -> list[Any]:
         return self.store.specs
 
-    def worker_reader(self) -> StoreTargetReader:
-        return self.store.worker_reader()
+    def worker_reader(self) -> ReadThroughReader:
+        return ReadThroughReader(self.store.worker_reader(), self.remote.settings, self.fill_names, self.store.fingerprint)
 
-    def readable_keys(self) -> set[tuple[int, int]]:
-        return self.store.readable_keys()
+    def readable_keys(self) -> None:
+        return None  # the worker reader answers every key: from the store or from the endpoint
+
+    def _fill(self, views: Sequence[View], content_hashes: Sequence[str], fills: Sequence[Mapping[str, np.ndarray]]) -> None:
+        if self.filler is None:
+            return
+        for view, digest, targets in zip(views, content_hashes, fills):
+            record = {"image_id": view.image_id, "view_id": view.view_id, "view": view.to_json(),
+                      "content_hash": digest, "valid_region": list(view.valid_region)}
+            self.filler.add(record, targets)
+
+    def complete(self, batch: Mapping[str, Any], device: str | torch.device | None = None) -> DenseOutputs:
+        fetched = batch.get("fetched") or []
+        self.fetched_views += len(fetched)
+        self._fill([batch["views"][i] for i, _ in fetched], [batch["content_hashes"][i] for i, _ in fetched], [f for _, f in fetched])
+        return super().complete(batch, device)
 
     def get(self, views, *, images=None, image_paths=None, content_hashes=None) -> dict[str, Tensor]:
         views = list(views)
@@ -438,21 +619,36 @@ class ReadThroughSource(TargetSource):
             for j, i in enumerate(in_store):
                 parts[i] = {n: got[n][j] for n in self.names}
         if remote:
-            got = self.remote.get(
+            entries = self.remote.fetch(
                 [views[i] for i in remote],
                 image_paths=None if image_paths is None else [image_paths[i] for i in remote],
                 content_hashes=None if content_hashes is None else [content_hashes[i] for i in remote],
+                names=self.fill_names or self.names,
             )
             self.fetched_views += len(remote)
-            for j, i in enumerate(remote):
-                parts[i] = {n: got[n][j] for n in self.names}
+            for i, entry in zip(remote, entries):
+                parts[i] = {n: torch.from_numpy(entry["targets"][n]) for n in self.names}
+            if self.fill_names is not None:
+                self._fill([views[i] for i in remote], [e["content_hash"] for e in entries], [e["targets"] for e in entries])
         return _stack([parts[i] for i in range(len(views))], self.names)
 
+    def flush(self) -> None:
+        """Commit the buffered fetched views and wait for the commits in flight."""
+        if self.filler is not None:
+            self.filler.flush()
+
     def close(self) -> None:
-        self.remote.close()
+        try:
+            if self.filler is not None:
+                self.filler.close()
+        finally:
+            self.remote.close()
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "store": self.store.url, "endpoint": self.remote.url, "fetched_views": self.fetched_views}
+        filled = {}
+        if self.filler is not None:
+            filled = {"committed_views": self.filler.committed_views, "skipped_views": self.filler.skipped_views}
+        return {**super().describe(), "store": self.store.url, "endpoint": self.remote.url, "fetched_views": self.fetched_views, **filled}
 
 
 class InProcessTeacherSource(TargetSource):
@@ -545,20 +741,20 @@ def build_source(
 ) -> TargetSource:
     """The source a run config asks for (`student_trainer.config.SourceConfig`); ``dataset_classes``
     (the training categories) are what an in-process teacher's classes are mapped to."""
-    import os
-
     source = config.source
-    token = source.token or os.environ.get("DISTILL_TOKEN")
+    token = endpoint_token(source.token) if source.kind in ("remote", "read-through") else None
     kind = source.kind
     if kind == "store":
-        return StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint)
+        return StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint,
+                           storage_options=config.data.storage_options)
     if kind == "remote":
         return RemoteSource(
             source.endpoint, names, token=token, expected_fingerprint=expected_fingerprint,
             timeout_s=source.timeout_s, max_retries=source.max_retries,
         )
     if kind == "read-through":
-        store = StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint)
+        store = StoreSource(config.data.store, names, expected_fingerprint=expected_fingerprint,
+                            storage_options=config.data.storage_options)
         remote = RemoteSource(
             source.endpoint, names, token=token, expected_fingerprint=store.fingerprint,
             timeout_s=source.timeout_s, max_retries=source.max_retries,
@@ -584,5 +780,7 @@ __all__ = [
     "TargetSource",
     "TargetSourceError",
     "TeacherMismatchError",
+    "TokenVariableError",
     "build_source",
+    "endpoint_token",
 ]

@@ -17,7 +17,9 @@ Outputs in ``config.out``:
     results.json      final COCO AP (``coco``), timings, the source, skipped images
 
 Re-running the same command after a kill resumes from ``last.pt`` at the exact step and
-position in the epoch; a different configuration in the same folder is refused.
+position in the epoch; a different configuration in the same folder is refused. Ctrl-C or
+SIGTERM ends the current step, writes ``last.pt`` and raises `detcore.interrupt.Interrupted`
+(``distill train`` exits 130 / 143).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ _RESUME_FREE_KEYS = (
     "num_threads",
     "address",
     "data.num_workers",
+    "data.storage_options",
     "data.val_annotations",
     "data.val_images",
     "schedule",
@@ -93,7 +96,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_identity(config: TrainRunConfig) -> dict[str, Any]:
     """The settings that define the result (compared on resume), paths resolved."""
-    flat = _flatten(config.to_dict())
+    flat = _flatten(config.to_record())
     out = {}
     for key, value in flat.items():
         if any(key == free or key.startswith(free + ".") for free in _RESUME_FREE_KEYS):
@@ -186,6 +189,17 @@ def _resolve_views(config: TrainRunConfig, coco, store_source, canvas_hw) -> tup
     return views, hashes, note
 
 
+def parameter_digest(model: Any) -> str:
+    """SHA-256 of every parameter's bytes, in registration order (buffers excluded: BatchNorm's running
+    statistics are updated from each rank's own batch after DDP's broadcast)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for parameter in model.parameters():
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def train_student(
     config: TrainRunConfig,
     *,
@@ -219,6 +233,7 @@ def train_student(
         OPTIMIZER_DEFAULTS, autocast_context, build_optimizer, config_difference, evaluate_model, learning_rate_factor,
         optimizer_step, resolve_device,
     )
+    from detcore.interrupt import StopRequest, ignore_stop_signals
     from student_trainer.data import FailureLog, ShardedViewSampler, StoreViewDataset, check_store_fits, collate_train
     from student_trainer.distill import DistillationModel, needed_target_names
     from student_trainer.sources import StoreSource, build_source
@@ -251,7 +266,7 @@ def train_student(
         elif isinstance(source, StoreSource):
             store_for_views = source
         else:
-            store_for_views = StoreSource(config.data.store, [])
+            store_for_views = StoreSource(config.data.store, [], storage_options=config.data.storage_options)
     reference = source if source is not None else store_for_views
     if reference is None:
         raise ValueError("train_student(config=) expects a store or a target source. Got neither.")
@@ -348,7 +363,7 @@ def train_student(
             "torch_rng": torch.get_rng_state(),
             "distill_state": model.distill_state_dict(),
             "config_identity": identity,
-            "run_config": config.to_dict(),
+            "run_config": config.to_record(),
             "train_seconds": train_seconds,
             "images_seen": images_seen,
             "nonfinite_steps": nonfinite_steps,
@@ -358,7 +373,7 @@ def train_student(
         save_checkpoint(last_path, student, classes=coco.classes, canvas_hw=canvas_hw, training=training_state)
 
     if is_main:
-        record = config.to_dict()
+        record = config.to_record()
         record["approximations"] = config.approximations
         record["resolved"] = {
             "canvas_hw": list(canvas_hw), "teacher_fingerprint": fingerprint.to_dict(), "target_names": names,
@@ -379,6 +394,7 @@ def train_student(
     loader = DataLoader(
         dataset, batch_size=optim.batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_train,
         drop_last=drop_last, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
 
     def evaluate(tag: str) -> dict[str, Any] | None:
@@ -397,6 +413,7 @@ def train_student(
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=f"train {student_cfg.arch} [{','.join(losses.enabled) or 'no KD'}]",
                unit="step", disable=not (progress and is_main), dynamic_ncols=True)
+    stop = StopRequest().install()  # Ctrl-C / SIGTERM: end the step, write last.pt, exit 130 / 143
     try:
         while step < total_steps and not stopped:
             epoch, within = divmod(step, iters_per_epoch)
@@ -454,6 +471,8 @@ def train_student(
                 if step % config.schedule.checkpoint_every == 0 or step == total_steps or epoch_done:
                     save_last()
                 if epoch_done or step == total_steps:
+                    if source is not None:
+                        source.flush()  # read-through: what this epoch fetched is committed before the next reads
                     done_epochs = step // iters_per_epoch
                     every = config.schedule.eval_every
                     if every and done_epochs % every == 0 and step < total_steps:
@@ -464,15 +483,21 @@ def train_student(
                     if dist.on_epoch_end is not None:
                         dist.on_epoch_end({"step": step, "epoch": done_epochs, **(history[-1] if history else {})},
                                           last_path if is_main else None)
-                if stop_after_steps is not None and step - start_step >= stop_after_steps and step < total_steps:
+                time_boxed = stop_after_steps is not None and step - start_step >= stop_after_steps
+                if step < total_steps and (stop.requested or time_boxed):
                     save_last()
                     stopped = True
                     break
                 if step >= total_steps or epoch_done:
                     break
     finally:
+        stop.restore()
         bar.close()
 
+    # Data-parallel ranks must end with bit-identical parameters (DDP averages the gradients).
+    digests = dist.gather(parameter_digest(model)) if dist.gather is not None else [parameter_digest(model)]
+    if len(set(digests)) > 1:
+        logger.error("rank %d: the ranks' parameters differ after step %d (digests %s)", dist.rank, step, [d[:12] for d in digests])
     if dist.gather is not None:
         for report in dist.gather(failures.to_dict()):
             for bucket in ("changed", "undecodable"):
@@ -483,10 +508,12 @@ def train_student(
         "losses": list(losses.enabled),
         "source": source.describe() if source is not None else {"kind": "none", "store": config.data.store},
         "step": step,
+        "resumed_from_step": start_step,
         "total_steps": total_steps,
         "iters_per_epoch": iters_per_epoch,
         "epochs": round(step / iters_per_epoch, 3),
         "world_size": dist.world_size,
+        "parameter_digests": digests,
         "train_seconds": round(train_seconds, 3),
         "images_per_second": round(images_seen / train_seconds, 3) if train_seconds > 0 else None,
         "num_parameters": int(sum(p.numel() for p in student.parameters())),
@@ -499,12 +526,13 @@ def train_student(
         "teacher_fingerprint": fingerprint.to_dict(),
         "evals": evals,
         "coco": None,
-        "config": config.to_dict(),
+        "config": config.to_record(),
     }
     if source is not None:
         source.close()
     if stopped or not is_main:
         log.close()
+        stop.raise_if_requested(f"{last_path} holds step {step}/{total_steps}; re-run the same command to resume")
         return summary
     summary["coco"] = evaluate("final")
     metadata = {k: summary[k] for k in ("step", "train_seconds", "images_per_second", "losses") if summary[k] is not None}
@@ -512,7 +540,7 @@ def train_student(
         metadata["val"] = summary["coco"]
     save_checkpoint(
         final_path, student, classes=coco.classes, canvas_hw=canvas_hw, metadata=metadata,
-        training={"kind": "distill.student.final", "distill_state": model.distill_state_dict(), "run_config": config.to_dict()},
+        training={"kind": "distill.student.final", "distill_state": model.distill_state_dict(), "run_config": config.to_record()},
     )
     _write_json_atomic(out / "results.json", summary)
     log.close()

@@ -41,8 +41,13 @@ examples:
   distill precompute ... --store s3://bucket/t.zarr --storage-option anon=false --codec fpn=int8-channel
   distill precompute ... --address 10.0.0.1:6379 --num-actors 8      # join a running cluster
 
+Ctrl-C (SIGINT) or SIGTERM stops the job within seconds: committed parts stay, parts in
+flight stay invisible, the local Ray cluster is shut down, the summary counts what was
+committed; re-run the same command to resume.
+
 exit codes: 0 all views stored, 2 bad input (missing file, teacher/store mismatch),
-            3 finished with some views failed (see the store's failures table), 1 other failure
+            3 finished with some views failed (see the store's failures table), 1 other failure,
+            130 interrupted (Ctrl-C), 143 terminated (SIGTERM)
 """
 
 
@@ -102,15 +107,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _storage_value(value: str):
-    """fsspec options come in as text; JSON literals (true, 3, null) become their values."""
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
-
-
 def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
+    from label_store.cli import storage_option
+
     parser = subparsers.add_parser(
         "precompute",
         help="run a teacher over every view of a dataset on Ray and fill a label store",
@@ -169,8 +168,9 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
     job.add_argument("--no-pin-cpus", action="store_true",
                      help="do not keep a CPU teacher on cores of its own (default on a local cluster: teacher actors "
                           "on the first cores, decoding and writing on the rest)")
-    job.add_argument("--storage-option", type=_key_value("--storage-option"), action="append", default=[],
-                     metavar="KEY=VALUE", help="fsspec option for a remote store, e.g. endpoint_url=... (repeatable)")
+    job.add_argument("--storage-option", type=storage_option, action="append", default=[], metavar="KEY=VALUE",
+                     help="fsspec option for a remote store, e.g. endpoint_url=http://minio:9000 (repeatable); "
+                          "credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
     job.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON to FILE")
     job.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_precompute_command, _parser=parser)
@@ -284,7 +284,7 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         precision=args.precision,
         quantize_on_device=args.quantize_on_device,
         views_per_part=args.views_per_part,
-        storage_options=tuple((k, _storage_value(v)) for k, v in args.storage_option),
+        storage_options=tuple(args.storage_option),
         max_views=args.max_views,
         ray_address=args.address,
         num_cpus=args.num_cpus,
@@ -305,6 +305,16 @@ def run_precompute_command(args: argparse.Namespace) -> int:
     print(summary.format())
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    if summary.interrupted_by:
+        import signal
+
+        from detcore.interrupt import Interrupted
+
+        raise Interrupted(
+            signal.Signals[summary.interrupted_by],
+            f"{summary.views_stored} view(s) committed by this run stay in {summary.store}, "
+            f"{summary.views_left} left; re-run the same command to resume",
+        )
     if summary.views_failed:
         print(
             f"{summary.views_failed} view(s) failed; they are listed with their reasons in the failures table of "

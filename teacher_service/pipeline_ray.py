@@ -218,6 +218,7 @@ class LabelStoreDatasink(Datasink):
             else:
                 nbytes = _tree_bytes(self.store_url, self.storage_options, part.part_path)
                 maybe_inject_fault(self.fault, "write-after-commit")
+                maybe_inject_fault(self.fault, "stall-after-commit")
         if self.progress is not None:
             self.progress.add.remote(len(good), len(failures), int(part_id is not None))
         quantized = sum(1 for b, _ in good if any(str(column).endswith(SCALE_SUFFIX) for column in b))

@@ -54,9 +54,12 @@ FAULT_ENV = "DISTILLERY_PRECOMPUTE_FAULT"
 """Testing hook, read on the driver: ``<point>:<marker_dir>`` makes the first process that
 reaches ``<point>`` SIGKILL itself once (the marker file makes it once per job, across
 processes and retries). Points: ``decode``, ``teacher``, ``write-before-commit``,
-``write-after-commit``."""
+``write-after-commit``; and ``stall-after-commit``, which instead holds every write task
+after its commit until ``<marker_dir>/release`` exists (a job that cannot end by itself,
+for the interruption tests)."""
 
-FAULT_POINTS = ("decode", "teacher", "write-before-commit", "write-after-commit")
+FAULT_POINTS = ("decode", "teacher", "write-before-commit", "write-after-commit", "stall-after-commit")
+STALL_POINT = "stall-after-commit"
 
 
 class FaultSpecError(ValueError):
@@ -76,8 +79,12 @@ def parse_fault(spec: str | None) -> tuple[str, str] | None:
 
 
 def maybe_inject_fault(fault: tuple[str, str] | None, point: str) -> None:
-    """SIGKILL this process if ``fault`` targets ``point`` and no process has done so yet."""
+    """SIGKILL this process if ``fault`` targets ``point`` and no process has done so yet (or stall, see `FAULT_ENV`)."""
     if fault is None or fault[0] != point:
+        return
+    if point == STALL_POINT:
+        while not (Path(fault[1]) / "release").exists():
+            time.sleep(0.05)
         return
     marker = Path(fault[1]) / f"killed-{point}"
     try:

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import threading
 import time
 import warnings
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from detcore.interrupt import Interrupted, StopRequest, stop_signals_blocked_for_children
 from label_store.schema import TARGET_GROUPS  # the one definition, re-exported for the CLI
 
 logger = logging.getLogger("teacher_service.precompute")
@@ -227,6 +229,9 @@ class PrecomputeSummary:
     """Teacher actors of the job."""
     views_quantized_on_device: int = 0
     """Stored views whose int-coded targets the teacher stage quantized (`PrecomputeConfig.quantize_on_device`)."""
+    interrupted_by: str | None = None
+    """``SIGINT`` or ``SIGTERM`` when a signal stopped the run (its committed parts stay; the
+    stage seconds and bytes of an interrupted run are not known and read 0); None otherwise."""
 
     @property
     def bottleneck(self) -> str:
@@ -277,6 +282,8 @@ class PrecomputeSummary:
             ("stored", f"{self.views_stored} in {self.num_parts} part(s)"),
             ("failed", f"{self.views_failed}"),
         ]
+        if self.interrupted_by:
+            rows.append(("interrupted by", f"{self.interrupted_by}: the views above stay committed"))
         if self.views_left:
             rows.append(("left for a later run", f"{self.views_left}"))
         rows += [
@@ -615,11 +622,12 @@ def init_ray(config: PrecomputeConfig) -> tuple[bool, tuple[tuple[int, ...], tup
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = pythonpath
     try:
-        ray.init(
-            num_cpus=local_cluster_cpus(config, os.cpu_count() or 1, pinned=pinning is not None),
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+        with stop_signals_blocked_for_children():
+            ray.init(
+                num_cpus=local_cluster_cpus(config, os.cpu_count() or 1, pinned=pinning is not None),
+                include_dashboard=False,
+                log_to_driver=False,
+            )
     finally:
         if saved is None:
             del os.environ["PYTHONPATH"]
@@ -647,7 +655,11 @@ def run_precompute(
             teacher lacks (without allow_missing_classes), a bad class map, a bad config value.
         label_store.StoreMismatchError: the store exists and was made by another
             teacher, canvas or target set (the message lists the differences).
-        KeyboardInterrupt: interrupted; committed parts stay, re-run to resume.
+
+    SIGINT or SIGTERM stops the job within seconds (`detcore.interrupt.StopRequest`): parts
+    committed so far stay, parts in flight stay invisible, a local cluster the job started
+    is shut down, and the summary (``interrupted_by``) counts what was committed; running
+    the same job again resumes.
     """
     started = time.perf_counter()
     config.validate()
@@ -679,17 +691,24 @@ def run_precompute(
         totals[name] = 0.0
     ray_init_seconds = 0.0
     pinning = None
+    interrupted: int | None = None
     if todo:
+        parts_before = set(store.committed_parts())
         ray_started = time.perf_counter()
         started_ray, pinning = init_ray(config)
         ray_init_seconds = time.perf_counter() - ray_started
+        # Installed after ray.init, which replaces the driver's SIGTERM handler.
+        stop = StopRequest(raise_at_once=True)
         try:
-            totals = _run_pipeline(config, dataset, layout, todo, on_progress, pinning=pinning)
+            with stop:
+                totals = _run_pipeline(config, dataset, layout, todo, on_progress, pinning=pinning)
+        except Interrupted:
+            interrupted = stop.signum
         finally:
             if started_ray:
-                import ray
-
-                ray.shutdown()
+                _shutdown_ray()
+        if interrupted is not None:
+            totals = _interrupted_totals(store, parts_before, {v.key for v in todo})
         if totals["failures"]:
             store.record_failures(totals["failures"])
     failures = tuple((f["image_id"], f["view_id"], f["reason"]) for f in totals["failures"])
@@ -714,7 +733,31 @@ def run_precompute(
         stage_slots=int(totals.get("stage_slots", 0)),
         num_actors=config.num_actors,
         views_quantized_on_device=int(totals.get("quantized", 0)),
+        interrupted_by=signal.Signals(interrupted).name if interrupted is not None else None,
     )
+
+
+def _shutdown_ray() -> None:
+    """Stop (or leave) the cluster the job started (or joined); a failure there is logged, not
+    raised, so that the summary of the committed parts still comes."""
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception as error:
+        logger.warning("shutting down the local Ray cluster: %s", error)
+
+
+def _interrupted_totals(store, parts_before: set[str], todo_keys: set) -> dict[str, Any]:
+    """The totals of an interrupted run, from the manifest: the parts it committed (the
+    write tasks' own reports died with the job)."""
+    totals: dict[str, Any] = {"failures": []}
+    for name in ("decode_s", "forward_s", "encode_s", "write_s"):
+        totals[name] = 0.0
+    totals["parts"] = len(set(store.committed_parts()) - parts_before)
+    totals["stored"] = len(store.committed_keys() & todo_keys)
+    totals["bytes"] = 0
+    return totals
 
 
 def _run_pipeline(

@@ -25,6 +25,10 @@ DISTILLERY_PORT, DISTILLERY_TOKEN, DISTILLERY_AUTH_DISABLED, DISTILLERY_MAX_BATC
 DISTILLERY_MAX_WAIT_MS, DISTILLERY_MAX_QUEUE, DISTILLERY_MAX_REQUEST_BYTES,
 DISTILLERY_DEVICE); command-line options win. A token is required unless --no-auth is
 given with a loopback --host.
+
+Ctrl-C or SIGTERM drains (without --ray): requests in flight are answered, new ones get
+503 (problem "draining", Retry-After), then the server exits 130 (SIGINT) or 143 (SIGTERM);
+a second signal stops at once.
 """
 
 EPILOG = """\
@@ -179,14 +183,14 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.address or args.replicas != 1:
         print("distill serve: --address and --replicas need --ray.", file=sys.stderr)
         return EXIT_USAGE
-    import uvicorn
-
+    from detcore.interrupt import Interrupted
     from teacher_service.app import create_app
+    from teacher_service.drain import serve_until_drained
 
     log.info("serving %s on http://%s:%d (auth %s)", settings.teacher, settings.host, settings.port,
              "disabled" if settings.auth_disabled else "required")
     try:
-        uvicorn.run(
+        signum = serve_until_drained(
             create_app(settings),
             host=settings.host,
             port=settings.port,
@@ -197,6 +201,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if stop.code not in (0, None):
             print(f"distill serve: startup failed (uvicorn exit {stop.code}); see the log above.", file=sys.stderr)
             return EXIT_FAILURE
+        raise
+    if signum is not None:
+        raise Interrupted(signum, "drained: the requests in flight were answered, later ones got 503")
     return EXIT_OK
 
 
@@ -206,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     register_serve(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    from detcore.interrupt import Interrupted
+
+    try:
+        return args.func(args)
+    except Interrupted as stop:
+        return stop.report()
 
 
 if __name__ == "__main__":

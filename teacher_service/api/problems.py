@@ -36,6 +36,7 @@ PROBLEM_KINDS: dict[str, tuple[int, str]] = {
     "internal-error": (500, "Internal error"),
     "overloaded": (503, "Server overloaded"),
     "not-ready": (503, "Teacher not loaded yet"),
+    "draining": (503, "Server shutting down"),
 }
 
 

@@ -95,8 +95,9 @@ def write_store(
     groups=("cls", "box", "fpn", "backbone"),
     image_ids: Sequence[int] | None = None,
     fingerprint_overrides: dict | None = None,
+    flip: bool = True,
 ) -> Path:
-    """Teacher forward over {original, flip} views of every image -> a committed store."""
+    """Teacher forward over {original, flip} views of every image (original only without ``flip``) -> a committed store."""
     from detcore.checkpoint import load_detector_with_meta, teacher_fingerprint
     from detcore.coco import CocoDataset
     from detcore.views import content_hash, plan_views, render
@@ -116,7 +117,7 @@ def write_store(
     )
     store = create_store(str(url), fingerprint, specs)
     ids = list(image_ids) if image_ids is not None else coco.image_ids
-    views = plan_views([(i, coco.record(i).height, coco.record(i).width) for i in ids], canvas_hw=canvas, flip=True)
+    views = plan_views([(i, coco.record(i).height, coco.record(i).width) for i in ids], canvas_hw=canvas, flip=flip)
     part = store.open_part("part-0")
     pixels = {i: coco.load(i) for i in ids}
     rendered = [render(pixels[view.image_id], view) for view in views]

@@ -284,8 +284,8 @@ def test_overload_answers_503_and_recovers(teacher_path, views, pixels):
         assert _metric(metrics, "distillery_queue_depth") == 0
         assert server.alive()
     finally:
-        # uvicorn re-raises the SIGTERM it handled, after a graceful shutdown.
-        assert server.stop() in (0, -15), server.log()
+        # SIGTERM drains, then the server exits 143 (`teacher_service.drain`).
+        assert server.stop() == 143, server.log()
     assert "Application shutdown complete" in server.log()
 
 
