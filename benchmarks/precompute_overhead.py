@@ -23,6 +23,9 @@ CPU work runs on the other).
 
     python benchmarks/precompute_overhead.py --num-images 64 --threads 1 [--no-pin-cpus]
 
+``--codec-profile small|fast`` chooses the codecs as `distill precompute` does, and
+``--also-codec-profile`` adds one more warm job with the other profile (same-run comparison).
+
 ``--teacher CKPT`` uses a trained teacher instead (its classes must be the synthetic
 benchmark's), ``--targets`` other target groups, e.g. the reproduction's job:
 
@@ -219,6 +222,7 @@ def job_config(paths: dict[str, Path], store: Path, args: argparse.Namespace):
         precision=args.precision,
         quantize_on_device=args.quantize_on_device,
         codecs=tuple(tuple(item.split("=", 1)) for item in args.codec),
+        codec_profile=args.codec_profile,
         views_per_part=args.views_per_part,
         num_cpus=args.num_cpus,
         pin_cpus=not args.no_pin_cpus,
@@ -247,6 +251,10 @@ def main() -> None:
     parser.add_argument("--codec", action="append", default=[], metavar="NAME=CODEC",
                         help="codec override for a group or target, as distill precompute --codec (repeatable), "
                              "e.g. fpn=int6-view-dhw+zstd3")
+    parser.add_argument("--codec-profile", default="auto", choices=("auto", "small", "fast"),
+                        help="as `distill precompute --codec-profile` (auto: fast with a GPU teacher)")
+    parser.add_argument("--also-codec-profile", choices=("small", "fast"),
+                        help="after the warm job, one more warm job with this --codec-profile")
     parser.add_argument("--quantize-on-device", default="auto", choices=("auto", "on", "off"),
                         help="as `distill precompute --quantize-on-device`")
     parser.add_argument("--also-quantize-on-device", choices=("auto", "on", "off"),
@@ -302,25 +310,28 @@ def main() -> None:
         warm = run_job(paths, args.work / "store-warm.zarr", args)
         forward_3 = forward()
         extra = []
-        variants = [(float(v), True, args.quantize_on_device) for v in args.also_cpus_per_task.split(",") if v.strip()]
+        profile = args.codec_profile
+        variants = [(float(v), True, args.quantize_on_device, profile) for v in args.also_cpus_per_task.split(",") if v.strip()]
         if args.also_no_reservation:
-            variants.append((args.cpus_per_task, False, args.quantize_on_device))
+            variants.append((args.cpus_per_task, False, args.quantize_on_device, profile))
         if args.also_quantize_on_device:
-            variants.append((args.cpus_per_task, True, args.also_quantize_on_device))
+            variants.append((args.cpus_per_task, True, args.also_quantize_on_device, profile))
+        if args.also_codec_profile:
+            variants.append((args.cpus_per_task, True, args.quantize_on_device, args.also_codec_profile))
         if variants:
             from ray.data import DataContext
 
             context = DataContext.get_current()
-            for cpus_per_task, reservation, quantize in variants:
-                saved = (args.cpus_per_task, context.op_resource_reservation_enabled, args.quantize_on_device)
-                args.cpus_per_task, context.op_resource_reservation_enabled, args.quantize_on_device = (
-                    cpus_per_task, reservation, quantize)
+            for cpus_per_task, reservation, quantize, codec_profile in variants:
+                saved = (args.cpus_per_task, context.op_resource_reservation_enabled, args.quantize_on_device, args.codec_profile)
+                (args.cpus_per_task, context.op_resource_reservation_enabled, args.quantize_on_device,
+                 args.codec_profile) = (cpus_per_task, reservation, quantize, codec_profile)
                 try:
                     summary = run_job(paths, args.work / "store-extra.zarr", args)
                 finally:
-                    args.cpus_per_task, context.op_resource_reservation_enabled, args.quantize_on_device = saved
+                    args.cpus_per_task, context.op_resource_reservation_enabled, args.quantize_on_device, args.codec_profile = saved
                 extra.append((f"warm job, cpus per task {cpus_per_task:g}, reservation {'on' if reservation else 'off'}, "
-                              f"quantize on device {quantize}", summary))
+                              f"quantize on device {quantize}, codec profile {codec_profile}", summary))
             forward_4 = forward()
     finally:
         ray.shutdown()
@@ -372,7 +383,7 @@ def main() -> None:
     if results["transfer_seconds"]:
         print("device-to-host copy of the outputs on top (forward + transfer minus forward): "
               + ", ".join(f"{s:.2f} s" for s in results["transfer_seconds"]))
-    print(f"jobs with {args.cpus_per_task:g} CPU per decode/write task unless said")
+    print(f"jobs with {args.cpus_per_task:g} CPU per decode/write task and codec profile {args.codec_profile} unless said")
     for name, summary, forward in jobs:
         print(
             f"{name}: {summary.seconds:.2f} s, {summary.views_per_second:.2f} views/s, stored {summary.views_stored}, "

@@ -6,8 +6,9 @@ measures, on teacher-like synthetic views (`label_store.testing.synthetic_target
     ratio            fp32 bytes / stored bytes
     loss error       relative error of the group's reference loss over all levels
                      (`label_store.fidelity`: BCE for cls, LD KL at T=10 for box, MSE for
-                     features) against fp32 targets; also the worst single level and the
-                     relative error of the loss gradient
+                     features) against fp32 targets; also the worst single level, the
+                     relative error of the loss gradient, and each method's own loss
+                     (class KD at T=2 for cls, FGD's attention-weighted loss for features)
     encode / decode  MB/s of float32 target data per core (one thread: quantize +
                      compress, decompress + dequantize)
 and picks per group the smallest codec under the budget (0.5% cls/box, 1% features),
@@ -131,21 +132,22 @@ def main() -> int:
     result = choose_codecs(views, specs, candidates=candidates)
     level_rows = choose_codecs(views, specs, candidates=levels)["rows"] if args.codecs is None else []
     print(f"# fidelity sweep: {time.perf_counter() - start:.1f} s")
-    header = f"| group | codec | bytes/view | ratio vs fp32 | loss err | worst level | grad err | max abs err | encode MB/s | decode MB/s |"
+    header = "| group | codec | bytes/view | ratio vs fp32 | loss err | worst level | grad err | max abs err | method loss err | encode MB/s | decode MB/s |"
     print(header)
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 11)
     for row in result["rows"] + [r for r in level_rows if r["codec"] != "fp32"]:
         codec = parse_codec(row["codec"])
         arrays = [view[spec.name] for view in views[:2] for spec in specs if spec.group == row["group"]]
         encode_mbs, decode_mbs = _speed(codec, arrays, args.speed_repeats)
         chosen_row = result["chosen"][row["group"]] == row["codec"] and row in result["rows"]
+        methods = ", ".join(f"{name} {100 * error:.3f}%" for name, error in row["method_loss_rel_error"].items())
         mark = " (chosen)" if chosen_row else ("" if row["passes"] else " x")
         if row not in result["rows"]:
             mark += " (level sweep)"
         print(
             f"| {row['group']} | {row['codec']}{mark} | {row['bytes_per_view']:,.0f} | {row['ratio']:.2f} | "
             f"{100 * row['loss_rel_error']:.3f}% | {100 * row['worst_level_loss_rel_error']:.3f}% | {100 * row['grad_rel_error']:.2f}% | "
-            f"{row['max_abs_error']:.3f} | {encode_mbs:.0f} | {decode_mbs:.0f} |"
+            f"{row['max_abs_error']:.3f} | {methods or '-'} | {encode_mbs:.0f} | {decode_mbs:.0f} |"
         )
     print()
     chosen = result["chosen"]

@@ -97,13 +97,17 @@ def _print_inspect(info: dict) -> None:
         )
     groups = info["fidelity"]["groups"]
     print()
-    print(f"{'group':10s} {'bytes/view':>11s} {'vs fp32':>8s} {'loss':>20s} {'loss err':>9s} {'worst level':>12s}")
+    print(f"{'group':10s} {'bytes/view':>11s} {'vs fp32':>8s} {'loss':>20s} {'loss err':>9s} {'worst level':>12s}  method losses")
     for group in info["groups"]:
         fid = groups.get(group["group"])
         ratio = group["ratio_vs_fp32"]
         print(
             f"{group['group']:10s} {group['stored_bytes_per_view']:11.0f} {('%.1fx' % ratio) if ratio else 'n/a':>8s} "
             + (f"{fid['loss']:>20s} {100 * fid['loss_rel_error']:8.3f}% {100 * fid['worst_level_loss_rel_error']:11.3f}%" if fid else "")
+            + (
+                "  " + ", ".join(f"{name} {100 * error:.3f}%" for name, error in fid.get("method_loss_rel_error", {}).items())
+                if fid else ""
+            )
         )
     for failure in info["failures"][:20]:
         print(f"failed image_id={failure['image_id']} view_id={failure['view_id']}: {failure['reason']}")

@@ -21,6 +21,12 @@ storage (done by this module, in numpy):
     rounding), which is the error each codec states (`TargetCodec.error_bound`).
     Logits are quantized as logits, never as probabilities.
 
+    ``-floor<X>`` last in an integer storage (``int5-view-dchw-floor-8``): values below X
+    are raised to X before quantization. Class logits far below zero carry almost nothing
+    for the losses that read them (BCE with sigmoid targets, KD at T=2), and once they all
+    share code 0 entropy coding removes them; the error bound grows by ``X - x`` where
+    ``x < X`` (`TargetCodec.error_bound`), and the quantization step shrinks with the range.
+
     ``-d<axes>`` after an integer storage (``int6-view-dbhw``, ``int5-view-dhw``): lossless
     prediction of the codes before compression. The codes are differenced (mod 256) along
     each named axis in turn, ``c`` channels, ``h`` rows, ``w`` columns (first slice kept),
@@ -42,7 +48,12 @@ compressor (a zarr v3 core codec in the array metadata, after the ``bytes`` seri
 Every stored chunk also ends with a ``crc32c`` codec, so a flipped byte fails loudly.
 
 Examples: ``fp32``, ``fp16+blosc-zstd5-shuffle``, ``int8-channel+zstd5``,
-``int5-view+zstd5``, ``int8-std8+zstd5``, ``int6-view-dbhw+zstd15``.
+``int5-view+zstd5``, ``int8-std8+zstd5``, ``int6-view-dbhw+zstd15``, ``int5-view-dchw-floor-8+zstd15``.
+
+Codec profiles (`profile_codec`): ``small`` keeps a codec as named; ``fast`` keeps its
+storage (the same quantizer and prediction, so the same decoded values) and lowers its
+compression level to `FAST_ZSTD_LEVEL` (zstd) or `FAST_BLOSC_LEVEL` (blosc), for writers
+that must keep up with a GPU teacher.
 """
 
 from __future__ import annotations
@@ -56,11 +67,17 @@ import numpy as np
 FLOAT16_MAX = 65504.0
 
 _STORAGE_RE = re.compile(
-    r"^(?:(?P<float>fp32|fp16)|int(?P<bits>[2-8])-(?P<scale>channel|view|std(?P<k>[1-9][0-9]{0,3}))(?:-d(?P<predict>(?=[bchw])[bc]?h?w?))?)$"
+    r"^(?:(?P<float>fp32|fp16)|int(?P<bits>[2-8])-(?P<scale>channel|view|std(?P<k>[1-9][0-9]{0,3}))(?:-d(?P<predict>(?=[bchw])[bc]?h?w?))?(?:-floor(?P<floor>-?[0-9]{1,4}(?:\.[0-9]{1,4})?))?)$"
 )
 _AXES = {"c": 0, "h": 1, "w": 2}
 EDGE_GROUPS = 4
 """Channel groups of the ``b`` prediction axis: a box target's 4 edges."""
+CODEC_PROFILES = ("small", "fast")
+"""Codec profiles of `profile_codec` (``--codec-profile``)."""
+FAST_ZSTD_LEVEL = 1
+"""zstd level of the ``fast`` profile."""
+FAST_BLOSC_LEVEL = 1
+"""blosc (zstd) level of the ``fast`` profile."""
 _COMPRESSOR_RE = re.compile(r"^(?:zstd(?P<zlevel>-?[0-9]{1,2})|blosc-zstd(?P<blevel>[0-9])-(?P<shuffle>shuffle|bitshuffle))$")
 
 
@@ -82,6 +99,8 @@ class TargetCodec:
     """Compression level of the compressor (0 when there is none)."""
     predict: str = ""
     """Axes the integer codes are differenced along before compression (``"chw"``, ``"bhw"``, ``"hw"``, ...); ``""`` for none."""
+    floor: float | None = None
+    """Values below it are raised to it before quantization (``-floor<X>``); None for no floor."""
 
     def __post_init__(self) -> None:
         # Everything is validated through the name grammar, so no invalid codec can exist.
@@ -95,7 +114,8 @@ class TargetCodec:
         if self.storage != "int":
             return self.storage
         suffix = f"std{self.steps_per_std}" if self.scaling == "std" else self.scaling
-        return f"int{self.bits}-{suffix}" + (f"-d{self.predict}" if self.predict else "")
+        name = f"int{self.bits}-{suffix}" + (f"-d{self.predict}" if self.predict else "")
+        return name + (f"-floor{self.floor:.4f}".rstrip("0").rstrip(".") if self.floor is not None else "")
 
     @property
     def compressor_name(self) -> str:
@@ -122,6 +142,8 @@ class TargetCodec:
         }
         if self.predict:  # absent without prediction, so stores written before it read unchanged
             configuration["predict"] = self.predict
+        if self.floor is not None:  # absent without a floor, for the same reason
+            configuration["floor"] = self.floor
         return {"name": self.name, "configuration": configuration}
 
     @classmethod
@@ -177,6 +199,8 @@ class TargetCodec:
                     f"use an fp32 or int codec for this target."
                 )
             return x.astype(np.float16), empty, empty
+        if self.floor is not None:
+            x = np.maximum(x, np.float32(self.floor))
         levels = (1 << self.bits) - 1
         channels = x.shape[0]
         flat = x.reshape(channels, -1)
@@ -263,7 +287,10 @@ class TargetCodec:
             # Half an fp16 ulp (relative 2**-11) or half the subnormal spacing 2**-24.
             return np.maximum(np.abs(x) * 2.0**-11, 2.0**-25).astype(np.float32)
         per_channel = np.broadcast_to(scale.reshape(-1, 1, 1), (x.shape[0], 1, 1))
-        return (per_channel / 2 * (1 + 1e-5) + (np.abs(x) + per_channel * ((1 << self.bits) - 1)) * 4 * eps32).astype(np.float32)
+        bound = per_channel / 2 * (1 + 1e-5) + (np.abs(x) + per_channel * ((1 << self.bits) - 1)) * 4 * eps32
+        if self.floor is not None:
+            bound = bound + np.maximum(np.float32(self.floor) - x, 0)
+        return bound.astype(np.float32)
 
     # ---- compression ------------------------------------------------------------
 
@@ -324,7 +351,7 @@ def _parse_codec(name: str) -> TargetCodec:
         raise ValueError(
             "parse_codec(name=) expects '<storage>[+<compressor>]' with storage fp32, fp16, int<b>-channel, "
             "int<b>-view or int<b>-std<k> (b in 2..8), optionally followed by -d<axes> (axes from 'chw' in that "
-            f"order, or 'b' in place of 'c'), and compressor zstd<L>, blosc-zstd<L>-shuffle or blosc-zstd<L>-bitshuffle. Got {name!r}."
+            f"order, or 'b' in place of 'c') and -floor<X> (e.g. -floor-8), and compressor zstd<L>, blosc-zstd<L>-shuffle or blosc-zstd<L>-bitshuffle. Got {name!r}."
         )
     if storage.group("float"):
         kind, bits, scaling, k = storage.group("float"), 32 if storage.group("float") == "fp32" else 16, "none", 0
@@ -349,6 +376,24 @@ def _parse_codec(name: str) -> TargetCodec:
         ("compressor", comp),
         ("level", level),
         ("predict", (storage.group("predict") or "") if kind == "int" else ""),
+        ("floor", float(storage.group("floor")) if storage.group("floor") else None),
     ):
         object.__setattr__(codec, field_name, value)
     return codec
+
+
+def profile_codec(name: str, profile: str) -> str:
+    """The codec ``name`` under a codec profile (module docstring): its canonical name.
+
+    ``small`` returns it unchanged; ``fast`` lowers a zstd level above `FAST_ZSTD_LEVEL`,
+    or a blosc level above `FAST_BLOSC_LEVEL`, to that level (storage unchanged).
+    """
+    if profile not in CODEC_PROFILES:
+        raise ValueError(f"profile_codec(profile=) expects one of {list(CODEC_PROFILES)}. Got {profile!r}.")
+    codec = parse_codec(name)
+    if profile == "small" or codec.compressor == "none":
+        return codec.name
+    fast = FAST_ZSTD_LEVEL if codec.compressor == "zstd" else FAST_BLOSC_LEVEL
+    if codec.level <= fast:
+        return codec.name
+    return parse_codec(f"{codec.storage_name}+{codec.compressor_name.replace(f'zstd{codec.level}', f'zstd{fast}', 1)}").name

@@ -17,6 +17,16 @@ Reference losses (numpy re-implementations, no torch), one per target group:
     edges,    FGD's feature term without its masks: mean squared error;
     fpn,
     backbone
+Each method's own loss where it can be computed from one view's target alone, as extra
+columns (``method_loss_rel_error``); no torch, so these are numpy re-implementations:
+    cls       ``class_kd_t2``: LD's class KD, ``T**2 * mean_k p_k (log p_k - log q_k)`` with
+              softmaxes over the K classes at T = 2, mean over points (here at every point:
+              the positives depend on the view's boxes, which the writer does not have);
+    box       LD's KL at T = 10 is the reference loss itself;
+    fpn,      ``fgd_attention_mse``: FGD's feature term weighted by the teacher's own spatial
+    backbone  and channel attention at T = 0.5, ``mean(A_s * A_c * (s - t)**2)`` with
+              ``A_s = H*W softmax_hw(mean_c |t| / T)``, ``A_c = C softmax_c(mean_hw |t| / T)``
+              (without its foreground/background masks, which need the view's boxes).
 The reference student is the teacher plus Gaussian noise of std ``0.5 * std(teacher)``
 (fixed seed): a student close to its teacher, where the loss is small and a codec's
 error weighs most. A student further away makes every relative error smaller.
@@ -37,6 +47,9 @@ LD_TEMPERATURE = 10.0
 STUDENT_NOISE = 0.5
 """Reference student = teacher + N(0, (STUDENT_NOISE * std(teacher))**2)."""
 REFERENCE_SEED = 20261122
+
+KD_TEMPERATURE = 2.0
+FGD_TEMPERATURE = 0.5
 
 LOSS_BUDGETS = {"cls": 0.005, "box": 0.005, "edges": 0.01, "fpn": 0.01, "backbone": 0.01}
 """Largest acceptable relative loss error per group (the defaults are chosen against it)."""
@@ -87,6 +100,43 @@ def feature_mse(student: np.ndarray, teacher: np.ndarray) -> float:
     return float(np.mean((student.astype(np.float64) - teacher.astype(np.float64)) ** 2))
 
 
+def class_kd(student: np.ndarray, teacher: np.ndarray, temperature: float = KD_TEMPERATURE) -> float:
+    """LD's class KD, ``T**2 * mean_k p_k (log p_k - log q_k)`` over the K classes, mean over points.
+
+    Args:
+        student, teacher: class logits array[K, H, W].
+    """
+    log_p = _log_softmax(teacher.astype(np.float64) / temperature, 0)
+    log_q = _log_softmax(student.astype(np.float64) / temperature, 0)
+    return float(temperature**2 * np.mean(np.exp(log_p) * (log_p - log_q)))
+
+
+def fgd_attention_mse(student: np.ndarray, teacher: np.ndarray, temperature: float = FGD_TEMPERATURE) -> float:
+    """FGD's feature term weighted by the teacher's spatial and channel attention (no masks).
+
+    Args:
+        student, teacher: features array[C, H, W].
+    """
+    t = teacher.astype(np.float64)
+    value = np.abs(t)
+    channels, height, width = t.shape
+    spatial = height * width * np.exp(_log_softmax(value.mean(axis=0).reshape(-1) / temperature, 0)).reshape(1, height, width)
+    channel = channels * np.exp(_log_softmax(value.mean(axis=(1, 2)) / temperature, 0)).reshape(channels, 1, 1)
+    return float(np.mean(spatial * channel * (student.astype(np.float64) - t) ** 2))
+
+
+METHOD_LOSSES = {
+    "cls": {"class_kd_t2": class_kd},
+    "fpn": {"fgd_attention_mse": fgd_attention_mse},
+    "backbone": {"fgd_attention_mse": fgd_attention_mse},
+}
+"""Per group, the methods' own losses reported beside the reference loss (module docstring)."""
+
+
+def _method_losses(group: str, student: np.ndarray, teacher: np.ndarray) -> dict[str, float]:
+    return {name: loss(student, teacher) for name, loss in METHOD_LOSSES.get(group, {}).items()}
+
+
 def _loss_and_grad_ref(group: str, student: np.ndarray, teacher: np.ndarray) -> tuple[float, np.ndarray]:
     """The loss and the part of its student-gradient that depends on the teacher (up to a constant)."""
     if group == "cls":
@@ -121,12 +171,21 @@ class _Reference:
     loss: float
     grad_ref: np.ndarray
     grad_anchor: np.ndarray
+    methods: dict[str, float]
 
 
 def _reference(group: str, teacher: np.ndarray) -> _Reference:
     student = reference_student(teacher)
     loss, grad_ref = _loss_and_grad_ref(group, student, teacher)
-    return _Reference(student, loss, grad_ref, _student_gradient_anchor(group, student))
+    return _Reference(student, loss, grad_ref, _student_gradient_anchor(group, student), _method_losses(group, student, teacher))
+
+
+def _copy_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of one target's sums that later additions do not share with ``entry``."""
+    out = dict(entry)
+    if "methods" in entry:
+        out["methods"] = {name: dict(sums) for name, sums in entry["methods"].items()}
+    return out
 
 
 class FidelityAccumulator:
@@ -136,7 +195,7 @@ class FidelityAccumulator:
     """
 
     def __init__(self, stats: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        self.stats: dict[str, dict[str, Any]] = {name: dict(value) for name, value in (stats or {}).items()}
+        self.stats: dict[str, dict[str, Any]] = {name: _copy_entry(value) for name, value in (stats or {}).items()}
 
     def add(self, spec: TargetSpec, original: np.ndarray, decoded: np.ndarray, reference: _Reference | None = None) -> None:
         """Account one view of one target (float32 array[C, H, W] before and after the codec)."""
@@ -172,6 +231,11 @@ class FidelityAccumulator:
         entry["worst_view_loss_rel_error"] = max(entry["worst_view_loss_rel_error"], rel)
         entry["grad_sq_diff_sum"] += grad_diff
         entry["grad_sq_ref_sum"] += grad_norm
+        methods = entry.setdefault("methods", {})
+        for name, value in _method_losses(group, ref.student, decoded).items():
+            sums = methods.setdefault(name, {"fp32_sum": 0.0, "decoded_sum": 0.0})
+            sums["fp32_sum"] += ref.methods[name]
+            sums["decoded_sum"] += value
 
     def merge(self, other: "FidelityAccumulator | Mapping[str, Mapping[str, Any]]") -> None:
         """Add another accumulator's sums (e.g. another part's) into this one."""
@@ -179,15 +243,24 @@ class FidelityAccumulator:
         for name, theirs in stats.items():
             mine = self.stats.get(name)
             if mine is None:
-                self.stats[name] = dict(theirs)
+                self.stats[name] = _copy_entry(theirs)
                 continue
             for key in ("views", "elements", "sum_abs_error", "loss_fp32_sum", "loss_decoded_sum", "grad_sq_diff_sum", "grad_sq_ref_sum"):
                 mine[key] += theirs[key]
             for key in ("max_abs_error", "worst_view_loss_rel_error"):
                 mine[key] = max(mine[key], theirs[key])
+            methods = mine.setdefault("methods", {})
+            for method, sums in theirs.get("methods", {}).items():
+                into = methods.setdefault(method, {"fp32_sum": 0.0, "decoded_sum": 0.0})
+                into["fp32_sum"] += sums["fp32_sum"]
+                into["decoded_sum"] += sums["decoded_sum"]
 
     def report(self) -> dict[str, dict[str, Any]]:
         return summarize(self.stats)
+
+
+def _relative(decoded: float, reference: float) -> float:
+    return abs(decoded - reference) / reference if reference > 0 else 0.0
 
 
 def summarize(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -200,6 +273,9 @@ def summarize(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any
         row["loss_rel_error"] = abs(entry["loss_decoded_sum"] - ref) / ref if ref > 0 else 0.0
         norm = entry["grad_sq_ref_sum"]
         row["grad_rel_error"] = math.sqrt(entry["grad_sq_diff_sum"] / norm) if norm > 0 else 0.0
+        row["method_loss_rel_error"] = {
+            method: _relative(sums["decoded_sum"], sums["fp32_sum"]) for method, sums in entry.get("methods", {}).items()
+        }
         out[name] = row
     return out
 
@@ -219,8 +295,12 @@ def group_summary(report: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str
         entry = out.setdefault(
             group,
             {"loss": row["loss"], "codecs": [], "ref": 0.0, "dec": 0.0, "gdiff": 0.0, "gref": 0.0, "abs": 0.0, "elements": 0,
-             "max_abs_error": 0.0, "worst_level_loss_rel_error": 0.0},
+             "max_abs_error": 0.0, "worst_level_loss_rel_error": 0.0, "methods": {}},
         )
+        for method, sums in row.get("methods", {}).items():
+            into = entry["methods"].setdefault(method, [0.0, 0.0])
+            into[0] += per_view_elements * sums["fp32_sum"] / views
+            into[1] += per_view_elements * sums["decoded_sum"] / views
         if row["codec"] not in entry["codecs"]:
             entry["codecs"].append(row["codec"])
         entry["ref"] += per_view_elements * row["loss_fp32_sum"] / views
@@ -237,6 +317,7 @@ def group_summary(report: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str
         entry["loss_rel_error"] = abs(dec - ref) / ref if ref > 0 else 0.0
         entry["grad_rel_error"] = math.sqrt(gdiff / gref) if gref > 0 else 0.0
         entry["mean_abs_error"] = total_abs / elements if elements else 0.0
+        entry["method_loss_rel_error"] = {method: _relative(dec_m, ref_m) for method, (ref_m, dec_m) in entry.pop("methods").items()}
     return out
 
 
@@ -278,15 +359,15 @@ def choose_codecs(
 ) -> dict[str, Any]:
     """Measure candidate codecs per target group and pick the smallest within the loss budget.
 
-    A codec passes when the group's loss over all levels together (`group_summary`) and the
-    loss of every single level stay under the group's budget (the per-level condition keeps
+    A codec passes when the group's loss over all levels together (`group_summary`), the
+    loss of every single level and each method's own loss (`METHOD_LOSSES`) stay under the group's budget (the per-level condition keeps
     a lucky cancellation between levels from passing); among passing codecs the one with
     the fewest stored bytes per view (compressed codes, crc32c and scale/offset) wins. The codecs in ``specs`` are ignored; their names and shapes are used.
 
     Returns:
         ``{"chosen": {group: codec name or None}, "rows": [one dict per group and codec with
         bytes_per_view, fp32_bytes_per_view, ratio, loss_rel_error, worst_level_loss_rel_error,
-        grad_rel_error, max_abs_error, mean_abs_error, passes]}``.
+        grad_rel_error, max_abs_error, mean_abs_error, method_loss_rel_error, passes]}``.
     """
     from label_store.encoding import check_targets
 
@@ -325,8 +406,10 @@ def choose_codecs(
                 "grad_rel_error": summary["grad_rel_error"],
                 "max_abs_error": summary["max_abs_error"],
                 "mean_abs_error": summary["mean_abs_error"],
+                "method_loss_rel_error": summary["method_loss_rel_error"],
             }
-            row["passes"] = max(row["loss_rel_error"], row["worst_level_loss_rel_error"]) < budgets[group]
+            worst = max(row["loss_rel_error"], row["worst_level_loss_rel_error"], *row["method_loss_rel_error"].values())
+            row["passes"] = worst < budgets[group]
             rows.append(row)
             if row["passes"] and (best is None or bytes_per_view < best["bytes_per_view"]):
                 best = row

@@ -31,7 +31,8 @@ made by the project's own commands if missing).
 The summary's "bound by" row says which side limited the job: the teacher, or decoding
 and writing on the CPU. With a GPU teacher it is usually the CPU side (writing, i.e. the
 codecs' compression): give the cluster more CPUs (--address, CPU-only Ray nodes) or use
-cheaper codecs, e.g. --codec fpn=int6-view-dhw+zstd3 --codec backbone=int6-view+zstd3.
+cheaper codecs: --codec-profile fast (the default with a GPU teacher), or e.g.
+--codec fpn=int6-view-dhw+zstd3 --codec backbone=int6-view+zstd3.
 """
 
 PRECOMPUTE_EPILOG = """\
@@ -133,6 +134,10 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
                             "default stores all four, as `distill quickstart` does)")
     views.add_argument("--codec", type=_key_value("--codec"), action="append", default=[], metavar="NAME=CODEC",
                        help="codec override for a group or target, e.g. fpn=int8-channel or cls/p3=fp16 (repeatable)")
+    views.add_argument("--codec-profile", choices=("small", "fast"), default=None,
+                       help="default codecs: small (zstd 15, fewest bytes) or fast (the same quantizers with a fast "
+                            "zstd level, for writers that keep up with a GPU teacher); --codec overrides win "
+                            "(default: fast when the teacher runs on a GPU, else small)")
     classes = parser.add_argument_group("classes (the store holds the dataset's categories, in its order)")
     classes.add_argument("--class-map", metavar="FILE",
                          help="JSON object of teacher class name -> dataset category name, for names that differ beyond "
@@ -273,6 +278,7 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         flip=not args.no_flip,
         target_groups=inputs.targets,
         codecs=tuple(args.codec),
+        codec_profile=args.codec_profile or "auto",
         class_map=tuple(class_map.items()),
         allow_missing_classes=args.allow_missing_classes,
         batch_size=args.batch_size,

@@ -249,6 +249,8 @@ def quantize_batch(tensor, codec):
         raise ValueError(f"quantize_batch(codec=) expects an int codec with {DEVICE_SCALINGS} scaling. Got {codec.name!r}.")
     levels = (1 << codec.bits) - 1
     x = tensor.float()
+    if codec.floor is not None:
+        x = x.clamp_min(codec.floor)
     batch, channels = x.shape[:2]
     flat = x.reshape(batch, 1 if codec.scaling == "view" else channels, -1)
     lo = flat.amin(dim=2)

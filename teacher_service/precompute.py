@@ -40,6 +40,7 @@ logger = logging.getLogger("teacher_service.precompute")
 
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZE_MODES = ("auto", "on", "off")
+CODEC_PROFILE_MODES = ("auto", "small", "fast")
 MAX_RETRIES = 3
 """Retries of a task, and restarts of a teacher actor, after its process died (then the job fails)."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -75,6 +76,10 @@ class PrecomputeConfig:
     """Teacher class renames ``((teacher name, dataset name), ...)`` for `detcore.classes.map_classes`."""
     allow_missing_classes: bool = False
     """Accept dataset categories the teacher lacks: recorded in the store, left out of class distillation."""
+    codec_profile: str = "auto"
+    """Default codecs' profile (`label_store.codecs.profile_codec`): ``small`` (the default
+    codecs), ``fast`` (their quantizers with a fast zstd level, for writers that keep up with
+    a GPU teacher) or ``auto`` (``fast`` with a GPU teacher, else ``small``); ``codecs`` win."""
     batch_size: int = 8
     """Views per teacher forward pass."""
     num_actors: int = 1
@@ -170,6 +175,11 @@ class PrecomputeConfig:
             raise PrecomputeInputError(f"PrecomputeConfig(device=) expects one of {list(DEVICES)}. Got {self.device!r}.")
         if self.precision not in PRECISIONS:
             raise PrecomputeInputError(f"PrecomputeConfig(precision=) expects one of {list(PRECISIONS)}. Got {self.precision!r}.")
+        if self.codec_profile not in CODEC_PROFILE_MODES:
+            raise PrecomputeInputError(
+                f"PrecomputeConfig(codec_profile=) (--codec-profile) expects one of {list(CODEC_PROFILE_MODES)}. "
+                f"Got {self.codec_profile!r}."
+            )
         if self.quantize_on_device not in QUANTIZE_MODES:
             raise PrecomputeInputError(
                 f"PrecomputeConfig(quantize_on_device=) expects one of {list(QUANTIZE_MODES)}. Got {self.quantize_on_device!r}."
@@ -249,7 +259,7 @@ class PrecomputeSummary:
         if stages > teacher:
             remedy = "more CPUs beside the teacher"
             if self.write_seconds > self.decode_seconds:  # the codecs' encoding, mostly
-                remedy += ", or cheaper codecs (--codec fpn=int6-view-dhw+zstd3 ...),"
+                remedy += ", or cheaper codecs (--codec-profile fast, or --codec fpn=... per group),"
             return (
                 f"decode + write on the CPU: {self.decode_seconds + self.write_seconds:.1f} worker-s over "
                 f"{self.stage_slots} task slot(s), >= {stages:.1f} s, against the teacher's {teacher:.1f} s per actor; "
@@ -357,6 +367,29 @@ def split_codecs(codecs: Sequence[tuple[str, str]], target_groups: Sequence[str]
     return per_group, per_target
 
 
+def resolve_codec_profile(config: PrecomputeConfig) -> str:
+    """``small`` or ``fast``: ``auto`` is ``fast`` when the teacher runs on a GPU (``--device
+    cuda``, or ``auto`` with a GPU visible to this process), else ``small``."""
+    if config.codec_profile != "auto":
+        return config.codec_profile
+    if config.device.startswith("cuda"):
+        return "fast"
+    if config.device == "cpu":
+        return "small"
+    import torch
+
+    return "fast" if torch.cuda.is_available() else "small"
+
+
+def profile_codecs(config: PrecomputeConfig) -> dict[str, str]:
+    """Codec per stored group under the resolved codec profile (before ``codecs`` overrides)."""
+    from label_store.codecs import profile_codec
+    from label_store.schema import DEFAULT_CODECS
+
+    profile = resolve_codec_profile(config)
+    return {group: profile_codec(DEFAULT_CODECS[group], profile) for group in config.target_groups}
+
+
 def store_layout(config: PrecomputeConfig, dataset_classes: Sequence[str] | None = None) -> StoreLayout:
     """Fingerprint and target specs of the store that ``config`` fills (loads the teacher once).
 
@@ -384,14 +417,17 @@ def store_layout(config: PrecomputeConfig, dataset_classes: Sequence[str] | None
     fingerprint["canvas_hw"] = list(canvas_hw)
     per_group, per_target = split_codecs(config.codecs, config.target_groups)
     try:
-        specs = teacher.target_specs(tuple(config.target_groups), canvas_hw, codecs=per_group or None)
+        # Explicit overrides win over the profile; an explicit profile counts as a choice on resume.
+        codecs = {**profile_codecs(config), **per_group}
+        chosen_groups = codecs if config.codec_profile != "auto" else per_group
+        specs = teacher.target_specs(tuple(config.target_groups), canvas_hw, codecs=codecs)
         unknown = sorted(set(per_target) - {spec.name for spec in specs})
         if unknown:
             raise PrecomputeInputError(
                 f"PrecomputeConfig(codecs=) expects target names of this store {[s.name for s in specs]}. Got {unknown}."
             )
         specs = [dataclasses.replace(s, codec=per_target[s.name]) if s.name in per_target else s for s in specs]
-        specs = _keep_existing_codecs(config, specs, per_group, per_target)
+        specs = _keep_existing_codecs(config, specs, chosen_groups, per_target)
     except PrecomputeInputError:
         raise
     except TeacherGroupError as error:  # e.g. --targets box for a teacher without edge distributions

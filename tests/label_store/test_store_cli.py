@@ -38,6 +38,9 @@ def test_inspect_json_and_text(tmp_path, capsys, fingerprint, specs, make_record
     assert _run(["store", "inspect", url]) == 0
     text = capsys.readouterr().out
     assert "views            3 in 3 images" in text and "fpn/p3" in text and "corrupt JPEG" in text
+    # per group, the methods' own losses beside the reference loss
+    assert "class_kd_t2" in text and "fgd_attention_mse" in text
+    assert "class_kd_t2" in info["fidelity"]["groups"]["cls"]["method_loss_rel_error"]
     assert _run(["store", "inspect", str(tmp_path / "nothing")]) == 2
 
 

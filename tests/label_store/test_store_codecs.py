@@ -27,6 +27,8 @@ ALL_CODECS = [
     "int5-view-dhw+zstd5",
     "int4-channel-dw",
     "int8-std8-dc+blosc-zstd5-bitshuffle",
+    "int5-view-dchw-floor-4+zstd15",
+    "int6-channel-floor2.5",
 ]
 
 
@@ -39,7 +41,8 @@ def test_name_round_trip(name):
 
 
 @pytest.mark.parametrize("bad", ["", "fp64", "int9-view", "int1-channel", "int8", "int8-chan", "int8-std0", "fp16+gzip", "int8-view+zstd99", "fp32+", 3,
-     "int6-view-d", "int6-view-dhc", "int6-view-dx", "fp16-dhw", "int6-view-dchw-dc"])
+     "int6-view-d", "int6-view-dhc", "int6-view-dx", "fp16-dhw", "int6-view-dchw-dc",
+     "fp16-floor-2", "int6-view-floor", "int6-view-floor-2-dhw", "int6-view-floor-x"])
 def test_bad_names_raise_with_grammar(bad):
     with pytest.raises(ValueError, match="expects"):
         parse_codec(bad)
@@ -232,3 +235,33 @@ def test_edge_prediction_shrinks_box_distributions_more_than_channel_prediction(
 def test_edge_axis_takes_the_place_of_c(bad):
     with pytest.raises(ValueError, match="or 'b' in place of 'c'"):
         parse_codec(bad)
+
+
+def test_floor_clamps_low_logits_and_shrinks_them():
+    codec, plain = parse_codec("int5-view-dchw-floor-6+zstd15"), parse_codec("int5-view-dchw+zstd15")
+    assert codec.floor == -6.0 and codec.to_dict()["configuration"]["floor"] == -6.0
+    assert "floor" not in plain.to_dict()["configuration"]  # stores without a floor read unchanged
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((8, 24, 24)) * 1.5 - 9.0).astype(np.float32)  # mostly far below zero
+    logits[:, 10:14, 10:14] = rng.uniform(-1, 3, (8, 4, 4))  # an object
+    codes, scale, offset = codec.encode(logits)
+    decoded = codec.decode(codes, scale, offset)
+    assert float(offset[0]) == -6.0 and float(decoded.min()) == -6.0
+    assert np.all(np.abs(decoded - logits) <= codec.error_bound(logits, scale))
+    high = logits > -6.0 + float(scale[0])
+    assert np.all(np.abs(decoded - logits)[high] <= scale[0] / 2 * (1 + 1e-4))
+    plain_codes, plain_scale, _ = plain.encode(logits)
+    assert scale[0] < plain_scale[0]  # a smaller range: a finer step for the values kept
+    assert codec.compressed_nbytes(codes) < 0.7 * plain.compressed_nbytes(plain_codes)
+
+
+def test_profile_codec_keeps_the_storage_and_lowers_the_level():
+    from label_store.codecs import FAST_ZSTD_LEVEL, profile_codec
+
+    assert profile_codec("int5-view-dchw+zstd15", "small") == "int5-view-dchw+zstd15"
+    fast = parse_codec(profile_codec("int5-view-dchw-floor-8+zstd15", "fast"))
+    assert (fast.storage_name, fast.compressor, fast.level) == ("int5-view-dchw-floor-8", "zstd", FAST_ZSTD_LEVEL)
+    assert profile_codec("int6-view+blosc-zstd5-bitshuffle", "fast") == "int6-view+blosc-zstd1-bitshuffle"
+    assert profile_codec("fp32", "fast") == "fp32" and profile_codec("int8-view+zstd1", "fast") == "int8-view+zstd1"
+    with pytest.raises(ValueError, match="profile"):
+        profile_codec("fp32", "tiny")

@@ -11,6 +11,8 @@ from label_store import choose_codecs, measure_fidelity
 from label_store.fidelity import (
     FidelityAccumulator,
     bce_sigmoid_targets,
+    class_kd,
+    fgd_attention_mse,
     feature_mse,
     group_summary,
     ld_kl,
@@ -129,6 +131,12 @@ def test_choose_codecs_picks_smallest_within_budget(specs, make_targets):
         assert result["chosen"][group] == min(passing, key=lambda r: r["bytes_per_view"])["codec"]
     assert not rows[("fpn", "int2-view+zstd5")]["passes"]
     assert result["chosen"]["fpn"] == "int8-channel+zstd5"
+    budgets = {"cls": 0.005, "box": 0.005, "fpn": 0.01}
+    for row in result["rows"]:  # a codec passes on the reference loss, every level and each method's own loss
+        errors = [row["loss_rel_error"], row["worst_level_loss_rel_error"], *row["method_loss_rel_error"].values()]
+        assert row["passes"] == (max(errors) < budgets[row["group"]])
+    assert set(rows[("cls", "int2-view+zstd5")]["method_loss_rel_error"]) == {"class_kd_t2"}
+    assert rows[("cls", "int2-view+zstd5")]["method_loss_rel_error"]["class_kd_t2"] > 0
 
 
 def test_choose_codecs_tries_edge_prediction_on_box_targets_only():
@@ -140,3 +148,42 @@ def test_choose_codecs_tries_edge_prediction_on_box_targets_only():
     tried = {(r["group"], r["codec"]) for r in result["rows"]}
     assert ("box", "int6-view-dbhw+zstd5") in tried and ("cls", "int6-view-dbhw+zstd5") not in tried
     assert ("cls", "int6-view-dchw+zstd5") in tried
+
+
+def test_class_kd_hand_computed_and_zero_when_equal():
+    teacher = np.zeros((2, 1, 1), np.float32)  # two classes, uniform teacher at one point
+    student = np.array([[[2 * math.log(3.0)]], [[0.0]]], np.float32)  # softmax(s / 2) = (3/4, 1/4)
+    expected = 4.0 * 0.5 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))
+    assert class_kd(student, teacher) == pytest.approx(expected, rel=1e-6)
+    assert class_kd(teacher, teacher) == 0.0
+
+
+def test_fgd_attention_mse_hand_computed():
+    teacher = np.array([[[1.0, 0.0]], [[0.0, 0.0]]], np.float32)  # C=2, H=1, W=2
+    student = np.zeros_like(teacher)
+    temperature = 0.5
+    # spatial: 2 * softmax([0.5, 0] / T); channel: 2 * softmax([0.5, 0] / T); only (c=0, w=0) differs, by 1
+    weight = 2 * math.exp(1) / (math.exp(1) + 1)
+    assert fgd_attention_mse(student, teacher, temperature) == pytest.approx(weight * weight * 1.0 / 4, rel=1e-9)
+    assert fgd_attention_mse(teacher, teacher, temperature) == 0.0
+
+
+def test_method_losses_are_reported_per_target_and_group_and_merge_without_sharing(specs, make_targets):
+    coarse = [TargetSpec(s.name, s.shape, "int4-view+zstd5") for s in specs]
+    report = measure_fidelity(_sample(coarse, make_targets), coarse)
+    for name, row in report.items():
+        methods = row["method_loss_rel_error"]
+        group = name.split("/")[0]
+        assert set(methods) == {"cls": {"class_kd_t2"}, "fpn": {"fgd_attention_mse"}}.get(group, set())
+        assert all(error > 0 for error in methods.values())
+    groups = group_summary(report)
+    assert groups["cls"]["method_loss_rel_error"]["class_kd_t2"] > 0
+    assert groups["box"]["method_loss_rel_error"] == {}
+    stats = {name: row for name, row in report.items()}
+    merged = FidelityAccumulator()
+    merged.merge(stats)
+    merged.merge(stats)  # two equal parts: the same relative errors, the inputs untouched
+    twice = merged.report()
+    for name, row in report.items():
+        assert twice[name]["method_loss_rel_error"] == pytest.approx(row["method_loss_rel_error"])
+        assert stats[name]["methods"] == row["methods"]

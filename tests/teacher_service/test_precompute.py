@@ -229,6 +229,7 @@ def test_parse_fault():
         ({"batch_size": 0}, "batch_size="),
         ({"precision": "fp8"}, "precision="),
         ({"quantize_on_device": "yes"}, "quantize_on_device="),
+        ({"codec_profile": "tiny"}, "codec-profile"),
         ({"canvas_hw": (64, 0)}, "canvas_hw="),
     ],
 )
@@ -267,6 +268,24 @@ def test_cli_bad_input_exits_2_before_starting_ray(data, tmp_path, capsys):
     assert _cli(["precompute", "--annotations", str(data["annotations"]), *common, "--codec", "fpn=int9-view"]) == 2
     assert "int9-view" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_cli_unknown_codec_profile_exits_2_naming_the_flag(data, tmp_path, capsys):
+    common = ["--annotations", str(data["annotations"]), "--images", str(data["images"]), "--teacher", str(data["teacher"])]
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(["precompute", *common, "--store", str(tmp_path / "s.zarr"), "--codec-profile", "tiny"])
+    assert exit_info.value.code == 2
+    assert "--codec-profile" in capsys.readouterr().err
+
+
+def test_codec_profile_auto_follows_the_teacher_device(data, tmp_path):
+    from teacher_service.precompute import profile_codecs, resolve_codec_profile
+
+    assert resolve_codec_profile(_config(data, tmp_path / "s.zarr", device="cpu")) == "small"
+    assert resolve_codec_profile(_config(data, tmp_path / "s.zarr", device="cuda")) == "fast"
+    assert resolve_codec_profile(_config(data, tmp_path / "s.zarr", device="cuda", codec_profile="small")) == "small"
+    fast = profile_codecs(_config(data, tmp_path / "s.zarr", codec_profile="fast", target_groups=("cls", "backbone")))
+    assert fast == {"cls": "int5-view-dchw+zstd1", "backbone": "int6-view+blosc-zstd1-bitshuffle"}
 
 
 def test_cli_without_inputs_uses_the_quickstart_store_views_and_targets(data, tmp_path, monkeypatch):
@@ -417,6 +436,39 @@ def test_default_codecs_within_stated_error(data, teacher_model, local_ray, tmp_
             checked += 1
     assert checked == 6 * len(specs)
     assert quantization_error > 0.0  # the store really quantized (a 1x1 level can decode exactly)
+
+
+def test_codec_profiles_store_the_same_values_with_faster_compression(data, local_ray, tmp_path, capsys):
+    from label_store.cli import register as register_store
+    from label_store.codecs import parse_codec
+    from label_store.reader import open_store
+    from label_store.schema import DEFAULT_CODECS
+
+    ids = tuple(CocoDataset(data["annotations"], data["images"]).image_ids[:2])
+    stores = {profile: tmp_path / f"{profile}.zarr" for profile in ("small", "fast")}
+    for profile, store in stores.items():
+        summary = run_precompute(_config(data, store, image_ids=ids, codec_profile=profile, device="cpu",
+                                         codecs=(("fpn/p4", "int8-channel+zstd9"),)))
+        assert (summary.views_stored, summary.views_failed) == (4, 0)
+    readers = {profile: open_store(str(store)) for profile, store in stores.items()}
+    codecs = {profile: {spec.name: parse_codec(spec.codec) for spec in reader.targets} for profile, reader in readers.items()}
+    for name, small in codecs["small"].items():
+        fast = codecs["fast"][name]
+        if name == "fpn/p4":  # an explicit --codec wins over either profile
+            assert small.name == fast.name == "int8-channel+zstd9"
+            continue
+        assert small.name == DEFAULT_CODECS[name.split("/")[0]]
+        assert (fast.storage_name, fast.compressor, fast.level) == (small.storage_name, "zstd", 1) and small.level == 15
+    # the same quantizers: both stores decode to the same values
+    for key in sorted(readers["small"].keys()):
+        small, fast = readers["small"].read(*key), readers["fast"].read(*key)
+        for name in small:
+            np.testing.assert_array_equal(small[name], fast[name])
+    parser = argparse.ArgumentParser(prog="distill")
+    register_store(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["store", "inspect", str(stores["fast"])])
+    assert args.func(args) == 0
+    assert "int5-view-dchw+zstd1" in capsys.readouterr().out
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(data, fp32_store, local_ray, tmp_path):
@@ -729,7 +781,9 @@ def test_summary_says_which_side_bound_the_job():
 # ---- quantization in the teacher stage ------------------------------------------------------
 
 
-@pytest.mark.parametrize("codec_name", ["int6-view-dhw+zstd15", "int5-view-dchw+zstd15", "int8-channel+zstd5", "int4-view"])
+@pytest.mark.parametrize(
+    "codec_name", ["int6-view-dhw+zstd15", "int5-view-dchw+zstd15", "int8-channel+zstd5", "int4-view", "int5-view-dchw-floor-1+zstd3"]
+)
 def test_quantize_batch_gives_the_writers_bytes(codec_name):
     from label_store.codecs import parse_codec
     from label_store.encoding import QuantizedTarget, encode_inputs, encode_view

@@ -1,0 +1,228 @@
+"""Codecs judged by the distillation methods' own losses, with their bytes and write CPU per view.
+
+For a trained teacher's real outputs on ``--views`` views and a trained student's outputs
+on the same views, every codec setting below encodes the teacher's cls, box and fpn
+targets view by view (as a store's write task does: quantize, predict, compress) and
+decodes them; then each method's loss, as the trainer computes it
+(`student_trainer.losses.recipes`), is evaluated with the decoded targets and with the
+float32 targets:
+
+    ld_main, ld_vlr   LD's KL at T=10 on the edge distributions, at ATSS positives / in the VLR
+    ld_kd             LD's class KD at T=2 at the positives
+    bcd_cls, bcd_iou  BCD's class term (all points) and its box IoU term (decoded teacher boxes)
+    fgd               FGD's total (attention-weighted foreground/background feature loss,
+                      attention and global terms; per-level modules with fixed-seed init)
+    bce_all, kd_all   BCE with sigmoid targets and class KD at T=2 over every point (the
+                      losses a method reading cls at all points sees)
+
+and reported as the relative error ``|L(decoded) - L(fp32)| / L(fp32)`` over the batch.
+Per group: stored bytes per view (compressed codes + crc32c + scale/offset, as
+`TargetCodec.compressed_nbytes`) and the ratio to float32; per setting: write CPU per view
+(quantize + predict + compress of every target, one thread, process time) against the
+teacher's forward per view (same process, same thread count, fp32 on the CPU).
+
+Settings: ``small`` (label_store.schema.DEFAULT_CODECS), ``fast`` (the same under the
+``fast`` codec profile), and ``small`` with the cls codec floored at each ``--floors`` value.
+
+    python benchmarks/store_method_fidelity.py --teacher T.pt --student S.pt \\
+        --annotations A.json --images DIR --views 8 --canvas 256 --floors -4 -6 -8 -10
+
+The teacher and student are detector checkpoints of the same classes (`distill detector
+train`, `distill student train`); views are the first ``--views`` images rendered onto
+``--canvas`` (scale 1.0, unflipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GROUPS = ("cls", "box", "fpn")
+METHOD_KEYS = ("ld_main", "ld_vlr", "ld_kd", "bcd_cls", "bcd_iou", "fgd", "bce_all", "kd_all")
+METHODS_BY_GROUP = {"cls": ("ld_kd", "bcd_cls", "bce_all", "kd_all"), "box": ("ld_main", "ld_vlr", "bcd_iou"), "fpn": ("fgd",)}
+
+
+def load_views(teacher_path: str, student_path: str, annotations: str, images: str, count: int, canvas: tuple[int, int]):
+    """Rendered batch, teacher and student outputs (fp32, no grad), the models' metadata."""
+    import torch
+
+    from detcore.checkpoint import load_detector_with_meta
+    from detcore.coco import CocoDataset
+    from detcore.datasets import ViewDataset, collate_views
+    from detcore.views import plan_views
+
+    teacher, _ = load_detector_with_meta(teacher_path, map_location="cpu")
+    student, _ = load_detector_with_meta(student_path, map_location="cpu")
+    teacher.eval(), student.eval()
+    dataset = CocoDataset(annotations, images)
+    ids = dataset.image_ids[:count]
+    views = plan_views([(i, dataset.record(i).height, dataset.record(i).width) for i in ids], canvas_hw=canvas, flip=False)
+    rendered = ViewDataset(dataset, views)
+    batch = collate_views([rendered[i] for i in range(len(rendered))])
+    with torch.no_grad():
+        teacher(batch["images"][:1])  # warm-up
+        start = time.process_time()
+        teacher_out = teacher(batch["images"])
+        forward_cpu = (time.process_time() - start) / len(ids)
+        student_out = student(batch["images"])
+    return batch, teacher, teacher_out, student_out, forward_cpu
+
+
+def encode_decode(specs, targets, codecs: dict[str, str]):
+    """Per view, encode and decode every target; (decoded per view, bytes per group per view, write CPU per view)."""
+    import numpy as np
+
+    from label_store.codecs import parse_codec
+
+    decoded, stored = [], {g: 0 for g in GROUPS}
+    cpu = 0.0
+    for view in targets:
+        out = {}
+        for spec in specs:
+            codec = parse_codec(codecs[spec.group])
+            compressor = codec.numcodecs_compressor()
+            start = time.process_time()
+            codes, scale, offset = codec.encode(view[spec.name])
+            blob = compressor.encode(np.ascontiguousarray(codes)) if compressor is not None else codes.tobytes()
+            cpu += time.process_time() - start
+            stored[spec.group] += len(blob) + 4 + 8 * scale.size
+            out[spec.name] = codec.decode(codes, scale, offset)
+        decoded.append(out)
+    views = len(targets)
+    return decoded, {g: b / views for g, b in stored.items()}, cpu / views
+
+
+def method_losses(batch, student_out, teacher_levels, strides, reg_max, canvas, fgd_modules) -> dict[str, float]:
+    """Each method's loss of the student against teacher targets given per level as Tensors[B, C, H, W]."""
+    import torch
+
+    from student_trainer.losses import bcd_recipe, fgd_recipe, kd_cls_loss, ld_recipe
+    from student_trainer.losses.recipes import _flat
+
+    gt = batch["gt_boxes"]
+    t_cls, t_box, t_fpn = teacher_levels["cls"], teacher_levels["box"], teacher_levels["fpn"]
+    s_cls, s_box = list(student_out.cls_logits), list(student_out.box_logits)
+    with torch.no_grad():
+        out = {k: float(v) for k, v in ld_recipe(s_cls, s_box, t_cls, t_box, gt, strides, reg_max).items()}
+        out.update({k: float(v) for k, v in bcd_recipe(s_cls, s_box, t_cls, t_box, gt, strides, reg_max).items()})
+        out["fgd"] = float(fgd_recipe(fgd_modules, list(student_out.fpn_features), t_fpn, gt, canvas)["fgd"])
+        s_all = torch.cat([_flat(x) for x in s_cls]).double()
+        t_all = torch.cat([_flat(x) for x in t_cls]).double()
+        out["bce_all"] = float(torch.nn.functional.binary_cross_entropy_with_logits(s_all, t_all.sigmoid()))
+        out["kd_all"] = float(kd_cls_loss(s_all.float(), t_all.float(), None, float(s_all.shape[0]), 2.0))
+    return out
+
+
+def levels_of(decoded_views, specs, group):
+    """Per level Tensor[B, C, H, W] of one group, stacked over the views."""
+    import numpy as np
+    import torch
+
+    return [torch.from_numpy(np.stack([view[spec.name] for view in decoded_views])) for spec in specs if spec.group == group]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True, help="trained teacher checkpoint")
+    parser.add_argument("--student", required=True, help="trained student checkpoint (same classes)")
+    parser.add_argument("--annotations", required=True, help="COCO json of the images")
+    parser.add_argument("--images", required=True, help="image folder")
+    parser.add_argument("--views", type=int, default=8, help="views measured (the first images, unflipped)")
+    parser.add_argument("--canvas", type=int, default=256, help="square canvas side")
+    parser.add_argument("--floors", type=float, nargs="*", default=[-4.0, -6.0, -8.0, -10.0], help="cls floors to try")
+    parser.add_argument("--cls-bits", type=int, nargs="*", default=[5, 4], help="bits of the floored cls codecs")
+    parser.add_argument("--sweep", action="store_true", help="also finer box and fpn codecs (int7, int8), zstd 15")
+    parser.add_argument("--zstd-levels", type=int, nargs="*", default=[], help="also the default quantizers at these zstd levels")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the teacher forward")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from label_store import default_target_specs
+    from label_store.codecs import profile_codec
+    from label_store.schema import DEFAULT_CODECS
+    from student_trainer.losses import FGDConfig
+
+    canvas = (args.canvas, args.canvas)
+    batch, teacher, teacher_out, student_out, forward_cpu = load_views(
+        args.teacher, args.student, args.annotations, args.images, args.views, canvas)
+    strides, reg_max = tuple(teacher.strides), int(teacher.reg_max)
+    specs = default_target_specs(teacher.num_classes, reg_max, canvas, strides, teacher_out.fpn_features[0].shape[1], groups=GROUPS)
+    arrays = {name: value.float().numpy() for name, value in teacher_out.to_targets(GROUPS).items()}
+    views = [{spec.name: np.ascontiguousarray(arrays[spec.name][i]) for spec in specs} for i in range(len(batch["views"]))]
+    fp32_bytes = {g: sum(spec.fp32_nbytes for spec in specs if spec.group == g) for g in GROUPS}
+    points = sum(spec.shape[1] * spec.shape[2] for spec in specs if spec.group == "cls")
+    fgd_modules = FGDConfig().build_modules(student_out.fpn_features[0].shape[1], teacher_out.fpn_features[0].shape[1], len(strides))
+    fgd_modules.eval()
+
+    def losses_of(decoded_views):
+        levels = {g: levels_of(decoded_views, specs, g) for g in GROUPS}
+        return method_losses(batch, student_out, levels, strides, reg_max, canvas, fgd_modules)
+
+    reference = losses_of(views)
+    settings = {"small": dict(DEFAULT_CODECS), "fast": {g: profile_codec(DEFAULT_CODECS[g], "fast") for g in GROUPS}}
+    cls_storage, cls_compressor = DEFAULT_CODECS["cls"].split("+")
+    for bits in args.cls_bits:
+        storage = cls_storage.replace("int5-", f"int{bits}-", 1)
+        for floor in args.floors:
+            cls_codec = f"{storage}-floor{floor:g}+{cls_compressor}"
+            settings[f"small, cls int{bits} floor {floor:g}"] = {**DEFAULT_CODECS, "cls": cls_codec}
+            settings[f"fast, cls int{bits} floor {floor:g}"] = {**settings["fast"], "cls": profile_codec(cls_codec, "fast")}
+    for level in args.zstd_levels:
+        settings[f"zstd {level}"] = {g: DEFAULT_CODECS[g].replace("zstd15", f"zstd{level}") for g in GROUPS}
+    if args.sweep:
+        for bits in (7, 8):
+            settings[f"small, box int{bits}"] = {**DEFAULT_CODECS, "box": f"int{bits}-view-dbhw+zstd15"}
+            settings[f"small, fpn int{bits}"] = {**DEFAULT_CODECS, "fpn": f"int{bits}-view-dhw+zstd15"}
+
+    print(f"# teacher {args.teacher} (K={teacher.num_classes}, R={reg_max}, C={teacher_out.fpn_features[0].shape[1]}), "
+          f"student {args.student}, {len(views)} views at canvas {canvas}, {points} points per view, {args.threads} thread(s)")
+    print(f"# teacher forward: {1000 * forward_cpu:.1f} ms CPU per view; fp32 bytes per view: "
+          + ", ".join(f"{g} {fp32_bytes[g]:,}" for g in GROUPS))
+    from label_store.fidelity import group_summary, measure_fidelity
+
+    store_report = group_summary(measure_fidelity(views, specs))
+    print("# the store's own fidelity report of the small codecs (reference student = teacher + noise): " + "; ".join(
+        f"{g} {row['loss']} {100 * row['loss_rel_error']:.3f}%"
+        + "".join(f", {m} {100 * e:.3f}%" for m, e in row["method_loss_rel_error"].items())
+        for g, row in store_report.items()))
+    print("# fp32 losses: " + ", ".join(f"{k} {reference[k]:.5g}" for k in METHOD_KEYS))
+    print("| setting | codecs (cls / box / fpn) | cls B/view (x) | box B/view (x) | fpn B/view (x) | all (x) | write CPU ms/view | write / forward | "
+          + " | ".join(METHOD_KEYS) + " |")
+    print("|" + "---|" * (8 + len(METHOD_KEYS)))
+    rows = {}
+    for name, codecs in settings.items():
+        decoded, stored, write_cpu = encode_decode(specs, views, codecs)
+        losses = losses_of(decoded)
+        errors = {k: abs(losses[k] - reference[k]) / reference[k] if reference[k] > 0 else 0.0 for k in METHOD_KEYS}
+        total = sum(stored.values())
+        rows[name] = (stored, errors, write_cpu)
+        print(f"| {name} | {' / '.join(codecs[g] for g in GROUPS)} | "
+              + " | ".join(f"{stored[g]:,.0f} ({fp32_bytes[g] / stored[g]:.1f})" for g in GROUPS)
+              + f" | {total:,.0f} ({sum(fp32_bytes.values()) / total:.1f}) | {1000 * write_cpu:.1f} | {write_cpu / forward_cpu:.2f} | "
+              + " | ".join(f"{100 * errors[k]:.3f}%" for k in METHOD_KEYS) + " |")
+    print()
+    # Projection to COCO shapes: bytes per stored element of each group times COCO's elements per view.
+    coco_points, coco_k, coco_c = 22300, 80, 256
+    box_channels = 4 * (reg_max + 1)
+    channels = {"cls": teacher.num_classes, "box": box_channels, "fpn": teacher_out.fpn_features[0].shape[1]}
+    coco_channels = {"cls": coco_k, "box": box_channels, "fpn": coco_c}
+    print(f"# COCO projection: MB/view = {coco_points} points x sum_g (bytes per element_g x channels_g), "
+          f"channels cls {coco_k}, box {box_channels}, fpn {coco_c}")
+    for name, (stored, _, _) in rows.items():
+        per_element = {g: stored[g] / (points * channels[g]) for g in GROUPS}
+        mb = {g: coco_points * coco_channels[g] * per_element[g] / 1e6 for g in GROUPS}
+        print(f"#   {name}: " + ", ".join(f"{g} {per_element[g]:.4f} B/el -> {mb[g]:.2f} MB" for g in GROUPS)
+              + f"; total {sum(mb.values()):.2f} MB/view")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
