@@ -68,7 +68,7 @@ def register(subparsers) -> None:
     data.add_argument("--images", metavar="DIR", help="folder the training file names are relative to")
     data.add_argument("--val-annotations", metavar="FILE", help="COCO annotation JSON for evaluation (AP per --eval-every and at the end)")
     data.add_argument("--val-images", metavar="DIR", help="folder of the validation images")
-    data.add_argument("--canvas", metavar="HxW", help="canvas the student expects (default: the store's); required without a store")
+    data.add_argument("--canvas", metavar="HxW", help="canvas the student expects, landscape views on HxW and portrait ones on WxH (default: the store's); required without a store")
     data.add_argument("--max-images", type=int, metavar="N", help="train on the first N images only")
     data.add_argument("--strict-hash", action="store_true", default=None,
                       help="stop on an image that changed since precompute (default: skip it and report its id)")

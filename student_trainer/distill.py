@@ -143,16 +143,33 @@ class GTRegions:
     def __init__(
         self, strides: Sequence[int], canvas_hw: tuple[int, int], ld_config, vlr: bool, im: bool, point_offset: float = 0.5
     ) -> None:
-        shapes = [feature_hw(canvas_hw, int(s)) for s in strides]
-        per_level = level_anchors([int(s) for s in strides], shapes, point_offset=point_offset)
-        self.anchors = torch.cat(per_level)
-        self.num_level_anchors = tuple(int(a.shape[0]) for a in per_level)
+        self.strides = [int(s) for s in strides]
+        self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
+        self.point_offset = point_offset
+        self._points: dict[tuple[int, int], tuple[Tensor, tuple[int, ...]]] = {}
         self.ld_config = ld_config
         self.keys = tuple(key for key, wanted in (("vlr", vlr), ("im", im)) if wanted)
 
-    def __call__(self, gt_boxes: Tensor) -> dict[str, Tensor]:
-        """Regions of one view from its Tensor[M, 4] GT boxes (canvas pixels)."""
-        return view_regions(self.anchors, self.num_level_anchors, gt_boxes.cpu(), self.ld_config, self.keys)
+    def points(self, canvas_hw: tuple[int, int]) -> tuple[Tensor, tuple[int, ...]]:
+        """Anchor points Tensor[A, ...] and points per level of one canvas (cached)."""
+        canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
+        if canvas_hw not in self._points:
+            per_level = level_anchors(self.strides, [feature_hw(canvas_hw, s) for s in self.strides], point_offset=self.point_offset)
+            self._points[canvas_hw] = (torch.cat(per_level), tuple(int(a.shape[0]) for a in per_level))
+        return self._points[canvas_hw]
+
+    @property
+    def anchors(self) -> Tensor:
+        return self.points(self.canvas_hw)[0]
+
+    @property
+    def num_level_anchors(self) -> tuple[int, ...]:
+        return self.points(self.canvas_hw)[1]
+
+    def __call__(self, gt_boxes: Tensor, canvas_hw: tuple[int, int] | None = None) -> dict[str, Tensor]:
+        """Regions of one view from its Tensor[M, 4] GT boxes (canvas pixels) on ``canvas_hw`` (default: the store's first canvas)."""
+        anchors, num_level_anchors = self.points(canvas_hw or self.canvas_hw)
+        return view_regions(anchors, num_level_anchors, gt_boxes.cpu(), self.ld_config, self.keys)
 
 
 class DistillationModel(nn.Module):
@@ -161,7 +178,8 @@ class DistillationModel(nn.Module):
     Args:
         student: a `detcore.models.gfl.GFLDetector`.
         losses: which terms and their recipe configs (weights, temperatures).
-        canvas_hw: the store's canvas (FGD masks, HGD micro weights).
+        canvas_hw: the store's first canvas (regions by default); FGD masks and HGD micro
+            weights take each batch's canvas from its images (one canvas per batch).
         teacher_channels: channels of every teacher target by name (``fpn/p3`` ...,
             ``backbone/c3`` ...), from the source's target specs; its groups say whether
             BCD reads the teacher's ``box`` or ``edges``.
@@ -351,7 +369,7 @@ class DistillationModel(nn.Module):
             logs.update(im)
         if self.fgd is not None:
             fgd = fgd_recipe(
-                self.fgd, outputs.fpn_features, teacher.fpn_features, gt_boxes, self.canvas_hw
+                self.fgd, outputs.fpn_features, teacher.fpn_features, gt_boxes, tuple(images.shape[-2:])
             )
             terms["fgd"] = fgd.pop("fgd")
             logs.update(fgd)
@@ -362,7 +380,7 @@ class DistillationModel(nn.Module):
             if teacher.backbone_features is not None:
                 available.update(zip(BACKBONE_STAGES, teacher.backbone_features))
             teacher_feats = {stage: available[stage] for stage in self.hgd.stages}
-            hgd = hgd_recipe(self.hgd, student_feats, teacher_feats, gt_boxes, self.canvas_hw, config=losses.hgd)
+            hgd = hgd_recipe(self.hgd, student_feats, teacher_feats, gt_boxes, tuple(images.shape[-2:]), config=losses.hgd)
             terms["hgd"] = hgd.pop("hgd")
             logs.update(hgd)
         return terms, logs

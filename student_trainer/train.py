@@ -153,7 +153,7 @@ class MetricsLog:
             self.writer.close()
 
 
-def _resolve_views(config: TrainRunConfig, coco, store_source, canvas_hw) -> tuple[list, dict, str]:
+def _resolve_views(config: TrainRunConfig, coco, store_source, canvas_hw, orient: bool = True) -> tuple[list, dict, str]:
     """Views to train on, the stored content hashes, and a note on where they came from."""
     from detcore.views import plan_views
 
@@ -178,7 +178,7 @@ def _resolve_views(config: TrainRunConfig, coco, store_source, canvas_hw) -> tup
         if missing:
             planned = plan_views(
                 [(i, coco.record(i).height, coco.record(i).width) for i in missing],
-                canvas_hw=canvas_hw, scales=config.data.scales, flip=config.data.flip,
+                canvas_hw=canvas_hw, scales=config.data.scales, flip=config.data.flip, orient=orient,
             )
             views += planned
             note += f"{' + ' if note else ''}{len(planned)} planned views of {len(missing)} images not in the store"
@@ -233,8 +233,9 @@ def train_student(
         OPTIMIZER_DEFAULTS, autocast_context, build_optimizer, config_difference, evaluate_model, learning_rate_factor,
         optimizer_step, resolve_device,
     )
+    from detcore.datasets import CanvasBatchSampler
     from detcore.interrupt import StopRequest, ignore_stop_signals
-    from student_trainer.data import FailureLog, ShardedViewSampler, StoreViewDataset, check_store_fits, collate_train
+    from student_trainer.data import FailureLog, StoreViewDataset, check_store_fits, collate_train
     from student_trainer.distill import DistillationModel, needed_target_names
     from student_trainer.sources import StoreSource, build_source
 
@@ -286,7 +287,9 @@ def train_student(
                 f"train_student expects the {config.source.kind} teacher to be the store's teacher ({config.data.store}). "
                 "Differences:\n  - " + "\n  - ".join(differences)
             )
-    views, hashes, views_note = _resolve_views(config, coco, store_for_views, canvas_hw)
+    # A store of one non-square canvas (schema 1) had every view fit into that canvas.
+    orient = canvas_hw[0] == canvas_hw[1] or store_for_views is None or len(store_for_views.reader.canvases) > 1
+    views, hashes, views_note = _resolve_views(config, coco, store_for_views, canvas_hw, orient)
     if not views:
         raise ValueError(f"train_student expects views to train on. Got none ({views_note or 'empty store'}).")
     worker_reader = source.worker_reader() if source is not None and names else None
@@ -295,10 +298,9 @@ def train_student(
         readable_keys=source.readable_keys() if worker_reader is not None else None,
         strict_hash=config.data.strict_hash, photometric=config.data.photometric,
     )
-    sampler = ShardedViewSampler(views, seed=optim.seed, num_replicas=dist.world_size, rank=dist.rank)
-    per_rank = sampler.per_rank
-    drop_last = per_rank >= optim.batch_size  # BatchNorm needs more than one value per channel
-    iters_per_epoch = per_rank // optim.batch_size if drop_last else 1
+    # Batches of one canvas each (aspect-ratio grouping), the same count on every rank and epoch.
+    sampler = CanvasBatchSampler(views, optim.batch_size, seed=optim.seed, num_replicas=dist.world_size, rank=dist.rank)
+    iters_per_epoch = sampler.num_batches
     total_steps = int(optim.iters) if optim.iters is not None else int(optim.epochs) * iters_per_epoch
     warmup = int(optim.warmup_iters) if optim.warmup_iters is not None else min(500, total_steps // 10)
     schedule = OPTIMIZER_DEFAULTS[optim.optimizer]["schedule"]
@@ -392,8 +394,8 @@ def train_student(
     # LD's VLR and ld_im's region depend on the GT alone: the loader's workers compute them.
     dataset.regions = model.region_spec()
     loader = DataLoader(
-        dataset, batch_size=optim.batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_train,
-        drop_last=drop_last, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_train,
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
         worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
 
@@ -417,7 +419,7 @@ def train_student(
     try:
         while step < total_steps and not stopped:
             epoch, within = divmod(step, iters_per_epoch)
-            sampler.set_epoch(epoch, start=within * optim.batch_size)
+            sampler.set_epoch(epoch, start=within)
             tick = time.perf_counter()
             for batch in loader:
                 for failure in failures.add(batch["failures"]):

@@ -69,7 +69,7 @@ def register_serve(subparsers) -> None:
     parser.add_argument(
         "--precision", choices=("auto", "fp32", "bf16", "fp16"), help="autocast as in precompute (default auto)"
     )
-    parser.add_argument("--canvas", type=_canvas, help="canvas HxW views must use (default: the checkpoint's)")
+    parser.add_argument("--canvas", type=_canvas, help="store canvas HxW: views on HxW (landscape) or WxH (portrait) (default: the checkpoint's)")
     parser.add_argument(
         "--codec",
         action="append",
