@@ -54,6 +54,24 @@ def _print_inspect(info: dict) -> None:
         f"teacher          {teacher['architecture']}  sha256 {teacher['checkpoint_sha256'][:12]}...  "
         f"{len(teacher['classes'])} classes  canvas {tuple(teacher['canvas_hw'])}  strides {tuple(teacher['strides'])}  reg_max {teacher['reg_max']}"
     )
+    mapping = teacher.get("class_mapping")
+    if mapping is not None:
+        print(
+            f"classes          {len(mapping['dataset_classes'])} dataset categories from the teacher's {len(mapping['teacher_classes'])} classes "
+            f"(by name; renames {mapping.get('class_map') or 'none'})"
+        )
+        renamed = [
+            f"{mapping['teacher_classes'][i]} -> {name}"
+            for name, i in zip(mapping["dataset_classes"], mapping["teacher_index"])
+            if i >= 0 and mapping["teacher_classes"][i] != name
+        ]
+        for label, names in (
+            ("matched as", renamed),
+            ("dropped", mapping["dropped_teacher_classes"]),
+            ("missing", [f"{n} (no class distillation)" for n in mapping["missing_dataset_classes"]]),
+        ):
+            if names:
+                print(f"  {label:11s} {', '.join(names)}")
     print(
         f"views            {info['views']} in {info['images']} images, {info['parts']} parts "
         f"({info['duplicate_views']} duplicate copies ignored, {info['uncommitted_parts']} uncommitted parts)"

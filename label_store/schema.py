@@ -92,6 +92,11 @@ class TeacherFingerprint:
     """R: each box edge distribution has R + 1 bins."""
     preprocessing: dict = field(default_factory=dict, hash=False)
     """Pixel normalisation and rendering details (JSON types), e.g. mean, std, resampling."""
+    class_mapping: dict | None = field(default=None, hash=False)
+    """How the teacher's class channels became ``classes`` (`detcore.classes.ClassMapping.to_dict`:
+    teacher_classes, dataset_classes, teacher_index with -1 for a category the teacher lacks,
+    dropped_teacher_classes, missing_dataset_classes, class_map); None when the teacher's
+    classes are the dataset's, in order."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.architecture, str) or not self.architecture:
@@ -119,6 +124,24 @@ class TeacherFingerprint:
         if not isinstance(self.preprocessing, dict):
             raise ValueError(f"TeacherFingerprint(preprocessing=) expects a dict. Got {type(self.preprocessing).__name__}.")
         object.__setattr__(self, "preprocessing", _canonical_json(self.preprocessing, "TeacherFingerprint(preprocessing=)"))
+        if self.class_mapping is not None:
+            mapping = self.class_mapping
+            if not isinstance(mapping, dict) or tuple(mapping.get("dataset_classes", ())) != classes:
+                raise ValueError(
+                    "TeacherFingerprint(class_mapping=) expects a dict whose dataset_classes are the fingerprint's classes "
+                    f"{list(classes)}. Got {mapping!r}."
+                )
+            index = mapping.get("teacher_index")
+            if not isinstance(index, list) or len(index) != len(classes):
+                raise ValueError(f"TeacherFingerprint(class_mapping=) expects a teacher_index per class. Got {index!r}.")
+            object.__setattr__(self, "class_mapping", _canonical_json(mapping, "TeacherFingerprint(class_mapping=)"))
+
+    @property
+    def class_mask(self) -> tuple[bool, ...]:
+        """Per class: False for a category the teacher lacks (its ``cls`` channel is filler, not a target)."""
+        if self.class_mapping is None:
+            return (True,) * len(self.classes)
+        return tuple(int(i) >= 0 for i in self.class_mapping["teacher_index"])
 
     @property
     def num_classes(self) -> int:
@@ -134,14 +157,16 @@ class TeacherFingerprint:
             "strides": list(self.strides),
             "reg_max": self.reg_max,
             "preprocessing": self.preprocessing,
-        }
+        } | ({} if self.class_mapping is None else {"class_mapping": self.class_mapping})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TeacherFingerprint":
         expected = {"architecture", "checkpoint_sha256", "classes", "canvas_hw", "strides", "reg_max", "preprocessing"}
-        if not isinstance(data, Mapping) or set(data) != expected:
+        if not isinstance(data, Mapping) or not expected <= set(data) <= expected | {"class_mapping"}:
             got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
-            raise ValueError(f"TeacherFingerprint.from_dict(data=) expects exactly the keys {sorted(expected)}. Got {got}.")
+            raise ValueError(
+                f"TeacherFingerprint.from_dict(data=) expects exactly the keys {sorted(expected)} (and optionally class_mapping). Got {got}."
+            )
         return cls(
             architecture=data["architecture"],
             checkpoint_sha256=data["checkpoint_sha256"],
@@ -150,6 +175,7 @@ class TeacherFingerprint:
             strides=tuple(data["strides"]),
             reg_max=data["reg_max"],
             preprocessing=dict(data["preprocessing"]),
+            class_mapping=None if data.get("class_mapping") is None else dict(data["class_mapping"]),
         )
 
     def diff(self, other: "TeacherFingerprint") -> list[str]:
@@ -158,7 +184,7 @@ class TeacherFingerprint:
         Example: ``["canvas_hw: store has (256, 256), caller expects (320, 320)"]``.
         """
         out = []
-        for name in ("architecture", "checkpoint_sha256", "canvas_hw", "strides", "reg_max", "preprocessing"):
+        for name in ("architecture", "checkpoint_sha256", "canvas_hw", "strides", "reg_max", "preprocessing", "class_mapping"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 out.append(f"{name}: store has {mine!r}, caller expects {theirs!r}")

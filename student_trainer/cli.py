@@ -96,6 +96,10 @@ def register(subparsers) -> None:
     source.add_argument("--token", help="bearer token for the endpoint (default: $DISTILLERY_TOKEN, the variable "
                                         "distill serve reads; prefer it: a command line is visible in ps)")
     source.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (in-process baseline only)")
+    source.add_argument("--class-map", metavar="FILE",
+                        help="in-process teacher: JSON of teacher class name -> dataset category name (as distill precompute)")
+    source.add_argument("--allow-missing-classes", action="store_true", default=None,
+                        help="in-process teacher: accept dataset categories it lacks, left out of class distillation")
 
     optim = parser.add_argument_group("schedule")
     length = optim.add_mutually_exclusive_group()
@@ -144,6 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_config(config, *, progress: bool = True) -> int:
     """Run a resolved config (local or Ray Train) and map errors to exit codes."""
     from detcore.checkpoint import CheckpointError
+    from detcore.classes import ClassMappingError
     from detcore.coco import AnnotationError
     from detcore.models.backbones import BackboneWeightsError
     from label_store.errors import FingerprintMismatchError, SchemaVersionError, StoreNotFoundError
@@ -155,7 +160,7 @@ def run_config(config, *, progress: bool = True) -> int:
     usage_errors = (
         StoreFitError, FingerprintMismatchError, TeacherMismatchError, ResumeMismatchError, StoreNotFoundError,
         SchemaVersionError, AnnotationError, CheckpointError, TargetShapeError, ImageChangedError, TokenVariableError,
-        BackboneWeightsError,
+        BackboneWeightsError, ClassMappingError,
     )
     try:
         if config.source.kind in ("remote", "read-through"):

@@ -250,6 +250,12 @@ class SourceConfig:
     """Bearer token for the endpoint; None reads ``$DISTILLERY_TOKEN`` (`sources.endpoint_token`)."""
     teacher: str | None = None
     """Teacher checkpoint (in-process source only)."""
+    class_map: str | None = None
+    """In-process source: JSON file of teacher class name -> dataset category name
+    (`detcore.classes.read_class_map`); the teacher's classes are mapped to the training
+    annotations' categories by name as `distill precompute` maps them."""
+    allow_missing_classes: bool = False
+    """In-process source: accept dataset categories the teacher lacks (left out of class distillation)."""
     timeout_s: float = 120.0
     """HTTP timeout per request."""
     max_retries: int = 6
@@ -502,6 +508,8 @@ CLI_KEYS = {
     "endpoint": "source.endpoint",
     "token": "source.token",
     "teacher": "source.teacher",
+    "class_map": "source.class_map",
+    "allow_missing_classes": "source.allow_missing_classes",
     "eval_every": "schedule.eval_every",
     "checkpoint_every": "schedule.checkpoint_every",
     "log_every": "schedule.log_every",

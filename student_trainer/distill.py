@@ -183,6 +183,9 @@ class DistillationModel(nn.Module):
         teacher_channels: channels of every teacher target by name (``fpn/p3`` ...,
             ``backbone/c3`` ...), from the source's target specs; its groups say whether
             BCD reads the teacher's ``box`` or ``edges``.
+        class_mask: per class, False for a dataset category the teacher lacks
+            (`label_store.TeacherFingerprint.class_mask`): LD's KD and BCD's class term leave
+            it out. None: every class.
     """
 
     def __init__(
@@ -191,9 +194,17 @@ class DistillationModel(nn.Module):
         losses: LossConfig,
         canvas_hw: tuple[int, int],
         teacher_channels: Mapping[str, int],
+        class_mask: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
         self.student = student
+        self.class_mask = None
+        if class_mask is not None and not all(class_mask):
+            if len(class_mask) != student.num_classes:
+                raise TargetShapeError(
+                    f"DistillationModel(class_mask=) expects one flag per student class ({student.num_classes}). Got {len(class_mask)}."
+                )
+            self.class_mask = torch.tensor([bool(v) for v in class_mask], dtype=torch.bool)
         self.losses = losses
         self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
         self.groups = needed_target_groups(losses, {name.split("/", 1)[0] for name in teacher_channels})
@@ -336,7 +347,7 @@ class DistillationModel(nn.Module):
                 assignment = self._assignment(gfl_targets, batch_regions.get("vlr")) if same_atss else None
                 ld = ld_recipe(
                     outputs.cls_logits, outputs.box_logits, teacher_cls, teacher_box, gt_boxes, strides, reg_max,
-                    config=losses.ld, assignment=assignment, point_offset=outputs.point_offset,
+                    config=losses.ld, assignment=assignment, point_offset=outputs.point_offset, class_mask=self.class_mask,
                 )
                 terms.update({key: ld[key] for key in OPTIMISED_KEYS["ld"] if key in losses.enabled})
             if losses.uses("bcd"):
@@ -346,7 +357,7 @@ class DistillationModel(nn.Module):
                     outputs.cls_logits, outputs.box_logits, teacher_cls, teacher_box, gt_boxes, strides, reg_max,
                     config=losses.bcd, assignment=assignment, point_offset=outputs.point_offset,
                     teacher_edges=None if teacher_box is not None else teacher.edge_distances(),
-                    teacher_point_offset=teacher.point_offset,
+                    teacher_point_offset=teacher.point_offset, class_mask=self.class_mask,
                 )
                 terms.update({key: bcd[key] for key in OPTIMISED_KEYS["bcd"]})
         if self.ld_im is not None:

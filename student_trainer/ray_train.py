@@ -171,7 +171,7 @@ def _absolute_paths(config):
         val_annotations=fix(config.data.val_annotations),
         val_images=fix(config.data.val_images),
     )
-    source = dataclasses.replace(config.source, teacher=fix(config.source.teacher))
+    source = dataclasses.replace(config.source, teacher=fix(config.source.teacher), class_map=fix(config.source.class_map))
     student = dataclasses.replace(
         config.student, init=fix(config.student.init), backbone_weights=fix(config.student.backbone_weights)
     )

@@ -258,7 +258,9 @@ def train_student(
         # BCD reads the teacher's edge distances when the store holds no edge distributions.
         available = {spec.group for spec in StoreSource(config.data.store, []).specs}
     names = needed_target_names(losses, student_cfg.strides, available)
-    source = build_source(config, names, device=device) if names or config.source.kind != "store" else None
+    source = (
+        build_source(config, names, device=device, dataset_classes=coco.classes) if names or config.source.kind != "store" else None
+    )
     store_for_views = None
     if config.data.store:
         if isinstance(getattr(source, "store", None), StoreSource):
@@ -315,7 +317,7 @@ def train_student(
     if student_cfg.init:
         student.load_state_dict(load_checkpoint(student_cfg.init)["model_state"])
     teacher_channels = {spec.name: int(spec.shape[0]) for spec in reference.specs}
-    model = DistillationModel(student, losses, canvas_hw, teacher_channels).to(device)
+    model = DistillationModel(student, losses, canvas_hw, teacher_channels, class_mask=fingerprint.class_mask).to(device)
     optimizer = build_optimizer(model, optim.optimizer, optim.peak_lr, optim.decay)
     autocast, use_scaler = autocast_context(device, optim.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)

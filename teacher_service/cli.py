@@ -157,6 +157,13 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
                        help="default codecs: small (zstd 15, fewest bytes) or fast (the same quantizers with a fast "
                             "zstd level, for writers that keep up with a GPU teacher); --codec overrides win "
                             "(default: fast when the teacher runs on a GPU, else small)")
+    classes = parser.add_argument_group("classes (the store holds the dataset's categories, in its order)")
+    classes.add_argument("--class-map", metavar="FILE",
+                         help="JSON object of teacher class name -> dataset category name, for names that differ beyond "
+                              "case and '_' vs space; teacher classes the dataset lacks are dropped")
+    classes.add_argument("--allow-missing-classes", action="store_true",
+                         help="accept dataset categories the teacher has no class for: recorded in the store and left out "
+                              "of class distillation (without it they are an error)")
     job = parser.add_argument_group("execution")
     job.add_argument("--batch-size", type=_positive_int, default=8, help="views per teacher forward pass (default: 8)")
     job.add_argument("--num-actors", type=_positive_int, default=1,
@@ -273,6 +280,13 @@ def run_precompute_command(args: argparse.Namespace) -> int:
     if isinstance(inputs, str):
         print(f"error: {inputs}", file=sys.stderr)
         return EXIT_USAGE
+    from detcore.classes import ClassMappingError, read_class_map
+
+    try:
+        class_map = read_class_map(args.class_map) if args.class_map else {}
+    except ClassMappingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     config = PrecomputeConfig(
         annotations=inputs.annotations,
         images_dir=inputs.images,
@@ -286,6 +300,8 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         target_groups=inputs.targets,
         codecs=tuple(args.codec),
         codec_profile=args.codec_profile or "auto",
+        class_map=tuple(class_map.items()),
+        allow_missing_classes=args.allow_missing_classes,
         batch_size=args.batch_size,
         num_actors=args.num_actors,
         cpus_per_actor=args.cpus_per_actor,

@@ -47,7 +47,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class PrecomputeInputError(ValueError):
-    """Bad input to the precompute job (missing file, bad config, classes that differ)."""
+    """Bad input to the precompute job (missing file, bad config, classes that do not map)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +76,10 @@ class PrecomputeConfig:
     """Target groups to store, from `TARGET_GROUPS`."""
     codecs: tuple[tuple[str, str], ...] = ()
     """Codec overrides ``((group or target name, codec name), ...)``, e.g. ``(("fpn", "int8-channel"),)``."""
+    class_map: tuple[tuple[str, str], ...] = ()
+    """Teacher class renames ``((teacher name, dataset name), ...)`` for `detcore.classes.map_classes`."""
+    allow_missing_classes: bool = False
+    """Accept dataset categories the teacher lacks: recorded in the store, left out of class distillation."""
     codec_profile: str = "auto"
     """Default codecs' profile (`label_store.codecs.profile_codec`): ``small`` (the default
     codecs), ``fast`` (their quantizers with a fast zstd level, for writers that keep up with
@@ -348,7 +352,9 @@ class StoreLayout:
     canvas_hw: tuple[int, int]
     """The store's canvas ``(H, W)``."""
     classes: tuple[str, ...]
-    """Teacher class names by label."""
+    """Class names of the stored ``cls`` channels: the dataset's categories, in its order."""
+    class_mapping: Any = None
+    """`detcore.classes.ClassMapping` from the teacher's classes to ``classes``; None when they are the same."""
 
     @property
     def target_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -394,11 +400,28 @@ def profile_codecs(config: PrecomputeConfig) -> dict[str, str]:
     return {group: profile_codec(DEFAULT_CODECS[group], profile) for group in config.target_groups}
 
 
-def store_layout(config: PrecomputeConfig) -> StoreLayout:
-    """Fingerprint and target specs of the store that ``config`` fills (loads the teacher once)."""
+def store_layout(config: PrecomputeConfig, dataset_classes: Sequence[str] | None = None) -> StoreLayout:
+    """Fingerprint and target specs of the store that ``config`` fills (loads the teacher once).
+
+    ``dataset_classes``: the categories the store's ``cls`` targets hold, mapped from the
+    teacher's classes by name (`detcore.classes.map_classes` with the config's class map);
+    None keeps the teacher's classes.
+    """
+    from detcore.classes import ClassMappingError, map_classes
     from detcore.teacher import TeacherGroupError, load_teacher
 
     teacher = load_teacher(config.teacher, device="cpu", precision="fp32")
+    if dataset_classes is not None:
+        try:
+            mapping = map_classes(
+                teacher.teacher_classes, dataset_classes, class_map=dict(config.class_map), allow_missing=config.allow_missing_classes
+            )
+        except ClassMappingError as error:
+            hint = " (--class-map FILE, --allow-missing-classes)"
+            raise PrecomputeInputError(f"{error}{hint} Dataset: {config.annotations}; teacher: {config.teacher}.") from error
+        teacher.use_class_mapping(mapping)
+    elif config.class_map or config.allow_missing_classes:
+        raise PrecomputeInputError("store_layout(config=) with a class map or allow_missing_classes expects dataset_classes.")
     fingerprint = teacher.fingerprint()
     canvas_hw = tuple(int(v) for v in (config.canvas_hw or fingerprint["canvas_hw"]))
     fingerprint["canvas_hw"] = list(canvas_hw)
@@ -421,7 +444,7 @@ def store_layout(config: PrecomputeConfig) -> StoreLayout:
         raise PrecomputeInputError(f"--targets: {error}") from error
     except ValueError as error:  # an unknown codec name: the message carries the grammar
         raise PrecomputeInputError(str(error)) from error
-    return StoreLayout(fingerprint, tuple(specs), canvas_hw, tuple(fingerprint["classes"]))
+    return StoreLayout(fingerprint, tuple(specs), canvas_hw, tuple(teacher.classes), teacher.class_mapping)
 
 
 def _keep_existing_codecs(config: PrecomputeConfig, specs: list, per_group: dict, per_target: dict) -> list:
@@ -679,8 +702,8 @@ def run_precompute(
             ``(views stored, views failed, views to do)`` of this run.
 
     Raises:
-        PrecomputeInputError: a missing file, an unknown image id, teacher and dataset
-            classes that differ, a bad config value.
+        PrecomputeInputError: a missing file, an unknown image id, dataset categories the
+            teacher lacks (without allow_missing_classes), a bad class map, a bad config value.
         label_store.StoreMismatchError: the store exists and was made by another
             teacher, canvas or target set (the message lists the differences).
 
@@ -698,12 +721,9 @@ def run_precompute(
         dataset = CocoDataset(config.annotations, config.images_dir)
     except AnnotationError as error:
         raise PrecomputeInputError(str(error)) from error
-    layout = store_layout(config)
-    if tuple(dataset.classes) != layout.classes:
-        raise PrecomputeInputError(
-            f"run_precompute expects the dataset's classes to be the teacher's {list(layout.classes)}. "
-            f"Got {list(dataset.classes)} in {config.annotations}."
-        )
+    layout = store_layout(config, dataset.classes)
+    if layout.class_mapping is not None:
+        logger.info("precompute: teacher classes mapped to the dataset's categories:\n%s", layout.class_mapping.describe())
     storage_options = dict(config.storage_options) or None
     store = create_store(
         config.store, layout.fingerprint, list(layout.target_specs), exist_ok=True, storage_options=storage_options
@@ -904,6 +924,7 @@ def _run_pipeline(
                 fn_constructor_kwargs={
                     "teacher_path": str(Path(config.teacher).resolve()),
                     "target_shapes": {spec.name: tuple(int(v) for v in spec.shape) for spec in specs},
+                    "class_mapping": layout.class_mapping,
                     "batch_size": config.batch_size,
                     "device": device,
                     "precision": config.precision,

@@ -105,6 +105,7 @@ class OnlineTeacher:
         canvas_hw: tuple[int, int] | None = None,
         codecs: dict[str, str] | None = None,
         torch_threads: int | None = None,
+        class_mapping=None,
     ) -> "OnlineTeacher":
         """Load a checkpoint; specs and fingerprint are built as the precompute job builds a store's.
 
@@ -117,6 +118,8 @@ class OnlineTeacher:
             codecs: codec overrides by target group (``{"fpn": "int8-channel"}``), the
                 same as the store's so that the bytes are the same.
             torch_threads: intra-op threads on the CPU (None: torch's default).
+            class_mapping: `detcore.classes.ClassMapping` from the teacher's classes to the
+                store's categories (`serve_class_mapping`), or None for the teacher's own.
         """
         import torch
 
@@ -125,7 +128,9 @@ class OnlineTeacher:
         from teacher_service.pipeline_stages import select_device
 
         device = select_device(device)
-        teacher = load_teacher(str(checkpoint), device=device, precision=precision, torch_threads=torch_threads)
+        teacher = load_teacher(
+            str(checkpoint), device=device, precision=precision, torch_threads=torch_threads, class_mapping=class_mapping
+        )
         fingerprint = teacher.fingerprint()
         canvas_hw = tuple(int(v) for v in (canvas_hw or fingerprint["canvas_hw"]))
         # The store records the canvas it was made for; an endpoint for that store must too.

@@ -1,4 +1,4 @@
-"""`distill teacher import --format mmdet-gfl`: shapes inferred, outputs equal to mmdetection's forward, clear errors."""
+"""`distill teacher import`: mmdet-gfl shapes inferred, outputs equal to mmdetection's forward, clear errors; the torchvision formats through the same CLI."""
 
 import hashlib
 
@@ -232,3 +232,36 @@ def test_imported_teacher_through_the_teacher_api(tmp_path):
     assert torch.equal(targets["fpn/p5"], p_ref[2]) and torch.equal(targets["backbone/c5"], c_ref[2])
     assert targets["edges/p3"].shape == (2, 4, 12, 16)
     assert teacher.fingerprint()["architecture"] == "mmdet_gfl_r18_fpn64"
+
+
+@pytest.mark.parametrize("fmt, builder", [("torchvision-fcos", "fcos_resnet50_fpn"), ("torchvision-retinanet", "retinanet_resnet50_fpn")])
+def test_torchvision_formats_through_the_cli(tmp_path, capsys, fmt, builder):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models.detection, builder)(weights=None, weights_backbone=None, num_classes=3).eval()
+    src = tmp_path / "tv.pth"
+    torch.save(model.state_dict(), src)
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\nc\n")
+    out = tmp_path / "tv.pt"
+    assert main(["teacher", "import", "--format", fmt, "--checkpoint", str(src), "--out", str(out),
+                 "--class-names", str(names)]) == 0
+    payload = torch.load(out, map_location="cpu", weights_only=True)
+    assert payload["architecture"]["family"] == fmt and payload["classes"] == ["a", "b", "c"]
+    assert payload["point_offset"] == 0.0 and payload["source_format"] == fmt and payload["format_version"] == 2
+    loaded = load_detector(out)
+    with torch.no_grad():
+        outputs = loaded(_images(128, 128))
+    assert outputs.point_offset == 0.0 and len(outputs.fpn_features) == 5
+    # Two class names for three output channels, and an mmdetection file given as torchvision: exit 2.
+    names.write_text("a\nb\n")
+    assert main(["teacher", "import", "--format", fmt, "--checkpoint", str(src), "--out", str(tmp_path / "x.pt"),
+                 "--class-names", str(names)]) == 2
+    err = capsys.readouterr().err
+    assert "2" in err and "3" in err
+    mmdet = tmp_path / "mmdet.pth"
+    torch.save(mmdet_v2_file(mmdet_gfl_state(R18, stacked_convs=1), CLASSES), mmdet)
+    assert main(["teacher", "import", "--format", fmt, "--checkpoint", str(mmdet), "--out", str(tmp_path / "y.pt"),
+                 "--class-names", str(names)]) == 2
+    assert "state_dict" in capsys.readouterr().err
