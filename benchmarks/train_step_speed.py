@@ -120,7 +120,8 @@ class Config:
         from detcore.models.gfl import build_detector
         from detcore.train import autocast_context
         from student_trainer.config import build_run_config
-        from student_trainer.data import ShardedViewSampler, StoreViewDataset, collate_train
+        from detcore.datasets import CanvasBatchSampler
+        from student_trainer.data import StoreViewDataset, collate_train
         from student_trainer.distill import DistillationModel, needed_target_names
         from student_trainer.sources import InProcessTeacherSource, StoreSource
 
@@ -140,9 +141,9 @@ class Config:
         self.autocast, _ = autocast_context(self.device, True)
         self.source = (store if source_kind == "store"
                        else InProcessTeacherSource(str(paths["teacher"]), self.names, device=self.device))
-        self.sampler = ShardedViewSampler(views, seed=0)
-        self.loader = DataLoader(dataset, batch_size=args.batch_size, sampler=self.sampler, collate_fn=collate_train,
-                                 num_workers=args.num_workers, drop_last=True, persistent_workers=args.num_workers > 0)
+        self.sampler = CanvasBatchSampler(views, args.batch_size, seed=0)  # as train_student
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate_train,
+                                 num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
         self.epoch, self.iterator = 0, None
         torch.manual_seed(0)
         student = build_detector("gfl_tiny", len(coco.classes))

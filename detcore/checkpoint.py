@@ -105,6 +105,13 @@ def save_checkpoint(
         "training": training,
         "metadata": dict(metadata or {}),
     }
+    return write_checkpoint_payload(path, payload)
+
+
+def write_checkpoint_payload(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """``torch.save`` a checkpoint dict atomically (a temporary in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:

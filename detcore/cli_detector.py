@@ -58,7 +58,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         help="adamw: warm-up + cosine (from scratch; default); sgd: warm-up + steps at 8/12, 11/12 (mmdet 1x)",
     )
     train.add_argument("--weight-decay", type=float, help="default 0.05 for adamw, 1e-4 for sgd")
-    train.add_argument("--canvas", default="256", metavar="SIZE", help="canvas SIZE or HxW in pixels (default: 256)")
+    train.add_argument("--canvas", default="256", metavar="SIZE", help="canvas SIZE or HxW in pixels: views sized by mmdetection's keep-ratio rule, portrait ones on WxH (default: 256)")
     train.add_argument("--fpn-channels", type=int, metavar="C", help="FPN width (default per arch: tiny 32, r18 64, r34 128, r50/r101 256)")
     train.add_argument("--head-channels", type=int, metavar="C", help="head tower width (default: the FPN width)")
     train.add_argument("--num-convs", type=int, metavar="N", help="convs per head tower (default: 2 for tiny, 4 otherwise)")

@@ -155,3 +155,94 @@ class EpochViewSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order(self.epoch)[self.start :])
+
+
+class CanvasBatchSampler(Sampler[list[int]]):
+    """Batches of views of one canvas at a time (mmdetection's aspect-ratio grouping).
+
+    Each epoch takes `EpochViewSampler`'s order (one view per image, reproducible from
+    ``(seed, epoch)``) and fills one bucket per canvas in that order; a bucket that reaches
+    ``batch_size * num_replicas`` views becomes one batch per rank (rank r takes positions
+    r, r + n, ...; for one canvas and one rank these are exactly the consecutive batches of
+    ``DataLoader(batch_size, drop_last=True)``). What is left of a canvas is dropped, unless
+    that canvas never filled a block: then it is one short batch per rank (cycled to at least
+    two views per rank and to a multiple of the ranks). Every rank gets the same number of
+    batches, the same in every epoch (it depends only on the number of images per canvas).
+
+    Args:
+        views: the views of the dataset (several per image; one image's views share a canvas).
+        batch_size: views per batch and rank.
+        seed, shuffle: as `EpochViewSampler`.
+        num_replicas, rank: data-parallel ranks.
+
+    ``set_epoch(epoch, start=k)`` makes the next iteration skip the epoch's first k batches
+    (resume within an epoch).
+    """
+
+    def __init__(
+        self, views: Sequence[View], batch_size: int, *, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"CanvasBatchSampler(batch_size=) expects a positive int. Got {batch_size}.")
+        if num_replicas < 1 or not (0 <= rank < num_replicas):
+            raise ValueError(f"CanvasBatchSampler(rank=, num_replicas=) expects 0 <= rank < num_replicas. Got {rank}, {num_replicas}.")
+        self.inner = EpochViewSampler(views, seed=seed, shuffle=shuffle)
+        self.canvas_of = [(int(view.canvas_h), int(view.canvas_w)) for view in views]
+        self.batch_size = int(batch_size)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.epoch = 0
+        self.start = 0
+        self._num_batches = len(self.batches(0))
+
+    @property
+    def num_images(self) -> int:
+        return len(self.inner._groups)
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per epoch and rank."""
+        return self._num_batches
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = int(epoch)
+        self.start = int(start)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of one epoch: lists of dataset indices, one canvas each."""
+        block = self.batch_size * self.num_replicas
+        buckets: dict[tuple[int, int], list[int]] = {}
+        filled: set[tuple[int, int]] = set()
+        out: list[list[int]] = []
+        for index in self.inner.order(epoch):
+            canvas = self.canvas_of[index]
+            bucket = buckets.setdefault(canvas, [])
+            bucket.append(index)
+            if len(bucket) == block:
+                out.append(bucket[self.rank :: self.num_replicas])
+                buckets[canvas] = []
+                filled.add(canvas)
+        for canvas, bucket in buckets.items():
+            if bucket and canvas not in filled:
+                # BatchNorm needs more than one value per channel: at least two views per rank.
+                per_rank = max(-(-len(bucket) // self.num_replicas), min(2, self.batch_size))
+                cycled = [bucket[i % len(bucket)] for i in range(per_rank * self.num_replicas)]
+                out.append(cycled[self.rank :: self.num_replicas])
+        return out
+
+    def __len__(self) -> int:
+        return max(0, self._num_batches - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches(self.epoch)[self.start :])
+
+
+def canvas_batches(views: Sequence[View], batch_size: int) -> list[list[int]]:
+    """Every view exactly once, in batches of one canvas each (for evaluation): views keep
+    their order within a canvas, canvases come in order of first appearance."""
+    if batch_size < 1:
+        raise ValueError(f"canvas_batches(batch_size=) expects a positive int. Got {batch_size}.")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, view in enumerate(views):
+        groups.setdefault((int(view.canvas_h), int(view.canvas_w)), []).append(index)
+    return [members[i : i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]

@@ -12,6 +12,7 @@ through it, so a teacher is loaded one way.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from typing import Any, Mapping, Sequence
@@ -56,7 +57,9 @@ def autocast_dtype(device: str, precision: str):
 class Teacher:
     """A loaded teacher: its description and a forward that returns `DenseOutputs`.
 
-    Build with `load_teacher`. Attributes: ``classes``, ``canvas_hw`` (the checkpoint's),
+    Build with `load_teacher`. Attributes: ``classes`` (of its ``cls_logits``: the dataset's
+    under a class mapping), ``teacher_classes`` (the checkpoint's), ``class_mapping``
+    (`detcore.classes.ClassMapping` or None), ``canvas_hw`` (the checkpoint's),
     ``preprocessing``, ``strides``, ``reg_max`` (None without edge distributions),
     ``point_offset``, ``available_groups``, ``architecture`` (the checkpoint's family dict),
     ``device``, ``amp_dtype``, ``model`` and ``path``.
@@ -67,7 +70,9 @@ class Teacher:
         self.path = str(meta["path"])
         self.device = device
         self.amp_dtype = amp_dtype
-        self.classes = tuple(meta["classes"])
+        self.teacher_classes = tuple(meta["classes"])
+        self.classes = self.teacher_classes
+        self.class_mapping = None
         self.canvas_hw = tuple(int(v) for v in meta["canvas_hw"])
         self.preprocessing = dict(meta["preprocessing"])
         self.architecture = dict(meta["architecture"])
@@ -83,6 +88,23 @@ class Teacher:
             "fpn": int(probe.fpn_features[0].shape[1]),
             "backbone": None if probe.backbone_features is None else tuple(int(t.shape[1]) for t in probe.backbone_features),
         }
+
+    def use_class_mapping(self, mapping) -> None:
+        """Give class logits, ``classes``, the fingerprint and the target specs in a dataset's
+        categories from now on (`detcore.classes.map_classes` of ``teacher_classes``); None undoes it.
+
+        The fingerprint records the mapping (``class_mapping``) unless the names are the
+        checkpoint's own, in order, so a store of such a teacher keeps its fingerprint.
+        """
+        if mapping is not None and tuple(mapping.teacher_classes) != self.teacher_classes:
+            raise ValueError(
+                f"Teacher.use_class_mapping(mapping=) expects a mapping from this teacher's classes {list(self.teacher_classes)}. "
+                f"Got one from {list(mapping.teacher_classes)}."
+            )
+        if mapping is not None and tuple(mapping.dataset_classes) == self.teacher_classes:
+            mapping = None
+        self.class_mapping = mapping
+        self.classes = self.teacher_classes if mapping is None else tuple(mapping.dataset_classes)
 
     def _run(self, images: Tensor, backbone: bool) -> DenseOutputs:
         if self._takes_backbone:
@@ -103,7 +125,11 @@ class Teacher:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a label store records about this teacher (`label_store.TeacherFingerprint` fields)."""
-        return dict(self._fingerprint)
+        fingerprint = dict(self._fingerprint)
+        if self.class_mapping is not None:
+            fingerprint["classes"] = list(self.classes)
+            fingerprint["class_mapping"] = self.class_mapping.to_dict()
+        return fingerprint
 
     def check_groups(self, groups: Sequence[str]) -> None:
         """Raise `TeacherGroupError` for every group this teacher cannot give, and say why."""
@@ -132,7 +158,7 @@ class Teacher:
         self.check_groups(groups)
         canvas = tuple(int(v) for v in (canvas_hw or self.canvas_hw))
         return default_target_specs(
-            num_classes=self._channels["cls"] or len(self.classes),
+            num_classes=len(self.classes) if self.class_mapping is not None else self._channels["cls"] or len(self.classes),
             reg_max=int(self.reg_max or DEFAULT_REG_MAX),
             canvas_hw=canvas,
             strides=self.strides,
@@ -144,13 +170,18 @@ class Teacher:
 
     def forward(self, images: Tensor, *, backbone: bool = False) -> DenseOutputs:
         """Tensor[B, 3, H, W] rendered views (`detcore.views.render`) -> the teacher's `DenseOutputs`,
-        without gradients, under autocast when the teacher runs in reduced precision."""
+        without gradients, under autocast when the teacher runs in reduced precision; class
+        logits in ``classes`` order (`use_class_mapping`)."""
         images = images.to(self.device, non_blocking=True)
         with torch.no_grad():
             if self.amp_dtype is None:
-                return self._run(images, backbone)
-            with torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp_dtype):
-                return self._run(images, backbone)
+                outputs = self._run(images, backbone)
+            else:
+                with torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp_dtype):
+                    outputs = self._run(images, backbone)
+            if self.class_mapping is not None and outputs.cls_logits is not None:
+                outputs = dataclasses.replace(outputs, cls_logits=self.class_mapping.apply(outputs.cls_logits))
+        return outputs
 
     __call__ = forward
 
@@ -161,6 +192,7 @@ def load_teacher(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     torch_threads: int | None = None,
+    class_mapping=None,
 ) -> Teacher:
     """Load a native or imported checkpoint as a `Teacher` in eval mode, parameters frozen.
 
@@ -169,6 +201,8 @@ def load_teacher(
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
         precision: ``auto`` (bf16/fp16 on a GPU, fp32 on the CPU), ``fp32``, ``bf16``, ``fp16``.
         torch_threads: intra-op threads on the CPU (None leaves torch's default).
+        class_mapping: a `detcore.classes.ClassMapping` from the checkpoint's classes to a
+            dataset's categories (`Teacher.use_class_mapping`), or None.
     """
     from detcore.checkpoint import load_detector_with_meta, teacher_fingerprint
 
@@ -181,7 +215,9 @@ def load_teacher(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     meta = {**meta, "fingerprint": teacher_fingerprint(path)}
-    return Teacher(model, meta, device=device, amp_dtype=amp)
+    teacher = Teacher(model, meta, device=device, amp_dtype=amp)
+    teacher.use_class_mapping(class_mapping)
+    return teacher
 
 
 __all__ = ["Teacher", "TeacherGroupError", "autocast_dtype", "load_teacher", "resolve_device"]

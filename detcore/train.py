@@ -1,8 +1,10 @@
 """Train and evaluate GFL detectors (teachers and student baselines) on a COCO-format dataset.
 
-Every image is planned into K views (``scales`` x {original, flip}) on one canvas; each
-epoch trains on one randomly chosen view per image (`detcore.datasets.EpochViewSampler`),
-so a resumed run replays exactly the views an uninterrupted one would have seen.
+Every image is planned into K views (``scales`` x {original, flip}) sized by mmdetection's
+keep-ratio rule for the canvas (landscape images on it, portrait ones on its transpose);
+each epoch trains on one randomly chosen view per image, in batches of one canvas each
+(`detcore.datasets.CanvasBatchSampler`), so a resumed run replays exactly the views an
+uninterrupted one would have seen.
 
 Outputs in ``out_dir``: ``last.pt`` (resume state, written every ``checkpoint_every``
 steps), ``final.pt`` (weights only, at the end) and ``metrics.json``. A run restarted
@@ -82,7 +84,7 @@ class TrainConfig:
     backbone_weights: str | None = None
     """ResNet state_dict file to start from (never downloaded)."""
     scales: tuple[float, ...] = (1.0,)
-    """View scales relative to the canvas fit (each with a flipped twin when ``flip``)."""
+    """View scales relative to mmdetection's keep-ratio size for the canvas (each with a flipped twin when ``flip``)."""
     flip: bool = True
     """Plan a mirrored twin of every view."""
     num_workers: int = 2
@@ -284,6 +286,9 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """COCO AP of a detector on a dataset, one unflipped view at scale 1.0 per image.
 
+    Views follow mmdetection's keep-ratio rule for ``canvas_hw`` (landscape images on it,
+    portrait ones on its transpose); each batch holds one canvas.
+
     Canvas detections are mapped back to source-image pixels through each view
     (`detcore.evaluate.detections_to_image`). Images that fail to decode are left out of
     the evaluation and listed.
@@ -296,7 +301,7 @@ def evaluate_model(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from detcore.datasets import ViewDataset, collate_views
+    from detcore.datasets import ViewDataset, canvas_batches, collate_views
     from detcore.evaluate import coco_evaluate, detections_to_image
     from detcore.views import plan_views
 
@@ -307,8 +312,9 @@ def evaluate_model(
         scales=(1.0,),
         flip=False,
     )
+    # A batch holds views of one canvas (landscape and portrait views do not stack).
     loader = DataLoader(
-        ViewDataset(dataset, views), batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_views
+        ViewDataset(dataset, views), batch_sampler=canvas_batches(views, batch_size), num_workers=num_workers, collate_fn=collate_views
     )
     was_training = model.training
     model.eval()
@@ -324,7 +330,7 @@ def evaluate_model(
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 outputs = model(images)
-                predictions = model.predict(outputs, score_thr=score_thr, canvas_hw=tuple(canvas_hw))
+                predictions = model.predict(outputs, score_thr=score_thr, canvas_hw=tuple(images.shape[-2:]))
                 for view, prediction in zip(batch["views"], predictions):
                     detections.append(
                         {
@@ -396,7 +402,7 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
 
     from detcore.checkpoint import load_checkpoint, save_checkpoint
     from detcore.coco import CocoDataset
-    from detcore.datasets import EpochViewSampler, ViewDataset, collate_views
+    from detcore.datasets import CanvasBatchSampler, ViewDataset, collate_views
     from detcore.interrupt import StopRequest, ignore_stop_signals
     from detcore.models.gfl import build_detector
     from detcore.views import plan_views
@@ -419,8 +425,9 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
     num_images = len(dataset.image_ids)
     if num_images == 0:
         raise ValueError(f"train_detector(annotations=) expects at least one image. Got none in {config.annotations}.")
-    drop_last = num_images >= config.batch_size  # BatchNorm needs more than one value per channel
-    iters_per_epoch = num_images // config.batch_size if drop_last else 1
+    # Batches of one canvas each, the same count every epoch (mmdetection's aspect-ratio grouping).
+    sampler = CanvasBatchSampler(views, config.batch_size, seed=config.seed)
+    iters_per_epoch = sampler.num_batches
     total_steps = int(config.iters) if config.iters is not None else int(config.epochs or 12) * iters_per_epoch
     warmup = int(config.warmup_iters) if config.warmup_iters is not None else min(500, total_steps // 10)
     schedule = OPTIMIZER_DEFAULTS[config.optimizer]["schedule"]
@@ -482,14 +489,11 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
         save_checkpoint(last_path, model, classes=dataset.classes, canvas_hw=config.canvas, training=training_state)
 
     val_dataset = CocoDataset(config.val_annotations, config.val_images) if config.val_annotations else None
-    sampler = EpochViewSampler(views, seed=config.seed)
     loader = DataLoader(
         ViewDataset(dataset, views),
-        batch_size=config.batch_size,
-        sampler=sampler,
+        batch_sampler=sampler,
         num_workers=config.num_workers,
         collate_fn=collate_views,
-        drop_last=drop_last,
         pin_memory=device.type == "cuda",
         worker_init_fn=ignore_stop_signals if config.num_workers > 0 else None,
     )
@@ -503,7 +507,7 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
     try:
         while step < total_steps and not stopped:
             epoch, within = divmod(step, iters_per_epoch)
-            sampler.set_epoch(epoch, start=within * config.batch_size)
+            sampler.set_epoch(epoch, start=within)
             tick = time.perf_counter()
             for batch in loader:
                 for failure in batch["failures"]:

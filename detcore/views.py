@@ -8,6 +8,12 @@ numpy flips and copies), never a thread-count-dependent float kernel.
 
 Legend: M GT boxes; canvas H x W; boxes are ``(x1, y1, x2, y2)`` in pixels.
 
+Sizes follow mmdetection's keep-ratio rule, which users' teachers were trained with: with
+``--canvas HxW`` an image is scaled by ``min(long canvas side / long image side, short
+canvas side / short image side)`` (upscaling included); landscape images (w >= h) go on the
+canvas whose long side runs across, portrait ones on its transpose, so a store has two
+canvases (one when square) and every target keeps one fixed shape per canvas.
+
 Rendering order (and its inverse, `view_to_image_boxes`):
     1. resize the decoded image (height h, width w) to ``(resized_h, resized_w)`` =
        ``(round(h * scale), round(w * scale))`` with PIL bilinear resampling;
@@ -45,15 +51,15 @@ class View:
     view_id: int
     """Index of this view among the views of its image (0..K-1)."""
     canvas_h: int
-    """Canvas height in pixels; one per store."""
+    """Canvas height in pixels: a store's landscape canvas or its transpose (`store_canvases`)."""
     canvas_w: int
-    """Canvas width in pixels; one per store."""
+    """Canvas width in pixels."""
     image_h: int
     """Height of the decoded (EXIF-oriented) source image."""
     image_w: int
     """Width of the decoded (EXIF-oriented) source image."""
     scale: float
-    """Absolute resize factor from source pixels to canvas pixels."""
+    """Absolute resize factor from source pixels to canvas pixels (resized size ``round(side * scale)``)."""
     flip: bool
     """Mirror horizontally after resizing."""
     offset_x: int = 0
@@ -130,38 +136,103 @@ def fit_scale(image_h: int, image_w: int, canvas_h: int, canvas_w: int) -> float
     return min(canvas_h / image_h, canvas_w / image_w)
 
 
+def store_canvases(canvas_hw: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """The canvases of ``--canvas HxW``: ``(H, W)`` then ``(W, H)``; one when square."""
+    h, w = int(canvas_hw[0]), int(canvas_hw[1])
+    return ((h, w),) if h == w else ((h, w), (w, h))
+
+
+def view_canvas(image_h: int, image_w: int, canvas_hw: tuple[int, int]) -> tuple[int, int]:
+    """The canvas ``(H, W)`` of an image under ``--canvas``: landscape (w >= h) on the
+    canvas with the long side across, portrait on the one with the long side down."""
+    long_side, short_side = max(canvas_hw), min(canvas_hw)
+    return (short_side, long_side) if image_w >= image_h else (long_side, short_side)
+
+
+def keep_ratio_scale(image_h: int, image_w: int, canvas_hw: tuple[int, int]) -> float:
+    """mmdetection's ``Resize(scale=canvas, keep_ratio=True)`` factor, upscaling included:
+    ``min(long canvas side / long image side, short canvas side / short image side)``."""
+    return min(max(canvas_hw) / max(image_h, image_w), min(canvas_hw) / min(image_h, image_w))
+
+
+def range_scales(image_id: int, scale_range: tuple[float, float], views_per_image: int) -> list[float]:
+    """``views_per_image`` scale factors spread over ``scale_range`` (LO, HI): one drawn in each of
+    N equal sub-ranges, from a generator seeded by the image id (deterministic, recorded per view)."""
+    lo, hi = float(scale_range[0]), float(scale_range[1])
+    draws = np.random.default_rng([0x5CA1E, int(image_id)]).random(views_per_image)
+    return [lo + (hi - lo) * (i + float(u)) / views_per_image for i, u in enumerate(draws)]
+
+
+def parse_scale_range(text: str) -> tuple[float, float]:
+    """``"LO:HI"`` (``--scale-range``) -> ``(LO, HI)`` with 0 < LO <= HI <= 1; ValueError otherwise."""
+    try:
+        lo, hi = (float(v) for v in str(text).split(":"))
+    except ValueError:
+        raise ValueError(f"--scale-range expects LO:HI, two numbers with 0 < LO <= HI <= 1 (e.g. 0.8:1.0). Got {text!r}.") from None
+    if not (0 < lo <= hi <= 1):
+        raise ValueError(f"--scale-range expects LO:HI with 0 < LO <= HI <= 1 (e.g. 0.8:1.0). Got {text!r}.")
+    return (lo, hi)
+
+
+def check_scales(scales: Sequence[float] | None, scale_range: tuple[float, float] | None, views_per_image: int | None, where: str) -> None:
+    """Raise `ViewError` for scale factors outside (0, 1] or an inconsistent ``--scale-range``."""
+    if scale_range is not None:
+        lo, hi = scale_range
+        if not (0 < lo <= hi <= 1):
+            raise ViewError(f"{where}(scale_range=) expects LO:HI with 0 < LO <= HI <= 1. Got {lo}:{hi}.")
+        if not isinstance(views_per_image, int) or isinstance(views_per_image, bool) or views_per_image < 1:
+            raise ViewError(f"{where}(views_per_image=) expects a positive int with scale_range. Got {views_per_image!r}.")
+    elif views_per_image is not None:
+        raise ViewError(f"{where}(views_per_image=) expects scale_range (--scale-range LO:HI) with it. Got none.")
+    for s in scales or ():
+        if not (0 < s <= 1):
+            raise ViewError(f"{where}(scales=) expects factors in (0, 1]. Got {list(scales)}.")
+
+
 def plan_views(
     images: Iterable[tuple[int, int, int]],
     *,
     canvas_hw: tuple[int, int],
     scales: Sequence[float] = (1.0,),
     flip: bool = True,
+    scale_range: tuple[float, float] | None = None,
+    views_per_image: int | None = None,
+    orient: bool = True,
 ) -> list[View]:
-    """K = len(scales) * (2 if flip else 1) views per image.
+    """Views of every image: each scale, each with a mirrored twin when ``flip``.
 
     Args:
         images: ``(image_id, height, width)`` of each decoded image.
-        canvas_hw: the store's canvas ``(H, W)``.
-        scales: factors relative to the fit scale (1.0 fills the canvas on the limiting
-            side; 0.5 is half of that). Each must be in (0, 1].
+        canvas_hw: ``--canvas (H, W)``. Landscape images (w >= h) go on the canvas with the
+            long side across, portrait ones on its transpose (`view_canvas`), at
+            mmdetection's keep-ratio scale (`keep_ratio_scale`, upscaling included).
+        scales: factors relative to that scale (1.0 is mmdetection's size), each in (0, 1].
         flip: add a mirrored twin of every scale.
+        scale_range: ``(LO, HI)``: instead of ``scales``, ``views_per_image`` factors
+            spread over the range per image (`range_scales`).
+        views_per_image: N, with ``scale_range``.
+        orient: False plans as stores of schema 1 did: every view on ``canvas_hw`` as given,
+            scaled to fit it (to resume such a store with the views it was planned with).
 
     Returns views ordered by image, then scale, then (unflipped, flipped); placed at the
     top-left corner, as mmdetection pads on the bottom and right.
     """
-    canvas_h, canvas_w = canvas_hw
-    for s in scales:
-        if not (0 < s <= 1):
-            raise ViewError(f"plan_views(scales=) expects factors in (0, 1]. Got {list(scales)}.")
+    check_scales(None if scale_range is not None else scales, scale_range, views_per_image, "plan_views")
     views: list[View] = []
     for image_id, h, w in images:
-        base = fit_scale(h, w, canvas_h, canvas_w)
+        if orient:
+            canvas_h, canvas_w = view_canvas(h, w, canvas_hw)
+            base = keep_ratio_scale(h, w, canvas_hw)
+        else:
+            canvas_h, canvas_w = canvas_hw
+            base = fit_scale(h, w, canvas_h, canvas_w)
+        factors = range_scales(image_id, scale_range, views_per_image) if scale_range is not None else scales
         view_id = 0
-        for s in scales:
-            # h * base <= canvas_h up to float error, so round() never overshoots by a pixel.
+        for s in factors:
+            # h * base <= canvas side up to float error, so round() never overshoots by a pixel.
             scale = base * s
             for mirrored in ((False, True) if flip else (False,)):
-                view = View(int(image_id), view_id, canvas_h, canvas_w, int(h), int(w), float(scale), mirrored)
+                view = View(int(image_id), view_id, int(canvas_h), int(canvas_w), int(h), int(w), float(scale), mirrored)
                 view.validate()
                 views.append(view)
                 view_id += 1

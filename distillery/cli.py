@@ -21,6 +21,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 
 COMMAND_MODULES = (
     "detcore.cli_data",
     "detcore.cli_detector",
+    "detcore.cli_teacher",
     "teacher_service.cli",
     "label_store.cli",
     "student_trainer.cli",

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from label_store._fs import LAYOUT, Location
 from label_store.errors import SchemaVersionError, StoreFormatError, StoreNotFoundError
-from label_store.schema import SCHEMA_VERSION, TargetSpec, TeacherFingerprint
+from label_store.schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, StoreCanvas, TargetSpec, TeacherFingerprint, store_canvases
 
 ROOT_KEY = "label_store"
 """Key of the store metadata in the root group's zarr attributes."""
@@ -36,9 +36,13 @@ PART_SCHEMA = pa.schema(
         pa.field("valid_region", pa.list_(pa.int32(), 4), nullable=False),
         pa.field("row", pa.int32(), nullable=False),
         pa.field("checksum", pa.string(), nullable=False),
+        pa.field("canvas", pa.int32(), nullable=False),
     ]
 )
-"""One row per view of a part: the per-view record (see `label_store.writer`)."""
+"""One row per view of a part: the per-view record (see `label_store.writer`). ``view`` is the
+recipe as JSON (image_id, view_id, image_h, image_w, scale, flip, canvas_h, canvas_w,
+offset_x, offset_y); ``canvas`` indexes the store's canvases and ``row`` is the view's row in
+that canvas's arrays of the part (schema 1 parts have no ``canvas``: 0)."""
 
 FAILURE_SCHEMA = pa.schema(
     [
@@ -69,6 +73,20 @@ class StoreMeta:
     """Default number of views per shard file for new parts."""
     created_at: str
     """ISO-8601 creation time (UTC)."""
+    canvases: tuple[StoreCanvas, ...] = ()
+    """The store's canvases in index order; empty means the fingerprint's canvas alone."""
+
+    def __post_init__(self) -> None:
+        if not self.canvases:
+            object.__setattr__(self, "canvases", store_canvases(self.targets, [self.fingerprint.canvas_hw]))
+
+    def canvas_index(self, canvas_hw: Sequence[int]) -> int:
+        """Index of a canvas ``(H, W)`` among the store's, or -1."""
+        canvas = (int(canvas_hw[0]), int(canvas_hw[1]))
+        for index, item in enumerate(self.canvases):
+            if item.canvas_hw == canvas:
+                return index
+        return -1
 
     def to_attributes(self) -> dict[str, Any]:
         from label_store.encoding import CHECKSUM_ALGORITHM
@@ -81,9 +99,11 @@ class StoreMeta:
                 "views_per_shard": self.views_per_shard,
                 "created_at": self.created_at,
                 "checksum": CHECKSUM_ALGORITHM,
+                "canvases": [c.to_dict() for c in self.canvases],
                 "layout": {
-                    "parts/<part_dir>/<group>/<level>": "codes[N, C, H, W], one view per inner chunk, views_per_shard per shard",
+                    "parts/<part_dir>/<group>/<level>": "codes[N, C, H, W] of the first canvas's views, one view per inner chunk, views_per_shard per shard",
                     "parts/<part_dir>/quant": "float32[N, P]: per view, for each int-coded target in order, scale[Pc] then offset[Pc]",
+                    "parts/<part_dir>/<canvas path>/...": "the same arrays for the views of each other canvas (canvases[i].path)",
                     "manifest/parts/<part_id>.parquet": "committed part: one row per view; its existence commits the part",
                     "manifest/failures/*.parquet": "views that could not be produced, with the reason",
                 },
@@ -98,9 +118,9 @@ class StoreMeta:
                 f"open_store(url=) expects a label store at {url!r}. Got a zarr group without '{ROOT_KEY}' attributes."
             )
         version = meta.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise SchemaVersionError(
-                f"open_store(url=) expects schema version {SCHEMA_VERSION} at {url!r}. Got {version!r}; "
+                f"open_store(url=) expects schema version {' or '.join(map(str, READABLE_SCHEMA_VERSIONS))} at {url!r}. Got {version!r}; "
                 f"{'upgrade label_store to read it' if isinstance(version, int) and version > SCHEMA_VERSION else 'the store was not written by this package'}."
             )
         try:
@@ -110,6 +130,7 @@ class StoreMeta:
                 targets=tuple(TargetSpec.from_dict(t) for t in meta["targets"]),
                 views_per_shard=int(meta["views_per_shard"]),
                 created_at=str(meta.get("created_at", "")),
+                canvases=tuple(StoreCanvas.from_dict(c) for c in meta.get("canvases", ())),
             )
         except (KeyError, ValueError, TypeError) as error:
             raise StoreFormatError(f"open_store(url=) expects valid label_store attributes at {url!r}. Got: {error}") from None
@@ -185,7 +206,10 @@ def parse_part_entry(raw: bytes, path: str) -> PartEntry:
     try:
         table = pq.read_table(pa.BufferReader(raw))
         meta = json.loads(table.schema.metadata[META_KEY])
-        table = table.replace_schema_metadata(None).cast(PART_SCHEMA)
+        table = table.replace_schema_metadata(None)
+        if "canvas" not in table.column_names:  # schema 1: one canvas
+            table = table.append_column("canvas", pa.array(np.zeros(table.num_rows, np.int32)))
+        table = table.cast(PART_SCHEMA)
         return PartEntry(
             part_id=meta["part_id"],
             part_dir=meta["part_dir"],

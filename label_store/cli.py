@@ -54,6 +54,24 @@ def _print_inspect(info: dict) -> None:
         f"teacher          {teacher['architecture']}  sha256 {teacher['checkpoint_sha256'][:12]}...  "
         f"{len(teacher['classes'])} classes  canvas {tuple(teacher['canvas_hw'])}  strides {tuple(teacher['strides'])}  reg_max {teacher['reg_max']}"
     )
+    mapping = teacher.get("class_mapping")
+    if mapping is not None:
+        print(
+            f"classes          {len(mapping['dataset_classes'])} dataset categories from the teacher's {len(mapping['teacher_classes'])} classes "
+            f"(by name; renames {mapping.get('class_map') or 'none'})"
+        )
+        renamed = [
+            f"{mapping['teacher_classes'][i]} -> {name}"
+            for name, i in zip(mapping["dataset_classes"], mapping["teacher_index"])
+            if i >= 0 and mapping["teacher_classes"][i] != name
+        ]
+        for label, names in (
+            ("matched as", renamed),
+            ("dropped", mapping["dropped_teacher_classes"]),
+            ("missing", [f"{n} (no class distillation)" for n in mapping["missing_dataset_classes"]]),
+        ):
+            if names:
+                print(f"  {label:11s} {', '.join(names)}")
     print(
         f"views            {info['views']} in {info['images']} images, {info['parts']} parts "
         f"({info['duplicate_views']} duplicate copies ignored, {info['uncommitted_parts']} uncommitted parts)"
@@ -61,6 +79,14 @@ def _print_inspect(info: dict) -> None:
     origins = info["views_by_origin"]
     print(f"origin           {origins.get('precompute', 0)} views precomputed, {origins.get('endpoint', 0)} fetched from the endpoint (read-through)")
     print(f"failures         {len(info['failures'])}")
+    for canvas in info.get("canvases", []):
+        share = canvas["padding_share"]
+        print(
+            f"canvas {canvas['canvas_hw'][0]}x{canvas['canvas_hw'][1]:<6d} {canvas['views']} views, {_human_bytes(canvas['target_bytes'])} stored, "
+            f"{_human_bytes(canvas['bytes_per_view'])} per view, padding {'%.1f%%' % (100 * share) if share is not None else 'n/a'} of its bytes"
+        )
+    if info.get("padding_share") is not None:
+        print(f"padding          {100 * info['padding_share']:.1f}% of the stored target bytes encode padding")
     ratio = info["ratio_vs_fp32"]
     print(
         f"size on disk     {_human_bytes(info['bytes_on_disk'])}; {_human_bytes(info['bytes_per_view'])} per view "
@@ -177,8 +203,9 @@ def register(subparsers) -> None:
 
     inspect = commands.add_parser(
         "inspect",
-        help="schema, teacher, counts, size on disk, bytes per view per target, ratio vs fp32, fidelity",
-        description="Describe a store: schema, teacher fingerprint, view/image/part counts, failures, size on disk, "
+        help="schema, teacher, counts, views and bytes per canvas, padding share, bytes per view per target, ratio vs fp32, fidelity",
+        description="Describe a store: schema, teacher fingerprint, view/image/part counts, failures, views and bytes per canvas "
+        "with the share of stored bytes that encode padding, size on disk, "
         "bytes per view per target and its ratio to fp32, and the codec fidelity measured at write time.",
     )
     add_common(inspect)

@@ -80,7 +80,7 @@ def verify_store(
                 reason = None
                 if isinstance(item, CorruptDataError):
                     reason = str(item)
-                elif view_checksum(reader.targets, item) != checksums[index]:
+                elif view_checksum(reader.canvases[int(reader._canvas[index])].targets, item) != checksums[index]:
                     reason = "view checksum mismatch (stored bytes differ from what was written)"
                 if reason:
                     bad.append({"image_id": image_ids[index], "view_id": view_ids[index], "part": entry.part_id, "reason": reason})
@@ -173,7 +173,10 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
     (copies shadowed by an earlier commit), uncommitted_parts, failures (list of
     {image_id, view_id, reason}), bytes_on_disk, bytes_committed, bytes_per_view,
     fp32_bytes_per_view, ratio_vs_fp32, fidelity, views_by_origin (visible views per
-    part origin: ``precompute``, ``endpoint`` for views a read-through trainer fetched).
+    part origin: ``precompute``, ``endpoint`` for views a read-through trainer fetched),
+    canvases (per canvas: canvas_hw, path, views, rows, target_bytes, bytes_per_view,
+    fp32_bytes_per_view, padding_bytes, padding_share) and padding_share (the share of
+    stored target bytes that encode padding, all canvases).
     """
     reader: StoreReader = open_store(url, storage_options=storage_options, threads=1)
     location = reader._location
@@ -204,8 +207,12 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
             by_array[key] = by_array.get(key, 0) + size
     rows = sum(entry.num_views for entry in reader._parts)
 
-    def chunk_bytes(array_name: str) -> int:
-        return sum(by_array.get((part_dir, array_name), 0) for part_dir in committed_dirs)
+    def chunk_bytes(array_name: str, canvases=None) -> int:
+        return sum(
+            by_array.get((part_dir, canvas.array_path(array_name)), 0)
+            for part_dir in committed_dirs
+            for canvas in (canvases or reader.canvases)
+        )
 
     raw_params = {spec.name: 8 * spec.target_codec.num_params(spec.shape[0]) for spec in reader.targets}
     params_total = chunk_bytes(QUANT_ARRAY) if sum(raw_params.values()) else 0
@@ -238,6 +245,8 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
     views_by_origin = {origin: 0 for origin in PART_ORIGINS}
     for part_id in visible.column("part").to_pylist():
         views_by_origin[origin_of_part[part_id]] = views_by_origin.get(origin_of_part[part_id], 0) + 1
+    canvases = _canvas_summary(reader, visible, chunk_bytes, raw_params)
+    visible_bytes = sum(c["bytes_per_view"] * c["views"] for c in canvases)
     return {
         "url": url,
         "schema_version": reader.schema_version,
@@ -258,4 +267,54 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
         "ratio_vs_fp32": fp32_per_view / per_view if per_view else None,
         "fidelity": reader.fidelity,
         "views_by_origin": views_by_origin,
+        "canvases": canvases,
+        "padding_share": sum(c["padding_bytes"] for c in canvases) / visible_bytes if visible_bytes else None,
     }
+
+
+def _canvas_summary(reader: StoreReader, visible, chunk_bytes, raw_params: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Per canvas: visible views, rows stored, target bytes (chunks of its arrays, shared
+    ``quant`` split by parameter count), bytes per view, and the bytes that encode padding.
+
+    Padding bytes: each view's stored bytes of a target times the share of that target's
+    cells outside the view's valid region (`label_store.schema.padding_fraction`);
+    compressed bytes are attributed in proportion to cells.
+    """
+    import numpy as np
+
+    from label_store.schema import padding_fraction
+
+    rows_per_canvas = np.zeros(len(reader.canvases), np.int64)
+    if reader._table is not None:
+        rows_per_canvas += np.bincount(reader._canvas, minlength=len(reader.canvases))
+    visible_canvas = visible.column("canvas").to_numpy() if visible.num_rows else np.zeros(0, np.int32)
+    regions = (
+        np.asarray(visible.column("valid_region").to_pylist(), np.int64).reshape(-1, 4) if visible.num_rows else np.zeros((0, 4), np.int64)
+    )
+    out = []
+    for index, canvas in enumerate(reader.canvases):
+        rows = int(rows_per_canvas[index])
+        mine = visible_canvas == index
+        params = chunk_bytes(QUANT_ARRAY, [canvas]) if sum(raw_params.values()) else 0
+        stored_total, padding = 0.0, 0.0
+        for spec in canvas.targets:
+            share = params * raw_params[spec.name] / sum(raw_params.values()) if params else 0.0
+            stored = chunk_bytes(spec.name, [canvas]) + share
+            stored_total += stored
+            if rows and mine.any():
+                per_view = stored / rows
+                padding += float(per_view * padding_fraction(spec, canvas.canvas_hw, regions[mine]).sum())
+        out.append(
+            {
+                "canvas_hw": list(canvas.canvas_hw),
+                "path": canvas.path,
+                "views": int(mine.sum()),
+                "rows": rows,
+                "target_bytes": stored_total,
+                "bytes_per_view": stored_total / rows if rows else 0.0,
+                "fp32_bytes_per_view": sum(spec.fp32_nbytes for spec in canvas.targets),
+                "padding_bytes": padding,
+                "padding_share": padding * rows / (stored_total * int(mine.sum())) if rows and mine.any() and stored_total else None,
+            }
+        )
+    return out

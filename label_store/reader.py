@@ -25,7 +25,7 @@ from label_store._shard import ChunkReader, RangeSource, ShardedArray
 from label_store.encoding import EncodedTarget, iter_blob
 from label_store.errors import CorruptDataError, FingerprintMismatchError, StoreFormatError, ViewNotFoundError
 from label_store.fidelity import FidelityAccumulator, group_summary
-from label_store.schema import TargetSpec, TeacherFingerprint
+from label_store.schema import StoreCanvas, TargetSpec, TeacherFingerprint
 
 
 def read_store_targets(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[TargetSpec, ...]:
@@ -105,11 +105,17 @@ class StoreReader:
             self._keys, self._winners = np.unique(keys, return_index=True)
             self._part_index = self._table.column("part_index").to_numpy()
             self._rows = self._table.column("row").to_numpy()
+            self._canvas = self._table.column("canvas").to_numpy()
+            if self._canvas.size and (self._canvas.min() < 0 or self._canvas.max() >= len(meta.canvases)):
+                raise StoreFormatError(
+                    f"open_store expects manifest canvas indexes below {len(meta.canvases)} in {location.url}. Got {int(self._canvas.max())}."
+                )
         else:
             self._keys = np.zeros(0, np.int64)
             self._winners = np.zeros(0, np.int64)
             self._part_index = np.zeros(0, np.int32)
             self._rows = np.zeros(0, np.int32)
+            self._canvas = np.zeros(0, np.int32)
         self._specs = {spec.name: spec for spec in meta.targets}
         self._param_slices: dict[str, tuple[int, int]] = {}
         start = 0
@@ -149,8 +155,17 @@ class StoreReader:
 
     @property
     def targets(self) -> tuple[TargetSpec, ...]:
-        """Target specs in the store's order."""
+        """Target specs in the store's order, with the first canvas's shapes."""
         return self._meta.targets
+
+    @property
+    def canvases(self) -> tuple[StoreCanvas, ...]:
+        """The store's canvases (`label_store.schema.StoreCanvas`: canvas, array group, target shapes)."""
+        return self._meta.canvases
+
+    def canvas_of(self, image_id: int, view_id: int) -> StoreCanvas:
+        """The canvas a committed view was stored on."""
+        return self._meta.canvases[int(self._canvas[self._locate((image_id, view_id))])]
 
     @property
     def schema_version(self) -> int:
@@ -181,7 +196,7 @@ class StoreReader:
 
     def views(self) -> pa.Table:
         """Visible per-view records, sorted by (image_id, view_id): image_id, view_id, view,
-        content_hash, valid_region, row, checksum, part."""
+        content_hash, valid_region, row, checksum, canvas (index into `canvases`), part."""
         if self._table is None:
             from label_store._manifest import PART_SCHEMA
 
@@ -240,12 +255,13 @@ class StoreReader:
             self._state = _ProcessState(self._location, self._threads)
         return self._state
 
-    def _arrays_for(self, part_indexes: Iterable[int], names: Sequence[str]) -> dict[tuple[int, str], ShardedArray]:
+    def _arrays_for(self, part_canvases: Iterable[tuple[int, int]], names: Sequence[str]) -> dict[tuple[int, int, str], ShardedArray]:
         state = self._process()
-        missing = [(p, n) for p in sorted(set(part_indexes)) for n in names if (p, n) not in state.arrays]
+        missing = [(p, c, n) for p, c in sorted(set(part_canvases)) for n in names if (p, c, n) not in state.arrays]
         if missing:
             prefix = self._location.path(LAYOUT["parts"])
-            paths = [f"{prefix}/{self._parts[p].part_dir}/{n}" for p, n in missing]
+            canvases = self._meta.canvases
+            paths = [f"{prefix}/{self._parts[p].part_dir}/{canvases[c].array_path(n)}" for p, c, n in missing]
             try:
                 raws = self._location.read_many([f"{path}/zarr.json" for path in paths])
             except FileNotFoundError as error:
@@ -267,13 +283,13 @@ class StoreReader:
         """Stored codes and parameters of the table rows ``indexes`` (errors returned per view)."""
         with_params = any(name in self._param_slices for name in names)
         array_names = list(names) + ([QUANT_ARRAY] if with_params else [])
-        parts = [int(self._part_index[i]) for i in indexes]
+        parts = [(int(self._part_index[i]), int(self._canvas[i])) for i in indexes]
         arrays = self._arrays_for(parts, array_names)
         items, valid = [], []
-        for index, part in zip(indexes, parts):
+        for index, (part, canvas) in zip(indexes, parts):
             row = int(self._rows[index])
             for name in array_names:
-                array = arrays[(part, name)]
+                array = arrays[(part, canvas, name)]
                 items.append((array, row))
                 valid.append(row < array.shape[0])
         fetched = iter(self._process().chunks.fetch([item for item, ok in zip(items, valid) if ok]))
@@ -355,4 +371,4 @@ class StoreReader:
         (item,) = self._read_encoded([index], list(self._specs))
         if isinstance(item, CorruptDataError):
             raise CorruptDataError(f"StoreReader.read_blob expects intact data for image_id={image_id} view_id={view_id}. Got: {item}.")
-        return b"".join(bytes(piece) for piece in iter_blob(self.targets, item))
+        return b"".join(bytes(piece) for piece in iter_blob(self._meta.canvases[int(self._canvas[index])].targets, item))

@@ -7,7 +7,8 @@ Target names are ``<group>/<level>``: ``cls/p3`` (K sigmoid logits), ``box/p3``
 (left, top, right, bottom)), ``edges/p3`` (4 expected edge distances (left, top, right,
 bottom) in stride units), ``fpn/p3`` (C FPN features) and ``backbone/c3`` (backbone
 stage features). Every target of a view is float32 array[C, H, W] before encoding and
-after decoding; the canvas is fixed per store, so every view has the same shapes.
+after decoding. A store has a fixed set of canvases (`StoreCanvas`): ``--canvas HxW`` and,
+unless square, its transpose for portrait views; each target has one shape per canvas.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from typing import Any, Mapping, Sequence
 
 from label_store.codecs import TargetCodec, parse_codec
 
-SCHEMA_VERSION = 1
-"""Version of the on-disk layout; readers refuse versions they do not know."""
+SCHEMA_VERSION = 2
+"""Version of the on-disk layout written; readers refuse versions they do not know.
+
+1: one canvas per store. 2: a list of canvases (`StoreCanvas`), a ``canvas`` column in the
+manifest, and the arrays of every canvas but the first under its own group in each part."""
+READABLE_SCHEMA_VERSIONS = (1, 2)
+"""Versions this package reads (schema 1 stores read as stores of one canvas)."""
 
 TARGET_GROUPS = ("cls", "box", "edges", "fpn", "backbone")
 """Known target groups in store order, the one definition (`detcore.outputs` re-exports it);
@@ -86,6 +92,11 @@ class TeacherFingerprint:
     """R: each box edge distribution has R + 1 bins."""
     preprocessing: dict = field(default_factory=dict, hash=False)
     """Pixel normalisation and rendering details (JSON types), e.g. mean, std, resampling."""
+    class_mapping: dict | None = field(default=None, hash=False)
+    """How the teacher's class channels became ``classes`` (`detcore.classes.ClassMapping.to_dict`:
+    teacher_classes, dataset_classes, teacher_index with -1 for a category the teacher lacks,
+    dropped_teacher_classes, missing_dataset_classes, class_map); None when the teacher's
+    classes are the dataset's, in order."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.architecture, str) or not self.architecture:
@@ -113,6 +124,24 @@ class TeacherFingerprint:
         if not isinstance(self.preprocessing, dict):
             raise ValueError(f"TeacherFingerprint(preprocessing=) expects a dict. Got {type(self.preprocessing).__name__}.")
         object.__setattr__(self, "preprocessing", _canonical_json(self.preprocessing, "TeacherFingerprint(preprocessing=)"))
+        if self.class_mapping is not None:
+            mapping = self.class_mapping
+            if not isinstance(mapping, dict) or tuple(mapping.get("dataset_classes", ())) != classes:
+                raise ValueError(
+                    "TeacherFingerprint(class_mapping=) expects a dict whose dataset_classes are the fingerprint's classes "
+                    f"{list(classes)}. Got {mapping!r}."
+                )
+            index = mapping.get("teacher_index")
+            if not isinstance(index, list) or len(index) != len(classes):
+                raise ValueError(f"TeacherFingerprint(class_mapping=) expects a teacher_index per class. Got {index!r}.")
+            object.__setattr__(self, "class_mapping", _canonical_json(mapping, "TeacherFingerprint(class_mapping=)"))
+
+    @property
+    def class_mask(self) -> tuple[bool, ...]:
+        """Per class: False for a category the teacher lacks (its ``cls`` channel is filler, not a target)."""
+        if self.class_mapping is None:
+            return (True,) * len(self.classes)
+        return tuple(int(i) >= 0 for i in self.class_mapping["teacher_index"])
 
     @property
     def num_classes(self) -> int:
@@ -128,14 +157,16 @@ class TeacherFingerprint:
             "strides": list(self.strides),
             "reg_max": self.reg_max,
             "preprocessing": self.preprocessing,
-        }
+        } | ({} if self.class_mapping is None else {"class_mapping": self.class_mapping})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TeacherFingerprint":
         expected = {"architecture", "checkpoint_sha256", "classes", "canvas_hw", "strides", "reg_max", "preprocessing"}
-        if not isinstance(data, Mapping) or set(data) != expected:
+        if not isinstance(data, Mapping) or not expected <= set(data) <= expected | {"class_mapping"}:
             got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
-            raise ValueError(f"TeacherFingerprint.from_dict(data=) expects exactly the keys {sorted(expected)}. Got {got}.")
+            raise ValueError(
+                f"TeacherFingerprint.from_dict(data=) expects exactly the keys {sorted(expected)} (and optionally class_mapping). Got {got}."
+            )
         return cls(
             architecture=data["architecture"],
             checkpoint_sha256=data["checkpoint_sha256"],
@@ -144,6 +175,7 @@ class TeacherFingerprint:
             strides=tuple(data["strides"]),
             reg_max=data["reg_max"],
             preprocessing=dict(data["preprocessing"]),
+            class_mapping=None if data.get("class_mapping") is None else dict(data["class_mapping"]),
         )
 
     def diff(self, other: "TeacherFingerprint") -> list[str]:
@@ -152,7 +184,7 @@ class TeacherFingerprint:
         Example: ``["canvas_hw: store has (256, 256), caller expects (320, 320)"]``.
         """
         out = []
-        for name in ("architecture", "checkpoint_sha256", "canvas_hw", "strides", "reg_max", "preprocessing"):
+        for name in ("architecture", "checkpoint_sha256", "canvas_hw", "strides", "reg_max", "preprocessing", "class_mapping"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 out.append(f"{name}: store has {mine!r}, caller expects {theirs!r}")
@@ -302,3 +334,85 @@ def default_target_specs(
         for level, (h, w) in levels:
             specs.append(TargetSpec(f"{group}/{level}", (channels[group], h, w), chosen[group]))
     return specs
+
+
+def target_stride(spec: TargetSpec) -> int:
+    """Stride of a target's level: ``p3`` -> 8, ``c4`` -> 16."""
+    if spec.group == "backbone":
+        return BACKBONE_STRIDES[spec.level]
+    return 1 << int(spec.level[1:])
+
+
+def default_canvases(canvas_hw: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """The canvases of a store made for ``canvas_hw``: it, then its transpose unless square."""
+    h, w = int(canvas_hw[0]), int(canvas_hw[1])
+    return ((h, w),) if h == w else ((h, w), (w, h))
+
+
+def canvas_targets(targets: Sequence[TargetSpec], canvas_hw: Sequence[int]) -> tuple[TargetSpec, ...]:
+    """The same targets (names, channels, codecs) with the level shapes of ``canvas_hw``."""
+    h, w = int(canvas_hw[0]), int(canvas_hw[1])
+    out = []
+    for spec in targets:
+        stride = target_stride(spec)
+        out.append(TargetSpec(spec.name, (spec.shape[0], math.ceil(h / stride), math.ceil(w / stride)), spec.codec))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCanvas:
+    """One canvas of a store and where its arrays live inside each part."""
+
+    canvas_hw: tuple[int, int]
+    """``(height, width)`` of every view on this canvas."""
+    path: str
+    """Group of its arrays inside a part directory: ``""`` (the part's root) for the first
+    canvas, ``"canvas_<H>x<W>"`` for the others."""
+    targets: tuple[TargetSpec, ...]
+    """The store's targets with this canvas's shapes (one fixed chunk shape per array)."""
+
+    def array_path(self, name: str) -> str:
+        """Path of target (or ``quant``) array ``name`` inside a part directory."""
+        return f"{self.path}/{name}" if self.path else name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"canvas_hw": list(self.canvas_hw), "path": self.path, "targets": [t.to_dict() for t in self.targets]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StoreCanvas":
+        if not isinstance(data, Mapping) or set(data) != {"canvas_hw", "path", "targets"}:
+            raise ValueError(f"StoreCanvas.from_dict(data=) expects keys ['canvas_hw', 'path', 'targets']. Got {data!r}.")
+        canvas = tuple(int(v) for v in data["canvas_hw"])
+        if len(canvas) != 2 or min(canvas) <= 0:
+            raise ValueError(f"StoreCanvas(canvas_hw=) expects two positive ints. Got {data['canvas_hw']!r}.")
+        return cls(canvas, str(data["path"]), tuple(TargetSpec.from_dict(t) for t in data["targets"]))
+
+
+def store_canvases(targets: Sequence[TargetSpec], canvases: Sequence[Sequence[int]]) -> tuple[StoreCanvas, ...]:
+    """`StoreCanvas` of each canvas, the first at the part root (the schema 1 layout)."""
+    out = []
+    for index, canvas in enumerate(canvases):
+        h, w = int(canvas[0]), int(canvas[1])
+        out.append(StoreCanvas((h, w), "" if index == 0 else f"canvas_{h}x{w}", canvas_targets(targets, (h, w))))
+    return tuple(out)
+
+
+def padding_fraction(spec: TargetSpec, canvas_hw: Sequence[int], valid_regions: Any) -> Any:
+    """Share of a target's cells that lie in the padding, per view.
+
+    Args:
+        spec: the target (its stride and its shape on this canvas).
+        canvas_hw: the canvas the views are on.
+        valid_regions: array[N, 4] of ``(x1, y1, x2, y2)`` canvas pixels covered by the image.
+    Returns:
+        float64 array[N]: cells whose receptive cell lies wholly outside the valid region,
+        over all cells of the level (``ceil(canvas / stride)`` per side).
+    """
+    import numpy as np
+
+    stride = target_stride(spec)
+    regions = np.asarray(valid_regions, dtype=np.int64).reshape(-1, 4)
+    height, width = math.ceil(int(canvas_hw[0]) / stride), math.ceil(int(canvas_hw[1]) / stride)
+    cols = -(-regions[:, 2] // stride) - regions[:, 0] // stride
+    rows = -(-regions[:, 3] // stride) - regions[:, 1] // stride
+    return 1.0 - (np.minimum(cols, width) * np.minimum(rows, height)) / float(height * width)

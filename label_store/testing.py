@@ -100,3 +100,44 @@ def synthetic_targets(
                 x = np.maximum(x - 0.3, 0)
         out[spec.name] = np.ascontiguousarray(x, dtype=np.float32)
     return out
+
+
+def write_schema_1_layout(path: str) -> None:
+    """Rewrite a local store of one canvas's views into the schema-1 layout, byte for byte what
+    the writer of schema 1 produced: root attributes without ``canvases`` and version 1,
+    manifest entries without the ``canvas`` column. For tests that old stores still read.
+
+    Raises:
+        ValueError: a view of the store is on another canvas than the first.
+    """
+    import json
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from label_store._manifest import META_KEY, ROOT_KEY
+
+    root = os.path.join(path, "zarr.json")
+    with open(root) as handle:
+        group = json.load(handle)
+    meta = group["attributes"][ROOT_KEY]
+    meta.pop("canvases", None)
+    meta["schema_version"] = 1
+    meta["layout"] = {k: v for k, v in meta["layout"].items() if "<canvas path>" not in k}
+    meta["layout"]["parts/<part_dir>/<group>/<level>"] = "codes[N, C, H, W], one view per inner chunk, views_per_shard per shard"
+    with open(root, "w") as handle:
+        json.dump(group, handle, indent=2)
+    folder = os.path.join(path, "manifest", "parts")
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        file = os.path.join(folder, name)
+        table = pq.read_table(file)
+        if any(value != 0 for value in table.column("canvas").to_pylist()):
+            raise ValueError(f"write_schema_1_layout expects every view on the first canvas. Got others in {file}.")
+        entry = json.loads(table.schema.metadata[META_KEY])
+        entry["schema_version"] = 1
+        table = table.drop_columns(["canvas"]).replace_schema_metadata({META_KEY: json.dumps(entry, sort_keys=True).encode()})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        with open(file, "wb") as handle:
+            handle.write(sink.getvalue().to_pybytes())

@@ -8,6 +8,9 @@ Store layout (a zarr v3 hierarchy; N views in a part, S views per shard)::
                                           inner chunk [1, C, H, W] (one view), shard [S, C, H, W]
     <root>/parts/<part_dir>/quant         float32[N, P]: scale and offset of every int-coded
                                           target of a view (same chunking)
+    <root>/parts/<part_dir>/canvas_<H>x<W>/...   the same arrays for the part's views on
+                                          each further canvas (portrait: the transpose), so
+                                          every array has one fixed chunk shape
     <root>/parts/<part_dir>/_writer.json  lease: host, pid and start time of the writer
     <root>/manifest/parts/<part_id>.parquet   the commit: one row per view (image id, view id,
                                           view recipe JSON, content hash, valid region, row,
@@ -72,7 +75,16 @@ from label_store.encoding import (
 )
 from label_store.errors import PartExistsError, PartStateError, StoreMismatchError, StoreNotFoundError
 from label_store.fidelity import FidelityAccumulator
-from label_store.schema import BACKBONE_STRIDES, SCHEMA_VERSION, TargetSpec, TeacherFingerprint, level_name
+from label_store.schema import (
+    BACKBONE_STRIDES,
+    SCHEMA_VERSION,
+    StoreCanvas,
+    TargetSpec,
+    TeacherFingerprint,
+    default_canvases,
+    level_name,
+    store_canvases,
+)
 
 DEFAULT_VIEWS_PER_SHARD = 16
 """Views per shard file: about one file per view, read as fast as larger shards (benchmarks/RESULTS.md, "Store reads")."""
@@ -174,6 +186,7 @@ def create_store(
     views_per_shard: int | None = None,
     exist_ok: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    canvases: Sequence[Sequence[int]] | None = None,
 ) -> "Store":
     """Create a label store at ``url`` (local path or fsspec URL), or open it for writing.
 
@@ -186,8 +199,10 @@ def create_store(
         exist_ok: open an existing store with the same fingerprint and targets (otherwise
             an existing store raises ``FileExistsError``).
         storage_options: fsspec options (credentials, ``client_kwargs``...).
+        canvases: ``(H, W)`` of every canvas, the fingerprint's first (default: it and its
+            transpose, one when square). An existing store keeps its own unless this is given.
     Raises:
-        StoreMismatchError: the existing store has another fingerprint or target set.
+        StoreMismatchError: the existing store has another fingerprint, target set or canvases.
     """
     if not isinstance(fingerprint, TeacherFingerprint):
         fingerprint = TeacherFingerprint.from_dict(fingerprint)
@@ -195,6 +210,13 @@ def create_store(
     _check_targets_match(fingerprint, targets)
     if views_per_shard is not None and (not isinstance(views_per_shard, int) or views_per_shard <= 0):
         raise ValueError(f"create_store(views_per_shard=) expects a positive int. Got {views_per_shard!r}.")
+    wanted = None
+    if canvases is not None:
+        wanted = tuple((int(c[0]), int(c[1])) for c in canvases)
+        if not wanted or wanted[0] != fingerprint.canvas_hw or len(set(wanted)) != len(wanted) or min(min(c) for c in wanted) <= 0:
+            raise ValueError(
+                f"create_store(canvases=) expects distinct positive (H, W), the fingerprint's canvas {fingerprint.canvas_hw} first. Got {canvases!r}."
+            )
     location = Location(url, dict(storage_options or {}))
     try:
         existing = read_store_meta(location)
@@ -209,6 +231,7 @@ def create_store(
             targets=tuple(targets),
             views_per_shard=views_per_shard or DEFAULT_VIEWS_PER_SHARD,
             created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            canvases=store_canvases(targets, wanted or default_canvases(fingerprint.canvas_hw)),
         )
         store = location.zarr_store()
         try:
@@ -223,6 +246,9 @@ def create_store(
     elif not exist_ok:
         raise FileExistsError(f"create_store(exist_ok=False) expects no store at {url!r}. Got one; choose a new path.")
     problems = existing.fingerprint.diff(fingerprint) + _target_set_diff(existing.targets, targets)
+    stored_canvases = tuple(c.canvas_hw for c in existing.canvases)
+    if wanted is not None and wanted != stored_canvases:
+        problems.append(f"canvases: store has {list(stored_canvases)}, caller expects {list(wanted)}")
     if problems:
         raise StoreMismatchError(
             f"create_store(url={url!r}) found a store for another teacher or target set:\n  - "
@@ -253,8 +279,17 @@ class Store:
 
     @property
     def targets(self) -> tuple[TargetSpec, ...]:
-        """Targets in the store's order (the order of the checksum and of `encode_targets`)."""
+        """Targets in the store's order (the order of the checksum and of `encode_targets`), with the first canvas's shapes."""
         return self._meta.targets
+
+    @property
+    def canvases(self) -> tuple[StoreCanvas, ...]:
+        """The store's canvases (`label_store.schema.StoreCanvas`), in index order."""
+        return self._meta.canvases
+
+    @property
+    def schema_version(self) -> int:
+        return self._meta.schema_version
 
     def open_part(self, part_id: str, *, fidelity_views: int = DEFAULT_FIDELITY_VIEWS, origin: str = "precompute") -> "PartWriter":
         """Start writing part ``part_id`` (letters, digits, ``_`` and ``-``; one per writer task).
@@ -329,6 +364,19 @@ class Store:
         return open_store(self.url, expected_fingerprint=self.fingerprint, storage_options=self._location.storage_options)
 
 
+class _CanvasRows:
+    """A part's views on one canvas: its arrays' pending and written rows."""
+
+    def __init__(self, canvas: StoreCanvas) -> None:
+        self.canvas = canvas
+        self.specs = canvas.targets
+        self.quantized = [spec for spec in self.specs if spec.target_codec.quantized]
+        self.pending: list[dict[str, EncodedTarget]] = []
+        self.flushed = 0
+        self.rows = 0
+        self.num_params = 0
+
+
 class PartWriter:
     """Writes one part: append views, then `commit` (or `abort`). Not thread-safe.
 
@@ -347,16 +395,13 @@ class PartWriter:
         self.fidelity_views = fidelity_views
         self._location = store._location
         self._specs = store.targets
-        self._quantized = [spec for spec in self._specs if spec.target_codec.quantized]
+        self._canvas_rows = [_CanvasRows(canvas) for canvas in store.canvases]
         self._views_per_shard = store.views_per_shard
         self._state = "open"
         self._records: list[dict] = []
         self._keys: set[int] = set()
-        self._pending: list[dict[str, EncodedTarget]] = []
-        self._flushed = 0
         self._compressors = {spec.name: spec.target_codec.numcodecs_compressor() for spec in self._specs}
         self._compressors[QUANT_ARRAY] = parse_codec(PARAMS_CODEC).numcodecs_compressor()
-        self._num_params = 0
         self._fidelity = FidelityAccumulator()
         self._fidelity_sampled = 0
 
@@ -405,7 +450,18 @@ class PartWriter:
         if not isinstance(record["content_hash"], str) or not record["content_hash"]:
             raise ValueError(f"PartWriter.append(record=) expects content_hash a non-empty string. Got {record['content_hash']!r} {where}.")
         region = tuple(record["valid_region"]) if isinstance(record["valid_region"], (tuple, list, np.ndarray)) else ()
-        canvas_h, canvas_w = self.store.fingerprint.canvas_hw
+        canvas = 0
+        if "canvas_h" in parsed and "canvas_w" in parsed:
+            try:
+                canvas = self.store._meta.canvas_index((int(parsed["canvas_h"]), int(parsed["canvas_w"])))
+            except (TypeError, ValueError):
+                canvas = -1
+            if canvas < 0:
+                raise ValueError(
+                    f"PartWriter.append(record=) expects a view on one of the store's canvases "
+                    f"{[c.canvas_hw for c in self.store.canvases]}. Got canvas {parsed['canvas_h']}x{parsed['canvas_w']} {where}."
+                )
+        canvas_h, canvas_w = self.store.canvases[canvas].canvas_hw
         if (
             len(region) != 4
             or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in region)
@@ -421,6 +477,7 @@ class PartWriter:
             "view": view,
             "content_hash": record["content_hash"],
             "valid_region": [int(v) for v in region],
+            "canvas": canvas,
         }
 
     def append(
@@ -434,9 +491,10 @@ class PartWriter:
 
         Args:
             record: ``image_id`` (int), ``view_id`` (int), ``view`` (JSON string of the view
-                recipe, e.g. ``View.to_json()``), ``content_hash`` (str), ``valid_region``
+                recipe, e.g. ``View.to_json()``; its ``canvas_h``/``canvas_w`` choose the
+                store canvas, the first when absent), ``content_hash`` (str), ``valid_region``
                 ``(x1, y1, x2, y2)`` in canvas pixels.
-            targets: name -> float32 array[C, H, W] for every target of the store; a target
+            targets: name -> float32 array[C, H, W] (that canvas's shapes) for every target of the store; a target
                 with an int codec may come already quantized, as a `QuantizedTarget` (the
                 same bytes are stored).
             originals: name -> float32 array[C, H, W] of the targets given quantized, for the
@@ -457,26 +515,29 @@ class PartWriter:
                 f"view_id={row['view_id']} twice in part {self.part_id!r}."
             )
         where = f"(image_id={row['image_id']}, view_id={row['view_id']})"
-        encoded, arrays = encode_inputs(targets, self._specs, f"PartWriter.append(targets=) {where}")
+        state = self._canvas_rows[row["canvas"]]
+        specs = state.specs
+        encoded, arrays = encode_inputs(targets, specs, f"PartWriter.append(targets=) {where} on canvas {state.canvas.canvas_hw}")
         if self._fidelity_sampled < self.fidelity_views:
-            given = [spec for spec in self._specs if spec.name not in arrays]
+            given = [spec for spec in specs if spec.name not in arrays]
             if given and originals is not None:
                 known = {spec.name: originals[spec.name] for spec in given if spec.name in originals}
                 arrays = {**arrays, **check_targets(known, given, f"PartWriter.append(originals=) {where}")}
-            if len(arrays) == len(self._specs):
-                for spec in self._specs:
+            if len(arrays) == len(specs):
+                for spec in specs:
                     self._fidelity.add(spec, arrays[spec.name], decode_encoded(spec, encoded[spec.name]))
                 self._fidelity_sampled += 1
-        row["row"] = len(self._records)
-        row["checksum"] = view_checksum(self._specs, encoded)
+        row["row"] = state.rows
+        row["checksum"] = view_checksum(specs, encoded)
         if not self._records:
             self._write_lease()
         self._records.append(row)
         self._keys.add(key)
-        self._pending.append(encoded)
-        if len(self._pending) == self._views_per_shard:
+        state.rows += 1
+        state.pending.append(encoded)
+        if len(state.pending) == self._views_per_shard:
             try:
-                self._flush()
+                self._flush(state)
             except BaseException:
                 self._state = "failed"  # storage error mid-shard: only abort() is left
                 raise
@@ -491,45 +552,57 @@ class PartWriter:
         }
         self._location.write_file(f"{self.part_path}/{WRITER_LEASE}", json.dumps(lease).encode())
 
-    def _write_shard(self, name: str, start: int, rows: np.ndarray, compressor) -> None:
-        """Rows ``start..start+len(rows)`` (one shard, ``start`` a multiple of S) of array ``name``."""
+    def _write_shard(self, path: str, start: int, rows: np.ndarray, compressor) -> None:
+        """Rows ``start..start+len(rows)`` (one shard, ``start`` a multiple of S) of the array at ``path``."""
         key = shard_key(start, self._views_per_shard, rows.ndim)
         self._location.write_file(
-            self._location.path(LAYOUT["parts"], self.part_dir, name, key), encode_shard(rows, self._views_per_shard, compressor)
+            self._location.path(LAYOUT["parts"], self.part_dir, path, key), encode_shard(rows, self._views_per_shard, compressor)
         )
 
-    def _flush(self) -> None:
-        """Write the pending views (one whole shard, or the last partial one)."""
-        if not self._pending:
+    def _flush(self, state: _CanvasRows | None = None) -> None:
+        """Write one canvas's pending views (one whole shard, or the last partial one); None: every canvas's."""
+        if state is None:
+            for each in self._canvas_rows:
+                self._flush(each)
             return
-        start = self._flushed
-        for spec in self._specs:
-            block = np.stack([view[spec.name].codes for view in self._pending]).astype(spec.target_codec.dtype, copy=False)
-            self._write_shard(spec.name, start, block, self._compressors[spec.name])
-        if self._quantized:
+        if not state.pending:
+            return
+        start, canvas = state.flushed, state.canvas
+        for spec in state.specs:
+            block = np.stack([view[spec.name].codes for view in state.pending]).astype(spec.target_codec.dtype, copy=False)
+            self._write_shard(canvas.array_path(spec.name), start, block, self._compressors[spec.name])
+        if state.quantized:
             params = np.stack(
-                [np.concatenate([np.concatenate([view[s.name].scale, view[s.name].offset]) for s in self._quantized]) for view in self._pending]
+                [np.concatenate([np.concatenate([view[s.name].scale, view[s.name].offset]) for s in state.quantized]) for view in state.pending]
             ).astype(np.float32)
-            self._write_shard(QUANT_ARRAY, start, params, self._compressors[QUANT_ARRAY])
-            self._num_params = params.shape[1]
-        self._flushed = start + len(self._pending)
-        self._pending = []
+            self._write_shard(canvas.array_path(QUANT_ARRAY), start, params, self._compressors[QUANT_ARRAY])
+            state.num_params = params.shape[1]
+        state.flushed = start + len(state.pending)
+        state.pending = []
 
     def _write_metadata(self) -> None:
         """zarr.json of the part's groups and arrays, for the rows written (zarr-python's documents)."""
         if not self._records:
             return
-        rows = len(self._records)
         part = (LAYOUT["parts"], self.part_dir)
-        arrays = [(spec.name, spec.shape, str(spec.target_codec.dtype), spec.target_codec.name) for spec in self._specs]
-        if self._quantized:
-            arrays.append((QUANT_ARRAY, (self._num_params,), "float32", PARAMS_CODEC))
-        for group in sorted({name.split("/")[0] for name, *_ in arrays if "/" in name}) + [""]:
+        arrays = []  # (path, rows, view shape, dtype, codec)
+        for state in self._canvas_rows:
+            if not state.rows:
+                continue
+            canvas = state.canvas
+            arrays += [
+                (canvas.array_path(spec.name), state.rows, spec.shape, str(spec.target_codec.dtype), spec.target_codec.name)
+                for spec in state.specs
+            ]
+            if state.quantized:
+                arrays.append((canvas.array_path(QUANT_ARRAY), state.rows, (state.num_params,), "float32", PARAMS_CODEC))
+        groups = {"/".join(path.split("/")[:depth]) for path, *_ in arrays for depth in range(1, path.count("/") + 1)}
+        for group in sorted(groups) + [""]:
             self._location.write_file(self._location.path(*part, group, "zarr.json"), _GROUP_METADATA)
-        for name, view_shape, dtype, codec_name in arrays:
+        for path, rows, view_shape, dtype, codec_name in arrays:
             document = dict(_array_metadata(tuple(view_shape), dtype, codec_name, self._views_per_shard))
             document["shape"] = [rows, *view_shape]
-            self._location.write_file(self._location.path(*part, name, "zarr.json"), json.dumps(document, indent=2).encode())
+            self._location.write_file(self._location.path(*part, path, "zarr.json"), json.dumps(document, indent=2).encode())
 
     def commit(self) -> dict:
         """Write the remaining arrays, then publish the part's manifest entry atomically.
@@ -548,7 +621,7 @@ class PartWriter:
             self.abort()
             raise
         committed_at = time.time_ns()
-        rows = {name: [r[name] for r in self._records] for name in ("image_id", "view_id", "view", "content_hash", "valid_region", "row", "checksum")}
+        rows = {name: [r[name] for r in self._records] for name in ("image_id", "view_id", "view", "content_hash", "valid_region", "row", "checksum", "canvas")}
         data = part_entry_bytes(
             part_id=self.part_id,
             part_dir=self.part_dir,
@@ -575,5 +648,6 @@ class PartWriter:
         if self._state == "committed":
             raise PartStateError(f"PartWriter.abort() expects an uncommitted part. Got part {self.part_id!r} already committed.")
         self._state = "aborted"
-        self._pending = []
+        for state in self._canvas_rows:
+            state.pending = []
         self._location.remove_tree(self.part_path)

@@ -68,7 +68,7 @@ def register(subparsers) -> None:
     data.add_argument("--images", metavar="DIR", help="folder the training file names are relative to")
     data.add_argument("--val-annotations", metavar="FILE", help="COCO annotation JSON for evaluation (AP per --eval-every and at the end)")
     data.add_argument("--val-images", metavar="DIR", help="folder of the validation images")
-    data.add_argument("--canvas", metavar="HxW", help="canvas the student expects (default: the store's); required without a store")
+    data.add_argument("--canvas", metavar="HxW", help="canvas the student expects, landscape views on HxW and portrait ones on WxH (default: the store's); required without a store")
     data.add_argument("--max-images", type=int, metavar="N", help="train on the first N images only")
     data.add_argument("--strict-hash", action="store_true", default=None,
                       help="stop on an image that changed since precompute (default: skip it and report its id)")
@@ -79,6 +79,11 @@ def register(subparsers) -> None:
     model = parser.add_argument_group("student and losses")
     model.add_argument("--student", metavar="ARCH", help="student architecture: gfl_tiny (default), gfl_r18, gfl_r34, gfl_r50, gfl_r101")
     model.add_argument("--student-init", metavar="CKPT", help="initialise the student from a detcore checkpoint")
+    model.add_argument("--backbone-weights", metavar="FILE",
+                       help="ResNet state_dict (e.g. torchvision's ImageNet file; never downloaded) for a ResNet student; "
+                            "stem and first stage frozen, BatchNorm statistics frozen, as mmdetection does")
+    model.add_argument("--train-backbone-all", action="store_true", default=None,
+                       help="with --backbone-weights: also train the stem, the first stage and BatchNorm")
     model.add_argument("--losses", metavar="LIST", help="distillation terms, e.g. ld, ld,fgd, bcd, hgd, ld_main,ld_kd, none (default: ld)")
     model.add_argument("--config", metavar="FILE", help="run config file (JSON or YAML); flags override it")
     model.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -91,6 +96,10 @@ def register(subparsers) -> None:
     source.add_argument("--token", help="bearer token for the endpoint (default: $DISTILLERY_TOKEN, the variable "
                                         "distill serve reads; prefer it: a command line is visible in ps)")
     source.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (in-process baseline only)")
+    source.add_argument("--class-map", metavar="FILE",
+                        help="in-process teacher: JSON of teacher class name -> dataset category name (as distill precompute)")
+    source.add_argument("--allow-missing-classes", action="store_true", default=None,
+                        help="in-process teacher: accept dataset categories it lacks, left out of class distillation")
 
     optim = parser.add_argument_group("schedule")
     length = optim.add_mutually_exclusive_group()
@@ -139,7 +148,9 @@ def run_train(args: argparse.Namespace) -> int:
 def run_config(config, *, progress: bool = True) -> int:
     """Run a resolved config (local or Ray Train) and map errors to exit codes."""
     from detcore.checkpoint import CheckpointError
+    from detcore.classes import ClassMappingError
     from detcore.coco import AnnotationError
+    from detcore.models.backbones import BackboneWeightsError
     from label_store.errors import FingerprintMismatchError, SchemaVersionError, StoreNotFoundError
     from student_trainer.data import ImageChangedError, StoreFitError
     from student_trainer.distill import TargetShapeError
@@ -149,6 +160,7 @@ def run_config(config, *, progress: bool = True) -> int:
     usage_errors = (
         StoreFitError, FingerprintMismatchError, TeacherMismatchError, ResumeMismatchError, StoreNotFoundError,
         SchemaVersionError, AnnotationError, CheckpointError, TargetShapeError, ImageChangedError, TokenVariableError,
+        BackboneWeightsError, ClassMappingError,
     )
     try:
         if config.source.kind in ("remote", "read-through"):

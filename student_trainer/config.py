@@ -158,6 +158,11 @@ class StudentConfig:
     """R of the edge distributions; must equal the store's (checked at start)."""
     init: str | None = None
     """Optional detcore checkpoint to initialise the student from (weights only)."""
+    backbone_weights: str | None = None
+    """ResNet state_dict file (torchvision's ImageNet layout) to start the backbone from; never downloaded.
+    The stem and first stage are then frozen and BatchNorm statistics kept (mmdetection's convention)."""
+    train_backbone_all: bool = False
+    """With ``backbone_weights``: train the stem, the first stage and BatchNorm too."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,12 @@ class SourceConfig:
     """Bearer token for the endpoint; None reads ``$DISTILLERY_TOKEN`` (`sources.endpoint_token`)."""
     teacher: str | None = None
     """Teacher checkpoint (in-process source only)."""
+    class_map: str | None = None
+    """In-process source: JSON file of teacher class name -> dataset category name
+    (`detcore.classes.read_class_map`); the teacher's classes are mapped to the training
+    annotations' categories by name as `distill precompute` maps them."""
+    allow_missing_classes: bool = False
+    """In-process source: accept dataset categories the teacher lacks (left out of class distillation)."""
     timeout_s: float = 120.0
     """HTTP timeout per request."""
     max_retries: int = 6
@@ -484,6 +495,8 @@ CLI_KEYS = {
     "storage_option": "data.storage_options",
     "student": "student.arch",
     "student_init": "student.init",
+    "backbone_weights": "student.backbone_weights",
+    "train_backbone_all": "student.train_backbone_all",
     "epochs": "optim.epochs",
     "iters": "optim.iters",
     "batch_size": "optim.batch_size",
@@ -495,6 +508,8 @@ CLI_KEYS = {
     "endpoint": "source.endpoint",
     "token": "source.token",
     "teacher": "source.teacher",
+    "class_map": "source.class_map",
+    "allow_missing_classes": "source.allow_missing_classes",
     "eval_every": "schedule.eval_every",
     "checkpoint_every": "schedule.checkpoint_every",
     "log_every": "schedule.log_every",
@@ -600,6 +615,17 @@ def validate_run_config(config: TrainRunConfig) -> None:
         raise ConfigError(
             "TrainRunConfig(losses.ld.avg_factor_images=) expects a non-negative integer (0: the constants for the whole "
             f"batch). Got {config.losses.ld.avg_factor_images}."
+        )
+    student = config.student
+    if student.backbone_weights and student.arch == "gfl_tiny":
+        raise ConfigError(
+            "TrainRunConfig(student.backbone_weights=) is for ResNet students (gfl_r18, gfl_r34, gfl_r50, gfl_r101). "
+            "Got student.arch='gfl_tiny'; pass --student gfl_r18 (or another ResNet) with --backbone-weights."
+        )
+    if student.train_backbone_all and not student.backbone_weights:
+        raise ConfigError(
+            "TrainRunConfig(student.train_backbone_all=) applies to a pretrained backbone. Got no "
+            "student.backbone_weights; pass --backbone-weights FILE (a backbone from scratch trains everything)."
         )
     if data.canvas is not None and (len(data.canvas) != 2 or min(data.canvas) < 1):
         raise ConfigError(f"TrainRunConfig(data.canvas=) expects (H, W) with positive sides. Got {data.canvas}.")

@@ -2,8 +2,8 @@
 
 Legend: B views in a batch, M GT boxes of one view, C/H/W the shape of one stored target.
 
-Each epoch samples ONE of the K stored views of every image (seeded by ``(seed, epoch)``,
-`detcore.datasets.EpochViewSampler`), renders it with exactly the recipe stored for it
+Each epoch samples ONE of the K stored views of every image (seeded by ``(seed, epoch)``)
+in batches of one canvas each (`detcore.datasets.CanvasBatchSampler`), renders it with exactly the recipe stored for it
 (`detcore.views.View.from_json` of the store's record), checks the decoded image's content
 hash against the hash recorded at precompute time, transforms the GT boxes the same way
 and, for the offline sources, reads the view's targets inside the DataLoader worker (the
@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
-from detcore.datasets import DecodeFailure, EpochViewSampler, ViewDataset, collate_views
+from detcore.datasets import DecodeFailure, ViewDataset, collate_views
 from detcore.views import PIXEL_MEAN, PIXEL_STD, View
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ class StoreViewDataset(Dataset):
         strict_hash: raise `ImageChangedError` instead of reporting a skip.
         photometric: jitter brightness and contrast of the rendered image (an
             approximation: the teacher saw the unjittered pixels).
-        regions: computes the view's distillation regions from its GT
+        regions: computes the view's distillation regions from its GT and canvas
             (`student_trainer.distill.GTRegions`, from `DistillationModel.region_spec`), so
             that the workers do it and not the training step; None for none.
 
@@ -181,7 +181,7 @@ class StoreViewDataset(Dataset):
         readable_keys: set[tuple[int, int]] | None = None,
         strict_hash: bool = False,
         photometric: bool = False,
-        regions: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
+        regions: Callable[[torch.Tensor, tuple[int, int]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.base = ViewDataset(dataset, views)
         self.regions = regions
@@ -214,7 +214,7 @@ class StoreViewDataset(Dataset):
         item["targets"] = None
         if self.target_reader is not None and (self.readable_keys is None or view.key in self.readable_keys):
             item["targets"] = self.target_reader.read(view.image_id, view.view_id)
-        item["regions"] = self.regions(item["gt_boxes"]) if self.regions is not None else None
+        item["regions"] = self.regions(item["gt_boxes"], (view.canvas_h, view.canvas_w)) if self.regions is not None else None
         if self.photometric:
             item["image"] = photometric_jitter(item["image"], item["valid_region"])
         return item
@@ -284,51 +284,6 @@ def collate_train(batch: Sequence[dict[str, Any] | DecodeFailure | None]) -> dic
         out["targets"] = None
         out["partial_targets"] = per_item
     return out
-
-
-class ShardedViewSampler(Sampler[int]):
-    """`EpochViewSampler` split over data-parallel ranks; one view per image per epoch.
-
-    The epoch's order is padded (repeating from its start) to a multiple of
-    ``num_replicas`` so every rank takes the same number of steps; rank r takes positions
-    r, r + n, r + 2n ... ``set_epoch(epoch, start)`` skips the first ``start`` items of
-    this rank's share (resume within an epoch).
-    """
-
-    def __init__(self, views: Sequence[View], seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
-        if num_replicas < 1 or not (0 <= rank < num_replicas):
-            raise ValueError(f"ShardedViewSampler(rank=, num_replicas=) expects 0 <= rank < num_replicas. Got {rank}, {num_replicas}.")
-        self.inner = EpochViewSampler(views, seed=seed, shuffle=shuffle)
-        self._num_images = len({view.image_id for view in views})
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
-        self.epoch = 0
-        self.start = 0
-
-    @property
-    def num_images(self) -> int:
-        return self._num_images
-
-    @property
-    def per_rank(self) -> int:
-        return -(-self.num_images // self.num_replicas)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch = int(epoch)
-        self.start = int(start)
-
-    def order(self, epoch: int) -> list[int]:
-        full = self.inner.order(epoch)
-        total = self.per_rank * self.num_replicas
-        if full and len(full) < total:
-            full = full + full[: total - len(full)]
-        return full[self.rank :: self.num_replicas]
-
-    def __len__(self) -> int:
-        return max(0, self.per_rank - self.start)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order(self.epoch)[self.start :])
 
 
 @dataclass

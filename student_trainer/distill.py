@@ -143,16 +143,33 @@ class GTRegions:
     def __init__(
         self, strides: Sequence[int], canvas_hw: tuple[int, int], ld_config, vlr: bool, im: bool, point_offset: float = 0.5
     ) -> None:
-        shapes = [feature_hw(canvas_hw, int(s)) for s in strides]
-        per_level = level_anchors([int(s) for s in strides], shapes, point_offset=point_offset)
-        self.anchors = torch.cat(per_level)
-        self.num_level_anchors = tuple(int(a.shape[0]) for a in per_level)
+        self.strides = [int(s) for s in strides]
+        self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
+        self.point_offset = point_offset
+        self._points: dict[tuple[int, int], tuple[Tensor, tuple[int, ...]]] = {}
         self.ld_config = ld_config
         self.keys = tuple(key for key, wanted in (("vlr", vlr), ("im", im)) if wanted)
 
-    def __call__(self, gt_boxes: Tensor) -> dict[str, Tensor]:
-        """Regions of one view from its Tensor[M, 4] GT boxes (canvas pixels)."""
-        return view_regions(self.anchors, self.num_level_anchors, gt_boxes.cpu(), self.ld_config, self.keys)
+    def points(self, canvas_hw: tuple[int, int]) -> tuple[Tensor, tuple[int, ...]]:
+        """Anchor points Tensor[A, ...] and points per level of one canvas (cached)."""
+        canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
+        if canvas_hw not in self._points:
+            per_level = level_anchors(self.strides, [feature_hw(canvas_hw, s) for s in self.strides], point_offset=self.point_offset)
+            self._points[canvas_hw] = (torch.cat(per_level), tuple(int(a.shape[0]) for a in per_level))
+        return self._points[canvas_hw]
+
+    @property
+    def anchors(self) -> Tensor:
+        return self.points(self.canvas_hw)[0]
+
+    @property
+    def num_level_anchors(self) -> tuple[int, ...]:
+        return self.points(self.canvas_hw)[1]
+
+    def __call__(self, gt_boxes: Tensor, canvas_hw: tuple[int, int] | None = None) -> dict[str, Tensor]:
+        """Regions of one view from its Tensor[M, 4] GT boxes (canvas pixels) on ``canvas_hw`` (default: the store's first canvas)."""
+        anchors, num_level_anchors = self.points(canvas_hw or self.canvas_hw)
+        return view_regions(anchors, num_level_anchors, gt_boxes.cpu(), self.ld_config, self.keys)
 
 
 class DistillationModel(nn.Module):
@@ -161,10 +178,14 @@ class DistillationModel(nn.Module):
     Args:
         student: a `detcore.models.gfl.GFLDetector`.
         losses: which terms and their recipe configs (weights, temperatures).
-        canvas_hw: the store's canvas (FGD masks, HGD micro weights).
+        canvas_hw: the store's first canvas (regions by default); FGD masks and HGD micro
+            weights take each batch's canvas from its images (one canvas per batch).
         teacher_channels: channels of every teacher target by name (``fpn/p3`` ...,
             ``backbone/c3`` ...), from the source's target specs; its groups say whether
             BCD reads the teacher's ``box`` or ``edges``.
+        class_mask: per class, False for a dataset category the teacher lacks
+            (`label_store.TeacherFingerprint.class_mask`): LD's KD and BCD's class term leave
+            it out. None: every class.
     """
 
     def __init__(
@@ -173,9 +194,17 @@ class DistillationModel(nn.Module):
         losses: LossConfig,
         canvas_hw: tuple[int, int],
         teacher_channels: Mapping[str, int],
+        class_mask: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
         self.student = student
+        self.class_mask = None
+        if class_mask is not None and not all(class_mask):
+            if len(class_mask) != student.num_classes:
+                raise TargetShapeError(
+                    f"DistillationModel(class_mask=) expects one flag per student class ({student.num_classes}). Got {len(class_mask)}."
+                )
+            self.class_mask = torch.tensor([bool(v) for v in class_mask], dtype=torch.bool)
         self.losses = losses
         self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
         self.groups = needed_target_groups(losses, {name.split("/", 1)[0] for name in teacher_channels})
@@ -318,7 +347,7 @@ class DistillationModel(nn.Module):
                 assignment = self._assignment(gfl_targets, batch_regions.get("vlr")) if same_atss else None
                 ld = ld_recipe(
                     outputs.cls_logits, outputs.box_logits, teacher_cls, teacher_box, gt_boxes, strides, reg_max,
-                    config=losses.ld, assignment=assignment, point_offset=outputs.point_offset,
+                    config=losses.ld, assignment=assignment, point_offset=outputs.point_offset, class_mask=self.class_mask,
                 )
                 terms.update({key: ld[key] for key in OPTIMISED_KEYS["ld"] if key in losses.enabled})
             if losses.uses("bcd"):
@@ -328,7 +357,7 @@ class DistillationModel(nn.Module):
                     outputs.cls_logits, outputs.box_logits, teacher_cls, teacher_box, gt_boxes, strides, reg_max,
                     config=losses.bcd, assignment=assignment, point_offset=outputs.point_offset,
                     teacher_edges=None if teacher_box is not None else teacher.edge_distances(),
-                    teacher_point_offset=teacher.point_offset,
+                    teacher_point_offset=teacher.point_offset, class_mask=self.class_mask,
                 )
                 terms.update({key: bcd[key] for key in OPTIMISED_KEYS["bcd"]})
         if self.ld_im is not None:
@@ -340,7 +369,7 @@ class DistillationModel(nn.Module):
             logs.update(im)
         if self.fgd is not None:
             fgd = fgd_recipe(
-                self.fgd, outputs.fpn_features, teacher.fpn_features, gt_boxes, self.canvas_hw
+                self.fgd, outputs.fpn_features, teacher.fpn_features, gt_boxes, tuple(images.shape[-2:])
             )
             terms["fgd"] = fgd.pop("fgd")
             logs.update(fgd)
@@ -351,7 +380,7 @@ class DistillationModel(nn.Module):
             if teacher.backbone_features is not None:
                 available.update(zip(BACKBONE_STAGES, teacher.backbone_features))
             teacher_feats = {stage: available[stage] for stage in self.hgd.stages}
-            hgd = hgd_recipe(self.hgd, student_feats, teacher_feats, gt_boxes, self.canvas_hw, config=losses.hgd)
+            hgd = hgd_recipe(self.hgd, student_feats, teacher_feats, gt_boxes, tuple(images.shape[-2:]), config=losses.hgd)
             terms["hgd"] = hgd.pop("hgd")
             logs.update(hgd)
         return terms, logs

@@ -5,8 +5,8 @@ on N Ray Train workers: ``ScalingConfig(num_workers=N, use_gpu=torch.cuda.is_ava
 torch's process group from Ray (gloo on CPU, NCCL on GPUs), the `DistillationModel`
 wrapped in DDP by ``ray.train.torch.prepare_model`` (so the FGD/HGD modules are
 synchronised with the student), and each worker reading its own shard of the epoch's
-views from the store (`student_trainer.data.ShardedViewSampler`: one view per image per
-epoch, padded so every rank takes the same number of steps). ``--batch-size`` is per
+views from the store (`detcore.datasets.CanvasBatchSampler`: one view per image per
+epoch, batches of one canvas each, the same number on every rank). ``--batch-size`` is per
 worker, so the global batch is ``batch_size * N``; the learning rate is never rescaled:
 keep the global batch to keep the result (docs/operations.md, "Training on many
 workers"). DDP averages the gradients, so every rank ends each step with the same
@@ -171,6 +171,8 @@ def _absolute_paths(config):
         val_annotations=fix(config.data.val_annotations),
         val_images=fix(config.data.val_images),
     )
-    source = dataclasses.replace(config.source, teacher=fix(config.source.teacher))
-    student = dataclasses.replace(config.student, init=fix(config.student.init))
+    source = dataclasses.replace(config.source, teacher=fix(config.source.teacher), class_map=fix(config.source.class_map))
+    student = dataclasses.replace(
+        config.student, init=fix(config.student.init), backbone_weights=fix(config.student.backbone_weights)
+    )
     return dataclasses.replace(config, data=data, source=source, student=student, out=fix(config.out))

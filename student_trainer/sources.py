@@ -662,11 +662,29 @@ class InProcessTeacherSource(TargetSource):
         checkpoint: the teacher's detcore checkpoint.
         names: target names to return.
         device: where the teacher runs.
+        dataset_classes: the training categories; the teacher's classes are mapped to them by
+            name (`detcore.classes.map_classes`, as `distill precompute` does), so targets and
+            fingerprint equal a store's of the same teacher. None keeps the teacher's classes.
+        class_map: teacher name -> dataset name renames.
+        allow_missing_classes: accept categories the teacher lacks (masked out of class distillation).
+
+    Raises:
+        detcore.classes.ClassMappingError: classes that do not map (names them).
     """
 
     kind = "inprocess"
 
-    def __init__(self, checkpoint: str, names: Sequence[str], device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        names: Sequence[str],
+        device: str | torch.device = "cpu",
+        *,
+        dataset_classes: Sequence[str] | None = None,
+        class_map: Mapping[str, str] | None = None,
+        allow_missing_classes: bool = False,
+    ) -> None:
+        from detcore.classes import map_classes
         from detcore.teacher import load_teacher
         from label_store import TargetSpec, TeacherFingerprint
 
@@ -674,6 +692,10 @@ class InProcessTeacherSource(TargetSource):
         self.names = list(names)
         self.device = torch.device(device)
         self.teacher = load_teacher(self.checkpoint, device=str(self.device), precision="fp32")
+        if dataset_classes is not None:
+            self.teacher.use_class_mapping(
+                map_classes(self.teacher.teacher_classes, dataset_classes, class_map=class_map, allow_missing=allow_missing_classes)
+            )
         self._fingerprint = TeacherFingerprint.from_dict(self.teacher.fingerprint())
         groups = [g for g in self.teacher.available_groups if g != "edges" or "box" not in self.teacher.available_groups]
         self._specs = [TargetSpec(s.name, s.shape, "fp32") for s in self.teacher.target_specs(groups)]
@@ -713,8 +735,12 @@ class InProcessTeacherSource(TargetSource):
         return {**super().describe(), "teacher": self.checkpoint, "teacher_seconds": round(self.teacher_seconds, 3)}
 
 
-def build_source(config, names: Sequence[str], *, device: str | torch.device = "cpu", expected_fingerprint: Any = None) -> TargetSource:
-    """The source a run config asks for (`student_trainer.config.SourceConfig`)."""
+def build_source(
+    config, names: Sequence[str], *, device: str | torch.device = "cpu", expected_fingerprint: Any = None,
+    dataset_classes: Sequence[str] | None = None,
+) -> TargetSource:
+    """The source a run config asks for (`student_trainer.config.SourceConfig`); ``dataset_classes``
+    (the training categories) are what an in-process teacher's classes are mapped to."""
     source = config.source
     token = endpoint_token(source.token) if source.kind in ("remote", "read-through") else None
     kind = source.kind
@@ -735,7 +761,13 @@ def build_source(config, names: Sequence[str], *, device: str | torch.device = "
         )
         return ReadThroughSource(store, remote)
     if kind == "inprocess":
-        return InProcessTeacherSource(source.teacher, names, device=device)
+        from detcore.classes import read_class_map
+
+        return InProcessTeacherSource(
+            source.teacher, names, device=device, dataset_classes=dataset_classes,
+            class_map=read_class_map(source.class_map) if source.class_map else None,
+            allow_missing_classes=source.allow_missing_classes,
+        )
     raise ValueError(f"build_source(config.source.kind=) expects one of store, remote, read-through, inprocess. Got {kind!r}.")
 
 

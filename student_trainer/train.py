@@ -101,7 +101,8 @@ def config_identity(config: TrainRunConfig) -> dict[str, Any]:
     for key, value in flat.items():
         if any(key == free or key.startswith(free + ".") for free in _RESUME_FREE_KEYS):
             continue
-        if key in ("data.store", "data.annotations", "data.images", "source.teacher", "student.init") and value:
+        if key in ("data.store", "data.annotations", "data.images", "source.teacher", "student.init",
+                   "student.backbone_weights") and value:
             value = str(Path(value).resolve()) if "://" not in str(value) else value
         out[key] = value
     return out
@@ -153,7 +154,7 @@ class MetricsLog:
             self.writer.close()
 
 
-def _resolve_views(config: TrainRunConfig, coco, store_source, canvas_hw) -> tuple[list, dict, str]:
+def _resolve_views(config: TrainRunConfig, coco, store_source, canvas_hw, orient: bool = True) -> tuple[list, dict, str]:
     """Views to train on, the stored content hashes, and a note on where they came from."""
     from detcore.views import plan_views
 
@@ -178,7 +179,7 @@ def _resolve_views(config: TrainRunConfig, coco, store_source, canvas_hw) -> tup
         if missing:
             planned = plan_views(
                 [(i, coco.record(i).height, coco.record(i).width) for i in missing],
-                canvas_hw=canvas_hw, scales=config.data.scales, flip=config.data.flip,
+                canvas_hw=canvas_hw, scales=config.data.scales, flip=config.data.flip, orient=orient,
             )
             views += planned
             note += f"{' + ' if note else ''}{len(planned)} planned views of {len(missing)} images not in the store"
@@ -233,8 +234,9 @@ def train_student(
         OPTIMIZER_DEFAULTS, autocast_context, build_optimizer, config_difference, evaluate_model, learning_rate_factor,
         optimizer_step, resolve_device,
     )
+    from detcore.datasets import CanvasBatchSampler
     from detcore.interrupt import StopRequest, ignore_stop_signals
-    from student_trainer.data import FailureLog, ShardedViewSampler, StoreViewDataset, check_store_fits, collate_train
+    from student_trainer.data import FailureLog, StoreViewDataset, check_store_fits, collate_train
     from student_trainer.distill import DistillationModel, needed_target_names
     from student_trainer.sources import StoreSource, build_source
 
@@ -256,7 +258,9 @@ def train_student(
         # BCD reads the teacher's edge distances when the store holds no edge distributions.
         available = {spec.group for spec in StoreSource(config.data.store, []).specs}
     names = needed_target_names(losses, student_cfg.strides, available)
-    source = build_source(config, names, device=device) if names or config.source.kind != "store" else None
+    source = (
+        build_source(config, names, device=device, dataset_classes=coco.classes) if names or config.source.kind != "store" else None
+    )
     store_for_views = None
     if config.data.store:
         if isinstance(getattr(source, "store", None), StoreSource):
@@ -284,7 +288,9 @@ def train_student(
                 f"train_student expects the {config.source.kind} teacher to be the store's teacher ({config.data.store}). "
                 "Differences:\n  - " + "\n  - ".join(differences)
             )
-    views, hashes, views_note = _resolve_views(config, coco, store_for_views, canvas_hw)
+    # A store of one non-square canvas (schema 1) had every view fit into that canvas.
+    orient = canvas_hw[0] == canvas_hw[1] or store_for_views is None or len(store_for_views.reader.canvases) > 1
+    views, hashes, views_note = _resolve_views(config, coco, store_for_views, canvas_hw, orient)
     if not views:
         raise ValueError(f"train_student expects views to train on. Got none ({views_note or 'empty store'}).")
     worker_reader = source.worker_reader() if source is not None and names else None
@@ -293,10 +299,9 @@ def train_student(
         readable_keys=source.readable_keys() if worker_reader is not None else None,
         strict_hash=config.data.strict_hash, photometric=config.data.photometric,
     )
-    sampler = ShardedViewSampler(views, seed=optim.seed, num_replicas=dist.world_size, rank=dist.rank)
-    per_rank = sampler.per_rank
-    drop_last = per_rank >= optim.batch_size  # BatchNorm needs more than one value per channel
-    iters_per_epoch = per_rank // optim.batch_size if drop_last else 1
+    # Batches of one canvas each (aspect-ratio grouping), the same count on every rank and epoch.
+    sampler = CanvasBatchSampler(views, optim.batch_size, seed=optim.seed, num_replicas=dist.world_size, rank=dist.rank)
+    iters_per_epoch = sampler.num_batches
     total_steps = int(optim.iters) if optim.iters is not None else int(optim.epochs) * iters_per_epoch
     warmup = int(optim.warmup_iters) if optim.warmup_iters is not None else min(500, total_steps // 10)
     schedule = OPTIMIZER_DEFAULTS[optim.optimizer]["schedule"]
@@ -306,11 +311,13 @@ def train_student(
     student = build_detector(
         student_cfg.arch, len(coco.classes), fpn_channels=student_cfg.fpn_channels, head_channels=student_cfg.head_channels,
         num_convs=student_cfg.num_convs, reg_max=student_cfg.reg_max, strides=student_cfg.strides,
+        backbone_weights=student_cfg.backbone_weights,
+        frozen_backbone_bn=None if student_cfg.backbone_weights is None else not student_cfg.train_backbone_all,
     )
     if student_cfg.init:
         student.load_state_dict(load_checkpoint(student_cfg.init)["model_state"])
     teacher_channels = {spec.name: int(spec.shape[0]) for spec in reference.specs}
-    model = DistillationModel(student, losses, canvas_hw, teacher_channels).to(device)
+    model = DistillationModel(student, losses, canvas_hw, teacher_channels, class_mask=fingerprint.class_mask).to(device)
     optimizer = build_optimizer(model, optim.optimizer, optim.peak_lr, optim.decay)
     autocast, use_scaler = autocast_context(device, optim.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -390,8 +397,8 @@ def train_student(
     # LD's VLR and ld_im's region depend on the GT alone: the loader's workers compute them.
     dataset.regions = model.region_spec()
     loader = DataLoader(
-        dataset, batch_size=optim.batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_train,
-        drop_last=drop_last, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_train,
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
         worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
 
@@ -415,7 +422,7 @@ def train_student(
     try:
         while step < total_steps and not stopped:
             epoch, within = divmod(step, iters_per_epoch)
-            sampler.set_epoch(epoch, start=within * optim.batch_size)
+            sampler.set_epoch(epoch, start=within)
             tick = time.perf_counter()
             for batch in loader:
                 for failure in failures.add(batch["failures"]):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Callable
 
 from fastapi import FastAPI, Request
@@ -47,9 +48,32 @@ logger = logging.getLogger(__name__)
 TeacherLoader = Callable[[ServeSettings], OnlineTeacher]
 
 
+def serve_class_mapping(settings: ServeSettings, teacher_classes=None):
+    """The `detcore.classes.ClassMapping` the settings ask for (None without ``annotations``).
+
+    ``teacher_classes``: the checkpoint's classes (read from ``settings.teacher`` when None).
+
+    Raises:
+        detcore.classes.ClassMappingError: classes that do not map, or a bad class map file.
+        detcore.coco.AnnotationError: an unreadable annotation file.
+    """
+    if settings.annotations is None:
+        return None
+    from detcore.classes import map_classes, read_class_map
+    from detcore.coco import CocoDataset
+
+    if teacher_classes is None:
+        from detcore.checkpoint import load_checkpoint
+
+        teacher_classes = load_checkpoint(settings.teacher)["classes"]
+    dataset = CocoDataset(settings.annotations, Path(settings.annotations).parent)
+    class_map = read_class_map(settings.class_map) if settings.class_map is not None else None
+    return map_classes(teacher_classes, dataset.classes, class_map=class_map, allow_missing=settings.allow_missing_classes)
+
+
 def load_teacher(settings: ServeSettings) -> OnlineTeacher:
     """Default loader: `OnlineTeacher.load` of ``settings.teacher`` with the settings' device,
-    precision, canvas and codecs."""
+    precision, canvas, codecs and class mapping."""
     return OnlineTeacher.load(
         settings.teacher,
         device=settings.device,
@@ -57,6 +81,7 @@ def load_teacher(settings: ServeSettings) -> OnlineTeacher:
         canvas_hw=settings.canvas_hw,
         codecs=settings.codecs or None,
         torch_threads=settings.torch_threads,
+        class_mapping=serve_class_mapping(settings),
     )
 
 

@@ -19,8 +19,11 @@ Run a teacher once over every view of a COCO-format dataset on a Ray cluster and
 its outputs (class logits, box-edge distributions, FPN and backbone features) into a
 compressed label store.
 
-Views: each image is rendered onto one fixed canvas per store at each --scales factor,
-plus a mirrored twin unless --no-flip. Re-running the same command resumes: committed
+Views: each image is resized by mmdetection's keep-ratio rule for --canvas HxW (scale =
+min(long canvas side / long image side, short / short), upscaling included); landscape
+images go on the HxW canvas, portrait ones on WxH. One view per --scales factor of that
+size (or --views-per-image N scales spread over --scale-range LO:HI), plus a mirrored twin
+unless --no-flip. Re-running the same command resumes: committed
 views are skipped. A store made by another teacher, canvas or target set is refused.
 A corrupt or missing image does not stop the job: its views go to the store's failures
 table with the reason, and the exit code is 3.
@@ -78,6 +81,15 @@ def _scales(text: str) -> tuple[float, ...]:
     return values
 
 
+def _scale_range(text: str) -> tuple[float, float]:
+    from detcore.views import parse_scale_range
+
+    try:
+        return parse_scale_range(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _targets(text: str) -> tuple[str, ...]:
     from teacher_service.precompute import TARGET_GROUPS
 
@@ -124,10 +136,17 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (distill detector train writes one)")
     data.add_argument("--store", metavar="PATH_OR_URL", help="label store path or fsspec URL; created, or resumed if it exists")
     views = parser.add_argument_group("views and targets (fixed per store)")
-    views.add_argument("--canvas", type=_canvas, metavar="HxW", help="store canvas (default: the teacher checkpoint's canvas)")
+    views.add_argument("--canvas", type=_canvas, metavar="HxW",
+                       help="store canvas: landscape views on HxW, portrait views on WxH, sized by mmdetection's "
+                            "keep-ratio rule (default: the teacher checkpoint's canvas)")
     views.add_argument("--scales", type=_scales, default=None, metavar="S[,S...]",
-                       help="view scales relative to fitting the canvas, each in (0, 1] (default: 1.0; the built-in "
-                            "default uses its preset's scales)")
+                       help="view scales relative to mmdetection's size for the canvas, each in (0, 1] (default: 1.0; "
+                            "the built-in default uses its preset's scales)")
+    views.add_argument("--scale-range", type=_scale_range, default=None, metavar="LO:HI",
+                       help="instead of --scales: --views-per-image scales per image spread over LO:HI (0 < LO <= HI <= 1), "
+                            "as mmdetection's multi-scale training draws them; recorded with every view")
+    views.add_argument("--views-per-image", type=int, default=None, metavar="N",
+                       help="views (before flips) per image with --scale-range")
     views.add_argument("--no-flip", action="store_true", help="do not add a mirrored twin of every view")
     views.add_argument("--targets", type=_targets, default=None, metavar="GROUPS",
                        help="target groups to store, from cls,box,fpn,backbone (default: cls,box,fpn; the built-in "
@@ -138,6 +157,13 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
                        help="default codecs: small (zstd 15, fewest bytes) or fast (the same quantizers with a fast "
                             "zstd level, for writers that keep up with a GPU teacher); --codec overrides win "
                             "(default: fast when the teacher runs on a GPU, else small)")
+    classes = parser.add_argument_group("classes (the store holds the dataset's categories, in its order)")
+    classes.add_argument("--class-map", metavar="FILE",
+                         help="JSON object of teacher class name -> dataset category name, for names that differ beyond "
+                              "case and '_' vs space; teacher classes the dataset lacks are dropped")
+    classes.add_argument("--allow-missing-classes", action="store_true",
+                         help="accept dataset categories the teacher has no class for: recorded in the store and left out "
+                              "of class distillation (without it they are an error)")
     job = parser.add_argument_group("execution")
     job.add_argument("--batch-size", type=_positive_int, default=8, help="views per teacher forward pass (default: 8)")
     job.add_argument("--num-actors", type=_positive_int, default=1,
@@ -254,6 +280,13 @@ def run_precompute_command(args: argparse.Namespace) -> int:
     if isinstance(inputs, str):
         print(f"error: {inputs}", file=sys.stderr)
         return EXIT_USAGE
+    from detcore.classes import ClassMappingError, read_class_map
+
+    try:
+        class_map = read_class_map(args.class_map) if args.class_map else {}
+    except ClassMappingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     config = PrecomputeConfig(
         annotations=inputs.annotations,
         images_dir=inputs.images,
@@ -261,10 +294,14 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         store=inputs.store,
         canvas_hw=args.canvas,
         scales=inputs.scales,
+        scale_range=args.scale_range,
+        views_per_image=args.views_per_image,
         flip=not args.no_flip,
         target_groups=inputs.targets,
         codecs=tuple(args.codec),
         codec_profile=args.codec_profile or "auto",
+        class_map=tuple(class_map.items()),
+        allow_missing_classes=args.allow_missing_classes,
         batch_size=args.batch_size,
         num_actors=args.num_actors,
         cpus_per_actor=args.cpus_per_actor,

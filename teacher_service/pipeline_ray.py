@@ -102,8 +102,9 @@ def _row_targets(batch: Mapping[str, np.ndarray], i: int, specs) -> tuple[dict[s
     values = np.frombuffer(raw, dtype=np.float32)
     originals, start = {}, 0
     for spec in quantized:
-        size = int(np.prod(spec.shape))
-        originals[spec.name] = values[start : start + size].reshape(spec.shape)
+        shape = np.shape(batch[spec.name][i])  # the codes have the view's canvas shape
+        size = int(np.prod(shape))
+        originals[spec.name] = values[start : start + size].reshape(shape)
         start += size
     if start != values.size:
         raise ValueError(

@@ -308,6 +308,8 @@ class TeacherPredictor:
         fault: testing hook, see `FAULT_ENV`.
         cpu_affinity: cores to keep this actor's process on (every thread of it, and the
             thread of each call), or None; see `teacher_service.precompute.cpu_pinning`.
+        class_mapping: `detcore.classes.ClassMapping` from the teacher's classes to the
+            store's (`detcore.teacher.Teacher.use_class_mapping`), or None.
     """
 
     def __init__(
@@ -323,6 +325,7 @@ class TeacherPredictor:
         cpu_affinity: Sequence[int] | None = None,
         quantize: Mapping[str, str] | None = None,
         fidelity_views: int | None = None,
+        class_mapping=None,
     ) -> None:
         self.cpu_affinity = frozenset(int(c) for c in cpu_affinity) if cpu_affinity else None
         if self.cpu_affinity:
@@ -330,7 +333,9 @@ class TeacherPredictor:
         from detcore.teacher import load_teacher
 
         self.device = select_device(device)
-        self.teacher = load_teacher(teacher_path, device=self.device, precision=precision, torch_threads=torch_threads)
+        self.teacher = load_teacher(
+            teacher_path, device=self.device, precision=precision, torch_threads=torch_threads, class_mapping=class_mapping
+        )
         self.target_shapes = {name: tuple(int(s) for s in shape) for name, shape in target_shapes.items()}
         self.with_backbone = any(name.startswith("backbone/") for name in self.target_shapes)
         self.groups = tuple(g for g in TARGET_GROUPS if any(name.split("/", 1)[0] == g for name in self.target_shapes))

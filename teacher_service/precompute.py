@@ -47,7 +47,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class PrecomputeInputError(ValueError):
-    """Bad input to the precompute job (missing file, bad config, classes that differ)."""
+    """Bad input to the precompute job (missing file, bad config, classes that do not map)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +65,21 @@ class PrecomputeConfig:
     canvas_hw: tuple[int, int] | None = None
     """Store canvas ``(H, W)``; None uses the canvas recorded in the teacher checkpoint."""
     scales: tuple[float, ...] = (1.0,)
-    """View scales relative to the fit scale, each in (0, 1]."""
+    """View scales relative to mmdetection's keep-ratio scale for the canvas, each in (0, 1]."""
+    scale_range: tuple[float, float] | None = None
+    """``(LO, HI)``: plan ``views_per_image`` scales per image spread over it instead of ``scales``."""
+    views_per_image: int | None = None
+    """N views (before flips) per image with ``scale_range``."""
     flip: bool = True
     """Add a mirrored twin of every scale."""
     target_groups: tuple[str, ...] = ("cls", "box", "fpn")
     """Target groups to store, from `TARGET_GROUPS`."""
     codecs: tuple[tuple[str, str], ...] = ()
     """Codec overrides ``((group or target name, codec name), ...)``, e.g. ``(("fpn", "int8-channel"),)``."""
+    class_map: tuple[tuple[str, str], ...] = ()
+    """Teacher class renames ``((teacher name, dataset name), ...)`` for `detcore.classes.map_classes`."""
+    allow_missing_classes: bool = False
+    """Accept dataset categories the teacher lacks: recorded in the store, left out of class distillation."""
     codec_profile: str = "auto"
     """Default codecs' profile (`label_store.codecs.profile_codec`): ``small`` (the default
     codecs), ``fast`` (their quantizers with a fast zstd level, for writers that keep up with
@@ -154,6 +162,12 @@ class PrecomputeConfig:
             raise PrecomputeInputError(f"PrecomputeConfig(canvas_hw=) expects two positive ints (H, W). Got {self.canvas_hw}.")
         if not self.scales or any(not (0 < s <= 1) for s in self.scales):
             raise PrecomputeInputError(f"PrecomputeConfig(scales=) expects factors in (0, 1]. Got {list(self.scales)}.")
+        from detcore.views import ViewError, check_scales
+
+        try:
+            check_scales(self.scales, self.scale_range, self.views_per_image, "PrecomputeConfig")
+        except ViewError as error:
+            raise PrecomputeInputError(str(error)) from None
         unknown = [g for g in self.target_groups if g not in TARGET_GROUPS]
         if not self.target_groups or unknown:
             raise PrecomputeInputError(
@@ -338,7 +352,9 @@ class StoreLayout:
     canvas_hw: tuple[int, int]
     """The store's canvas ``(H, W)``."""
     classes: tuple[str, ...]
-    """Teacher class names by label."""
+    """Class names of the stored ``cls`` channels: the dataset's categories, in its order."""
+    class_mapping: Any = None
+    """`detcore.classes.ClassMapping` from the teacher's classes to ``classes``; None when they are the same."""
 
     @property
     def target_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -384,11 +400,28 @@ def profile_codecs(config: PrecomputeConfig) -> dict[str, str]:
     return {group: profile_codec(DEFAULT_CODECS[group], profile) for group in config.target_groups}
 
 
-def store_layout(config: PrecomputeConfig) -> StoreLayout:
-    """Fingerprint and target specs of the store that ``config`` fills (loads the teacher once)."""
+def store_layout(config: PrecomputeConfig, dataset_classes: Sequence[str] | None = None) -> StoreLayout:
+    """Fingerprint and target specs of the store that ``config`` fills (loads the teacher once).
+
+    ``dataset_classes``: the categories the store's ``cls`` targets hold, mapped from the
+    teacher's classes by name (`detcore.classes.map_classes` with the config's class map);
+    None keeps the teacher's classes.
+    """
+    from detcore.classes import ClassMappingError, map_classes
     from detcore.teacher import TeacherGroupError, load_teacher
 
     teacher = load_teacher(config.teacher, device="cpu", precision="fp32")
+    if dataset_classes is not None:
+        try:
+            mapping = map_classes(
+                teacher.teacher_classes, dataset_classes, class_map=dict(config.class_map), allow_missing=config.allow_missing_classes
+            )
+        except ClassMappingError as error:
+            hint = " (--class-map FILE, --allow-missing-classes)"
+            raise PrecomputeInputError(f"{error}{hint} Dataset: {config.annotations}; teacher: {config.teacher}.") from error
+        teacher.use_class_mapping(mapping)
+    elif config.class_map or config.allow_missing_classes:
+        raise PrecomputeInputError("store_layout(config=) with a class map or allow_missing_classes expects dataset_classes.")
     fingerprint = teacher.fingerprint()
     canvas_hw = tuple(int(v) for v in (config.canvas_hw or fingerprint["canvas_hw"]))
     fingerprint["canvas_hw"] = list(canvas_hw)
@@ -411,7 +444,7 @@ def store_layout(config: PrecomputeConfig) -> StoreLayout:
         raise PrecomputeInputError(f"--targets: {error}") from error
     except ValueError as error:  # an unknown codec name: the message carries the grammar
         raise PrecomputeInputError(str(error)) from error
-    return StoreLayout(fingerprint, tuple(specs), canvas_hw, tuple(fingerprint["classes"]))
+    return StoreLayout(fingerprint, tuple(specs), canvas_hw, tuple(teacher.classes), teacher.class_mapping)
 
 
 def _keep_existing_codecs(config: PrecomputeConfig, specs: list, per_group: dict, per_target: dict) -> list:
@@ -442,8 +475,10 @@ def _keep_existing_codecs(config: PrecomputeConfig, specs: list, per_group: dict
     return out
 
 
-def plan_job(config: PrecomputeConfig, dataset, canvas_hw: tuple[int, int]) -> list:
-    """Every view of the selected images, in image-id order (`detcore.views.plan_views`)."""
+def plan_job(config: PrecomputeConfig, dataset, canvas_hw: tuple[int, int], *, orient: bool = True) -> list:
+    """Every view of the selected images, in image-id order (`detcore.views.plan_views`).
+
+    ``orient=False`` plans a schema-1 store's views (one canvas, fit into it) to resume it."""
     from detcore.views import plan_views
 
     image_ids = dataset.image_ids if config.image_ids is None else list(config.image_ids)
@@ -458,6 +493,9 @@ def plan_job(config: PrecomputeConfig, dataset, canvas_hw: tuple[int, int]) -> l
         canvas_hw=canvas_hw,
         scales=tuple(config.scales),
         flip=config.flip,
+        scale_range=config.scale_range,
+        views_per_image=config.views_per_image,
+        orient=orient,
     )
 
 
@@ -664,8 +702,8 @@ def run_precompute(
             ``(views stored, views failed, views to do)`` of this run.
 
     Raises:
-        PrecomputeInputError: a missing file, an unknown image id, teacher and dataset
-            classes that differ, a bad config value.
+        PrecomputeInputError: a missing file, an unknown image id, dataset categories the
+            teacher lacks (without allow_missing_classes), a bad class map, a bad config value.
         label_store.StoreMismatchError: the store exists and was made by another
             teacher, canvas or target set (the message lists the differences).
 
@@ -683,17 +721,16 @@ def run_precompute(
         dataset = CocoDataset(config.annotations, config.images_dir)
     except AnnotationError as error:
         raise PrecomputeInputError(str(error)) from error
-    layout = store_layout(config)
-    if tuple(dataset.classes) != layout.classes:
-        raise PrecomputeInputError(
-            f"run_precompute expects the dataset's classes to be the teacher's {list(layout.classes)}. "
-            f"Got {list(dataset.classes)} in {config.annotations}."
-        )
+    layout = store_layout(config, dataset.classes)
+    if layout.class_mapping is not None:
+        logger.info("precompute: teacher classes mapped to the dataset's categories:\n%s", layout.class_mapping.describe())
     storage_options = dict(config.storage_options) or None
     store = create_store(
         config.store, layout.fingerprint, list(layout.target_specs), exist_ok=True, storage_options=storage_options
     )
-    views = plan_job(config, dataset, layout.canvas_hw)
+    # A store of one non-square canvas (schema 1) resumes with the views it was planned with.
+    orient = len(store.canvases) > 1 or layout.canvas_hw[0] == layout.canvas_hw[1]
+    views = plan_job(config, dataset, layout.canvas_hw, orient=orient)
     committed = store.committed_keys()
     todo = [v for v in views if v.key not in committed]
     skipped = len(views) - len(todo)
@@ -717,7 +754,7 @@ def run_precompute(
         stop = StopRequest(raise_at_once=True)
         try:
             with stop:
-                totals = _run_pipeline(config, dataset, layout, todo, on_progress, pinning=pinning)
+                totals = _run_per_canvas(config, dataset, layout, store.canvases, todo, on_progress, pinning=pinning)
         except Interrupted:
             interrupted = stop.signum
         finally:
@@ -753,6 +790,42 @@ def run_precompute(
     )
 
 
+def _run_per_canvas(
+    config: PrecomputeConfig, dataset, layout: StoreLayout, canvases: Sequence[Any], todo: list, on_progress,
+    pinning: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+) -> dict[str, Any]:
+    """One pipeline run per store canvas (a batch of the teacher is one canvas); the summed totals."""
+    index = {canvas.canvas_hw: i for i, canvas in enumerate(canvases)}
+    groups: dict[int, list] = {}
+    for view in todo:
+        where = index.get((view.canvas_h, view.canvas_w))
+        if where is None:
+            raise PrecomputeInputError(
+                f"run_precompute expects views on the store's canvases {list(index)}. Got {view.canvas_h}x{view.canvas_w} "
+                f"(image_id={view.image_id} view_id={view.view_id})."
+            )
+        groups.setdefault(where, []).append(view)
+    totals: dict[str, Any] = {}
+    done = [0, 0]
+
+    def progress(stored: int, failed: int, _total: int) -> None:
+        if on_progress is not None:
+            on_progress(done[0] + stored, done[1] + failed, len(todo))
+
+    for where in sorted(groups):
+        result = _run_pipeline(config, dataset, layout, groups[where], progress, pinning=pinning, canvas=canvases[where])
+        for key, value in result.items():
+            if key == "stage_slots":
+                totals[key] = max(totals.get(key, 0), value)
+            elif isinstance(value, list):
+                totals[key] = totals.get(key, []) + value
+            elif isinstance(value, (int, float)):
+                totals[key] = totals.get(key, 0) + value
+        done[0] += int(result.get("stored", 0))
+        done[1] += len(result.get("failures", []))
+    return totals
+
+
 def _shutdown_ray() -> None:
     """Stop (or leave) the cluster the job started (or joined); a failure there is logged, not
     raised, so that the summary of the committed parts still comes."""
@@ -779,11 +852,15 @@ def _interrupted_totals(store, parts_before: set[str], todo_keys: set) -> dict[s
 def _run_pipeline(
     config: PrecomputeConfig, dataset, layout: StoreLayout, todo: list, on_progress,
     pinning: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    canvas: Any = None,
 ) -> dict[str, Any]:
     """Build and run the Ray Data pipeline over ``todo`` views; the aggregated write totals.
 
     ``pinning``: `cpu_pinning`'s (teacher cores, stage cores), or None.
+    ``canvas``: the store canvas (`label_store.schema.StoreCanvas`) every view of ``todo``
+    is on; None: the layout's canvas.
     """
+    specs = tuple(canvas.targets) if canvas is not None else layout.target_specs
     teacher_cpus, stage_cpus = pinning or (None, None)
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
@@ -846,13 +923,14 @@ def _run_pipeline(
                 compute=ActorPoolStrategy(size=config.num_actors),
                 fn_constructor_kwargs={
                     "teacher_path": str(Path(config.teacher).resolve()),
-                    "target_shapes": layout.target_shapes,
+                    "target_shapes": {spec.name: tuple(int(v) for v in spec.shape) for spec in specs},
+                    "class_mapping": layout.class_mapping,
                     "batch_size": config.batch_size,
                     "device": device,
                     "precision": config.precision,
                     "torch_threads": None if device.startswith("cuda") else torch_threads,
-                    "transfer_dtypes": transfer_dtypes(layout.target_specs, device),
-                    "quantize": device_quantized(layout.target_specs, device, config.quantize_on_device),
+                    "transfer_dtypes": transfer_dtypes(specs, device),
+                    "quantize": device_quantized(specs, device, config.quantize_on_device),
                     "fault": fault,
                     "cpu_affinity": tuple(teacher_cpus) if teacher_cpus and not device.startswith("cuda") else None,
                 },

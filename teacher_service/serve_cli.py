@@ -69,7 +69,7 @@ def register_serve(subparsers) -> None:
     parser.add_argument(
         "--precision", choices=("auto", "fp32", "bf16", "fp16"), help="autocast as in precompute (default auto)"
     )
-    parser.add_argument("--canvas", type=_canvas, help="canvas HxW views must use (default: the checkpoint's)")
+    parser.add_argument("--canvas", type=_canvas, help="store canvas HxW: views on HxW (landscape) or WxH (portrait) (default: the checkpoint's)")
     parser.add_argument(
         "--codec",
         action="append",
@@ -78,6 +78,13 @@ def register_serve(subparsers) -> None:
         help="codec override by target group, as given to the store (repeatable), e.g. fpn=int8-channel",
     )
     parser.add_argument("--torch-threads", type=int, help="intra-op threads of the forward pass on the CPU")
+    parser.add_argument("--annotations", metavar="FILE",
+                        help="COCO annotations whose categories the cls targets hold (the store's), mapped from the "
+                             "teacher's classes by name as distill precompute does (default: the teacher's classes)")
+    parser.add_argument("--class-map", metavar="FILE",
+                        help="with --annotations: JSON of teacher class name -> dataset category name")
+    parser.add_argument("--allow-missing-classes", action="store_true", default=None,
+                        help="with --annotations: accept dataset categories the teacher lacks (left out of class distillation)")
     parser.add_argument("--ray", action="store_true", help="deploy as a Ray Serve application (FastAPI ingress)")
     parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray; default 1)")
     parser.add_argument(
@@ -99,6 +106,9 @@ _SETTING_ARGS = {
     "precision": "precision",
     "canvas": "canvas_hw",
     "torch_threads": "torch_threads",
+    "annotations": "annotations",
+    "class_map": "class_map",
+    "allow_missing_classes": "allow_missing_classes",
 }
 
 
@@ -154,6 +164,18 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         print(f"distill serve: --replicas expects >= 1. Got {args.replicas}.", file=sys.stderr)
         return EXIT_USAGE
+    from detcore.checkpoint import CheckpointError
+    from detcore.classes import ClassMappingError
+    from detcore.coco import AnnotationError
+    from teacher_service.app import serve_class_mapping
+
+    try:  # before the server starts, so that classes that do not map exit 2 with their names
+        mapping = serve_class_mapping(settings)
+    except (ClassMappingError, AnnotationError, CheckpointError) as error:
+        print(f"distill serve: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if mapping is not None:
+        log.info("teacher classes mapped to the categories of %s:\n%s", settings.annotations, mapping.describe())
     if args.ray:
         from teacher_service.serve_deployment import deploy
 

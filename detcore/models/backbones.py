@@ -73,9 +73,11 @@ class ResNetBackbone(nn.Module):
         depth: 18, 34, 50 or 101.
         weights_path: optional state_dict file (torchvision's ImageNet checkpoints, or
             any dict with the ResNet's keys; ``fc.*`` is ignored). Never downloaded.
-        frozen_bn: keep BatchNorm in eval mode with frozen affine parameters, and freeze
-            the stem and ``layer1`` (mmdetection's ``norm_eval=True, frozen_stages=1``
-            for pretrained backbones). Use False when training from scratch.
+        frozen_bn: keep every BatchNorm in eval mode (running statistics never update) and
+            freeze the stem and ``layer1`` entirely (mmdetection's ``norm_eval=True,
+            frozen_stages=1`` for pretrained backbones; BatchNorm's affine parameters of
+            layer2-4 still train, as with its ``norm_cfg=dict(type="BN", requires_grad=True)``).
+            Use False when training from scratch.
     """
 
     def __init__(self, depth: int, weights_path: str | None = None, frozen_bn: bool = False) -> None:
@@ -96,10 +98,6 @@ class ResNetBackbone(nn.Module):
             for module in (self.stem, self.layer1):
                 for parameter in module.parameters():
                     parameter.requires_grad_(False)
-            for module in self.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    for parameter in module.parameters():
-                        parameter.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "ResNetBackbone":
         super().train(mode)

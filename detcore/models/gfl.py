@@ -483,12 +483,14 @@ def build_detector(
     reg_max: int = DEFAULT_REG_MAX,
     strides: Sequence[int] = DEFAULT_STRIDES,
     backbone_weights: str | None = None,
+    frozen_backbone_bn: bool | None = None,
 ) -> GFLDetector:
     """Build a GFL detector by architecture name (``gfl_tiny``, ``gfl_r18``, ``gfl_r34``, ``gfl_r50``, ``gfl_r101``).
 
     Defaults (FPN / head channels, convs per tower): tiny 32/32/2, r18 64/64/4,
     r34 128/128/4, r50 and r101 256/256/4. ``backbone_weights``: a ResNet state_dict file
-    (never downloaded); BatchNorm and the stem + layer1 are then frozen as in mmdetection.
+    (never downloaded); BatchNorm and the stem + layer1 are then frozen as in mmdetection
+    unless ``frozen_backbone_bn=False``.
     """
     config = make_detector_config(
         arch,
@@ -499,5 +501,6 @@ def build_detector(
         reg_max=reg_max,
         strides=strides,
         backbone_weights=backbone_weights,
+        frozen_backbone_bn=frozen_backbone_bn,
     )
     return build_detector_from_config(config)

@@ -304,6 +304,18 @@ def _zero_like(x: Tensor) -> Tensor:
     return as_float32(x).sum() * 0.0
 
 
+def _known_classes(student: Tensor, teacher: Tensor, class_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Student and teacher Tensor[N, K] restricted to the classes of ``class_mask`` (BoolTensor[K]; None: all)."""
+    if class_mask is None:
+        return student, teacher
+    if class_mask.dim() != 1 or class_mask.shape[0] != student.shape[1] or class_mask.dtype != torch.bool:
+        raise ValueError(f"class_mask expects a BoolTensor[{student.shape[1]}]. Got {class_mask.dtype} of shape {tuple(class_mask.shape)}.")
+    if bool(class_mask.all()):
+        return student, teacher
+    mask = class_mask.to(student.device)
+    return student[:, mask], teacher[:, mask]
+
+
 def ld_recipe(
     student_cls: Sequence[Tensor],
     student_box: Sequence[Tensor],
@@ -315,6 +327,7 @@ def ld_recipe(
     config: LDConfig = LDConfig(),
     assignment: PointAssignment | None = None,
     point_offset: float = 0.5,
+    class_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """LD on GFL as released, summed over levels; each level pools the batch's locations.
 
@@ -335,6 +348,8 @@ def ld_recipe(
         config: weights, temperatures, avg factors, ATSS/VLR settings.
         assignment: precomputed `assign_points` result with ``vlr`` (else computed here).
         point_offset: the student's point convention, for ATSS and the VLR.
+        class_mask: BoolTensor[K], the classes the KD term covers (False: a category the
+            teacher lacks, `label_store.TeacherFingerprint.class_mask`); None: all.
     Returns:
         dict of float32 scalars ``ld_main``, ``ld_vlr``, ``ld_kd`` (weighted).
     """
@@ -364,10 +379,8 @@ def ld_recipe(
                 config.main_weight
                 * ld_loss(s_box[positive], t_box[positive], quality, main_avg_factor, config.main_temperature)
             )
-            kd.append(
-                config.kd_weight
-                * kd_cls_loss(s_cls[positive], t_cls[positive], None, float(positive.sum()), config.kd_temperature)
-            )
+            s_known, t_known = _known_classes(s_cls[positive], t_cls[positive], class_mask)
+            kd.append(config.kd_weight * kd_cls_loss(s_known, t_known, None, float(positive.sum()), config.kd_temperature))
         else:
             main.append(_zero_like(s_box))
             kd.append(_zero_like(s_cls))
@@ -478,6 +491,7 @@ def bcd_recipe(
     point_offset: float = 0.5,
     teacher_edges: Sequence[Tensor] | None = None,
     teacher_point_offset: float | None = None,
+    class_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """BCD on GFL as released, summed over levels.
 
@@ -494,6 +508,8 @@ def bcd_recipe(
             (`DenseOutputs.edge_distances`), used when ``teacher_box`` is None.
         point_offset: the student's point convention (ATSS, the student's boxes).
         teacher_point_offset: the teacher's, for its boxes (default: ``point_offset``).
+        class_mask: BoolTensor[K], the classes the class term and the IoU term's weight
+            cover (False: a category the teacher lacks); None: all.
     Returns:
         dict of float32 scalars ``bcd_cls``, ``bcd_iou`` (weighted).
     """
@@ -525,8 +541,9 @@ def bcd_recipe(
             cls_terms.append(_zero_like(s_cls))
             iou_terms.append(_zero_like(s_box))
             continue
-        cls_terms.append(config.cls_weight * bcd_cls_loss(s_cls, t_cls, None, num_positives, config.beta))
-        gap = (as_float32(t_cls).sigmoid() - as_float32(s_cls.detach()).sigmoid()).abs().max(dim=1).values
+        s_known, t_known = _known_classes(s_cls, t_cls, class_mask)
+        cls_terms.append(config.cls_weight * bcd_cls_loss(s_known, t_known, None, num_positives, config.beta))
+        gap = (as_float32(t_known).sigmoid() - as_float32(s_known.detach()).sigmoid()).abs().max(dim=1).values
         points = points_per_level[level].repeat(batch, 1)
         teacher_points = teacher_points_per_level[level].repeat(batch, 1)
         stride = float(strides[level])

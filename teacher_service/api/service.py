@@ -112,6 +112,7 @@ class TargetService:
             "default_targets": list(self.teacher.default_names),
             "groups": list(self.teacher.groups),
             "canvas_hw": list(self.teacher.canvas_hw),
+            "canvases": [list(c) for c in self.teacher.canvases],
             "limits": {
                 "max_batch": self.settings.max_batch,
                 "max_wait_ms": self.settings.max_wait_ms,
@@ -227,6 +228,15 @@ class TargetService:
         specs = self.teacher.resolve_targets(targets)
         names = [spec.name for spec in specs]
         views = self._views(rows)
+        canvases = sorted({(v.canvas_h, v.canvas_w) for v in views})
+        if len(canvases) > 1:
+            raise RequestProblem(
+                "invalid-view",
+                f"views= expects the views of one request on one canvas (the response holds one target shape each). "
+                f"Got canvases {', '.join(f'{h}x{w}' for h, w in canvases)}; send one request per canvas.",
+                errors=[{"field": "views", "detail": f"{len(canvases)} canvases"}],
+            )
+        specs = self.teacher.specs_for(specs, canvases[0])
         announcement.add(len(views))
         prepared = await asyncio.to_thread(self._prepare, views, list(images), names)
         # No await between retract and submit: the batcher never sees the views missing.

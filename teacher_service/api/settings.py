@@ -67,10 +67,27 @@ class ServeSettings(BaseSettings):
     ``DISTILLERY_CODECS='{"fpn": "int8-channel"}'``)."""
     torch_threads: int | None = Field(default=None, ge=1)
     """Intra-op threads of the forward pass on the CPU (None: torch's default)."""
+    annotations: Path | None = None
+    """COCO annotation file whose categories the served ``cls`` targets hold, mapped from the
+    teacher's classes by name as `distill precompute` maps them (the store's annotations);
+    None serves the teacher's own classes."""
+    class_map: Path | None = None
+    """JSON file of teacher class name -> dataset category name renames (with ``annotations``)."""
+    allow_missing_classes: bool = False
+    """Accept dataset categories the teacher lacks (with ``annotations``), as precompute does."""
     retry_after_s: int = Field(default=1, ge=1, le=3600)
     """Smallest Retry-After (seconds) sent with 503 answers."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """uvicorn log level."""
+
+    @model_validator(mode="after")
+    def _classes_need_annotations(self) -> "ServeSettings":
+        if self.annotations is None and (self.class_map is not None or self.allow_missing_classes):
+            raise ValueError(
+                "ServeSettings(class_map=, allow_missing_classes=) expect annotations: the dataset whose categories the "
+                "teacher's classes map to. Got none; pass --annotations FILE (the store's COCO annotations)."
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> "ServeSettings":

@@ -64,7 +64,8 @@ class OnlineTeacher:
     Args:
         model: a `detcore.teacher.Teacher` on ``device``.
         device: torch device string.
-        canvas_hw: the canvas ``(H, W)`` every view must use.
+        canvas_hw: the store canvas ``(H, W)``; views use it or, for portrait images, its
+            transpose (`label_store.schema.default_canvases`).
         specs: `label_store.TargetSpec` of every target the teacher can produce, in order.
         fingerprint: the teacher fingerprint dict (`detcore.teacher.Teacher.fingerprint`).
         default_groups: groups answered when a request names none.
@@ -82,7 +83,10 @@ class OnlineTeacher:
     ) -> None:
         self.model = model
         self.device = device
+        from label_store.schema import default_canvases
+
         self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
+        self.canvases = default_canvases(self.canvas_hw)
         self.specs = list(specs)
         self.fingerprint = dict(fingerprint)
         self.digest = fingerprint_digest(self.fingerprint)
@@ -101,6 +105,7 @@ class OnlineTeacher:
         canvas_hw: tuple[int, int] | None = None,
         codecs: dict[str, str] | None = None,
         torch_threads: int | None = None,
+        class_mapping=None,
     ) -> "OnlineTeacher":
         """Load a checkpoint; specs and fingerprint are built as the precompute job builds a store's.
 
@@ -113,6 +118,8 @@ class OnlineTeacher:
             codecs: codec overrides by target group (``{"fpn": "int8-channel"}``), the
                 same as the store's so that the bytes are the same.
             torch_threads: intra-op threads on the CPU (None: torch's default).
+            class_mapping: `detcore.classes.ClassMapping` from the teacher's classes to the
+                store's categories (`serve_class_mapping`), or None for the teacher's own.
         """
         import torch
 
@@ -121,7 +128,9 @@ class OnlineTeacher:
         from teacher_service.pipeline_stages import select_device
 
         device = select_device(device)
-        teacher = load_teacher(str(checkpoint), device=device, precision=precision, torch_threads=torch_threads)
+        teacher = load_teacher(
+            str(checkpoint), device=device, precision=precision, torch_threads=torch_threads, class_mapping=class_mapping
+        )
         fingerprint = teacher.fingerprint()
         canvas_hw = tuple(int(v) for v in (canvas_hw or fingerprint["canvas_hw"]))
         # The store records the canvas it was made for; an endpoint for that store must too.
@@ -176,13 +185,19 @@ class OnlineTeacher:
         return [spec for spec in self.specs if spec.name in names]
 
     def check_view(self, view: View) -> None:
-        """Raise `ViewError` unless ``view`` is valid and uses this teacher's canvas."""
+        """Raise `ViewError` unless ``view`` is valid and uses one of this teacher's canvases."""
         view.validate()
-        if (view.canvas_h, view.canvas_w) != self.canvas_hw:
+        if (view.canvas_h, view.canvas_w) not in self.canvases:
             raise ViewError(
-                f"View(canvas=) expects the teacher canvas {self.canvas_hw[0]}x{self.canvas_hw[1]}. "
+                f"View(canvas=) expects a teacher canvas, {' or '.join(f'{h}x{w}' for h, w in self.canvases)}. "
                 f"Got {view.canvas_h}x{view.canvas_w} (image_id={view.image_id} view_id={view.view_id})."
             )
+
+    def specs_for(self, specs: Sequence[Any], canvas_hw: tuple[int, int]) -> list[Any]:
+        """``specs`` with the level shapes of ``canvas_hw`` (one of `canvases`)."""
+        from label_store.schema import canvas_targets
+
+        return list(specs) if tuple(canvas_hw) == self.canvas_hw else list(canvas_targets(specs, canvas_hw))
 
     def prepare_view(self, view: View, data: bytes, names: Sequence[str]) -> PreparedView:
         """Decode ``data``, check its size against the view, render. Thread-safe.
@@ -204,11 +219,19 @@ class OnlineTeacher:
 
         wanted = {n for item in batch for n in item.names}
         groups = tuple(g for g in TARGET_GROUPS if any(group_of(n) == g for n in wanted))
-        images = torch.from_numpy(np.stack([item.canvas for item in batch])).to(self.device)
-        with torch.inference_mode():
-            outputs = self.model.forward(images, backbone="backbone" in groups)
-            arrays = {name: t.float().cpu().numpy() for name, t in outputs.to_targets(groups).items() if name in wanted}
-        return [{name: arrays[name][i] for name in item.names} for i, item in enumerate(batch)]
+        # One forward per canvas: a landscape and a portrait view do not stack.
+        members_per_canvas: dict[tuple[int, ...], list[int]] = {}
+        for i, item in enumerate(batch):
+            members_per_canvas.setdefault(tuple(item.canvas.shape), []).append(i)
+        out: list[dict[str, np.ndarray]] = [{} for _ in batch]
+        for members in members_per_canvas.values():
+            images = torch.from_numpy(np.stack([batch[i].canvas for i in members])).to(self.device)
+            with torch.inference_mode():
+                outputs = self.model.forward(images, backbone="backbone" in groups)
+                arrays = {name: t.float().cpu().numpy() for name, t in outputs.to_targets(groups).items() if name in wanted}
+            for row, i in enumerate(members):
+                out[i] = {name: arrays[name][row] for name in batch[i].names}
+        return out
 
 
 class ImageSizeMismatch(ViewError):

@@ -104,6 +104,8 @@ def test_backbone_weights_loaded_from_file_and_frozen(tmp_path):
     torch.testing.assert_close(model.backbone.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
     assert not model.backbone.stem[0].weight.requires_grad
     assert model.backbone.layer2[0].conv1.weight.requires_grad
+    # mmdetection's norm_cfg requires_grad=True: BatchNorm's affine trains after the frozen stages, its statistics never.
+    assert model.backbone.layer2[0].bn1.weight.requires_grad and not model.backbone.layer1[0].bn1.weight.requires_grad
     model.train()
     assert not model.backbone.layer2[0].bn1.training and model.head.training
     with pytest.raises(BackboneWeightsError, match="does not exist"):

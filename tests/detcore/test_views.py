@@ -156,3 +156,126 @@ def test_content_hash_sensitivity():
     changed[17, 23, 1] ^= 1
     assert content_hash(changed) != digest
     assert content_hash(pixels.reshape(60, 40, 3)) != digest  # same bytes, other shape
+
+
+# -- mmdetection's keep-ratio rule, landscape and portrait canvases ---------------------
+
+
+def _mmdet_size(h: int, w: int, canvas=(800, 1333), factor: float = 1.0) -> tuple[int, int]:
+    """mmcv's rescale_size for Resize(scale=canvas, keep_ratio=True), written independently."""
+    long_edge, short_edge = max(canvas), min(canvas)
+    scale = min(long_edge / max(h, w), short_edge / min(h, w)) * factor
+    new_w, new_h = int(w * scale + 0.5), int(h * scale + 0.5)
+    return new_h, new_w
+
+
+@pytest.mark.parametrize(
+    "kind, h, w",
+    [
+        ("landscape", 480, 640),
+        ("portrait", 640, 480),
+        ("square", 500, 500),
+        ("panoramic", 300, 2000),
+        ("panoramic portrait", 2000, 300),
+        ("tiny (upscaled)", 20, 30),
+        ("tiny portrait (upscaled)", 30, 20),
+    ],
+)
+@pytest.mark.parametrize("factor", [1.0, 0.5])
+def test_planned_sizes_follow_mmdetection_keep_ratio(kind, h, w, factor):
+    (view,) = plan_views([(1, h, w)], canvas_hw=(800, 1333), scales=(factor,), flip=False)
+    expected_h, expected_w = _mmdet_size(h, w, factor=factor)
+    got_h, got_w = view.resized_hw
+    assert abs(got_h - expected_h) <= 1 and abs(got_w - expected_w) <= 1, (kind, view.resized_hw, (expected_h, expected_w))
+    # Landscape (w >= h) on 800x1333, portrait on 1333x800; the image fits its canvas.
+    assert (view.canvas_h, view.canvas_w) == ((800, 1333) if w >= h else (1333, 800))
+    assert view.valid_region[2] <= view.canvas_w and view.valid_region[3] <= view.canvas_h
+    if kind.startswith("tiny"):
+        assert view.scale > 1
+
+
+def test_portrait_coco_image_gets_mmdetections_size_not_the_fit_size():
+    (view,) = plan_views([(1, 640, 480)], canvas_hw=(800, 1333), flip=False)
+    assert view.resized_hw == (1067, 800)
+    (legacy,) = plan_views([(1, 640, 480)], canvas_hw=(800, 1333), flip=False, orient=False)
+    assert legacy.resized_hw == (800, 600) and (legacy.canvas_h, legacy.canvas_w) == (800, 1333)
+
+
+def test_square_canvas_keeps_one_canvas():
+    views = plan_views([(1, 40, 60), (2, 60, 40), (3, 50, 50)], canvas_hw=(64, 64), flip=False)
+    assert {(v.canvas_h, v.canvas_w) for v in views} == {(64, 64)}
+    assert [v.resized_hw for v in views] == [(43, 64), (64, 43), (64, 64)]
+
+
+def test_coco_like_sizes_match_mmdetection_independently():
+    """Every planned view of COCO-like sizes against mmdetection's rule (independent check)."""
+    rng = np.random.default_rng(0)
+    sizes = [(480, 640), (640, 480), (427, 640), (640, 427), (375, 500), (500, 375), (612, 612), (333, 500), (640, 360)]
+    sizes += [(int(h), int(w)) for h, w in rng.integers(120, 641, size=(300, 2))]
+    images = [(i + 1, h, w) for i, (h, w) in enumerate(sizes)]
+    for canvas in ((800, 1333), (1333, 800), (512, 768)):
+        for view in plan_views(images, canvas_hw=canvas, scales=(1.0, 0.75), flip=True):
+            factor = 1.0 if view.view_id < 2 else 0.75
+            expected = _mmdet_size(view.image_h, view.image_w, canvas=canvas, factor=factor)
+            assert abs(view.resized_hw[0] - expected[0]) <= 1 and abs(view.resized_hw[1] - expected[1]) <= 1, (view, expected)
+            landscape = view.image_w >= view.image_h
+            assert (view.canvas_w >= view.canvas_h) == landscape or view.canvas_w == view.canvas_h
+            view.validate()
+
+
+def test_scale_range_plans_spread_deterministic_views():
+    images = [(5, 480, 640), (6, 640, 480)]
+    views = plan_views(images, canvas_hw=(800, 1333), scale_range=(0.5, 1.0), views_per_image=4, flip=True)
+    assert views == plan_views(images, canvas_hw=(800, 1333), scale_range=(0.5, 1.0), views_per_image=4, flip=True)
+    assert len(views) == 2 * 4 * 2
+    for image_id, h, w in images:
+        mine = [v for v in views if v.image_id == image_id]
+        assert [v.view_id for v in mine] == list(range(8))
+        assert [v.flip for v in mine] == [False, True] * 4
+        base = min(1333 / max(h, w), 800 / min(h, w))
+        factors = [v.scale / base for v in mine[::2]]
+        # One factor in each quarter of the range, in increasing order.
+        for i, f in enumerate(factors):
+            assert 0.5 + 0.125 * i <= f <= 0.5 + 0.125 * (i + 1) + 1e-12
+        assert all(a.scale == b.scale for a, b in zip(mine[::2], mine[1::2]))
+    base = min(1333 / 640, 800 / 480)  # the same for 480x640 and 640x480
+    first, second = ([v.scale / base for v in views if v.image_id == i][::2] for i in (5, 6))
+    assert first != second  # drawn per image, not one fixed set
+
+
+def test_scale_range_errors():
+    with pytest.raises(ViewError, match="scale_range"):
+        plan_views([(1, 10, 10)], canvas_hw=(64, 64), scale_range=(0.9, 0.5), views_per_image=2)
+    with pytest.raises(ViewError, match="views_per_image"):
+        plan_views([(1, 10, 10)], canvas_hw=(64, 64), scale_range=(0.5, 0.9), views_per_image=0)
+    with pytest.raises(ViewError, match="scale_range"):
+        plan_views([(1, 10, 10)], canvas_hw=(64, 64), views_per_image=2)
+    from detcore.views import parse_scale_range
+
+    assert parse_scale_range("0.8:1.0") == (0.8, 1.0)
+    for bad in ("0.8", "a:b", "0:1", "0.5:1.5"):
+        with pytest.raises(ValueError, match="--scale-range"):
+            parse_scale_range(bad)
+
+
+def test_render_is_bit_identical_on_both_canvases_in_a_subprocess():
+    import hashlib
+
+    landscape = _pixels(30, 50, seed=3)
+    portrait = _pixels(50, 30, seed=4)
+    views = plan_views([(1, 30, 50), (2, 50, 30)], canvas_hw=(48, 80), scales=(1.0, 0.6), flip=True)
+    assert {(v.canvas_h, v.canvas_w) for v in views} == {(48, 80), (80, 48)}
+    pixels = {1: landscape, 2: portrait}
+    local = [hashlib.sha256(render(pixels[v.image_id], v).image.numpy().tobytes()).hexdigest() for v in views]
+    assert local == [hashlib.sha256(render(pixels[v.image_id].copy(), v).image.numpy().tobytes()).hexdigest() for v in views]
+    code = (
+        "import sys, hashlib, numpy as np\n"
+        "from detcore.views import View, render\n"
+        "rng = lambda h, w, s: np.random.default_rng(s).integers(0, 256, size=(h, w, 3), dtype=np.uint8)\n"
+        "pixels = {1: rng(30, 50, 3), 2: rng(50, 30, 4)}\n"
+        f"views = [View.from_json(t) for t in {[v.to_json() for v in views]!r}]\n"
+        "for v in views:\n"
+        "    sys.stdout.write(hashlib.sha256(render(pixels[v.image_id], v).image.numpy().tobytes()).hexdigest() + '\\n')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == local

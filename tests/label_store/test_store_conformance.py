@@ -260,7 +260,7 @@ def test_inspect_document(backend, fingerprint, specs, make_record, make_targets
     json.dumps(info)  # JSON-able
     assert info["views"] == 3 and info["images"] == 2 and info["parts"] == 1
     assert info["failures"] == [{"image_id": 3, "view_id": 0, "reason": "decode error"}]
-    assert info["schema_version"] == 1 and info["teacher"] == fingerprint.to_dict()
+    assert info["schema_version"] == 2 and info["teacher"] == fingerprint.to_dict()
     assert info["bytes_on_disk"] > info["bytes_committed"] > 0
     assert info["fp32_bytes_per_view"] == sum(s.fp32_nbytes for s in specs)
     by_name = {t["name"]: t for t in info["targets"]}

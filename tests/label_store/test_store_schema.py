@@ -55,6 +55,27 @@ def test_diff_names_both_values(fingerprint):
     assert fingerprint.diff(fingerprint) == []
 
 
+def test_class_mapping_round_trips_and_masks(fingerprint):
+    assert "class_mapping" not in fingerprint.to_dict()
+    assert fingerprint.class_mask == (True, True, True)
+    mapping = {
+        "teacher_classes": ["dog", "truck", "person"],
+        "dataset_classes": ["person", "car", "dog"],
+        "teacher_index": [2, -1, 0],
+        "dropped_teacher_classes": ["truck"],
+        "missing_dataset_classes": ["car"],
+        "class_map": {},
+    }
+    mapped = dataclasses.replace(fingerprint, class_mapping=mapping)
+    assert TeacherFingerprint.from_dict(mapped.to_dict()) == mapped
+    assert mapped.class_mask == (True, False, True)
+    assert any(line.startswith("class_mapping: store has") for line in mapped.diff(fingerprint))
+    with pytest.raises(ValueError, match="dataset_classes are the fingerprint's classes"):
+        dataclasses.replace(fingerprint, class_mapping=dict(mapping, dataset_classes=["car", "person", "dog"]))
+    with pytest.raises(ValueError, match="teacher_index per class"):
+        dataclasses.replace(fingerprint, class_mapping=dict(mapping, teacher_index=[2, 0]))
+
+
 def test_preprocessing_is_canonical_json(fingerprint):
     fp = dataclasses.replace(fingerprint, preprocessing={"mean": (1, 2, 3)})
     assert fp.preprocessing == {"mean": [1, 2, 3]}

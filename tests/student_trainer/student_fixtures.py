@@ -96,8 +96,11 @@ def write_store(
     image_ids: Sequence[int] | None = None,
     fingerprint_overrides: dict | None = None,
     flip: bool = True,
+    orient: bool = True,
 ) -> Path:
-    """Teacher forward over {original, flip} views of every image (original only without ``flip``) -> a committed store."""
+    """Teacher forward over {original, flip} views of every image (original only without ``flip``) -> a committed store.
+
+    ``orient=False`` plans every view on ``canvas`` as stores of schema 1 did (one canvas)."""
     from detcore.checkpoint import load_detector_with_meta, teacher_fingerprint
     from detcore.coco import CocoDataset
     from detcore.views import content_hash, plan_views, render
@@ -115,19 +118,19 @@ def write_store(
         config.num_classes, config.reg_max, canvas, list(config.strides), config.fpn_channels,
         backbone_channels=list(teacher.backbone.out_channels), groups=groups, codecs=codecs,
     )
-    store = create_store(str(url), fingerprint, specs)
+    store = create_store(str(url), fingerprint, specs, canvases=None if orient else [canvas])
     ids = list(image_ids) if image_ids is not None else coco.image_ids
-    views = plan_views([(i, coco.record(i).height, coco.record(i).width) for i in ids], canvas_hw=canvas, flip=flip)
+    views = plan_views([(i, coco.record(i).height, coco.record(i).width) for i in ids], canvas_hw=canvas, flip=flip, orient=orient)
     part = store.open_part("part-0")
     pixels = {i: coco.load(i) for i in ids}
     rendered = [render(pixels[view.image_id], view) for view in views]
-    with torch.no_grad():
-        outputs = teacher(torch.stack([r.image for r in rendered]), with_backbone=True).to_targets(groups)
-    for index, (view, item) in enumerate(zip(views, rendered)):
+    for view, item in zip(views, rendered):
+        with torch.no_grad():
+            outputs = teacher(item.image[None], with_backbone=True).to_targets(groups)
         part.append(
             {"image_id": view.image_id, "view_id": view.view_id, "view": view.to_json(),
              "content_hash": content_hash(pixels[view.image_id]), "valid_region": list(item.valid_region)},
-            {spec.name: outputs[spec.name][index].numpy() for spec in specs},
+            {spec.name: outputs[spec.name][0].numpy() for spec in specs},
         )
     part.commit()
     return url

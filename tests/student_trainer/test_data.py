@@ -15,43 +15,39 @@ def _views(num_images=5, per_image=2):
     return [View(i, v, 64, 64, 50, 60, 1.0, bool(v % 2)) for i in range(1, num_images + 1) for v in range(per_image)]
 
 
-def test_sampler_takes_one_view_per_image_each_epoch_reproducibly():
-    from student_trainer.data import ShardedViewSampler
+def test_batches_take_one_view_per_image_each_epoch_reproducibly():
+    from detcore.datasets import CanvasBatchSampler
 
     views = _views()
-    sampler = ShardedViewSampler(views, seed=3)
+    sampler = CanvasBatchSampler(views, 5, seed=3)
     orders = []
     for epoch in range(6):
         sampler.set_epoch(epoch)
-        order = list(sampler)
-        assert sorted(views[i].image_id for i in order) == [1, 2, 3, 4, 5]
-        orders.append(order)
-    again = ShardedViewSampler(views, seed=3)
+        (batch,) = list(sampler)
+        assert sorted(views[i].image_id for i in batch) == [1, 2, 3, 4, 5]
+        orders.append(batch)
+    again = CanvasBatchSampler(views, 5, seed=3)
     again.set_epoch(4)
-    assert list(again) == orders[4]
+    assert list(again) == [orders[4]]
     chosen = {views[i].view_id for order in orders for i in order}
     assert chosen == {0, 1}  # both views of the images get sampled over the epochs
     assert len({tuple(o) for o in orders}) > 1
 
 
-def test_sampler_shards_evenly_and_resumes_mid_epoch():
-    from student_trainer.data import ShardedViewSampler
+def test_batches_shard_evenly_and_resume_mid_epoch():
+    from detcore.datasets import CanvasBatchSampler
 
-    views = _views(num_images=5)
-    shards = [ShardedViewSampler(views, seed=1, num_replicas=2, rank=r) for r in range(2)]
-    for shard in shards:
-        shard.set_epoch(2)
-    a, b = list(shards[0]), list(shards[1])
-    assert len(a) == len(b) == 3  # 5 images padded to 6
-    assert {views[i].image_id for i in a + b} == {1, 2, 3, 4, 5}
-    full = ShardedViewSampler(views, seed=1)
-    full.set_epoch(2)
-    whole = list(full)
-    assert a == (whole + whole[:1])[0::2] and b == (whole + whole[:1])[1::2]  # interleaved shares of one order
-    shards[0].set_epoch(2, start=2)
-    assert list(shards[0]) == a[2:] and len(shards[0]) == 1
+    views = _views(num_images=9)
+    shards = [CanvasBatchSampler(views, 2, seed=1, num_replicas=2, rank=r) for r in range(2)]
+    a, b = shards[0].batches(2), shards[1].batches(2)
+    assert len(a) == len(b) == 2  # 9 images: two blocks of 2 x 2, the ninth dropped
+    assert len({views[i].image_id for batch in a + b for i in batch}) == 8
+    whole = CanvasBatchSampler(views, 4, seed=1).batches(2)
+    assert [batch[0::2] for batch in whole] == a and [batch[1::2] for batch in whole] == b  # interleaved shares of one order
+    shards[0].set_epoch(2, start=1)
+    assert list(shards[0]) == a[1:] and len(shards[0]) == 1
     with pytest.raises(ValueError, match="rank"):
-        ShardedViewSampler(views, num_replicas=2, rank=2)
+        CanvasBatchSampler(views, 2, num_replicas=2, rank=2)
 
 
 def test_dataset_renders_the_stored_recipe_and_reads_its_targets(world):

@@ -77,11 +77,14 @@ def _paired_world(world, root):
 
 def _seed_pairing_the_ranks(views, epochs):
     """A data seed for which, every epoch, each of 2 ranks gets one copy of each picture (image ids mod 2)."""
-    from student_trainer.data import ShardedViewSampler
+    from detcore.datasets import CanvasBatchSampler
 
     for seed in range(1000):
-        ranks = [ShardedViewSampler(views, seed=seed, num_replicas=2, rank=r) for r in range(2)]
-        if all(sorted(views[i].image_id % 2 for i in rank.order(epoch)) == [0, 1] for epoch in range(epochs) for rank in ranks):
+        ranks = [CanvasBatchSampler(views, 2, seed=seed, num_replicas=2, rank=r) for r in range(2)]
+        if all(
+            sorted(views[i].image_id % 2 for batch in rank.batches(epoch) for i in batch) == [0, 1]
+            for epoch in range(epochs) for rank in ranks
+        ):
             return seed
     raise AssertionError("no seed pairs the ranks")
 

@@ -215,3 +215,34 @@ def test_dataloader_workers_read_the_store(world, tmp_path):
 
     summary = train_student(run_config(world, tmp_path / "run", losses="ld", num_workers=2, iters=2), progress=False)
     assert summary["finished"] and summary["step"] == 2
+
+
+def test_two_canvas_store_trains_in_batches_of_one_canvas(world, tmp_path):
+    """Landscape and portrait views of one store: every batch holds one canvas (a mixed batch could not stack)."""
+    from label_store import open_store
+    from student_fixtures import write_store
+
+    from student_trainer.train import train_student
+
+    store = write_store(tmp_path / "two.zarr", world.teacher, world.annotations, world.images, canvas=(48, 80))
+    reader = open_store(str(store))
+    assert {reader.canvas_of(*key).canvas_hw for key in reader.keys()} == {(48, 80), (80, 48)}
+    summary = train_student(run_config(world, tmp_path / "run", store=str(store), losses="ld,fgd,ld_im", iters=3), progress=False)
+    assert summary["finished"] and summary["step"] == 3
+
+
+def test_schema_1_store_still_trains_and_resumes(world, tmp_path):
+    """A store in the layout written before canvases (schema 1, one non-square canvas, views fit into it)."""
+    from label_store import open_store
+    from label_store.testing import write_schema_1_layout
+    from student_fixtures import write_store
+
+    from student_trainer.train import train_student
+
+    store = write_store(tmp_path / "old.zarr", world.teacher, world.annotations, world.images, canvas=(48, 80), orient=False)
+    write_schema_1_layout(str(store))
+    assert open_store(str(store)).schema_version == 1
+    out = tmp_path / "run"
+    train_student(run_config(world, out, store=str(store), losses="ld,fgd", iters=4), stop_after_steps=2, progress=False)
+    summary = train_student(run_config(world, out, store=str(store), losses="ld,fgd", iters=4), progress=False)
+    assert summary["finished"] and summary["step"] == 4

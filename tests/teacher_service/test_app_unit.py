@@ -424,3 +424,35 @@ def test_view_objects_and_json_text_are_both_accepted(client):
     body_text = client.portal.call(service.compute, json.dumps([v.to_dict() for v in views]), [image, image], None)
     assert body_objects == body_text
     assert isinstance(View.from_dict(views[0].to_dict()), View)
+
+
+def test_landscape_and_portrait_views_on_a_non_square_canvas(tmp_path):
+    """A teacher for --canvas 48x64 answers views on 48x64 and on its transpose (one canvas per request)."""
+    path = make_tiny_teacher(tmp_path / "wide.pt", canvas_hw=(48, 64))
+    teacher = load_teacher(ServeSettings(teacher=path, auth_disabled=True, device="cpu"))
+    assert teacher.canvases == ((48, 64), (64, 48))
+    landscape = plan_views([(1, 30, 40)], canvas_hw=(48, 64), flip=False)
+    portrait = plan_views([(2, 40, 30)], canvas_hw=(48, 64), flip=False)
+    assert (portrait[0].canvas_h, portrait[0].canvas_w) == (64, 48)
+    images = {1: encode_image(random_image(30, 40, 1)), 2: encode_image(random_image(40, 30, 2))}
+    app = create_app(ServeSettings(teacher=path, auth_disabled=True, device="cpu", max_wait_ms=1), teacher_loader=lambda s: teacher)
+    with TestClient(app) as client:
+        shapes = {}
+        for views in (landscape, portrait):
+            data, files = targets_request(views, [images[views[0].image_id]], targets="cls/p3")
+            response = client.post("/v1/targets", data=data, files=files)
+            assert response.status_code == 200, response.text
+            _, specs, entries = unpack_targets(response.content)
+            shapes[views[0].image_id] = (specs[0].shape, entries[0]["targets"]["cls/p3"].shape)
+        assert shapes == {1: ((3, 6, 8), (3, 6, 8)), 2: ((3, 8, 6), (3, 8, 6))}
+        data, files = targets_request(landscape + portrait, [images[1], images[2]], targets="cls/p3")
+        mixed = client.post("/v1/targets", data=data, files=files)
+        assert mixed.status_code == 422 and "one canvas" in mixed.json()["detail"]
+        data, files = targets_request([dict(landscape[0].to_dict(), canvas_h=64, canvas_w=64)], [images[1]])
+        assert client.post("/v1/targets", data=data, files=files).status_code == 422
+    # The batcher may join requests of both canvases: one forward per canvas, the same answers.
+    prepared = [teacher.prepare_view(v, images[v.image_id], ["cls/p3"]) for v in landscape + portrait]
+    joined = teacher.forward(prepared)
+    alone = [teacher.forward([p])[0] for p in prepared]
+    for a, b in zip(joined, alone):
+        np.testing.assert_allclose(a["cls/p3"], b["cls/p3"], rtol=1e-5, atol=1e-6)

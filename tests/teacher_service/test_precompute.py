@@ -40,6 +40,7 @@ CANVAS = (64, 64)
 CLASSES = ("disc", "square")
 IMAGE_SIZES = [(48, 64), (64, 48), (40, 40), (64, 64), (50, 70), (30, 60), (64, 32), (56, 56)]
 FP32_CODECS = (("cls", "fp32"), ("box", "fp32"), ("fpn", "fp32"), ("backbone", "fp32"))
+FP32_CODECS_NO_BACKBONE = FP32_CODECS[:3]
 
 
 def _write_dataset(root: Path, sizes=IMAGE_SIZES) -> tuple[Path, Path]:
@@ -267,6 +268,11 @@ def test_cli_bad_input_exits_2_before_starting_ray(data, tmp_path, capsys):
     assert "Missing: --teacher" in capsys.readouterr().err
     assert _cli(["precompute", "--annotations", str(data["annotations"]), *common, "--codec", "fpn=int9-view"]) == 2
     assert "int9-view" in capsys.readouterr().err
+    assert _cli(["precompute", "--annotations", str(data["annotations"]), *common, "--views-per-image", "2"]) == 2
+    assert "--scale-range" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(["precompute", "--annotations", str(data["annotations"]), *common, "--scale-range", "0.9:0.5"])
+    assert exit_info.value.code == 2 and "--scale-range expects LO:HI" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 
@@ -873,3 +879,78 @@ def test_store_quantized_in_the_teacher_stage_equals_the_writers(data, local_ray
     stores.pop("auto")
     fidelity = {mode: open_store(str(url)).fidelity["targets"] for mode, url in stores.items()}
     assert set(fidelity["on"]) == set(fidelity["off"]) and all(row["views"] > 0 for row in fidelity["on"].values())
+
+
+# ---- landscape and portrait canvases ---------------------------------------------------------
+
+
+def test_precompute_fills_both_canvases_with_the_teachers_view_of_each(data, teacher_model, local_ray, tmp_path):
+    """--canvas 48x64: landscape images on 48x64, portrait ones on 64x48, one store; targets equal
+    the teacher's forward on the student's re-rendering of each recorded view."""
+    from detcore.views import content_hash
+    from label_store.maintenance import inspect_store
+    from label_store.reader import open_store
+
+    store = tmp_path / "two.zarr"
+    summary = run_precompute(_config(data, store, canvas_hw=(48, 64), codecs=FP32_CODECS_NO_BACKBONE, flip=False))
+    assert (summary.views_planned, summary.views_stored, summary.views_failed) == (8, 8, 0)
+    reader = open_store(str(store))
+    assert [c.canvas_hw for c in reader.canvases] == [(48, 64), (64, 48)]
+    dataset = CocoDataset(data["annotations"], data["images"])
+    canvases = set()
+    for key in reader.keys():
+        record = reader.record(*key)
+        view = View.from_json(record["view"])
+        pixels = dataset.load(view.image_id)
+        landscape = view.image_w >= view.image_h
+        assert (view.canvas_h, view.canvas_w) == ((48, 64) if landscape else (64, 48))
+        assert reader.canvas_of(*key).canvas_hw == (view.canvas_h, view.canvas_w)
+        assert record["content_hash"] == content_hash(pixels)
+        expected = _direct_targets(teacher_model, render_array(pixels, view), with_backbone=False)
+        for name, array in reader.read(*key).items():
+            np.testing.assert_allclose(array, expected[name], rtol=1e-4, atol=1e-5, err_msg=f"{key} {name}")
+        canvases.add((view.canvas_h, view.canvas_w))
+    assert canvases == {(48, 64), (64, 48)}
+    info = inspect_store(str(store))
+    assert sum(c["views"] for c in info["canvases"]) == 8 and all(c["views"] for c in info["canvases"])
+    assert 0 < info["padding_share"] < 1
+
+
+def test_scale_range_views_are_planned_and_stored(data, local_ray, tmp_path):
+    from label_store.reader import open_store
+
+    store = tmp_path / "range.zarr"
+    ids = tuple(CocoDataset(data["annotations"], data["images"]).image_ids[:2])
+    config = _config(data, store, canvas_hw=(48, 64), scale_range=(0.5, 1.0), views_per_image=3, image_ids=ids)
+    summary = run_precompute(config)
+    assert (summary.views_planned, summary.views_stored) == (12, 12)
+    views = [View.from_json(open_store(str(store)).record(*key)["view"]) for key in open_store(str(store)).keys()]
+    assert len({round(v.scale, 9) for v in views if v.image_id == ids[0]}) == 3
+
+
+def test_schema_1_store_resumes_with_its_own_views(data, teacher_model, local_ray, tmp_path):
+    """A store written before canvases (one non-square canvas, views fit into it) resumes as it was planned."""
+    from label_store import create_store
+    from label_store.maintenance import verify_store
+    from label_store.reader import open_store
+    from label_store.testing import write_schema_1_layout
+    from teacher_service.precompute import store_layout
+
+    store = tmp_path / "old.zarr"
+    config = _config(data, store, canvas_hw=(48, 64), codecs=FP32_CODECS_NO_BACKBONE)
+    layout = store_layout(config)
+    create_store(str(store), layout.fingerprint, list(layout.target_specs), canvases=[(48, 64)])
+    first = run_precompute(dataclasses_replace(config, max_views=5))
+    assert first.views_stored == 5
+    write_schema_1_layout(str(store))
+    second = run_precompute(config)
+    assert (second.views_skipped, second.views_stored, second.views_left) == (5, 11, 0)
+    reader = open_store(str(store))
+    assert reader.schema_version == 1 and len(reader) == 16 and verify_store(str(store)).ok
+    dataset = CocoDataset(data["annotations"], data["images"])
+    for key in reader.keys():
+        view = View.from_json(reader.record(*key)["view"])
+        assert (view.canvas_h, view.canvas_w) == (48, 64)
+        assert view.scale == pytest.approx(min(48 / view.image_h, 64 / view.image_w))
+        expected = _direct_targets(teacher_model, render_array(dataset.load(view.image_id), view), with_backbone=False)
+        np.testing.assert_allclose(reader.read(*key)["cls/p3"], expected["cls/p3"], rtol=1e-4, atol=1e-5)
