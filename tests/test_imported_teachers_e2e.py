@@ -150,8 +150,10 @@ def test_mmdet_gfl_teacher_precompute_and_train_ld_bcd_fgd(world, local_ray, tmp
     assert f"dropped     {EXTRA_CLASS}" in out
     assert f"{world['teacher_classes'][0]} -> {classes[-1]}" in out
 
+    # The imported GFL has reg_max 7 (mmdetection's default); LD needs the student's to match, and says how.
+    assert _train(world, tmp_path / "r16", "ld", "--store", str(store)) == 2
+    assert "reg_max: store has 7, the student has 16 (--set student.reg_max=7)" in capsys.readouterr().err
     run = tmp_path / "run"
-    # The imported GFL has reg_max 7 (mmdetection's default); LD needs the student's to match.
     assert _train(world, run, "ld,bcd,fgd", "--store", str(store), "--set", "student.reg_max=7") == 0
     assert _finished_steps(run) == 2
     metrics = (run / "metrics.jsonl").read_text()
