@@ -310,7 +310,7 @@ def test_cli_without_inputs_uses_the_quickstart_store_views_and_targets(data, tm
 
     assert calls == ["quick"]
     assert (inputs.annotations, inputs.teacher) == (str(data["annotations"]), str(data["teacher"]))
-    assert inputs.store == str(tmp_path / "home" / "stores" / "quick-gfl_r18.zarr")
+    assert inputs.store == str(tmp_path / "home" / "stores" / "quick-easy-gfl_r18.zarr")
     assert inputs.targets == ("cls", "box", "fpn", "backbone")
     assert inputs.scales == tuple(defaults.PRESETS["quick"].scales)
     explicit = cli._resolve_inputs(parser.parse_args(["precompute", "--targets", "cls", "--scales", "0.5"]))
