@@ -91,7 +91,7 @@ def _scale_range(text: str) -> tuple[float, float]:
 
 
 def _targets(text: str) -> tuple[str, ...]:
-    from teacher_service.precompute import TARGET_GROUPS
+    from label_store.schema import TARGET_GROUPS
 
     groups = tuple(g.strip() for g in text.split(",") if g.strip())
     unknown = [g for g in groups if g not in TARGET_GROUPS]
