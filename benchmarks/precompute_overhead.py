@@ -10,7 +10,7 @@ shared; the ratio uses the mean of the two forward timings. A "cold" job runs fi
 fresh local Ray cluster (worker processes and the teacher actor start inside the timed
 job); a "warm" job then runs again into a new store on the same cluster, as on a
 long-lived cluster. Ray's own start-up is reported apart. The cluster is the one
-`distill precompute` starts (`teacher_service.precompute.init_ray`: logical CPUs for the
+`distill precompute` starts (`teacher_service.ray_runtime.init_ray`: logical CPUs for the
 actor plus a decode and a write task, the CPU teacher pinned to a core of its own unless
 ``--no-pin-cpus``).
 
@@ -281,7 +281,7 @@ def main() -> None:
 
     import ray
 
-    from teacher_service.precompute import init_ray
+    from teacher_service.ray_runtime import init_ray
 
     args.work.mkdir(parents=True, exist_ok=True)
     paths = prepare(args.work, args.num_images, args.canvas, arch=args.arch, channels=args.channels,

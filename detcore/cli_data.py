@@ -35,6 +35,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     synth.add_argument("--num-train", type=int, default=5000, metavar="N", help="training images (default: 5000)")
     synth.add_argument("--num-val", type=int, default=500, metavar="M", help="validation images (default: 500)")
     synth.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+    synth.add_argument(
+        "--variant", default="standard", choices=("standard", "easy"),
+        help="'standard': the benchmark (default); 'easy': 4 distinct classes, large objects, little clutter "
+        "(the quickstart's data)",
+    )
     synth.add_argument("--workers", type=int, default=1, help="processes; the output does not depend on it (default: 1)")
     synth.add_argument("--no-progress", action="store_true", help="no progress bar (also when TQDM_DISABLE=1 is set)")
     synth.set_defaults(func=run_synth)
@@ -68,12 +73,12 @@ def run_synth(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     summary = generate(
         args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed, workers=args.workers,
-        progress=progress_wanted(args.no_progress),
+        progress=progress_wanted(args.no_progress), variant=args.variant,
     )
     print(
         f"wrote {summary['num_train_images']} train images ({summary['num_train_objects']} objects) and "
         f"{summary['num_val_images']} val images ({summary['num_val_objects']} objects), "
-        f"{summary['num_classes']} classes, to {summary['out_dir']} in {summary['seconds']:.1f} s "
+        f"{summary['num_classes']} classes ({summary['variant']} variant), to {summary['out_dir']} in {summary['seconds']:.1f} s "
         f"({summary['ms_per_image']:.1f} ms per image)"
     )
     return EXIT_OK

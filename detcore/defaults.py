@@ -44,13 +44,29 @@ class Preset:
     """Distillation rows after the baseline (each `--losses` value of `distill train`)."""
     scales: tuple[float, ...] = (1.0,)
     """View scales stored per image (each with a flipped twin)."""
+    seeds: tuple[int, ...] = (0,)
+    """Student seeds: every row (baseline and distilled) is trained once per seed."""
+    data_variant: str = "standard"
+    """`detcore.synth` variant of the synthetic data ("standard" benchmark or "easy")."""
+
+    @property
+    def run_name(self) -> str:
+        """Directory name of the preset's data, teacher, store and students."""
+        return self.name if self.data_variant == "standard" else f"{self.name}-{self.data_variant}"
 
 
 PRESETS = {
-    # A minute or two: proves every step's wiring (used by tests/test_quickstart.py).
-    "smoke": Preset("smoke", 12, 6, 64, "gfl_tiny", 32, 1, 2e-3, "gfl_tiny", 1, 2e-3, 4),
-    # About 12 minutes on 2 CPU cores: proves the pipeline, not the method (budgets too small).
-    "quick": Preset("quick", 600, 100, 128, "gfl_r18", 64, 8, 2e-3, "gfl_tiny", 6, 2e-3, 16),
+    # Tiny budgets: proves every step's wiring, the seeds and the report (used by tests/test_quickstart.py).
+    "smoke": Preset(
+        "smoke", 12, 6, 64, "gfl_tiny", 32, 1, 2e-3, "gfl_tiny", 1, 2e-3, 4,
+        methods=("ld", "ld,ld_im"), seeds=(0, 1), data_variant="easy",
+    ),
+    # The quickstart: the easy synthetic variant, so that a short budget gives a clearly stronger
+    # teacher; LD and the reproduction's strongest combination, two seeds per student.
+    "quick": Preset(
+        "quick", 600, 100, 128, "gfl_r18", 64, 10, 2e-3, "gfl_tiny", 6, 2e-3, 16,
+        methods=("ld", "ld,ld_im"), seeds=(0, 1), data_variant="easy",
+    ),
     # The budget of the reproduction table in benchmarks/RESULTS.md: teacher 23 min, each
     # student 5-15 min on 2 CPU cores (about 1.7 hours in all); minutes on a GPU.
     "benchmark": Preset(
@@ -71,8 +87,8 @@ def default_paths(preset: Preset | str = "quick", home: Path | None = None) -> d
     """Where the built-in default's dataset, teacher and store live for a preset."""
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     home = Path(home) if home is not None else default_home()
-    data = home / "data" / f"synth-{preset.name}"
-    teacher_dir = home / "teacher" / f"{preset.name}-{preset.teacher_arch}"
+    data = home / "data" / f"synth-{preset.run_name}"
+    teacher_dir = home / "teacher" / f"{preset.run_name}-{preset.teacher_arch}"
     return {
         "data": data,
         "train_annotations": data / "annotations" / "train.json",
@@ -81,8 +97,9 @@ def default_paths(preset: Preset | str = "quick", home: Path | None = None) -> d
         "val_images": data / "val",
         "teacher_dir": teacher_dir,
         "teacher": teacher_dir / "final.pt",
-        "store": home / "stores" / f"{preset.name}-{preset.teacher_arch}.zarr",
-        "students": home / "students" / preset.name,
+        "store": home / "stores" / f"{preset.run_name}-{preset.teacher_arch}.zarr",
+        "students": home / "students" / preset.run_name,
+        "report": home / "reports" / f"quickstart-{preset.run_name}.html",
     }
 
 
@@ -97,7 +114,7 @@ def ensure_default_dataset(preset: Preset | str = "quick", home: Path | None = N
     paths = default_paths(preset, home)
     # val.json is written last by the generator, so its presence means a complete dataset.
     if not paths["val_annotations"].exists():
-        generate(paths["data"], num_train=preset.num_train, num_val=preset.num_val, seed=0)
+        generate(paths["data"], num_train=preset.num_train, num_val=preset.num_val, seed=0, variant=preset.data_variant)
     return paths["train_annotations"], paths["train_images"], paths["val_annotations"], paths["val_images"]
 
 

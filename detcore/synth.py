@@ -30,6 +30,12 @@ number of worker processes gives the same bytes; PNGs are written with fixed set
 (no metadata, ``compress_level=1``), JSON with ``sort_keys`` and rounded floats.
 Identical bytes across machines need the same numpy, Pillow and zlib versions.
 
+Variants: ``variant="standard"`` (the default, everything above) or ``"easy"``, the
+quickstart's data: 4 classes whose shapes differ (solid disc, checker square, dotted
+triangle, striped cross), 1-4 objects of 40-150 px per image, at most 2 distractors
+that resemble none of them, the same backgrounds and noise. The standard variant's
+bytes do not depend on the variant option existing (its files carry no variant field).
+
 Default benchmark size: 5000 train and 500 val images (``distill data synth``), about
 26,500 objects and 650 MB of PNGs; about 12 ms per image to draw and 20 ms including PNG
 encoding and writing, per process (``benchmarks/synth_speed.py``; benchmarks/RESULTS.md,
@@ -88,6 +94,41 @@ PALETTE = np.array(
     dtype=np.float32,
 )
 """Colours shared by every class, distractor and background."""
+
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """What an image of one dataset variant may contain."""
+
+    name: str
+    """Variant name (``distill data synth --variant``)."""
+    classes: tuple[int, ...]
+    """Indices into CLASSES of this variant's classes; their order gives the contiguous labels."""
+    num_objects: tuple[int, int]
+    """Objects drawn per image: ``rng.integers(low, high)`` (high exclusive), before occlusion drops any."""
+    num_distractors: tuple[int, int]
+    """Distractors per image: ``rng.integers(low, high)``."""
+    distractors: tuple[str, ...]
+    """Distractor shapes to draw from."""
+    object_size: tuple[float, float] | None
+    """Uniform object diameter range in pixels; None: the standard small/medium/large mixture."""
+
+
+VARIANTS = {
+    "standard": Variant("standard", tuple(range(len(CLASSES))), (2, 11), (2, 8), DISTRACTORS, None),
+    # Shapes unlike each other and unlike the distractors, large objects, little clutter.
+    "easy": Variant("easy", (0, 3, 6, 7), (1, 5), (0, 3), ("star4", "arc", "line", "blob"), (40.0, 150.0)),
+}
+"""Dataset variants by name; "standard" is the benchmark, "easy" the quickstart's data."""
+
+
+def get_variant(name: str) -> Variant:
+    """The variant called ``name``; ValueError naming the known ones otherwise."""
+    if name not in VARIANTS:
+        raise ValueError(f"synth variant= expects one of {sorted(VARIANTS)}. Got {name!r}.")
+    return VARIANTS[name]
+
 
 SPLIT_CODES = {"train": 0, "val": 1}
 MIN_VISIBLE_FRACTION = 0.30
@@ -318,8 +359,8 @@ def _resolve_occlusion(
     return painted, annotations
 
 
-def render_image(seed: int, split: str, index: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Draw one image and its annotations.
+def render_image(seed: int, split: str, index: int, variant: str = "standard") -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Draw one image and its annotations (labels are contiguous within ``variant``'s classes).
 
     Returns:
         uint8 ``[H, W, 3]`` RGB pixels and a list of ``{"label", "bbox" (x, y, w, h),
@@ -329,21 +370,22 @@ def render_image(seed: int, split: str, index: int) -> tuple[np.ndarray, list[di
     height, width = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
     image = _background(rng, height, width)
 
-    num_objects = int(rng.integers(2, 11))
-    num_distractors = int(rng.integers(2, 8))
-    kinds = [("object", int(rng.integers(len(CLASSES)))) for _ in range(num_objects)]
-    kinds += [("distractor", int(rng.integers(len(DISTRACTORS)))) for _ in range(num_distractors)]
+    spec = get_variant(variant)
+    num_objects = int(rng.integers(*spec.num_objects))
+    num_distractors = int(rng.integers(*spec.num_distractors))
+    kinds = [("object", int(rng.integers(len(spec.classes)))) for _ in range(num_objects)]
+    kinds += [("distractor", int(rng.integers(len(spec.distractors)))) for _ in range(num_distractors)]
     order = rng.permutation(len(kinds))
     layers: list[_Layer] = []
     for k in order:
         kind, which = kinds[k]
-        size = _object_size(rng)
+        size = _object_size(rng) if spec.object_size is None else float(rng.uniform(*spec.object_size))
         if kind == "object":
-            shape, texture = CLASSES[which]
+            shape, texture = CLASSES[spec.classes[which]]
             layers.append(_make_layer(rng, height, width, which, shape, texture, size))
         else:
             texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
-            layers.append(_make_layer(rng, height, width, -1, DISTRACTORS[which], texture, min(size, 120.0)))
+            layers.append(_make_layer(rng, height, width, -1, spec.distractors[which], texture, min(size, 120.0)))
 
     painted, annotations = _resolve_occlusion(layers, height, width)
 
@@ -365,12 +407,12 @@ def render_image(seed: int, split: str, index: int) -> tuple[np.ndarray, list[di
     return pixels, annotations
 
 
-def _write_image(task: tuple[int, str, int, str]) -> tuple[int, int, int, list[dict[str, Any]]]:
+def _write_image(task: tuple[int, str, int, str, str]) -> tuple[int, int, int, list[dict[str, Any]]]:
     """Worker: render and save one image; returns (index, height, width, annotations)."""
     from PIL import Image
 
-    seed, split, index, path = task
-    pixels, annotations = render_image(seed, split, index)
+    seed, split, index, path, variant = task
+    pixels, annotations = render_image(seed, split, index, variant)
     Image.fromarray(pixels).save(path, **_PNG_SETTINGS)
     return index, pixels.shape[0], pixels.shape[1], annotations
 
@@ -380,7 +422,9 @@ def file_name(index: int) -> str:
     return f"{index + 1:06d}.png"
 
 
-def _coco_json(split: str, seed: int, results: list[tuple[int, int, int, list[dict[str, Any]]]]) -> dict[str, Any]:
+def _coco_json(
+    split: str, seed: int, results: list[tuple[int, int, int, list[dict[str, Any]]]], spec: Variant
+) -> dict[str, Any]:
     images, annotations = [], []
     for index, height, width, objects in sorted(results, key=lambda r: r[0]):
         image_id = index + 1
@@ -390,15 +434,15 @@ def _coco_json(split: str, seed: int, results: list[tuple[int, int, int, list[di
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
-                    "category_id": CATEGORY_IDS[obj["label"]],
+                    "category_id": CATEGORY_IDS[spec.classes[obj["label"]]],
                     "bbox": [round(float(v), 2) for v in obj["bbox"]],
                     "area": round(float(obj["area"]), 2),
                     "iscrowd": 0,
                 }
             )
     categories = [
-        {"id": cat_id, "name": f"{shape}_{texture}", "supercategory": "shape"}
-        for cat_id, (shape, texture) in zip(CATEGORY_IDS, CLASSES)
+        {"id": CATEGORY_IDS[c], "name": f"{CLASSES[c][0]}_{CLASSES[c][1]}", "supercategory": "shape"}
+        for c in spec.classes
     ]
     info = {
         "description": "distillery synthetic detection benchmark",
@@ -406,6 +450,8 @@ def _coco_json(split: str, seed: int, results: list[tuple[int, int, int, list[di
         "seed": seed,
         "split": split,
     }
+    if spec.name != "standard":
+        info["variant"] = spec.name
     return {"info": info, "images": images, "annotations": annotations, "categories": categories}
 
 
@@ -417,6 +463,7 @@ def generate(
     seed: int = 0,
     workers: int = 1,
     progress: bool = True,
+    variant: str = "standard",
 ) -> dict[str, Any]:
     """Write the dataset: ``out_dir/{train,val}/*.png`` and ``out_dir/annotations/{train,val}.json``.
 
@@ -426,6 +473,7 @@ def generate(
         seed: the dataset seed; the same arguments give byte-identical files.
         workers: processes; the output does not depend on it.
         progress: show a tqdm progress bar.
+        variant: a name in VARIANTS: "standard" (the benchmark) or "easy" (the quickstart's).
 
     Returns:
         A summary: ``out_dir``, ``num_classes``, per split ``num_<split>_images`` and
@@ -436,11 +484,12 @@ def generate(
             raise ValueError(f"generate({name}=) expects a count >= 0. Got {value}.")
     if int(workers) < 1:
         raise ValueError(f"generate(workers=) expects >= 1. Got {workers}.")
+    spec = get_variant(variant)
     from tqdm import tqdm
 
     out = Path(out_dir)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"out_dir": str(out), "num_classes": len(CLASSES), "seed": int(seed)}
+    summary: dict[str, Any] = {"out_dir": str(out), "num_classes": len(spec.classes), "seed": int(seed), "variant": spec.name}
     start = time.perf_counter()
     splits = (("train", int(num_train)), ("val", int(num_val)))
     total = sum(n for _, n in splits)
@@ -454,13 +503,13 @@ def generate(
     try:
         for split, count in splits:
             (out / split).mkdir(parents=True, exist_ok=True)
-            tasks = [(int(seed), split, i, str(out / split / file_name(i))) for i in range(count)]
+            tasks = [(int(seed), split, i, str(out / split / file_name(i)), spec.name) for i in range(count)]
             mapper: Callable = pool.imap_unordered if pool is not None else map
             results = []
             for result in mapper(_write_image, tasks, **({"chunksize": 8} if pool is not None else {})):
                 results.append(result)
                 bar.update(1)
-            data = _coco_json(split, int(seed), results)
+            data = _coco_json(split, int(seed), results, spec)
             write_json_atomic(out / "annotations" / f"{split}.json", data, compact=True)
             summary[f"num_{split}_images"] = count
             summary[f"num_{split}_objects"] = len(data["annotations"])

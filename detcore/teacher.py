@@ -112,9 +112,10 @@ class Teacher:
         return self.model(images)
 
     def _probe(self) -> DenseOutputs:
-        # Channel counts and groups do not depend on the canvas: the smallest one every level
-        # sees, on one thread (a tiny forward; intra-op threads only cost time on a busy machine).
-        side = 128
+        # Channel counts and groups do not depend on the canvas: a small one where every level,
+        # P7 included, is 2x2 (GroupNorm with one channel per group needs more than one value),
+        # on one thread (a tiny forward; intra-op threads only cost time on a busy machine).
+        side = 256
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

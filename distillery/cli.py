@@ -11,9 +11,12 @@ SIGTERM (resumable: `detcore.interrupt`).
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import logging
+import os
 import sys
+import traceback
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -67,6 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `distill` command; ``argv=None`` means this process's command line.
+
+    As the process entry point (``argv`` None) it ends the process itself: exit handlers
+    run, then ``os._exit``, because native thread pools torn down at interpreter exit
+    (Arrow's) can abort the process and replace the command's exit code with 134.
+    """
+    if argv is not None:
+        return _run(argv)
+    try:
+        code = _run(None)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if exit_.code is not None and not isinstance(exit_.code, int):
+            print(exit_.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -1,12 +1,14 @@
 """`distill quickstart`: the whole product on the built-in default, end to end.
 
     synthetic dataset -> teacher -> precompute on a local Ray cluster -> label store
-      -> students trained against the store -> COCO AP table
+      -> students trained against the store, each row once per seed
+      -> COCO AP table (mean ± s.d. over seeds, gain or within noise) + HTML report
 
 Every step runs as its own `distill` subprocess, exactly as a user would type it: the
 student steps are separate processes that never load the teacher (the product's promise),
 and a step that fails stops the pipeline with its command printed so it can be re-run
 alone. Every step is resumable, so re-running `distill quickstart` skips finished work.
+The table and report (`distillery.report`) are rebuilt from the steps' files on every run.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ def _distill(*args: str) -> list[str]:
     return [sys.executable, "-m", "distillery.cli", *args]
 
 
-def _run(step: Step, env: dict[str, str]) -> None:
+def _run(step: Step, env: dict[str, str]) -> float | None:
+    """Run a step unless its marker exists; its wall seconds, or None when skipped."""
     if step.done_marker is not None and step.done_marker.exists():
         print(f"[quickstart] {step.name}: done already ({step.done_marker})", flush=True)
-        return
+        return None
     print(f"[quickstart] {step.name}: {shlex.join(step.argv[2:]).replace('distillery.cli', 'distill', 1)}", flush=True)
     started = time.perf_counter()
     completed = subprocess.run(step.argv, env=env)
@@ -51,11 +54,19 @@ def _run(step: Step, env: dict[str, str]) -> None:
         )
     if step.done_marker is not None and not step.done_marker.exists():
         raise SystemExit(f"[quickstart] step '{step.name}' finished but did not write {step.done_marker}")
-    print(f"[quickstart] {step.name}: {time.perf_counter() - started:.0f} s", flush=True)
+    seconds = time.perf_counter() - started
+    print(f"[quickstart] {step.name}: {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def _student_dir(students: Path, losses: str, seed: int) -> Path:
+    """Seed 0 keeps the single-seed layout (``students/<losses>``); other seeds add ``-seed<k>``."""
+    name = losses.replace(",", "+")
+    return students / (name if seed == 0 else f"{name}-seed{seed}")
 
 
 def run_quickstart(preset: Preset, home: Path) -> int:
-    from detcore.evaluate import format_ap_table
+    from distillery.report import Row, format_table, table_caption
 
     paths = default_paths(preset, home)
     data, teacher_dir, store, students = paths["data"], paths["teacher_dir"], paths["store"], paths["students"]
@@ -64,12 +75,13 @@ def run_quickstart(preset: Preset, home: Path) -> int:
     canvas = f"{preset.canvas}x{preset.canvas}"
     env = dict(os.environ)
     val_args = ["--val-annotations", str(val_ann), "--val-images", str(val_img)]
+    variant_args = [] if preset.data_variant == "standard" else ["--variant", preset.data_variant]
 
     steps = [
         Step(
             "dataset",
             _distill("data", "synth", "--out", str(data), "--num-train", str(preset.num_train),
-                     "--num-val", str(preset.num_val), "--seed", "0"),
+                     "--num-val", str(preset.num_val), "--seed", "0", *variant_args),
             val_ann,
         ),
         Step(
@@ -91,35 +103,92 @@ def run_quickstart(preset: Preset, home: Path) -> int:
     ]
     rows = [("baseline", "none")] + [(f"+ {m.upper().replace(',', ' + ')}", m) for m in preset.methods]
     for label, losses in rows:
-        out = students / losses.replace(",", "+")
-        steps.append(
-            Step(
-                f"student {label}",
-                _distill("train", "--store", str(store), "--annotations", str(train_ann), "--images", str(train_img),
-                         "--student", preset.student_arch, "--losses", losses, "--epochs", str(preset.student_epochs),
-                         "--batch-size", str(preset.batch_size), "--lr", str(preset.student_lr), "--seed", "0",
-                         "--out", str(out), *val_args),
-                out / "results.json",
+        for seed in preset.seeds:
+            out = _student_dir(students, losses, seed)
+            steps.append(
+                Step(
+                    f"student {label}" + (f" seed {seed}" if len(preset.seeds) > 1 else ""),
+                    _distill("train", "--store", str(store), "--annotations", str(train_ann), "--images", str(train_img),
+                             "--student", preset.student_arch, "--losses", losses,
+                             "--epochs", str(preset.student_epochs), "--batch-size", str(preset.batch_size),
+                             "--lr", str(preset.student_lr), "--seed", str(seed), "--out", str(out), *val_args),
+                    out / "results.json",
+                )
             )
-        )
     started = time.perf_counter()
+    # Wall seconds of every step that ran, kept across re-runs so the report shows what skipped steps took.
+    seconds_file = paths["report"].with_name(paths["report"].stem + "-steps.json")
+    step_seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
+    timings: list[tuple[str, str]] = []
     for step in steps:
-        _run(step, env)
+        seconds = _run(step, env)
+        if seconds is not None:
+            step_seconds[step.name] = round(seconds, 1)
+            seconds_file.parent.mkdir(parents=True, exist_ok=True)
+            seconds_file.write_text(json.dumps(step_seconds, indent=2, sort_keys=True) + "\n")
+        earlier = f" (took {step_seconds[step.name]:.0f} s)" if step.name in step_seconds else ""
+        timings.append((step.name, f"{seconds:.0f} s" if seconds is not None else "done already" + earlier))
+    total = time.perf_counter() - started
 
-    table = [("teacher " + preset.teacher_arch, _read_ap(teacher_dir / "metrics.json"))]
+    table = [Row(f"teacher {preset.teacher_arch}", "teacher", (), (_read_ap(teacher_dir / "metrics.json"),))]
     for label, losses in rows:
-        table.append((f"{preset.student_arch} {label}", _read_ap(students / losses.replace(",", "+") / "results.json")))
+        table.append(Row(
+            f"{preset.student_arch} {label}", losses, tuple(preset.seeds),
+            tuple(_read_ap(_student_dir(students, losses, seed) / "results.json") for seed in preset.seeds),
+        ))
+    data_note = "" if preset.data_variant == "standard" else f", {preset.data_variant} variant"
+    heading = (f"COCO AP on the synthetic val split ({preset.num_val} images{data_note}, canvas {canvas}, "
+               f"preset '{preset.name}'):")
     print()
-    print(f"COCO AP on the synthetic val split ({preset.num_val} images, canvas {canvas}, preset '{preset.name}'):")
-    print(format_ap_table(table))
-    print(f"\n[quickstart] total {time.perf_counter() - started:.0f} s; everything is under {home}")
+    print(heading)
+    print(format_table(table))
+    print(table_caption(table))
+    timings.append(("steps in all (this run)", f"{total:.0f} s"))
+    report_started = time.perf_counter()
+    report = _write_quickstart_report(preset, paths, heading, table, rows, timings)
+    report_seconds = time.perf_counter() - report_started
+    print(f"\n[quickstart] steps {total:.0f} s, report {report_seconds:.0f} s; everything is under {home}")
+    print(f"[quickstart] report: {report}")
     return 0
 
 
+def _write_quickstart_report(preset: Preset, paths: dict[str, Path], heading: str, table, rows, timings) -> Path:
+    """The HTML report beside the table: AP chart, loss curves of seed 0, detections on val images."""
+    from distillery.report import curve, detection_panels, detection_terms, read_loss_history, table_lines, write_report
+
+    students, seed = paths["students"], preset.seeds[0]
+    names = [f"{preset.student_arch} {label}" for label, _ in rows]
+    histories = [read_loss_history(_student_dir(students, losses, seed) / "metrics.jsonl") for _, losses in rows]
+    terms = detection_terms(histories[0])
+    curves = [
+        ("detection loss (the terms every student trains)", "loss",
+         f"Sum of {', '.join(terms)}, seed {seed}: lower is a better fit of the training labels.",
+         [(name, curve(history, terms)) for name, history in zip(names, histories)]),
+        ("total loss (detection + distillation terms)", "loss",
+         f"What each student minimises, seed {seed}; the distillation terms differ per row.",
+         [(name, curve(history, None)) for name, history in zip(names, histories)]),
+    ]
+    models = [(f"teacher {preset.teacher_arch}", paths["teacher"])]
+    models += [(name, _student_dir(students, losses, seed) / "final.pt") for name, (_, losses) in zip(names, rows)]
+    panels = detection_panels(models, paths["val_annotations"], paths["val_images"])
+    intro = (f"{heading} {preset.num_train} train / {preset.num_val} val images; teacher {preset.teacher_arch} "
+             f"({preset.teacher_channels} channels) {preset.teacher_epochs} epochs; every student {preset.student_arch} "
+             f"{preset.student_epochs} epochs, batch {preset.batch_size}, lr {preset.student_lr}, "
+             f"seeds {', '.join(map(str, preset.seeds))}.")
+    summary = {
+        "preset": preset.name, "data_variant": preset.data_variant, "seeds": list(preset.seeds),
+        "rows": [{"label": r.label, "losses": r.losses, "seeds": list(r.seeds), "metrics": list(r.metrics)} for r in table],
+        "table": table_lines(table), "timings": dict(timings),
+    }
+    return write_report(paths["report"], title=f"distill quickstart ({preset.name})", intro=intro, rows=table,
+                        curves=curves, panels=panels, timings=timings, summary=summary)
+
+
 def _read_ap(path: Path) -> dict[str, float]:
+    """COCO metrics of a run in percent (the files hold fractions)."""
     metrics = json.loads(path.read_text())
     ap = metrics.get("val") or metrics.get("coco") or metrics.get("ap") or metrics
-    return {k: float(ap[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+    return {k: 100.0 * float(ap[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
 
 
 def _run_command(args: argparse.Namespace) -> int:
@@ -134,12 +203,14 @@ def register(subparsers) -> None:
         help="run the whole pipeline on the built-in synthetic dataset and print an AP table",
         description=(
             "Synthetic dataset -> teacher -> precompute on a local Ray cluster -> label store -> "
-            "students trained against the store (no teacher in their process) -> COCO AP table. "
+            "students trained against the store (no teacher in their process), each row once per seed -> "
+            "COCO AP table (a gain only beyond the seed spread) and an HTML report whose path is printed. "
             "Each step is a `distill` subprocess; finished steps are skipped on a re-run."
         ),
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                        help="budgets: 'quick' (~12 min on 2 CPU cores) or 'benchmark' (the RESULTS.md recipe)")
+                        help="budgets: 'quick' (the easy synthetic variant, 2 seeds per student; docs/quickstart.md), "
+                        "'benchmark' (the RESULTS.md recipe) or 'smoke' (wiring only)")
     parser.add_argument("--home", help="working directory for data, checkpoints and stores "
                         "(default $DISTILLERY_HOME or ./distillery_runs)")
     parser.set_defaults(func=_run_command)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the built-in default: synthetic dataset -> teacher -> precompute on a local
-# Ray cluster -> label store -> students trained against it -> AP table.
+# Ray cluster -> label store -> students trained against it (two seeds each) -> AP table + HTML report.
 # Extra arguments go to `distill quickstart` (see `--help`).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

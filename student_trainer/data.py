@@ -77,7 +77,9 @@ def check_store_fits(
     if tuple(fingerprint.strides) != tuple(strides):
         problems.append(f"strides: store has {tuple(fingerprint.strides)}, the student has {tuple(strides)}")
     if int(fingerprint.reg_max) != int(reg_max):
-        problems.append(f"reg_max: store has {fingerprint.reg_max}, the student has {reg_max}")
+        problems.append(
+            f"reg_max: store has {fingerprint.reg_max}, the student has {reg_max} (--set student.reg_max={fingerprint.reg_max})"
+        )
     if canvas_hw is not None and tuple(fingerprint.canvas_hw) != tuple(canvas_hw):
         problems.append(f"canvas: store has {tuple(fingerprint.canvas_hw)}, the run config asks for {tuple(canvas_hw)}")
     available = {spec.name for spec in specs}

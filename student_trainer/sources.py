@@ -667,6 +667,8 @@ class InProcessTeacherSource(TargetSource):
             fingerprint equal a store's of the same teacher. None keeps the teacher's classes.
         class_map: teacher name -> dataset name renames.
         allow_missing_classes: accept categories the teacher lacks (masked out of class distillation).
+        canvas_hw: the canvas the run renders views on, recorded in the fingerprint as a store made
+            at it records it (the teacher is fully convolutional); None keeps the checkpoint's.
 
     Raises:
         detcore.classes.ClassMappingError: classes that do not map (names them).
@@ -683,6 +685,7 @@ class InProcessTeacherSource(TargetSource):
         dataset_classes: Sequence[str] | None = None,
         class_map: Mapping[str, str] | None = None,
         allow_missing_classes: bool = False,
+        canvas_hw: Sequence[int] | None = None,
     ) -> None:
         from detcore.classes import map_classes
         from detcore.teacher import load_teacher
@@ -696,9 +699,12 @@ class InProcessTeacherSource(TargetSource):
             self.teacher.use_class_mapping(
                 map_classes(self.teacher.teacher_classes, dataset_classes, class_map=class_map, allow_missing=allow_missing_classes)
             )
-        self._fingerprint = TeacherFingerprint.from_dict(self.teacher.fingerprint())
+        fingerprint = self.teacher.fingerprint()
+        if canvas_hw is not None:
+            fingerprint["canvas_hw"] = [int(v) for v in canvas_hw]
+        self._fingerprint = TeacherFingerprint.from_dict(fingerprint)
         groups = [g for g in self.teacher.available_groups if g != "edges" or "box" not in self.teacher.available_groups]
-        self._specs = [TargetSpec(s.name, s.shape, "fp32") for s in self.teacher.target_specs(groups)]
+        self._specs = [TargetSpec(s.name, s.shape, "fp32") for s in self.teacher.target_specs(groups, canvas_hw)]
         self.with_backbone = any(n.startswith("backbone/") for n in self.names)
         self.groups = tuple(sorted({n.split("/", 1)[0] for n in self.names}, key=TARGET_GROUPS.index))
         self.teacher_seconds = 0.0
@@ -763,10 +769,14 @@ def build_source(
     if kind == "inprocess":
         from detcore.classes import read_class_map
 
+        canvas_hw = config.data.canvas
+        if canvas_hw is None and config.data.store:
+            # Views come from the store: the teacher runs on (and records) the store's canvas.
+            canvas_hw = StoreSource(config.data.store, [], storage_options=config.data.storage_options).fingerprint.canvas_hw
         return InProcessTeacherSource(
             source.teacher, names, device=device, dataset_classes=dataset_classes,
             class_map=read_class_map(source.class_map) if source.class_map else None,
-            allow_missing_classes=source.allow_missing_classes,
+            allow_missing_classes=source.allow_missing_classes, canvas_hw=canvas_hw,
         )
     raise ValueError(f"build_source(config.source.kind=) expects one of store, remote, read-through, inprocess. Got {kind!r}.")
 

@@ -91,7 +91,7 @@ def _scale_range(text: str) -> tuple[float, float]:
 
 
 def _targets(text: str) -> tuple[str, ...]:
-    from teacher_service.precompute import TARGET_GROUPS
+    from label_store.schema import TARGET_GROUPS
 
     groups = tuple(g.strip() for g in text.split(",") if g.strip())
     unknown = [g for g in groups if g not in TARGET_GROUPS]
@@ -149,8 +149,10 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
                        help="views (before flips) per image with --scale-range")
     views.add_argument("--no-flip", action="store_true", help="do not add a mirrored twin of every view")
     views.add_argument("--targets", type=_targets, default=None, metavar="GROUPS",
-                       help="target groups to store, from cls,box,fpn,backbone (default: cls,box,fpn; the built-in "
-                            "default stores all four, as `distill quickstart` does)")
+                       help="target groups to store, from cls,box,edges,fpn,backbone (edges: the decoded box "
+                            "edges, 4 channels per point, which BCD reads when there is no box) (default: "
+                            "cls,box,fpn; the built-in default stores cls,box,fpn,backbone, as `distill "
+                            "quickstart` does)")
     views.add_argument("--codec", type=_key_value("--codec"), action="append", default=[], metavar="NAME=CODEC",
                        help="codec override for a group or target, e.g. fpn=int8-channel or cls/p3=fp16 (repeatable)")
     views.add_argument("--codec-profile", choices=("small", "fast"), default=None,

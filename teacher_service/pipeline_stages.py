@@ -102,7 +102,7 @@ def run_at_lower_priority(niceness: int, fn, /, *args, cpus: Sequence[int] | Non
     Decoding and writing only have to keep pace with the teacher; where they share cores
     with a CPU teacher, a lower priority lets them use the cycles the forward pass leaves
     idle instead of slowing it down, and ``cpus`` (the stage cores of
-    `teacher_service.precompute.cpu_pinning`) keeps the thread off the teacher's cores
+    `teacher_service.ray_runtime.cpu_pinning`) keeps the thread off the teacher's cores
     altogether. On Linux the nice value and the CPU mask are per thread, so only this
     short-lived thread is affected (never the pooled Ray worker, which may later host a
     teacher actor); elsewhere, or with ``niceness=0`` and no ``cpus``, ``fn`` runs in the
@@ -307,7 +307,7 @@ class TeacherPredictor:
             (`label_store.writer.DEFAULT_FIDELITY_VIEWS`).
         fault: testing hook, see `FAULT_ENV`.
         cpu_affinity: cores to keep this actor's process on (every thread of it, and the
-            thread of each call), or None; see `teacher_service.precompute.cpu_pinning`.
+            thread of each call), or None; see `teacher_service.ray_runtime.cpu_pinning`.
         class_mapping: `detcore.classes.ClassMapping` from the teacher's classes to the
             store's (`detcore.teacher.Teacher.use_class_mapping`), or None.
     """

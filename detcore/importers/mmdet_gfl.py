@@ -27,18 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detcore.models.backbones import RESNET_DEPTH_BY_LAYOUT
+
 FAMILY = "mmdet-gfl"
 GROUP_NORM_GROUPS = 32
 # Keys whose values are implied by the rest (torchvision publishes ResNets without the BN counters).
 OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked", "bbox_head.integral.project")
-# Blocks per stage -> depth, for each block type (ResNet-34 and -50 share [3, 4, 6, 3]).
-RESNET_DEPTHS = {
-    ("basic", (2, 2, 2, 2)): 18,
-    ("basic", (3, 4, 6, 3)): 34,
-    ("bottleneck", (3, 4, 6, 3)): 50,
-    ("bottleneck", (3, 4, 23, 3)): 101,
-    ("bottleneck", (3, 8, 36, 3)): 152,
-}
 
 
 class MMDetImportError(ValueError):
@@ -135,7 +129,7 @@ def infer_architecture(state: Mapping[str, Tensor], num_classes_hint: int | None
             f"Got {feat_channels} (bbox_head.cls_convs.0.conv.weight)."
         )
     strides = [2 ** (start_level + 2 + i) for i in range(num_outs)]
-    depth = RESNET_DEPTHS.get((block, tuple(stage_blocks)))
+    depth = RESNET_DEPTH_BY_LAYOUT.get((block, tuple(stage_blocks)))
     backbone_name = f"r{depth}" if depth else f"resnet-{block}-{'-'.join(str(b) for b in stage_blocks)}"
     return {
         "family": FAMILY,

@@ -37,19 +37,13 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
+from detcore.models.backbones import RESNET_DEPTH_BY_LAYOUT
+
 TORCHVISION_KINDS = ("fcos", "retinanet")
 TORCHVISION_STRIDES = (8, 16, 32, 64, 128)
 TORCHVISION_POINT_OFFSET = 0.0
 FPN_CHANNELS = 256
 
-# torchvision.models.resnet: block counts per stage and block type by depth.
-_RESNET_LAYOUTS = {
-    ("basic", (2, 2, 2, 2)): 18,
-    ("basic", (3, 4, 6, 3)): 34,
-    ("bottleneck", (3, 4, 6, 3)): 50,
-    ("bottleneck", (3, 4, 23, 3)): 101,
-    ("bottleneck", (3, 8, 36, 3)): 152,
-}
 _BACKBONE_PREFIX = "backbone.body."
 _FCOS_MARKER = "head.regression_head.bbox_ctrness.weight"
 _CLS_WEIGHT = "head.classification_head.cls_logits.weight"
@@ -104,7 +98,7 @@ def _infer_backbone(state: Mapping[str, Tensor], kind: str) -> dict[str, Any]:
             )
         block_counts.append(max(blocks) + 1)
     block = "bottleneck" if f"{_BACKBONE_PREFIX}layer1.0.conv3.weight" in state else "basic"
-    depth = _RESNET_LAYOUTS.get((block, tuple(block_counts)))
+    depth = RESNET_DEPTH_BY_LAYOUT.get((block, tuple(block_counts)))
     if depth is None:
         raise TorchvisionImportError(
             f"convert_torchvision_state(kind={kind!r}) expects a ResNet-18/34/50/101/152 backbone. "

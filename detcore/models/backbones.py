@@ -16,6 +16,14 @@ import torch
 from torch import Tensor, nn
 
 RESNET_DEPTHS = (18, 34, 50, 101)
+# torchvision's ResNets by (block type, blocks per stage): how importers tell the depth from a state dict.
+RESNET_DEPTH_BY_LAYOUT = {
+    ("basic", (2, 2, 2, 2)): 18,
+    ("basic", (3, 4, 6, 3)): 34,
+    ("bottleneck", (3, 4, 6, 3)): 50,
+    ("bottleneck", (3, 4, 23, 3)): 101,
+    ("bottleneck", (3, 8, 36, 3)): 152,
+}
 TINY_WIDTHS = (16, 32, 64, 96, 128)
 
 

@@ -285,7 +285,7 @@ def test_cli_unknown_codec_profile_exits_2_naming_the_flag(data, tmp_path, capsy
 
 
 def test_codec_profile_auto_follows_the_teacher_device(data, tmp_path):
-    from teacher_service.precompute import profile_codecs, resolve_codec_profile
+    from teacher_service.store_layout import profile_codecs, resolve_codec_profile
 
     assert resolve_codec_profile(_config(data, tmp_path / "s.zarr", device="cpu")) == "small"
     assert resolve_codec_profile(_config(data, tmp_path / "s.zarr", device="cuda")) == "fast"
@@ -310,7 +310,7 @@ def test_cli_without_inputs_uses_the_quickstart_store_views_and_targets(data, tm
 
     assert calls == ["quick"]
     assert (inputs.annotations, inputs.teacher) == (str(data["annotations"]), str(data["teacher"]))
-    assert inputs.store == str(tmp_path / "home" / "stores" / "quick-gfl_r18.zarr")
+    assert inputs.store == str(tmp_path / "home" / "stores" / "quick-easy-gfl_r18.zarr")
     assert inputs.targets == ("cls", "box", "fpn", "backbone")
     assert inputs.scales == tuple(defaults.PRESETS["quick"].scales)
     explicit = cli._resolve_inputs(parser.parse_args(["precompute", "--targets", "cls", "--scales", "0.5"]))
@@ -612,7 +612,7 @@ def test_two_node_cluster_stores_every_view_once(data, tmp_path):
 
 
 def test_local_cluster_cpus_fit_the_actors_and_the_tasks(data, tmp_path):
-    from teacher_service.precompute import local_cluster_cpus
+    from teacher_service.ray_runtime import local_cluster_cpus
 
     config = _config(data, tmp_path / "s.zarr", cpus_per_actor=1.0, cpus_per_task=1.0)
     # the actors plus one decode/write task at least
@@ -630,7 +630,7 @@ def test_local_cluster_cpus_fit_the_actors_and_the_tasks(data, tmp_path):
 
 
 def test_cpu_pinning_gives_a_cpu_teacher_cores_of_its_own(data, tmp_path):
-    from teacher_service.precompute import cpu_pinning
+    from teacher_service.ray_runtime import cpu_pinning
 
     config = _config(data, tmp_path / "s.zarr", cpus_per_actor=1.0)  # device auto
     assert cpu_pinning(config, [0, 1], gpu=False) == ((0,), (1,))
@@ -704,7 +704,7 @@ def test_job_that_starts_its_own_cluster_pins_the_teacher(data, tmp_path, monkey
 def test_local_cluster_workers_import_from_the_source_tree_and_the_driver_env_is_kept(data, tmp_path, monkeypatch):
     import ray
 
-    from teacher_service.precompute import init_ray
+    from teacher_service.ray_runtime import init_ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -934,7 +934,7 @@ def test_schema_1_store_resumes_with_its_own_views(data, teacher_model, local_ra
     from label_store.maintenance import verify_store
     from label_store.reader import open_store
     from label_store.testing import write_schema_1_layout
-    from teacher_service.precompute import store_layout
+    from teacher_service.store_layout import store_layout
 
     store = tmp_path / "old.zarr"
     config = _config(data, store, canvas_hw=(48, 64), codecs=FP32_CODECS_NO_BACKBONE)
