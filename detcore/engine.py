@@ -248,7 +248,7 @@ class Trainer:
         self._tick = time.perf_counter()
 
     def train(self) -> bool:
-        """Run the steps; returns True when the run reached ``total_steps`` (False: stopped early)."""
+        """Run the steps (once per trainer); returns True when the run reached ``total_steps`` (False: stopped early)."""
         from detcore.interrupt import StopRequest
 
         self.stop = StopRequest().install()  # Ctrl-C / SIGTERM: end the step, write last.pt, exit 130 / 143
@@ -261,6 +261,9 @@ class Trainer:
             self.stop.restore()
             for hook in self.hooks:
                 hook.after_train(self)
+            # Let go of the loader (persistent DataLoader workers) and the hooks now: closures that
+            # refer back to this trainer would otherwise hold them until garbage collection.
+            self.loader, self.run_step, self.hooks = (), None, []
         return not self.stopped
 
     def _run_epoch(self) -> None:
