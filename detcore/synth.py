@@ -46,15 +46,15 @@ Legend: H x W image; S x S object patch; all masks are boolean numpy arrays.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from detcore.engine import write_json_atomic
 
 GENERATOR_VERSION = 1
 """Bumped whenever the pixels or annotations for given arguments would change."""
@@ -455,12 +455,6 @@ def _coco_json(
     return {"info": info, "images": images, "annotations": annotations, "categories": categories}
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def generate(
     out_dir: str | Path,
     *,
@@ -516,7 +510,7 @@ def generate(
                 results.append(result)
                 bar.update(1)
             data = _coco_json(split, int(seed), results, spec)
-            _write_json_atomic(out / "annotations" / f"{split}.json", data)
+            write_json_atomic(out / "annotations" / f"{split}.json", data, compact=True)
             summary[f"num_{split}_images"] = count
             summary[f"num_{split}_objects"] = len(data["annotations"])
     finally:

@@ -17,14 +17,17 @@ step, writes ``last.pt`` and raises `detcore.interrupt.Interrupted` (exit 130 / 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from detcore.engine import (
+    CallbackHook, CheckpointHook, ProgressBarHook, Trainer, config_difference, config_identity, load_resume_state,
+    write_json_atomic,
+)
 
 OPTIMIZERS = ("adamw", "sgd")
 OPTIMIZER_DEFAULTS = {
@@ -223,20 +226,9 @@ def build_optimizer(model, name: str, lr: float, weight_decay: float):
     raise ValueError(f"build_optimizer(name=) expects one of {OPTIMIZERS}. Got {name!r}.")
 
 
-def config_difference(saved: dict[str, Any] | None, now: dict[str, Any], limit: int | None = None) -> str:
-    """``different [keys] (saved [...], now [...])``: what keeps a run from resuming (at most ``limit`` keys)."""
-    saved = saved or {}
-    keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))[:limit]
-    return f"different {keys} (saved {[saved.get(k) for k in keys]}, now {[now.get(k) for k in keys]})"
-
-
 def _config_identity(config: TrainConfig) -> dict[str, Any]:
     """The fields that define the result, paths resolved (compared on resume)."""
-    out = {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE_FIELDS}
-    for key in ("annotations", "images", "backbone_weights"):
-        if out.get(key) is not None:
-            out[key] = str(Path(out[key]).resolve())
-    return out
+    return config_identity(config.to_dict(), resume_free=_RESUME_FREE_FIELDS, paths=("annotations", "images", "backbone_weights"))
 
 
 def autocast_context(device, enabled: bool):
@@ -379,12 +371,6 @@ def evaluate_detector(
     )
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a detector; returns the content of ``metrics.json``.
 
@@ -398,12 +384,11 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
     import numpy as np
     import torch
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
-    from detcore.checkpoint import load_checkpoint, save_checkpoint
+    from detcore.checkpoint import save_checkpoint
     from detcore.coco import CocoDataset
     from detcore.datasets import CanvasBatchSampler, ViewDataset, collate_views
-    from detcore.interrupt import StopRequest, ignore_stop_signals
+    from detcore.interrupt import ignore_stop_signals
     from detcore.models.gfl import build_detector
     from detcore.views import plan_views
 
@@ -450,15 +435,9 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
 
     step, history, failures, nonfinite_steps, train_seconds, images_seen = 0, [], {}, 0, 0.0, 0
     identity = _config_identity(config)
-    if last_path.exists():
-        state = load_checkpoint(last_path, map_location="cpu")
+    state = load_resume_state(last_path, identity, caller="train_detector", error=TrainConfigMismatchError)
+    if state is not None:
         training = state.get("training") or {}
-        saved = training.get("config_identity")
-        if saved != identity:
-            raise TrainConfigMismatchError(
-                f"train_detector(config=) expects the configuration of the run in {str(out_dir)!r} to resume it. "
-                f"Got {config_difference(saved, identity)}; use another --out or delete {str(last_path)!r}."
-            )
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(training["optimizer"])
         if training.get("scaler"):
@@ -474,7 +453,7 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
 
     def save_last() -> None:
         training_state = {
-            "step": step,
+            "step": trainer.step,
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if use_scaler else None,
             "torch_rng": torch.get_rng_state(),
@@ -483,7 +462,7 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
             "history": history,
             "failures": {str(k): v for k, v in failures.items()},
             "nonfinite_steps": nonfinite_steps,
-            "train_seconds": train_seconds,
+            "train_seconds": trainer.train_seconds,
             "images_seen": images_seen,
         }
         save_checkpoint(last_path, model, classes=dataset.classes, canvas_hw=config.canvas, training=training_state)
@@ -497,71 +476,63 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
         pin_memory=device.type == "cuda",
         worker_init_fn=ignore_stop_signals if config.num_workers > 0 else None,
     )
-    start_step = step
     window: dict[str, list[float]] = {}
     periodic_evals: list[dict[str, Any]] = []
+
+    def run_step(batch: dict[str, Any]) -> None:
+        nonlocal nonfinite_steps, images_seen
+        for failure in batch["failures"]:
+            if failure.image_id not in failures:
+                failures[failure.image_id] = {"path": failure.path, "reason": failure.reason}
+                bar.write(f"skipping image_id={failure.image_id}: {failure.reason}")
+        if batch["images"] is None:
+            return
+        lr = config.peak_lr * learning_rate_factor(trainer.step, total_steps, warmup, schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = batch["images"].to(device, non_blocking=True)
+        if use_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            outputs = model(images)
+        gt_boxes = [b.to(device) for b in batch["gt_boxes"]]
+        gt_labels = [lb.to(device) for lb in batch["gt_labels"]]
+        losses = model.loss(outputs, gt_boxes, gt_labels)
+        loss = sum(losses.values())
+        if optimizer_step(loss, optimizer, scaler, model.parameters(), config.grad_clip_norm):
+            for name, value in losses.items():
+                window.setdefault(name, []).append(float(value.detach()))
+            window.setdefault("loss", []).append(float(loss.detach()))
+        else:
+            nonfinite_steps += 1
+        images_seen += images.shape[0]
+
+    def log(trainer: Trainer) -> None:
+        if trainer.step % config.log_every == 0 or trainer.step == total_steps:
+            if window:
+                history.append({"step": trainer.step, **{k: float(np.mean(v)) for k, v in window.items()}})
+            window.clear()
+
+    def periodic_eval(trainer: Trainer) -> None:
+        step = trainer.step
+        if val_dataset is not None and config.eval_every and step % config.eval_every == 0 and step < total_steps:
+            result = evaluate_model(model, val_dataset, config.canvas, batch_size=config.batch_size, device=device)
+            periodic_evals.append({"step": step, **result})
+            bar.write(f"step {step}: AP {result.get('AP', float('nan')):.4f}")
+            trainer.reset_timer()
+
+    def postfix() -> dict[str, str] | None:
+        if not window.get("loss"):
+            return None
+        return {"loss": f"{window['loss'][-1]:.3f}", "img_s": f"{images_seen / max(trainer.train_seconds, 1e-9):.1f}"}
+
+    bar = ProgressBarHook(f"train {config.arch}", enabled=progress, postfix=postfix)
+    hooks = [bar, CallbackHook(after_step=log), CallbackHook(after_step=periodic_eval), CheckpointHook(save_last, config.checkpoint_every)]
+    trainer = Trainer(run_step, loader, sampler, total_steps, hooks, start_step=step, train_seconds=train_seconds,
+                      stop_after_steps=stop_after_steps)
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {config.arch}", unit="step", disable=not progress)
-    stopped = False
-    stop = StopRequest().install()  # Ctrl-C / SIGTERM: end the step, write last.pt, exit 130 / 143
-    try:
-        while step < total_steps and not stopped:
-            epoch, within = divmod(step, iters_per_epoch)
-            sampler.set_epoch(epoch, start=within)
-            tick = time.perf_counter()
-            for batch in loader:
-                for failure in batch["failures"]:
-                    if failure.image_id not in failures:
-                        failures[failure.image_id] = {"path": failure.path, "reason": failure.reason}
-                        bar.write(f"skipping image_id={failure.image_id}: {failure.reason}")
-                if batch["images"] is not None:
-                    lr = config.peak_lr * learning_rate_factor(step, total_steps, warmup, schedule)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    images = batch["images"].to(device, non_blocking=True)
-                    if use_channels_last:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    with autocast:
-                        outputs = model(images)
-                    gt_boxes = [b.to(device) for b in batch["gt_boxes"]]
-                    gt_labels = [lb.to(device) for lb in batch["gt_labels"]]
-                    losses = model.loss(outputs, gt_boxes, gt_labels)
-                    loss = sum(losses.values())
-                    if optimizer_step(loss, optimizer, scaler, model.parameters(), config.grad_clip_norm):
-                        for name, value in losses.items():
-                            window.setdefault(name, []).append(float(value.detach()))
-                        window.setdefault("loss", []).append(float(loss.detach()))
-                    else:
-                        nonfinite_steps += 1
-                    images_seen += images.shape[0]
-                step += 1
-                now = time.perf_counter()
-                train_seconds += now - tick
-                tick = now
-                bar.update(1)
-                if window.get("loss"):
-                    bar.set_postfix(loss=f"{window['loss'][-1]:.3f}", img_s=f"{images_seen / max(train_seconds, 1e-9):.1f}")
-                if step % config.log_every == 0 or step == total_steps:
-                    if window:
-                        history.append({"step": step, **{k: float(np.mean(v)) for k, v in window.items()}})
-                    window = {}
-                if val_dataset is not None and config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                    result = evaluate_model(model, val_dataset, config.canvas, batch_size=config.batch_size, device=device)
-                    periodic_evals.append({"step": step, **result})
-                    bar.write(f"step {step}: AP {result.get('AP', float('nan')):.4f}")
-                    tick = time.perf_counter()
-                if step % config.checkpoint_every == 0 or step == total_steps:
-                    save_last()
-                time_boxed = stop_after_steps is not None and step - start_step >= stop_after_steps
-                if step < total_steps and (stop.requested or time_boxed):
-                    save_last()
-                    stopped = True
-                    break
-                if step >= total_steps or (step % iters_per_epoch == 0):
-                    break
-    finally:
-        stop.restore()
-        bar.close()
+    stopped = not trainer.train()
+    step, train_seconds, stop = trainer.step, trainer.train_seconds, trainer.stop
 
     summary: dict[str, Any] = {
         "finished": not stopped,
@@ -593,7 +564,7 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
         )
     metadata = {k: summary[k] for k in ("step", "train_seconds", "images_per_second", "val") if summary[k] is not None}
     save_checkpoint(final_path, model, classes=dataset.classes, canvas_hw=config.canvas, metadata=metadata)
-    _write_json_atomic(out_dir / "metrics.json", summary)
+    write_json_atomic(out_dir / "metrics.json", summary)
     if failures:
         ids = ", ".join(str(k) for k in sorted(failures))
         print(f"{len(failures)} image(s) could not be decoded and were skipped: image_id {ids}", file=sys.stderr)

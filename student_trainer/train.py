@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from detcore.engine import CallbackHook, CheckpointHook, ProgressBarHook, Trainer, load_resume_state, write_json_atomic
+from detcore.engine import config_identity as engine_identity
 from student_trainer.config import TrainRunConfig
 
 logger = logging.getLogger("student_trainer.train")
@@ -53,6 +53,8 @@ _RESUME_FREE_KEYS = (
     "source.timeout_s",
     "source.max_retries",
 )
+# Config keys holding local paths (resolved in the identity; URLs stay as written).
+_PATH_KEYS = ("data.store", "data.annotations", "data.images", "source.teacher", "student.init", "student.backbone_weights")
 
 
 class ResumeMismatchError(ValueError):
@@ -83,35 +85,9 @@ class DistContext:
         return self.rank == 0
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def config_identity(config: TrainRunConfig) -> dict[str, Any]:
     """The settings that define the result (compared on resume), paths resolved."""
-    flat = _flatten(config.to_record())
-    out = {}
-    for key, value in flat.items():
-        if any(key == free or key.startswith(free + ".") for free in _RESUME_FREE_KEYS):
-            continue
-        if key in ("data.store", "data.annotations", "data.images", "source.teacher", "student.init",
-                   "student.backbone_weights") and value:
-            value = str(Path(value).resolve()) if "://" not in str(value) else value
-        out[key] = value
-    return out
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    return engine_identity(config.to_record(), resume_free=_RESUME_FREE_KEYS, paths=_PATH_KEYS)
 
 
 class MetricsLog:
@@ -225,17 +201,16 @@ def train_student(
     import numpy as np
     import torch
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
     from detcore.checkpoint import load_checkpoint, save_checkpoint
     from detcore.coco import CocoDataset
     from detcore.models.gfl import build_detector
     from detcore.train import (
-        OPTIMIZER_DEFAULTS, autocast_context, build_optimizer, config_difference, evaluate_model, learning_rate_factor,
-        optimizer_step, resolve_device,
+        OPTIMIZER_DEFAULTS, autocast_context, build_optimizer, evaluate_model, learning_rate_factor, optimizer_step,
+        resolve_device,
     )
     from detcore.datasets import CanvasBatchSampler
-    from detcore.interrupt import StopRequest, ignore_stop_signals
+    from detcore.interrupt import ignore_stop_signals
     from student_trainer.data import FailureLog, StoreViewDataset, check_store_fits, collate_train
     from student_trainer.distill import DistillationModel, needed_target_names
     from student_trainer.sources import StoreSource, build_source
@@ -325,14 +300,8 @@ def train_student(
     # -- resume ------------------------------------------------------------------------
     identity = config_identity(config)
     state = None
-    if is_main and last_path.exists():
-        state = load_checkpoint(last_path, map_location="cpu")
-        saved = (state.get("training") or {}).get("config_identity")
-        if saved != identity:
-            raise ResumeMismatchError(
-                f"train_student(config=) expects the configuration of the run in {str(out)!r} to resume it. "
-                f"Got {config_difference(saved, identity, limit=8)}; use another --out or delete {str(last_path)!r}."
-            )
+    if is_main:
+        state = load_resume_state(last_path, identity, caller="train_student", error=ResumeMismatchError, limit=8)
     if dist.broadcast is not None:
         state = dist.broadcast(state)
     step, history, train_seconds, images_seen, nonfinite_steps = 0, [], 0.0, 0, 0
@@ -362,14 +331,14 @@ def train_student(
             return
         training_state = {
             "kind": "distill.student",
-            "step": step,
+            "step": trainer.step,
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if use_scaler else None,
             "torch_rng": torch.get_rng_state(),
             "distill_state": model.distill_state_dict(),
             "config_identity": identity,
             "run_config": config.to_record(),
-            "train_seconds": train_seconds,
+            "train_seconds": trainer.train_seconds,
             "images_seen": images_seen,
             "nonfinite_steps": nonfinite_steps,
             "evals": evals,
@@ -385,7 +354,7 @@ def train_student(
             "views": views_note, "num_images": sampler.num_images, "iters_per_epoch": iters_per_epoch,
             "total_steps": total_steps, "warmup_iters": warmup, "world_size": dist.world_size,
         }
-        _write_json_atomic(out / "run_config.json", record)
+        write_json_atomic(out / "run_config.json", record)
         for note in config.approximations:
             logger.warning("approximation: %s", note)
     log = MetricsLog(out, is_main, config.schedule.tensorboard, step)
@@ -405,99 +374,92 @@ def train_student(
     def evaluate(tag: str) -> dict[str, Any] | None:
         if val_dataset is None:
             return None
+        step = trainer.step
         result = evaluate_model(student, val_dataset, canvas_hw, batch_size=optim.batch_size, device=device, progress=False)
         entry = {"step": step, "epoch": round(step / iters_per_epoch, 3), "tag": tag, **result}
         evals.append(entry)
         log.write({"step": step, "eval": entry}, {k: result[k] for k in ("AP", "AP50", "AP75") if k in result}, step, "val")
         return result
 
-    start_step = step
     window: dict[str, list[float]] = {}
-    window_images, window_seconds = 0, 0.0
-    stopped = False
+    current = {"lr": None, "window_images": 0, "window_seconds": 0.0}
+
+    def run_step(batch: dict[str, Any]) -> None:
+        nonlocal nonfinite_steps, images_seen
+        for failure in failures.add(batch["failures"]):
+            bar.write(f"skipping image {failure.image_id}: {failure.reason}")
+        if batch["images"] is None:
+            return
+        lr = current["lr"] = optim.peak_lr * learning_rate_factor(trainer.step, total_steps, warmup, schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = batch["images"].to(device, non_blocking=True)
+        gt_boxes = [b.to(device) for b in batch["gt_boxes"]]
+        gt_labels = [lb.to(device) for lb in batch["gt_labels"]]
+        teacher = source.complete(batch, device=device) if names else None
+        regions = batch.get("regions")
+        with autocast:
+            terms, extras = train_model(images, gt_boxes, gt_labels, teacher, regions)
+        loss = sum(terms.values())
+        if optimizer_step(loss, optimizer, scaler, model.parameters(), optim.grad_clip):
+            for key, value in {**terms, **extras}.items():
+                window.setdefault(key, []).append(float(value.detach()))
+            window.setdefault("loss", []).append(float(loss.detach()))
+        else:
+            nonfinite_steps += 1
+            bar.write(f"step {trainer.step}: non-finite loss {float(loss)} skipped ({ {k: float(v) for k, v in terms.items()} })")
+        images_seen += images.shape[0] * dist.world_size
+        current["window_images"] += images.shape[0] * dist.world_size
+
+    def log_window(trainer: Trainer) -> None:
+        step = trainer.step
+        current["window_seconds"] += trainer.step_seconds
+        if not (step % config.schedule.log_every == 0 or step == total_steps):
+            return
+        if window:
+            lr = current["lr"]
+            means = {k: float(np.mean(v)) for k, v in window.items()}
+            img_s = current["window_images"] / max(current["window_seconds"], 1e-9)
+            entry = {"step": step, "epoch": round(step / iters_per_epoch, 3), "lr": lr, "img_s": round(img_s, 3), **means}
+            history.append(entry)
+            log.write(entry, {**means, "lr": lr, "img_s": img_s}, step, "train")
+            if is_main:
+                line = f"step {step}/{total_steps} lr={lr:.2e} img/s={img_s:.1f} " + " ".join(f"{k}={v:.4g}" for k, v in means.items())
+                if progress:
+                    bar.write(line)
+                else:
+                    logger.info("%s", line)
+        window.clear()
+        current["window_images"], current["window_seconds"] = 0, 0.0
+
+    def end_epoch(trainer: Trainer) -> None:
+        step = trainer.step
+        if source is not None:
+            source.flush()  # read-through: what this epoch fetched is committed before the next reads
+        done_epochs = step // iters_per_epoch
+        every = config.schedule.eval_every
+        if every and done_epochs % every == 0 and step < total_steps:
+            result = evaluate(f"epoch {done_epochs}")
+            if result is not None:
+                bar.write(f"epoch {done_epochs} (step {step}): AP {result.get('AP', float('nan')):.4f}")
+            trainer.reset_timer()
+        if dist.on_epoch_end is not None:
+            dist.on_epoch_end({"step": step, "epoch": done_epochs, **(history[-1] if history else {})}, last_path if is_main else None)
+
+    def postfix() -> dict[str, str] | None:
+        if not window.get("loss"):
+            return None
+        return {"loss": f"{window['loss'][-1]:.3f}", "img_s": f"{images_seen / max(trainer.train_seconds, 1e-9):.1f}"}
+
+    bar = ProgressBarHook(f"train {student_cfg.arch} [{','.join(losses.enabled) or 'no KD'}]", enabled=progress and is_main,
+                          postfix=postfix, dynamic_ncols=True)
+    hooks = [bar, CallbackHook(after_step=log_window), CheckpointHook(save_last, config.schedule.checkpoint_every, at_epoch_end=True),
+             CallbackHook(after_epoch=end_epoch)]
+    trainer = Trainer(run_step, loader, sampler, total_steps, hooks, start_step=step, train_seconds=train_seconds,
+                      stop_after_steps=stop_after_steps)
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {student_cfg.arch} [{','.join(losses.enabled) or 'no KD'}]",
-               unit="step", disable=not (progress and is_main), dynamic_ncols=True)
-    stop = StopRequest().install()  # Ctrl-C / SIGTERM: end the step, write last.pt, exit 130 / 143
-    try:
-        while step < total_steps and not stopped:
-            epoch, within = divmod(step, iters_per_epoch)
-            sampler.set_epoch(epoch, start=within)
-            tick = time.perf_counter()
-            for batch in loader:
-                for failure in failures.add(batch["failures"]):
-                    bar.write(f"skipping image {failure.image_id}: {failure.reason}")
-                if batch["images"] is not None:
-                    lr = optim.peak_lr * learning_rate_factor(step, total_steps, warmup, schedule)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    images = batch["images"].to(device, non_blocking=True)
-                    gt_boxes = [b.to(device) for b in batch["gt_boxes"]]
-                    gt_labels = [lb.to(device) for lb in batch["gt_labels"]]
-                    teacher = source.complete(batch, device=device) if names else None
-                    regions = batch.get("regions")
-                    with autocast:
-                        terms, extras = train_model(images, gt_boxes, gt_labels, teacher, regions)
-                    loss = sum(terms.values())
-                    if optimizer_step(loss, optimizer, scaler, model.parameters(), optim.grad_clip):
-                        for key, value in {**terms, **extras}.items():
-                            window.setdefault(key, []).append(float(value.detach()))
-                        window.setdefault("loss", []).append(float(loss.detach()))
-                    else:
-                        nonfinite_steps += 1
-                        bar.write(f"step {step}: non-finite loss {float(loss)} skipped ({ {k: float(v) for k, v in terms.items()} })")
-                    images_seen += images.shape[0] * dist.world_size
-                    window_images += images.shape[0] * dist.world_size
-                step += 1
-                now = time.perf_counter()
-                train_seconds += now - tick
-                window_seconds += now - tick
-                tick = now
-                bar.update(1)
-                if window.get("loss"):
-                    bar.set_postfix(loss=f"{window['loss'][-1]:.3f}", img_s=f"{images_seen / max(train_seconds, 1e-9):.1f}")
-                if step % config.schedule.log_every == 0 or step == total_steps:
-                    if window:
-                        means = {k: float(np.mean(v)) for k, v in window.items()}
-                        img_s = window_images / max(window_seconds, 1e-9)
-                        entry = {"step": step, "epoch": round(step / iters_per_epoch, 3), "lr": lr, "img_s": round(img_s, 3), **means}
-                        history.append(entry)
-                        log.write(entry, {**means, "lr": lr, "img_s": img_s}, step, "train")
-                        if is_main:
-                            line = f"step {step}/{total_steps} lr={lr:.2e} img/s={img_s:.1f} " + " ".join(
-                                f"{k}={v:.4g}" for k, v in means.items()
-                            )
-                            if progress:
-                                bar.write(line)
-                            else:
-                                logger.info("%s", line)
-                    window, window_images, window_seconds = {}, 0, 0.0
-                epoch_done = step % iters_per_epoch == 0
-                if step % config.schedule.checkpoint_every == 0 or step == total_steps or epoch_done:
-                    save_last()
-                if epoch_done or step == total_steps:
-                    if source is not None:
-                        source.flush()  # read-through: what this epoch fetched is committed before the next reads
-                    done_epochs = step // iters_per_epoch
-                    every = config.schedule.eval_every
-                    if every and done_epochs % every == 0 and step < total_steps:
-                        result = evaluate(f"epoch {done_epochs}")
-                        if result is not None:
-                            bar.write(f"epoch {done_epochs} (step {step}): AP {result.get('AP', float('nan')):.4f}")
-                        tick = time.perf_counter()
-                    if dist.on_epoch_end is not None:
-                        dist.on_epoch_end({"step": step, "epoch": done_epochs, **(history[-1] if history else {})},
-                                          last_path if is_main else None)
-                time_boxed = stop_after_steps is not None and step - start_step >= stop_after_steps
-                if step < total_steps and (stop.requested or time_boxed):
-                    save_last()
-                    stopped = True
-                    break
-                if step >= total_steps or epoch_done:
-                    break
-    finally:
-        stop.restore()
-        bar.close()
+    stopped = not trainer.train()
+    step, start_step, train_seconds, stop = trainer.step, trainer.start_step, trainer.train_seconds, trainer.stop
 
     # Data-parallel ranks must end with bit-identical parameters (DDP averages the gradients).
     digests = dist.gather(parameter_digest(model)) if dist.gather is not None else [parameter_digest(model)]
@@ -547,7 +509,7 @@ def train_student(
         final_path, student, classes=coco.classes, canvas_hw=canvas_hw, metadata=metadata,
         training={"kind": "distill.student.final", "distill_state": model.distill_state_dict(), "run_config": config.to_record()},
     )
-    _write_json_atomic(out / "results.json", summary)
+    write_json_atomic(out / "results.json", summary)
     log.close()
     if failures.count:
         print(failures.summary(), file=sys.stderr)
