@@ -28,7 +28,7 @@ import numpy as np
 
 from label_store._fs import LAYOUT, Location
 from label_store._manifest import read_store_meta
-from label_store.errors import FingerprintMismatchError
+from label_store.reader import check_fingerprint
 from label_store.schema import TeacherFingerprint
 from label_store.writer import Store, _process_start_time
 
@@ -140,14 +140,9 @@ class StoreFiller:
             raise ValueError(f"StoreFiller(part_views=) expects a positive int. Got {part_views!r}.")
         location = Location(str(url), dict(storage_options or {}))
         meta = read_store_meta(location)
-        if expected_fingerprint is not None:
-            if not isinstance(expected_fingerprint, TeacherFingerprint):
-                expected_fingerprint = TeacherFingerprint.from_dict(expected_fingerprint)
-            differences = meta.fingerprint.diff(expected_fingerprint)
-            if differences:
-                raise FingerprintMismatchError(
-                    f"StoreFiller(url={url!r}) expects a store of the teacher that produced the targets:\n  - " + "\n  - ".join(differences)
-                )
+        check_fingerprint(
+            meta.fingerprint, expected_fingerprint, f"StoreFiller(url={url!r}) expects a store of the teacher that produced the targets:"
+        )
         self._store = Store(location, meta, meta.views_per_shard)
         self._lock = _FillLock(location, wait_s=lock_wait_s, stale_s=lock_stale_s)
         self.part_views = part_views

@@ -33,6 +33,23 @@ def read_store_targets(url: str, storage_options: Mapping[str, Any] | None = Non
     return tuple(read_store_meta(Location(url, dict(storage_options or {}))).targets)
 
 
+def check_fingerprint(
+    stored: TeacherFingerprint,
+    expected: TeacherFingerprint | Mapping[str, Any] | None,
+    heading: str,
+    fix: str = "",
+) -> None:
+    """Raise `FingerprintMismatchError` (``heading``, one line per difference, ``fix``) when
+    ``expected`` is given and differs from the store's ``stored`` fingerprint."""
+    if expected is None:
+        return
+    if not isinstance(expected, TeacherFingerprint):
+        expected = TeacherFingerprint.from_dict(expected)
+    differences = stored.diff(expected)
+    if differences:
+        raise FingerprintMismatchError(heading + "\n  - " + "\n  - ".join(differences) + fix)
+
+
 def open_store(
     url: str,
     *,
@@ -55,16 +72,12 @@ def open_store(
     """
     location = Location(url, dict(storage_options or {}))
     meta = read_store_meta(location)
-    if expected_fingerprint is not None:
-        if not isinstance(expected_fingerprint, TeacherFingerprint):
-            expected_fingerprint = TeacherFingerprint.from_dict(expected_fingerprint)
-        problems = meta.fingerprint.diff(expected_fingerprint)
-        if problems:
-            raise FingerprintMismatchError(
-                f"open_store(expected_fingerprint=) expects the teacher of the store at {url!r}. Got differences:\n  - "
-                + "\n  - ".join(problems)
-                + "\nTrain against the teacher that wrote this store, or point --store at one written by yours."
-            )
+    check_fingerprint(
+        meta.fingerprint,
+        expected_fingerprint,
+        f"open_store(expected_fingerprint=) expects the teacher of the store at {url!r}. Got differences:",
+        "\nTrain against the teacher that wrote this store, or point --store at one written by yours.",
+    )
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"open_store(threads=) expects a positive int. Got {threads!r}.")
     return StoreReader(location, meta, load_parts(location), threads or min(4, os.cpu_count() or 1))
