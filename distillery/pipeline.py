@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from detcore.defaults import PRESETS, Preset, default_home, default_paths
 
@@ -33,29 +34,124 @@ class Step:
     done_marker: Path | None
     """Output whose presence means the step finished; None for steps that always run
     (precompute resumes on its own and skips committed views)."""
+    log: Path | None = None
+    """Where a step that runs beside others writes its output (None: to this terminal)."""
 
 
 def _distill(*args: str) -> list[str]:
     return [sys.executable, "-m", "distillery.cli", *args]
 
 
-def _run(step: Step, env: dict[str, str]) -> float | None:
-    """Run a step unless its marker exists; its wall seconds, or None when skipped."""
-    if step.done_marker is not None and step.done_marker.exists():
-        print(f"[quickstart] {step.name}: done already ({step.done_marker})", flush=True)
-        return None
-    print(f"[quickstart] {step.name}: {shlex.join(step.argv[2:]).replace('distillery.cli', 'distill', 1)}", flush=True)
-    started = time.perf_counter()
-    completed = subprocess.run(step.argv, env=env)
-    if completed.returncode not in (0, 3):
+def _shown(step: Step) -> str:
+    return shlex.join(step.argv[2:]).replace("distillery.cli", "distill", 1)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class _Running:
+    """One started step: its process, start time and log file."""
+
+    def __init__(self, step: Step, env: dict[str, str]) -> None:
+        self.step = step
+        self.started = time.perf_counter()
+        output = None
+        if step.log is not None:
+            step.log.parent.mkdir(parents=True, exist_ok=True)
+            output = open(step.log, "w", encoding="utf-8")
+        # A session of its own: the terminal's Ctrl-C reaches only `distill quickstart`, which
+        # passes exactly one signal on to every running step (a second one forces a stop).
+        try:
+            self.process = subprocess.Popen(step.argv, env=env, start_new_session=True,
+                                            stdout=output, stderr=subprocess.STDOUT if output else None)
+        finally:
+            if output is not None:
+                output.close()
+
+
+def run_steps(
+    steps: list[Step], env: dict[str, str], jobs: int = 1, parallel: frozenset[str] = frozenset(),
+    on_done: Callable[[str, float], None] | None = None,
+) -> dict[str, float | None]:
+    """Run the steps in order, those named in ``parallel`` up to ``jobs`` at a time; the wall
+    seconds of each, None for a step skipped because its marker exists. ``on_done(name,
+    seconds)`` is called as each step finishes.
+
+    A step that fails lets the steps running beside it finish, then stops the pipeline with
+    its command. SIGINT / SIGTERM are passed on once to every running step, which stops at its
+    next safe point (checkpoint, committed parts); then `Interrupted` is raised (exit 130 / 143).
+    """
+    from detcore.interrupt import Interrupted, StopRequest
+
+    seconds: dict[str, float | None] = {}
+    pending = list(steps)
+    running: list[_Running] = []
+    failed: list[tuple[_Running, int]] = []
+    stop = StopRequest()
+    forwarded = False
+
+    def can_start(step: Step) -> bool:
+        if not running:
+            return True
+        return step.name in parallel and len(running) < jobs and all(r.step.name in parallel for r in running)
+
+    with stop:
+        try:
+            while pending or running:
+                while pending and not stop.requested and not failed and can_start(pending[0]):
+                    step = pending.pop(0)
+                    if step.done_marker is not None and step.done_marker.exists():
+                        print(f"[quickstart] {step.name}: done already ({step.done_marker})", flush=True)
+                        seconds[step.name] = None
+                        continue
+                    log_note = f"  (output: {step.log})" if step.log is not None else ""
+                    print(f"[quickstart] {step.name}: {_shown(step)}{log_note}", flush=True)
+                    running.append(_Running(step, env))
+                if stop.requested and not forwarded:
+                    for r in running:
+                        r.process.send_signal(stop.signum)
+                    forwarded = True
+                if not running:
+                    break
+                finished = [r for r in running if r.process.poll() is not None]
+                if not finished:
+                    time.sleep(0.2)
+                    continue
+                for r in finished:
+                    running.remove(r)
+                    code = r.process.returncode
+                    if code not in (0, 3):
+                        if not stop.requested:
+                            failed.append((r, code))
+                        continue
+                    if r.step.done_marker is not None and not r.step.done_marker.exists():
+                        failed.append((r, code))
+                        continue
+                    seconds[r.step.name] = time.perf_counter() - r.started
+                    print(f"[quickstart] {r.step.name}: {seconds[r.step.name]:.0f} s", flush=True)
+                    if on_done is not None:
+                        on_done(r.step.name, seconds[r.step.name])
+        except Interrupted:
+            # A second signal: pass it on too, so every step stops now.
+            for r in running:
+                if r.process.poll() is None:
+                    r.process.send_signal(stop.signum or 2)
+            raise
+    if stop.requested:
+        raise Interrupted(stop.signum, "finished steps are kept; re-run `distill quickstart` to go on where it stopped")
+    if failed:
+        r, code = failed[0]
+        log = f"\n{_tail(r.step.log)}\n(whole output: {r.step.log})" if r.step.log is not None else ""
+        if code in (0, 3):
+            raise SystemExit(f"[quickstart] step '{r.step.name}' finished but did not write {r.step.done_marker}{log}")
         raise SystemExit(
-            f"[quickstart] step '{step.name}' failed with exit code {completed.returncode}; "
-            f"re-run it alone with: {shlex.join(step.argv)}"
+            f"[quickstart] step '{r.step.name}' failed with exit code {code}{log}\n"
+            f"re-run it alone with: {shlex.join(r.step.argv)}"
         )
-    if step.done_marker is not None and not step.done_marker.exists():
-        raise SystemExit(f"[quickstart] step '{step.name}' finished but did not write {step.done_marker}")
-    seconds = time.perf_counter() - started
-    print(f"[quickstart] {step.name}: {seconds:.0f} s", flush=True)
     return seconds
 
 
@@ -65,7 +161,15 @@ def _student_dir(students: Path, losses: str, seed: int) -> Path:
     return students / (name if seed == 0 else f"{name}-seed{seed}")
 
 
-def run_quickstart(preset: Preset, home: Path) -> int:
+def default_jobs() -> int:
+    """Students trained at once: two where there are two cores or more. Small students use two
+    single-threaded processes better than one process on two threads."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def run_quickstart(preset: Preset, home: Path, jobs: int = 1) -> int:
+    """Run (or resume) the preset's pipeline under ``home``; ``jobs`` students at a time, each
+    on ``cpu_count // jobs`` torch threads with its output in ``<student dir>.log`` when ``jobs > 1``."""
     from distillery.report import Row, format_table, table_caption
 
     paths = default_paths(preset, home)
@@ -102,6 +206,9 @@ def run_quickstart(preset: Preset, home: Path) -> int:
         ),
     ]
     rows = [("baseline", "none")] + [(f"+ {m.upper().replace(',', ' + ')}", m) for m in preset.methods]
+    side_by_side = []
+    if jobs > 1:
+        side_by_side = ["--threads", str(max(1, (os.cpu_count() or 1) // jobs)), "--no-progress"]
     for label, losses in rows:
         for seed in preset.seeds:
             out = _student_dir(students, losses, seed)
@@ -111,24 +218,30 @@ def run_quickstart(preset: Preset, home: Path) -> int:
                     _distill("train", "--store", str(store), "--annotations", str(train_ann), "--images", str(train_img),
                              "--student", preset.student_arch, "--losses", losses,
                              "--epochs", str(preset.student_epochs), "--batch-size", str(preset.batch_size),
-                             "--lr", str(preset.student_lr), "--seed", str(seed), "--out", str(out), *val_args),
+                             "--lr", str(preset.student_lr), "--seed", str(seed), "--out", str(out), *val_args,
+                             *side_by_side),
                     out / "results.json",
+                    log=out.with_name(out.name + ".log") if jobs > 1 else None,
                 )
             )
     started = time.perf_counter()
     # Wall seconds of every step that ran, kept across re-runs so the report shows what skipped steps took.
     seconds_file = paths["report"].with_name(paths["report"].stem + "-steps.json")
     step_seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
+
+    def record(name: str, seconds: float) -> None:
+        step_seconds[name] = round(seconds, 1)
+        seconds_file.parent.mkdir(parents=True, exist_ok=True)
+        seconds_file.write_text(json.dumps(step_seconds, indent=2, sort_keys=True) + "\n")
+
+    students_at_once = frozenset(step.name for step in steps if step.name.startswith("student "))
+    ran = run_steps(steps, env, jobs, students_at_once, on_done=record)
+    total = time.perf_counter() - started
     timings: list[tuple[str, str]] = []
     for step in steps:
-        seconds = _run(step, env)
-        if seconds is not None:
-            step_seconds[step.name] = round(seconds, 1)
-            seconds_file.parent.mkdir(parents=True, exist_ok=True)
-            seconds_file.write_text(json.dumps(step_seconds, indent=2, sort_keys=True) + "\n")
+        seconds = ran.get(step.name)
         earlier = f" (took {step_seconds[step.name]:.0f} s)" if step.name in step_seconds else ""
         timings.append((step.name, f"{seconds:.0f} s" if seconds is not None else "done already" + earlier))
-    total = time.perf_counter() - started
 
     table = [Row(f"teacher {preset.teacher_arch}", "teacher", (), (_read_ap(teacher_dir / "metrics.json"),))]
     for label, losses in rows:
@@ -194,7 +307,17 @@ def _read_ap(path: Path) -> dict[str, float]:
 def _run_command(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     home = Path(args.home).resolve() if args.home else default_home()
-    return run_quickstart(preset, home)
+    return run_quickstart(preset, home, jobs=args.jobs)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects a positive number of students at a time. Got {text!r}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -211,6 +334,9 @@ def register(subparsers) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                         help="budgets: 'quick' (the easy synthetic variant, 2 seeds per student; docs/quickstart.md), "
                         "'benchmark' (the RESULTS.md recipe) or 'smoke' (wiring only)")
+    parser.add_argument("--jobs", type=_positive_int, default=default_jobs(), metavar="N",
+                        help="students trained at once, each on cpu_count/N torch threads with its output in "
+                        "a .log file beside its run folder (default: %(default)s on this machine)")
     parser.add_argument("--home", help="working directory for data, checkpoints and stores "
                         "(default $DISTILLERY_HOME or ./distillery_runs)")
     parser.set_defaults(func=_run_command)

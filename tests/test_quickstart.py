@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -142,3 +143,117 @@ def test_quickstart_smoke_runs_every_step_and_writes_table_and_report(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done already") == 2 + 6
     assert [line for line in again.stdout.splitlines() if line.startswith("gfl_tiny")] == table_rows[1:]
+
+
+# --- the step runner: students side by side, failures, Ctrl-C --------------------------------
+
+_CHILD = r"""
+import signal, sys, time, pathlib
+d, name, partner, mode = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+def on_signal(signum, frame):
+    with open(d / "signals", "a") as f:
+        f.write(f"{name} {signal.Signals(signum).name}\n")
+    sys.exit(128 + signum)
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+with open(d / "journal", "a") as f:
+    f.write(f"start {name}\n")
+(d / f"{name}.started").touch()
+if mode == "wait-signal":
+    while True:
+        signal.pause()
+# A barrier: the step ends only once its partner has started, so the two must overlap.
+deadline = time.monotonic() + 60
+while partner != "-" and not (d / f"{partner}.started").exists():
+    if time.monotonic() > deadline:
+        sys.exit(9)
+    time.sleep(0.05)
+with open(d / "journal", "a") as f:
+    f.write(f"end {name}\n")
+if mode == "0":
+    (d / f"{name}.done").touch()
+sys.exit(int(mode))
+"""
+
+
+def _step(tmp_path, name, partner="-", mode="0", log=True):
+    from distillery.pipeline import Step
+
+    return Step(name, [sys.executable, "-c", _CHILD, str(tmp_path), name, partner, mode], tmp_path / f"{name}.done",
+                log=tmp_path / f"{name}.log" if log else None)
+
+
+def _most_at_once(journal):
+    running = most = 0
+    for line in journal.read_text().splitlines():
+        running += 1 if line.startswith("start") else -1
+        most = max(most, running)
+    return most
+
+
+def test_steps_named_parallel_run_side_by_side_up_to_jobs_and_others_alone(tmp_path):
+    from distillery.pipeline import run_steps
+
+    done = []
+    steps = [_step(tmp_path, "first", log=False), _step(tmp_path, "a", "b"), _step(tmp_path, "b", "a"),
+             _step(tmp_path, "c", "d"), _step(tmp_path, "d", "c"), _step(tmp_path, "last", log=False)]
+    seconds = run_steps(steps, dict(os.environ), jobs=2, parallel=frozenset("abcd"),
+                        on_done=lambda name, s: done.append(name))
+    assert set(seconds) == {"first", "a", "b", "c", "d", "last"} and all(s is not None for s in seconds.values())
+    assert _most_at_once(tmp_path / "journal") == 2
+    lines = (tmp_path / "journal").read_text().splitlines()
+    assert lines[:2] == ["start first", "end first"] and lines[-2:] == ["start last", "end last"]
+    assert done[0] == "first" and done[-1] == "last" and sorted(done[1:5]) == ["a", "b", "c", "d"]
+    # A second run skips every step whose marker exists.
+    (tmp_path / "journal").unlink()
+    assert set(run_steps(steps, dict(os.environ), jobs=2, parallel=frozenset("abcd")).values()) == {None}
+    assert not (tmp_path / "journal").exists()
+
+
+def test_one_job_runs_parallel_steps_one_at_a_time(tmp_path):
+    from distillery.pipeline import run_steps
+
+    steps = [_step(tmp_path, name) for name in "abc"]
+    run_steps(steps, dict(os.environ), jobs=1, parallel=frozenset("abc"))
+    assert _most_at_once(tmp_path / "journal") == 1
+
+
+def test_a_failed_step_lets_its_neighbour_finish_and_names_itself_its_log_and_command(tmp_path):
+    from distillery.pipeline import run_steps
+
+    steps = [_step(tmp_path, "a", "b", mode="1"), _step(tmp_path, "b", "a"), _step(tmp_path, "c")]
+    with pytest.raises(SystemExit) as stop:
+        run_steps(steps, dict(os.environ), jobs=2, parallel=frozenset("abc"))
+    message = str(stop.value.code)
+    assert "step 'a' failed with exit code 1" in message and str(tmp_path / "a.log") in message
+    assert "re-run it alone with:" in message
+    assert (tmp_path / "b.done").exists() and not (tmp_path / "c.started").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_reaches_every_running_step_once_and_the_runner_exits_128_plus_signal(tmp_path, signum):
+    from process_signals import stop_group, wait_until
+
+    runner = (
+        "import os, sys\n"
+        "from detcore.interrupt import Interrupted\n"
+        "from distillery.pipeline import Step, run_steps\n"
+        f"d = {str(tmp_path)!r}\n"
+        "child = sys.argv[1]\n"
+        "steps = [Step(n, [sys.executable, '-c', child, d, n, '-', 'wait-signal'], None, log=None) for n in 'abc']\n"
+        "try:\n"
+        "    run_steps(steps, dict(os.environ), jobs=2, parallel=frozenset('abc'))\n"
+        "except Interrupted as stop:\n"
+        "    sys.exit(stop.report())\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", runner, _CHILD], start_new_session=True, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    wait_until(process, lambda: (tmp_path / "a.started").exists() and (tmp_path / "b.started").exists(), 60)
+    output, _ = stop_group(process, signum)
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum, output
+    assert f"interrupted by {name}: finished steps are kept" in output
+    # The steps run in sessions of their own: each got the one signal the runner passed on.
+    assert sorted((tmp_path / "signals").read_text().splitlines()) == [f"a {name}", f"b {name}"]
+    assert not (tmp_path / "c.started").exists()
