@@ -176,11 +176,14 @@ class TargetCodec:
             return 0
         return 1 if self.scaling == "view" else channels
 
-    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def encode(self, x: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Quantize one view's target.
 
         Args:
             x: float32 array[C, H, W], finite.
+            keep: None, or bool array[H, W]: the points to store (region storage,
+                `label_store.schema.StoreRegion`); the others get code (or value) 0. Scale
+                and offset are those of the whole map, so kept points code as without it.
         Returns:
             ``(codes, scale, offset)``: codes array[C, H, W] of `dtype`; scale and offset
             float32 array[Pc] (empty for float storage).
@@ -188,9 +191,11 @@ class TargetCodec:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 3:
             raise ValueError(f"TargetCodec.encode(x=) expects an array[C, H, W]. Got shape {x.shape}.")
+        if keep is not None and np.shape(keep) != x.shape[1:]:
+            raise ValueError(f"TargetCodec.encode(keep=) expects a bool array[H, W] of shape {x.shape[1:]}. Got {np.shape(keep)}.")
         empty = np.zeros(0, np.float32)
         if self.storage == "fp32":
-            return x, empty, empty
+            return (x if keep is None else np.where(keep, x, np.float32(0))), empty, empty
         if self.storage == "fp16":
             peak = float(np.abs(x).max()) if x.size else 0.0
             if peak > FLOAT16_MAX:
@@ -198,7 +203,8 @@ class TargetCodec:
                     f"TargetCodec({self.name!r}).encode(x=) expects |values| <= {FLOAT16_MAX}. Got {peak}; "
                     f"use an fp32 or int codec for this target."
                 )
-            return x.astype(np.float16), empty, empty
+            half = x.astype(np.float16)
+            return (half if keep is None else np.where(keep, half, np.float16(0))), empty, empty
         if self.floor is not None:
             x = np.maximum(x, np.float32(self.floor))
         levels = (1 << self.bits) - 1
@@ -223,10 +229,16 @@ class TargetCodec:
         np.rint(codes, out=codes)
         np.clip(codes, 0, levels, out=codes)
         codes = codes.astype(np.uint8).reshape(x.shape)
-        return self.stored_codes(codes), scale, offset
+        return self.stored_codes(codes, keep), scale, offset
 
-    def stored_codes(self, codes: np.ndarray) -> np.ndarray:
-        """Plain quantization codes -> the values this codec stores (the `predict` residuals, if any)."""
+    def stored_codes(self, codes: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        """Plain quantization codes -> the values this codec stores (the `predict` residuals, if any).
+
+        ``keep`` (bool array[H, W], see `encode`): codes outside it become 0 first, so the
+        residuals there are 0 too and compress to almost nothing.
+        """
+        if keep is not None:
+            codes = codes * np.asarray(keep, dtype=np.uint8)[None]
         return self._predict(codes) if self.predict else codes
 
     def _axes(self, codes: np.ndarray) -> tuple[np.ndarray, list[int]]:
