@@ -130,7 +130,8 @@ class StoreMeta:
                     "parts/<part_dir>/quant": "float32[N, P]: per view, for each int-coded target in order, scale[Pc] then offset[Pc]",
                     **({} if self.region is None else {
                         "parts/<part_dir>/region": "uint8[N, ceil(A / 8)]: per view, the points (all levels, level-major, row-major; "
-                        "numpy packbits, big bit order) where the region groups are stored; codes elsewhere are 0",
+                        "numpy packbits, big bit order) where the region groups are stored, in the region layout of "
+                        "label_store.codecs.TargetCodec.stored_codes (kept points first, then zeros)",
                     }),
                     "parts/<part_dir>/<canvas path>/...": "the same arrays for the views of each other canvas (canvases[i].path)",
                     "manifest/parts/<part_id>.parquet": "committed part: one row per view; its existence commits the part",

@@ -173,9 +173,9 @@ def encode_view(
     return encoded
 
 
-def decode_encoded(spec: TargetSpec, encoded: EncodedTarget) -> np.ndarray:
-    """float32 array[C, H, W] of one encoded target."""
-    return spec.target_codec.decode(encoded.codes, encoded.scale, encoded.offset)
+def decode_encoded(spec: TargetSpec, encoded: EncodedTarget, keep: np.ndarray | None = None) -> np.ndarray:
+    """float32 array[C, H, W] of one encoded target (``keep``: its region, `TargetCodec.decode`)."""
+    return spec.target_codec.decode(encoded.codes, encoded.scale, encoded.offset, keep)
 
 
 def _header(specs: Sequence[TargetSpec]) -> bytes:

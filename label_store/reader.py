@@ -357,12 +357,12 @@ class StoreReader:
         mask = None
         for name in names:
             item = encoded[name]
-            value = self._specs[name].target_codec.decode(item.codes, item.scale, item.offset)
+            keep = None
             if name in self._region_targets:
                 if mask is None:
                     mask = self._unpack_region(encoded[REGION_ARRAY].codes, canvas)
-                value[:, ~mask[name]] = np.nan
-            out[name] = value
+                keep = mask[name]
+            out[name] = self._specs[name].target_codec.decode(item.codes, item.scale, item.offset, keep)
         return out
 
     def _level_slices(self, canvas_hw: tuple[int, int]) -> dict[int, tuple[int, int, int]]:

@@ -29,7 +29,7 @@ manifest, and the arrays of every canvas but the first under its own group in ea
 3 (`REGION_SCHEMA_VERSION`): schema 2 plus region storage (`StoreRegion`)."""
 REGION_SCHEMA_VERSION = 3
 """Version written for a store with a `StoreRegion`: a reader that does not know region
-storage must refuse it (it would read the zero-filled points as targets); stores without one
+storage must refuse it (it would read the packed region layout as dense maps); stores without one
 stay at `SCHEMA_VERSION`, so older readers still open them."""
 READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 """Versions this package reads (schema 1 stores read as stores of one canvas)."""
@@ -383,10 +383,11 @@ class StoreRegion:
     ``vlr_alpha`` times that GT's ATSS threshold (the VLR at ``vlr_alpha`` without its upper
     bound; a larger alpha reads a subset), on the anchors of ``point_offset``. Both supersets
     keep a point whose IoU lands on a threshold's other side on another device stored.
-    Codes of the region groups outside the mask are 0 (entropy coding removes them);
-    quantization scale and offset are those of the whole map, so a stored point decodes to
-    exactly what a dense store of the same codec holds. Readers decode the points outside
-    the mask as NaN, which no stored target can be.
+    The region groups' chunks keep their shape in the region layout of
+    `label_store.codecs.TargetCodec.stored_codes` (the kept points' codes first, zeros after,
+    which entropy coding removes); quantization scale and offset are those of the whole map,
+    so a stored point decodes to exactly what a dense store of the same codec holds. Readers
+    decode the points outside the mask as NaN, which no stored target can be.
     """
 
     groups: tuple[str, ...]

@@ -581,7 +581,7 @@ class PartWriter:
                 arrays = {**arrays, **check_targets(known, given, f"PartWriter.append(originals=) {where}")}
             if len(arrays) == len(specs):
                 for spec in specs:
-                    original, decoded = arrays[spec.name], decode_encoded(spec, encoded[spec.name])
+                    original, decoded = arrays[spec.name], decode_encoded(spec, encoded[spec.name], keep.get(spec.name))
                     if spec.name in keep:  # fidelity of the stored points only: [C, 1, points]
                         if not keep[spec.name].any():
                             continue
