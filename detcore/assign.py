@@ -232,3 +232,53 @@ def imitation_region(anchors: Tensor, gt_boxes: Tensor, ratio: float = 0.5) -> T
     ious = box_iou(anchors.float(), gt_boxes.float().to(anchors.device))
     best = ious.max(dim=0).values
     return (ious > float(ratio) * best[None, :]).any(dim=1)
+
+
+def stored_region(
+    gt_boxes: Tensor,
+    canvas_hw: tuple[int, int],
+    strides: Sequence[int],
+    *,
+    topk: int,
+    vlr_alpha: float,
+    vlr_diou: str = "standard",
+    point_offset: float = 0.5,
+) -> Tensor:
+    """The points of a view where a region store keeps LD's targets (`label_store.StoreRegion`).
+
+    The union, over the GT boxes, of each GT's ATSS candidates (`atss_thresholds`; every
+    positive of `atss_assign` with this ``topk`` is one) and of the anchors whose DIoU with
+    the GT is at least ``vlr_alpha`` times its ATSS threshold (`vlr_region` at any alpha >=
+    ``vlr_alpha`` lies inside, having also the upper bound ``DIoU < threshold``), on the GFL
+    anchors of every level (`detcore.outputs.level_anchors`). No GT: no point.
+
+    Args:
+        gt_boxes: Tensor[G, 4] canvas pixels (the view's GT, `detcore.views.image_to_view_boxes`).
+        canvas_hw: the view's canvas ``(H, W)``.
+        strides: the FPN strides; level l has ``ceil(H / s) x ceil(W / s)`` points.
+        topk: ATSS candidates per level per GT.
+        vlr_alpha: the smallest VLR alpha to serve.
+        vlr_diou: DIoU flavour of the VLR (`DIOU_MODES`).
+        point_offset: the student's point convention.
+    Returns:
+        BoolTensor[A] on the CPU, level-major then row-major.
+    """
+    import math
+
+    from detcore.outputs import level_anchors
+
+    if vlr_diou not in DIOU_MODES:
+        raise ValueError(f"stored_region(vlr_diou=) expects one of {DIOU_MODES}. Got {vlr_diou!r}.")
+    shapes = [(math.ceil(int(canvas_hw[0]) / s), math.ceil(int(canvas_hw[1]) / s)) for s in strides]
+    per_level = level_anchors(strides, shapes, point_offset=point_offset)
+    anchors, counts = torch.cat(per_level), [int(a.shape[0]) for a in per_level]
+    boxes = torch.as_tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4).cpu()
+    _check_inputs("stored_region", anchors, counts, boxes, topk)
+    mask = torch.zeros(anchors.shape[0], dtype=torch.bool)
+    if boxes.shape[0] == 0:
+        return mask
+    thresholds, candidate_index, _ = atss_thresholds(anchors, counts, boxes, topk)
+    mask[candidate_index.reshape(-1)] = True
+    dious = box_diou(anchors, boxes) if vlr_diou == "standard" else box_overlap_diou(anchors, boxes)
+    mask |= (dious >= vlr_alpha * thresholds[None, :]).any(dim=1)
+    return mask

@@ -176,7 +176,8 @@ class DenseOutputs:
         """The outputs that `to_targets` encoded: the one decoder of label-store names.
 
         Groups absent from ``targets`` stay None (``fpn_features`` empty). ``edges`` become
-        ``distances`` only when there is no ``box`` (``edge_distances`` derives them then).
+        ``distances``, which `edge_distances` returns (without them it derives them from
+        ``box``): a store may hold ``box`` only where LD reads it and ``edges`` everywhere.
         """
         strides = tuple(int(s) for s in strides)
         names = [level_name(s) for s in strides]
@@ -207,7 +208,7 @@ class DenseOutputs:
             strides=strides,
             reg_max=reg_max if box is not None else None,
             backbone_features=tuple(targets[f"backbone/{s}"] for s in BACKBONE_STAGES) if stages else None,
-            distances=edges if box is None else None,
+            distances=edges,
             point_offset=float(point_offset),
         )
 

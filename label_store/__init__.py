@@ -26,6 +26,7 @@ _EXPORTS = {
     "TARGET_GROUPS": "label_store.schema",
     "TeacherFingerprint": "label_store.schema",
     "TargetSpec": "label_store.schema",
+    "StoreRegion": "label_store.schema",
     "default_target_specs": "label_store.schema",
     "level_name": "label_store.schema",
     "TargetCodec": "label_store.codecs",

@@ -17,7 +17,16 @@ import pyarrow.parquet as pq
 
 from label_store._fs import LAYOUT, Location
 from label_store.errors import SchemaVersionError, StoreFormatError, StoreNotFoundError
-from label_store.schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, StoreCanvas, TargetSpec, TeacherFingerprint, store_canvases
+from label_store.schema import (
+    READABLE_SCHEMA_VERSIONS,
+    REGION_SCHEMA_VERSION,
+    SCHEMA_VERSION,
+    StoreCanvas,
+    StoreRegion,
+    TargetSpec,
+    TeacherFingerprint,
+    store_canvases,
+)
 
 ROOT_KEY = "label_store"
 """Key of the store metadata in the root group's zarr attributes."""
@@ -75,10 +84,25 @@ class StoreMeta:
     """ISO-8601 creation time (UTC)."""
     canvases: tuple[StoreCanvas, ...] = ()
     """The store's canvases in index order; empty means the fingerprint's canvas alone."""
+    region: StoreRegion | None = None
+    """Region storage of some groups (`StoreRegion`); None: every target dense (stores before schema 3)."""
 
     def __post_init__(self) -> None:
         if not self.canvases:
             object.__setattr__(self, "canvases", store_canvases(self.targets, [self.fingerprint.canvas_hw]))
+        if self.region is not None:
+            groups = {t.group for t in self.targets}
+            missing = [g for g in self.region.groups if g not in groups]
+            if missing:
+                raise ValueError(f"StoreMeta(region=) expects region groups the store holds {sorted(groups)}. Got {list(self.region.groups)}.")
+            if self.schema_version < REGION_SCHEMA_VERSION:
+                raise ValueError(f"StoreMeta(region=) expects schema version {REGION_SCHEMA_VERSION} or later. Got {self.schema_version}.")
+
+    def region_targets(self) -> tuple[str, ...]:
+        """Names of the targets held only inside the region (none without one)."""
+        if self.region is None:
+            return ()
+        return tuple(t.name for t in self.targets if t.group in self.region.groups)
 
     def canvas_index(self, canvas_hw: Sequence[int]) -> int:
         """Index of a canvas ``(H, W)`` among the store's, or -1."""
@@ -100,9 +124,15 @@ class StoreMeta:
                 "created_at": self.created_at,
                 "checksum": CHECKSUM_ALGORITHM,
                 "canvases": [c.to_dict() for c in self.canvases],
+                **({} if self.region is None else {"region": self.region.to_dict()}),
                 "layout": {
                     "parts/<part_dir>/<group>/<level>": "codes[N, C, H, W] of the first canvas's views, one view per inner chunk, views_per_shard per shard",
                     "parts/<part_dir>/quant": "float32[N, P]: per view, for each int-coded target in order, scale[Pc] then offset[Pc]",
+                    **({} if self.region is None else {
+                        "parts/<part_dir>/region": "uint8[N, ceil(A / 8)]: per view, the points (all levels, level-major, row-major; "
+                        "numpy packbits, big bit order) where the region groups are stored, in the region layout of "
+                        "label_store.codecs.TargetCodec.stored_codes (kept points first, then zeros)",
+                    }),
                     "parts/<part_dir>/<canvas path>/...": "the same arrays for the views of each other canvas (canvases[i].path)",
                     "manifest/parts/<part_id>.parquet": "committed part: one row per view; its existence commits the part",
                     "manifest/failures/*.parquet": "views that could not be produced, with the reason",
@@ -121,7 +151,7 @@ class StoreMeta:
         if version not in READABLE_SCHEMA_VERSIONS:
             raise SchemaVersionError(
                 f"open_store(url=) expects schema version {' or '.join(map(str, READABLE_SCHEMA_VERSIONS))} at {url!r}. Got {version!r}; "
-                f"{'upgrade label_store to read it' if isinstance(version, int) and version > SCHEMA_VERSION else 'the store was not written by this package'}."
+                f"{'upgrade label_store to read it' if isinstance(version, int) and version > max(READABLE_SCHEMA_VERSIONS) else 'the store was not written by this package'}."
             )
         try:
             return cls(
@@ -131,6 +161,7 @@ class StoreMeta:
                 views_per_shard=int(meta["views_per_shard"]),
                 created_at=str(meta.get("created_at", "")),
                 canvases=tuple(StoreCanvas.from_dict(c) for c in meta.get("canvases", ())),
+                region=None if meta.get("region") is None else StoreRegion.from_dict(meta["region"]),
             )
         except (KeyError, ValueError, TypeError) as error:
             raise StoreFormatError(f"open_store(url=) expects valid label_store attributes at {url!r}. Got: {error}") from None
@@ -174,6 +205,9 @@ class PartEntry:
     origin: str = "precompute"
     """Where the part's targets came from: ``precompute`` (a precompute job; parts written
     before the field existed read as this) or ``endpoint`` (fetched by a read-through trainer)."""
+    region: dict | None = None
+    """Region storage counts of the part, ``{"stored_points", "points"}`` summed over its views
+    (None in a dense store)."""
 
 
 PART_ORIGINS = ("precompute", "endpoint")
@@ -183,6 +217,7 @@ PART_ORIGINS = ("precompute", "endpoint")
 def part_entry_bytes(
     *, part_id: str, part_dir: str, committed_at_ns: int, targets: Sequence[str], fidelity: dict, writer: dict, rows: dict[str, list],
     origin: str = "precompute",
+    region: dict | None = None,
 ) -> bytes:
     table = pa.Table.from_pydict(rows, schema=PART_SCHEMA)
     meta = {
@@ -195,6 +230,7 @@ def part_entry_bytes(
         "fidelity": fidelity,
         "writer": writer,
         "origin": origin,
+        **({} if region is None else {"region": region}),
     }
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     sink = io.BytesIO()
@@ -219,6 +255,7 @@ def parse_part_entry(raw: bytes, path: str) -> PartEntry:
             fidelity=meta["fidelity"],
             table=table,
             origin=str(meta.get("origin", "precompute")),
+            region=meta.get("region"),
         )
     except Exception as error:  # pyarrow raises several types for a damaged file
         raise StoreFormatError(f"manifest entry {path} is unreadable: {error!r}") from None

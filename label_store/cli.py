@@ -87,6 +87,11 @@ def _print_inspect(info: dict) -> None:
         )
     if info.get("padding_share") is not None:
         print(f"padding          {100 * info['padding_share']:.1f}% of the stored target bytes encode padding")
+    region = info.get("region")
+    if region is not None:
+        from label_store.schema import StoreRegion
+
+        print(f"region           {StoreRegion.from_dict(region).describe()}; elsewhere not stored")
     ratio = info["ratio_vs_fp32"]
     print(
         f"size on disk     {_human_bytes(info['bytes_on_disk'])}; {_human_bytes(info['bytes_per_view'])} per view "
@@ -105,12 +110,14 @@ def _print_inspect(info: dict) -> None:
         )
     groups = info["fidelity"]["groups"]
     print()
-    print(f"{'group':10s} {'bytes/view':>11s} {'vs fp32':>8s} {'loss':>20s} {'loss err':>9s} {'worst level':>12s}  method losses")
+    print(f"{'group':10s} {'bytes/view':>11s} {'vs fp32':>8s} {'stored':>7s} {'loss':>20s} {'loss err':>9s} {'worst level':>12s}  method losses")
     for group in info["groups"]:
         fid = groups.get(group["group"])
         ratio = group["ratio_vs_fp32"]
+        stored = group.get("region_share", 1.0)
         print(
             f"{group['group']:10s} {group['stored_bytes_per_view']:11.0f} {('%.1fx' % ratio) if ratio else 'n/a':>8s} "
+            f"{100 * stored:6.1f}% "
             + (f"{fid['loss']:>20s} {100 * fid['loss_rel_error']:8.3f}% {100 * fid['worst_level_loss_rel_error']:11.3f}%" if fid else "")
             + (
                 "  " + ", ".join(f"{name} {100 * error:.3f}%" for name, error in fid.get("method_loss_rel_error", {}).items())

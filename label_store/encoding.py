@@ -74,9 +74,12 @@ class QuantizedTarget:
 
 
 def encode_inputs(
-    targets: Mapping[str, object], specs: Sequence[TargetSpec], where: str
+    targets: Mapping[str, object], specs: Sequence[TargetSpec], where: str, keep: Mapping[str, np.ndarray] | None = None
 ) -> tuple[dict[str, EncodedTarget], dict[str, np.ndarray]]:
     """Validate and encode one view's targets, each a float array or (int codecs) a `QuantizedTarget`.
+
+    ``keep``: name -> bool array[H, W] of the points to store, for targets held only in a
+    region (`TargetCodec.encode`); the others are stored whole.
 
     Returns:
         ``(encoded, floats)``: every target encoded by its spec's storage codec, and the
@@ -85,13 +88,14 @@ def encode_inputs(
     if not isinstance(targets, Mapping):
         raise ValueError(f"{where} expects targets as a dict of name -> array[C, H, W]. Got {type(targets).__name__}.")
     _check_names(targets, specs, where)
+    keep = dict(keep or {})
     given = [spec for spec in specs if not isinstance(targets[spec.name], QuantizedTarget)]
     floats = check_targets({spec.name: targets[spec.name] for spec in given}, given, where)
-    encoded = encode_view(floats, given)
+    encoded = encode_view(floats, given, keep)
     for spec in specs:
         if spec.name in encoded:
             continue
-        encoded[spec.name] = _check_quantized(spec, targets[spec.name], where)
+        encoded[spec.name] = _check_quantized(spec, targets[spec.name], where, keep.get(spec.name))
     return {spec.name: encoded[spec.name] for spec in specs}, floats
 
 
@@ -103,7 +107,7 @@ def _check_names(targets: Mapping[str, object], specs: Sequence[TargetSpec], whe
         raise ValueError(f"{where} expects exactly the targets {wanted}. Missing {missing}, unexpected {extra}.")
 
 
-def _check_quantized(spec: TargetSpec, value: QuantizedTarget, where: str) -> EncodedTarget:
+def _check_quantized(spec: TargetSpec, value: QuantizedTarget, where: str, keep: np.ndarray | None = None) -> EncodedTarget:
     codec = spec.target_codec
     if not codec.quantized:
         raise ValueError(
@@ -129,7 +133,7 @@ def _check_quantized(spec: TargetSpec, value: QuantizedTarget, where: str) -> En
         if not np.isfinite(array).all() or (field == "scale" and (array < 0).any()):
             raise ValueError(f"{where} expects a finite{' non-negative' if field == 'scale' else ''} {spec.name} {field}. Got {array}.")
         params.append(array)
-    return EncodedTarget(codec.stored_codes(np.ascontiguousarray(codes)), params[0], params[1])
+    return EncodedTarget(codec.stored_codes(np.ascontiguousarray(codes), keep), params[0], params[1])
 
 
 def check_targets(targets: Mapping[str, object], specs: Sequence[TargetSpec], where: str) -> dict[str, np.ndarray]:
@@ -157,18 +161,21 @@ def check_targets(targets: Mapping[str, object], specs: Sequence[TargetSpec], wh
     return out
 
 
-def encode_view(targets: Mapping[str, np.ndarray], specs: Sequence[TargetSpec]) -> dict[str, EncodedTarget]:
-    """Apply each spec's storage codec to already validated float32 targets."""
+def encode_view(
+    targets: Mapping[str, np.ndarray], specs: Sequence[TargetSpec], keep: Mapping[str, np.ndarray] | None = None
+) -> dict[str, EncodedTarget]:
+    """Apply each spec's storage codec to already validated float32 targets (``keep``: see `encode_inputs`)."""
     encoded = {}
+    keep = keep or {}
     for spec in specs:
-        codes, scale, offset = spec.target_codec.encode(targets[spec.name])
+        codes, scale, offset = spec.target_codec.encode(targets[spec.name], keep.get(spec.name))
         encoded[spec.name] = EncodedTarget(codes, scale, offset)
     return encoded
 
 
-def decode_encoded(spec: TargetSpec, encoded: EncodedTarget) -> np.ndarray:
-    """float32 array[C, H, W] of one encoded target."""
-    return spec.target_codec.decode(encoded.codes, encoded.scale, encoded.offset)
+def decode_encoded(spec: TargetSpec, encoded: EncodedTarget, keep: np.ndarray | None = None) -> np.ndarray:
+    """float32 array[C, H, W] of one encoded target (``keep``: its region, `TargetCodec.decode`)."""
+    return spec.target_codec.decode(encoded.codes, encoded.scale, encoded.offset, keep)
 
 
 def _header(specs: Sequence[TargetSpec]) -> bytes:

@@ -15,6 +15,7 @@ from label_store.encoding import view_checksum
 from label_store.errors import CorruptDataError
 from label_store.reader import StoreReader, open_store
 from label_store._fs import QUANT_ARRAY, WRITER_LEASE
+from label_store.schema import REGION_ARRAY
 from label_store.writer import _process_start_time
 
 
@@ -175,8 +176,11 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
     fp32_bytes_per_view, ratio_vs_fp32, fidelity, views_by_origin (visible views per
     part origin: ``precompute``, ``endpoint`` for views a read-through trainer fetched),
     canvases (per canvas: canvas_hw, path, views, rows, target_bytes, bytes_per_view,
-    fp32_bytes_per_view, padding_bytes, padding_share) and padding_share (the share of
-    stored target bytes that encode padding, all canvases).
+    fp32_bytes_per_view, padding_bytes, padding_share), padding_share (the share of
+    stored target bytes that encode padding, all canvases) and region (the store's
+    `label_store.schema.StoreRegion` as a dict, or None). Each group also has region_share:
+    the share of its points stored (1.0 for a dense group); a region group's bytes include
+    its share of the packed masks (``region`` arrays).
     """
     reader: StoreReader = open_store(url, storage_options=storage_options, threads=1)
     location = reader._location
@@ -216,9 +220,14 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
 
     raw_params = {spec.name: 8 * spec.target_codec.num_params(spec.shape[0]) for spec in reader.targets}
     params_total = chunk_bytes(QUANT_ARRAY) if sum(raw_params.values()) else 0
+    region_targets = reader._meta.region_targets()
+    masks_total = chunk_bytes(REGION_ARRAY) if region_targets else 0
+    region_share = reader.region_share()
     targets, groups = [], {}
     for spec in reader.targets:
         share = params_total * raw_params[spec.name] / sum(raw_params.values()) if params_total else 0.0
+        if spec.name in region_targets:  # the masks are what the region groups cost beyond their codes
+            share += masks_total / len(region_targets)
         stored = (chunk_bytes(spec.name) + share) / rows if rows else 0.0
         targets.append(
             {
@@ -230,7 +239,13 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
                 "ratio_vs_fp32": spec.fp32_nbytes / stored if stored else None,
             }
         )
-        group = groups.setdefault(spec.group, {"group": spec.group, "codecs": [], "fp32_bytes_per_view": 0, "stored_bytes_per_view": 0.0})
+        group = groups.setdefault(
+            spec.group,
+            {
+                "group": spec.group, "codecs": [], "fp32_bytes_per_view": 0, "stored_bytes_per_view": 0.0,
+                "region_share": region_share if spec.name in region_targets else 1.0,
+            },
+        )
         if spec.codec not in group["codecs"]:
             group["codecs"].append(spec.codec)
         group["fp32_bytes_per_view"] += spec.fp32_nbytes
@@ -269,6 +284,7 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
         "views_by_origin": views_by_origin,
         "canvases": canvases,
         "padding_share": sum(c["padding_bytes"] for c in canvases) / visible_bytes if visible_bytes else None,
+        "region": None if reader.region is None else reader.region.to_dict(),
     }
 
 
@@ -304,6 +320,8 @@ def _canvas_summary(reader: StoreReader, visible, chunk_bytes, raw_params: Mappi
             if rows and mine.any():
                 per_view = stored / rows
                 padding += float(per_view * padding_fraction(spec, canvas.canvas_hw, regions[mine]).sum())
+        if reader.region is not None:
+            stored_total += chunk_bytes(REGION_ARRAY, [canvas])
         out.append(
             {
                 "canvas_hw": list(canvas.canvas_hw),

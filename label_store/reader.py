@@ -25,7 +25,7 @@ from label_store._shard import ChunkReader, RangeSource, ShardedArray
 from label_store.encoding import EncodedTarget, iter_blob
 from label_store.errors import CorruptDataError, FingerprintMismatchError, StoreFormatError, ViewNotFoundError
 from label_store.fidelity import FidelityAccumulator, group_summary
-from label_store.schema import StoreCanvas, TargetSpec, TeacherFingerprint
+from label_store.schema import REGION_ARRAY, StoreCanvas, StoreRegion, TargetSpec, TeacherFingerprint, region_num_points, target_stride
 
 
 def read_store_targets(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[TargetSpec, ...]:
@@ -130,6 +130,7 @@ class StoreReader:
             self._rows = np.zeros(0, np.int32)
             self._canvas = np.zeros(0, np.int32)
         self._specs = {spec.name: spec for spec in meta.targets}
+        self._region_targets = set(meta.region_targets())
         self._param_slices: dict[str, tuple[int, int]] = {}
         start = 0
         for spec in meta.targets:
@@ -183,6 +184,19 @@ class StoreReader:
     @property
     def schema_version(self) -> int:
         return self._meta.schema_version
+
+    @property
+    def region(self) -> StoreRegion | None:
+        """Region storage of the store (`label_store.schema.StoreRegion`), or None when every target is dense."""
+        return self._meta.region
+
+    def region_share(self) -> float | None:
+        """Share of the points whose region groups are stored, over every committed part (None for a dense store)."""
+        if self._meta.region is None:
+            return None
+        stored = sum(int((entry.region or {}).get("stored_points", 0)) for entry in self._parts)
+        points = sum(int((entry.region or {}).get("points", 0)) for entry in self._parts)
+        return stored / points if points else 0.0
 
     @property
     def parts(self) -> list[str]:
@@ -295,7 +309,9 @@ class StoreReader:
     def _read_encoded(self, indexes: Sequence[int], names: Sequence[str]) -> list[dict[str, EncodedTarget] | CorruptDataError]:
         """Stored codes and parameters of the table rows ``indexes`` (errors returned per view)."""
         with_params = any(name in self._param_slices for name in names)
-        array_names = list(names) + ([QUANT_ARRAY] if with_params else [])
+        with_region = any(name in self._region_targets for name in names) or REGION_ARRAY in names
+        names = [name for name in names if name != REGION_ARRAY]
+        array_names = list(names) + ([QUANT_ARRAY] if with_params else []) + ([REGION_ARRAY] if with_region else [])
         parts = [(int(self._part_index[i]), int(self._canvas[i])) for i in indexes]
         arrays = self._arrays_for(parts, array_names)
         items, valid = [], []
@@ -336,6 +352,9 @@ class StoreReader:
                 else:
                     empty = np.zeros(0, np.float32)
                     out[name] = EncodedTarget(chunk[name], empty, empty)
+            if with_region:  # the packed mask, carried beside the targets
+                empty = np.zeros(0, np.float32)
+                out[REGION_ARRAY] = EncodedTarget(chunk[REGION_ARRAY], empty, empty)
             return out
 
         executor = self._process().executor
@@ -344,11 +363,57 @@ class StoreReader:
             return [decode(p) for p in positions]
         return list(executor.map(decode, positions))
 
-    def _decode(self, encoded: Mapping[str, EncodedTarget], names: Sequence[str]) -> dict[str, np.ndarray]:
+    def _decode(self, encoded: Mapping[str, EncodedTarget], names: Sequence[str], canvas: int = 0) -> dict[str, np.ndarray]:
+        """float32 targets of one view on canvas index ``canvas``; region targets NaN outside the view's mask
+        (a store never holds NaN, so a read outside the region cannot pass for a target)."""
         out = {}
+        mask = None
         for name in names:
             item = encoded[name]
-            out[name] = self._specs[name].target_codec.decode(item.codes, item.scale, item.offset)
+            keep = None
+            if name in self._region_targets:
+                if mask is None:
+                    mask = self._unpack_region(encoded[REGION_ARRAY].codes, canvas)
+                keep = mask[name]
+            out[name] = self._specs[name].target_codec.decode(item.codes, item.scale, item.offset, keep)
+        return out
+
+    def _level_slices(self, canvas_hw: tuple[int, int]) -> dict[int, tuple[int, int, int]]:
+        """stride -> (start, H, W) of each level in a view's region mask on this canvas."""
+        out, start = {}, 0
+        for stride in self._meta.fingerprint.strides:
+            h, w = -(-canvas_hw[0] // stride), -(-canvas_hw[1] // stride)
+            out[stride] = (start, h, w)
+            start += h * w
+        return out
+
+    def _unpack_region(self, packed: np.ndarray, canvas_index: int) -> dict[str, np.ndarray]:
+        """Packed mask of one view on canvas ``canvas_index`` -> name -> bool array[H, W] of every region target."""
+        canvas = self._meta.canvases[canvas_index]
+        count = region_num_points(canvas, self._meta.fingerprint.strides)
+        flat = np.unpackbits(np.asarray(packed, np.uint8).reshape(-1), count=count).astype(bool)
+        slices = self._level_slices(canvas.canvas_hw)
+        out = {}
+        for target in self._region_targets:
+            start, h, w = slices[target_stride(self._specs[target])]
+            out[target] = flat[start : start + h * w].reshape(h, w)
+        return out
+
+    def read_regions(self, keys: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Each view's stored-point mask: bool array[A] over all levels (level-major, row-major).
+
+        Every point for a dense store (all targets stored everywhere). See `label_store.schema.StoreRegion`.
+        """
+        keys = list(keys)
+        indexes = [self._locate(key) for key in keys]
+        if self._meta.region is None:
+            return [np.ones(region_num_points(self._meta.canvases[int(self._canvas[i])], self._meta.fingerprint.strides), bool) for i in indexes]
+        out = []
+        for key, index, item in zip(keys, indexes, self._read_encoded(indexes, [REGION_ARRAY])):
+            if isinstance(item, CorruptDataError):
+                raise CorruptDataError(f"StoreReader.read_regions expects intact data for image_id={key[0]} view_id={key[1]} in {self.url}. Got: {item}.")
+            count = region_num_points(self._meta.canvases[int(self._canvas[index])], self._meta.fingerprint.strides)
+            out.append(np.unpackbits(np.asarray(item[REGION_ARRAY].codes, np.uint8).reshape(-1), count=count).astype(bool))
         return out
 
     def read_many(self, keys: Sequence[tuple[int, int]], names: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
@@ -365,14 +430,14 @@ class StoreReader:
         indexes = [self._locate(key) for key in keys]
         encoded = self._read_encoded(indexes, names)
         out = []
-        for key, item in zip(keys, encoded):
+        for key, index, item in zip(keys, indexes, encoded):
             if isinstance(item, CorruptDataError):
                 raise CorruptDataError(f"StoreReader.read expects intact data for image_id={key[0]} view_id={key[1]} in {self.url}. Got: {item}; run `distill store verify`.")
-            out.append(item)
+            out.append((item, int(self._canvas[index])))
         executor = self._process().executor
         if executor is None or len(out) < 2:
-            return [self._decode(item, names) for item in out]
-        return list(executor.map(lambda item: self._decode(item, names), out))
+            return [self._decode(item, names, canvas) for item, canvas in out]
+        return list(executor.map(lambda pair: self._decode(pair[0], names, pair[1]), out))
 
     def read(self, image_id: int, view_id: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Targets of one view: name -> float32 array[C, H, W] (all targets, or ``names``)."""

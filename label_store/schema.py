@@ -22,11 +22,16 @@ from typing import Any, Mapping, Sequence
 from label_store.codecs import TargetCodec, parse_codec
 
 SCHEMA_VERSION = 2
-"""Version of the on-disk layout written; readers refuse versions they do not know.
+"""Version of the on-disk layout of a store without a `StoreRegion`; readers refuse versions they do not know.
 
 1: one canvas per store. 2: a list of canvases (`StoreCanvas`), a ``canvas`` column in the
-manifest, and the arrays of every canvas but the first under its own group in each part."""
-READABLE_SCHEMA_VERSIONS = (1, 2)
+manifest, and the arrays of every canvas but the first under its own group in each part.
+3 (`REGION_SCHEMA_VERSION`): schema 2 plus region storage (`StoreRegion`)."""
+REGION_SCHEMA_VERSION = 3
+"""Version written for a store with a `StoreRegion`: a reader that does not know region
+storage must refuse it (it would read the packed region layout as dense maps); stores without one
+stay at `SCHEMA_VERSION`, so older readers still open them."""
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 """Versions this package reads (schema 1 stores read as stores of one canvas)."""
 
 TARGET_GROUPS = ("cls", "box", "edges", "fpn", "backbone")
@@ -55,6 +60,13 @@ DEFAULT_CODECS = {
     "fpn": "int6-view-dhw+zstd15",
     "backbone": "int6-view+blosc-zstd5-bitshuffle",
 }
+
+REGION_GROUPS = ("box", "edges")
+"""Groups a store may hold only inside its `StoreRegion`."""
+REGION_DIOU_MODES = ("standard", "released")
+"""DIoU flavours of LD's valuable localization region (`detcore.assign.vlr_region`)."""
+REGION_ARRAY = "region"
+"""Array of a part holding each view's stored-point mask (`StoreRegion`), beside ``quant``."""
 
 _NAME_RE = re.compile(r"^(cls|box|edges|fpn|backbone)/([a-z][a-z0-9_]{0,15})$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -357,6 +369,83 @@ def canvas_targets(targets: Sequence[TargetSpec], canvas_hw: Sequence[int]) -> t
         stride = target_stride(spec)
         out.append(TargetSpec(spec.name, (spec.shape[0], math.ceil(h / stride), math.ceil(w / stride)), spec.codec))
     return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRegion:
+    """Region storage: the groups a store holds only at the points its losses read.
+
+    LD reads the teacher's edge distributions only at the ATSS positives and in its valuable
+    localization region (VLR), and both follow from the view's GT boxes alone. A store with a
+    region keeps, per view, a mask over the A points of all levels (level-major, row-major,
+    as `detcore.outputs.level_anchors`), `detcore.assign.stored_region`: the ATSS candidates
+    of ``topk`` (the positives are among them) and every point whose DIoU with a GT reaches
+    ``vlr_alpha`` times that GT's ATSS threshold (the VLR at ``vlr_alpha`` without its upper
+    bound; a larger alpha reads a subset), on the anchors of ``point_offset``. Both supersets
+    keep a point whose IoU lands on a threshold's other side on another device stored.
+    The region groups' chunks keep their shape in the region layout of
+    `label_store.codecs.TargetCodec.stored_codes` (the kept points' codes first, zeros after,
+    which entropy coding removes); quantization scale and offset are those of the whole map,
+    so a stored point decodes to exactly what a dense store of the same codec holds. Readers
+    decode the points outside the mask as NaN, which no stored target can be.
+    """
+
+    groups: tuple[str, ...]
+    """Groups held only inside the mask, from `REGION_GROUPS` (``("box",)``: LD's distributions)."""
+    topk: int
+    """ATSS candidates per level per GT of the positives and of the VLR threshold."""
+    vlr_alpha: float
+    """Lower bound of the VLR as a fraction of the ATSS threshold (LD's ``alpha``), in (0, 1]."""
+    vlr_diou: str = "standard"
+    """DIoU flavour of the VLR, one of `REGION_DIOU_MODES`."""
+    point_offset: float = 0.5
+    """Where cell (x, y) of stride s sits, ``((x + o) s, (y + o) s)``: the *student's* point
+    convention, which its ATSS and VLR use (0.5 for this project's detectors)."""
+
+    def __post_init__(self) -> None:
+        groups = tuple(self.groups) if not isinstance(self.groups, str) else ()
+        if not groups or len(set(groups)) != len(groups) or any(g not in REGION_GROUPS for g in groups):
+            raise ValueError(f"StoreRegion(groups=) expects distinct names from {REGION_GROUPS}. Got {self.groups!r}.")
+        object.__setattr__(self, "groups", tuple(g for g in REGION_GROUPS if g in groups))
+        if not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1:
+            raise ValueError(f"StoreRegion(topk=) expects a positive int. Got {self.topk!r}.")
+        if isinstance(self.vlr_alpha, bool) or not isinstance(self.vlr_alpha, (int, float)) or not 0 < self.vlr_alpha <= 1:
+            raise ValueError(f"StoreRegion(vlr_alpha=) expects a number in (0, 1]. Got {self.vlr_alpha!r}.")
+        object.__setattr__(self, "vlr_alpha", float(self.vlr_alpha))
+        if self.vlr_diou not in REGION_DIOU_MODES:
+            raise ValueError(f"StoreRegion(vlr_diou=) expects one of {REGION_DIOU_MODES}. Got {self.vlr_diou!r}.")
+        if isinstance(self.point_offset, bool) or not isinstance(self.point_offset, (int, float)) or not 0 <= self.point_offset < 1:
+            raise ValueError(f"StoreRegion(point_offset=) expects a number in [0, 1). Got {self.point_offset!r}.")
+        object.__setattr__(self, "point_offset", float(self.point_offset))
+
+    def describe(self) -> str:
+        """``box at ATSS positives (topk 9) and VLR (alpha >= 0.25, standard DIoU), point offset 0.5``."""
+        return (
+            f"{'/'.join(self.groups)} at ATSS positives (topk {self.topk}) and VLR (alpha >= {self.vlr_alpha:g}, "
+            f"{self.vlr_diou} DIoU), point offset {self.point_offset:g}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "groups": list(self.groups),
+            "topk": self.topk,
+            "vlr_alpha": self.vlr_alpha,
+            "vlr_diou": self.vlr_diou,
+            "point_offset": self.point_offset,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StoreRegion":
+        expected = {"groups", "topk", "vlr_alpha", "vlr_diou", "point_offset"}
+        if not isinstance(data, Mapping) or set(data) != expected:
+            got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+            raise ValueError(f"StoreRegion.from_dict(data=) expects exactly the keys {sorted(expected)}. Got {got}.")
+        return cls(tuple(data["groups"]), data["topk"], data["vlr_alpha"], data["vlr_diou"], data["point_offset"])
+
+
+def region_num_points(canvas: "StoreCanvas", strides: Sequence[int]) -> int:
+    """A: points over the FPN levels of ``strides`` on one canvas (the length of a view's region mask)."""
+    return sum(math.ceil(canvas.canvas_hw[0] / s) * math.ceil(canvas.canvas_hw[1] / s) for s in strides)
 
 
 @dataclass(frozen=True, slots=True)

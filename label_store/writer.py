@@ -8,6 +8,9 @@ Store layout (a zarr v3 hierarchy; N views in a part, S views per shard)::
                                           inner chunk [1, C, H, W] (one view), shard [S, C, H, W]
     <root>/parts/<part_dir>/quant         float32[N, P]: scale and offset of every int-coded
                                           target of a view (same chunking)
+    <root>/parts/<part_dir>/region        uint8[N, ceil(A / 8)]: packed mask of the points where
+                                          the region groups are stored (stores with a
+                                          `label_store.schema.StoreRegion` only)
     <root>/parts/<part_dir>/canvas_<H>x<W>/...   the same arrays for the part's views on
                                           each further canvas (portrait: the transpose), so
                                           every array has one fixed chunk shape
@@ -77,13 +80,18 @@ from label_store.errors import PartExistsError, PartStateError, StoreMismatchErr
 from label_store.fidelity import FidelityAccumulator
 from label_store.schema import (
     BACKBONE_STRIDES,
+    REGION_ARRAY,
+    REGION_SCHEMA_VERSION,
     SCHEMA_VERSION,
     StoreCanvas,
+    StoreRegion,
     TargetSpec,
     TeacherFingerprint,
     default_canvases,
     level_name,
+    region_num_points,
     store_canvases,
+    target_stride,
 )
 
 DEFAULT_VIEWS_PER_SHARD = 16
@@ -96,7 +104,8 @@ _GROUP_METADATA = json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "
 
 
 PARAMS_CODEC = "fp32+zstd3"
-"""Codec of the quantization-parameter array ``quant`` (float32 scale and offset, zstd level 3)."""
+"""Codec of the quantization-parameter array ``quant`` (float32 scale and offset, zstd level 3);
+its compressor also compresses the packed masks of the ``region`` array (uint8)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -187,6 +196,7 @@ def create_store(
     exist_ok: bool = True,
     storage_options: Mapping[str, Any] | None = None,
     canvases: Sequence[Sequence[int]] | None = None,
+    region: StoreRegion | None = None,
 ) -> "Store":
     """Create a label store at ``url`` (local path or fsspec URL), or open it for writing.
 
@@ -201,8 +211,10 @@ def create_store(
         storage_options: fsspec options (credentials, ``client_kwargs``...).
         canvases: ``(H, W)`` of every canvas, the fingerprint's first (default: it and its
             transpose, one when square). An existing store keeps its own unless this is given.
+        region: store the region groups only inside each view's region (`StoreRegion`;
+            the store is written as schema `REGION_SCHEMA_VERSION`); None: every target dense.
     Raises:
-        StoreMismatchError: the existing store has another fingerprint, target set or canvases.
+        StoreMismatchError: the existing store has another fingerprint, target set, canvases or region.
     """
     if not isinstance(fingerprint, TeacherFingerprint):
         fingerprint = TeacherFingerprint.from_dict(fingerprint)
@@ -217,6 +229,12 @@ def create_store(
             raise ValueError(
                 f"create_store(canvases=) expects distinct positive (H, W), the fingerprint's canvas {fingerprint.canvas_hw} first. Got {canvases!r}."
             )
+    if region is not None and not isinstance(region, StoreRegion):
+        region = StoreRegion.from_dict(region)
+    if region is not None and not any(t.group in region.groups for t in targets):
+        raise ValueError(
+            f"create_store(region=) expects targets of its groups {list(region.groups)}. Got {sorted({t.group for t in targets})}."
+        )
     location = Location(url, dict(storage_options or {}))
     try:
         existing = read_store_meta(location)
@@ -226,12 +244,13 @@ def create_store(
         import zarr
 
         meta = StoreMeta(
-            schema_version=SCHEMA_VERSION,
+            schema_version=SCHEMA_VERSION if region is None else REGION_SCHEMA_VERSION,
             fingerprint=fingerprint,
             targets=tuple(targets),
             views_per_shard=views_per_shard or DEFAULT_VIEWS_PER_SHARD,
             created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             canvases=store_canvases(targets, wanted or default_canvases(fingerprint.canvas_hw)),
+            region=region,
         )
         store = location.zarr_store()
         try:
@@ -249,6 +268,11 @@ def create_store(
     stored_canvases = tuple(c.canvas_hw for c in existing.canvases)
     if wanted is not None and wanted != stored_canvases:
         problems.append(f"canvases: store has {list(stored_canvases)}, caller expects {list(wanted)}")
+    if existing.region != region:
+        def told(value):
+            return "dense targets" if value is None else value.describe()
+
+        problems.append(f"region: store has {told(existing.region)}, caller expects {told(region)}")
     if problems:
         raise StoreMismatchError(
             f"create_store(url={url!r}) found a store for another teacher or target set:\n  - "
@@ -290,6 +314,11 @@ class Store:
     @property
     def schema_version(self) -> int:
         return self._meta.schema_version
+
+    @property
+    def region(self) -> StoreRegion | None:
+        """Region storage (`StoreRegion`), or None for a dense store."""
+        return self._meta.region
 
     def open_part(self, part_id: str, *, fidelity_views: int = DEFAULT_FIDELITY_VIEWS, origin: str = "precompute") -> "PartWriter":
         """Start writing part ``part_id`` (letters, digits, ``_`` and ``-``; one per writer task).
@@ -367,14 +396,30 @@ class Store:
 class _CanvasRows:
     """A part's views on one canvas: its arrays' pending and written rows."""
 
-    def __init__(self, canvas: StoreCanvas) -> None:
+    def __init__(self, canvas: StoreCanvas, meta: StoreMeta) -> None:
         self.canvas = canvas
         self.specs = canvas.targets
         self.quantized = [spec for spec in self.specs if spec.target_codec.quantized]
         self.pending: list[dict[str, EncodedTarget]] = []
+        self.pending_regions: list[np.ndarray] = []
         self.flushed = 0
         self.rows = 0
         self.num_params = 0
+        # Region storage: where each region target's points sit in a view's mask over all levels.
+        self.num_points = region_num_points(canvas, meta.fingerprint.strides) if meta.region is not None else 0
+        self.region_slices: dict[str, tuple[int, int, int]] = {}
+        if meta.region is not None:
+            starts, start = {}, 0
+            for stride in meta.fingerprint.strides:
+                starts[stride] = start
+                start += -(-canvas.canvas_hw[0] // stride) * -(-canvas.canvas_hw[1] // stride)
+            for spec in self.specs:
+                if spec.name in meta.region_targets():
+                    self.region_slices[spec.name] = (starts[target_stride(spec)], spec.shape[1], spec.shape[2])
+
+    def keep(self, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """A view's mask over all levels -> name -> bool array[H, W] of each region target."""
+        return {name: mask[start : start + h * w].reshape(h, w) for name, (start, h, w) in self.region_slices.items()}
 
 
 class PartWriter:
@@ -395,7 +440,8 @@ class PartWriter:
         self.fidelity_views = fidelity_views
         self._location = store._location
         self._specs = store.targets
-        self._canvas_rows = [_CanvasRows(canvas) for canvas in store.canvases]
+        self._canvas_rows = [_CanvasRows(canvas, store._meta) for canvas in store.canvases]
+        self._region_points = [0, 0]  # points stored in the region, points in all
         self._views_per_shard = store.views_per_shard
         self._state = "open"
         self._records: list[dict] = []
@@ -486,6 +532,7 @@ class PartWriter:
         targets: Mapping[str, np.ndarray | QuantizedTarget],
         *,
         originals: Mapping[str, np.ndarray] | None = None,
+        region: np.ndarray | None = None,
     ) -> None:
         """Add one view.
 
@@ -500,6 +547,11 @@ class PartWriter:
             originals: name -> float32 array[C, H, W] of the targets given quantized, for the
                 codec-fidelity sample: a view is sampled (among the part's first
                 ``fidelity_views``) only when every target's float values are known.
+            region: for a store with a `StoreRegion`: bool array[A], the view's points over
+                all levels (level-major, row-major) where the region groups are stored
+                (`detcore.assign.stored_region` computes it from the view's GT); None stores
+                every point (e.g. dense targets fetched from the endpoint). A dense store
+                takes None only.
         Raises:
             ValueError: bad record, missing/extra target, wrong shape, NaN/inf, or a view
                 already appended to this part (the part stays usable).
@@ -517,7 +569,11 @@ class PartWriter:
         where = f"(image_id={row['image_id']}, view_id={row['view_id']})"
         state = self._canvas_rows[row["canvas"]]
         specs = state.specs
-        encoded, arrays = encode_inputs(targets, specs, f"PartWriter.append(targets=) {where} on canvas {state.canvas.canvas_hw}")
+        mask = self._check_region(region, state, where)
+        keep = state.keep(mask) if mask is not None else {}
+        encoded, arrays = encode_inputs(
+            targets, specs, f"PartWriter.append(targets=) {where} on canvas {state.canvas.canvas_hw}", keep
+        )
         if self._fidelity_sampled < self.fidelity_views:
             given = [spec for spec in specs if spec.name not in arrays]
             if given and originals is not None:
@@ -525,7 +581,12 @@ class PartWriter:
                 arrays = {**arrays, **check_targets(known, given, f"PartWriter.append(originals=) {where}")}
             if len(arrays) == len(specs):
                 for spec in specs:
-                    self._fidelity.add(spec, arrays[spec.name], decode_encoded(spec, encoded[spec.name]))
+                    original, decoded = arrays[spec.name], decode_encoded(spec, encoded[spec.name], keep.get(spec.name))
+                    if spec.name in keep:  # fidelity of the stored points only: [C, 1, points]
+                        if not keep[spec.name].any():
+                            continue
+                        original, decoded = original[:, keep[spec.name]][:, None], decoded[:, keep[spec.name]][:, None]
+                    self._fidelity.add(spec, original, decoded)
                 self._fidelity_sampled += 1
         row["row"] = state.rows
         row["checksum"] = view_checksum(specs, encoded)
@@ -535,12 +596,34 @@ class PartWriter:
         self._keys.add(key)
         state.rows += 1
         state.pending.append(encoded)
+        if mask is not None:
+            state.pending_regions.append(np.packbits(mask))
+            self._region_points[0] += int(mask.sum())
+            self._region_points[1] += int(mask.size)
         if len(state.pending) == self._views_per_shard:
             try:
                 self._flush(state)
             except BaseException:
                 self._state = "failed"  # storage error mid-shard: only abort() is left
                 raise
+
+    def _check_region(self, region: np.ndarray | None, state: _CanvasRows, where: str) -> np.ndarray | None:
+        """The view's bool mask[A] (all points when ``region`` is None) for a region store; None for a dense one."""
+        if self.store.region is None:
+            if region is not None:
+                raise ValueError(
+                    f"PartWriter.append(region=) expects None for a store without region storage ({self.store.url}). Got a mask {where}."
+                )
+            return None
+        if region is None:
+            return np.ones(state.num_points, dtype=bool)
+        mask = np.asarray(region)
+        if mask.dtype != np.bool_ or mask.shape != (state.num_points,):
+            raise ValueError(
+                f"PartWriter.append(region=) expects a bool array[{state.num_points}] (points of all levels on canvas "
+                f"{state.canvas.canvas_hw}) {where}. Got {mask.dtype} {mask.shape}."
+            )
+        return mask
 
     def _write_lease(self) -> None:
         lease = {
@@ -577,8 +660,11 @@ class PartWriter:
             ).astype(np.float32)
             self._write_shard(canvas.array_path(QUANT_ARRAY), start, params, self._compressors[QUANT_ARRAY])
             state.num_params = params.shape[1]
+        if state.pending_regions:
+            self._write_shard(canvas.array_path(REGION_ARRAY), start, np.stack(state.pending_regions), self._compressors[QUANT_ARRAY])
         state.flushed = start + len(state.pending)
         state.pending = []
+        state.pending_regions = []
 
     def _write_metadata(self) -> None:
         """zarr.json of the part's groups and arrays, for the rows written (zarr-python's documents)."""
@@ -596,6 +682,8 @@ class PartWriter:
             ]
             if state.quantized:
                 arrays.append((canvas.array_path(QUANT_ARRAY), state.rows, (state.num_params,), "float32", PARAMS_CODEC))
+            if state.num_points:
+                arrays.append((canvas.array_path(REGION_ARRAY), state.rows, (-(-state.num_points // 8),), "uint8", PARAMS_CODEC))
         groups = {"/".join(path.split("/")[:depth]) for path, *_ in arrays for depth in range(1, path.count("/") + 1)}
         for group in sorted(groups) + [""]:
             self._location.write_file(self._location.path(*part, group, "zarr.json"), _GROUP_METADATA)
@@ -631,6 +719,7 @@ class PartWriter:
             writer={"host": socket.gethostname(), "pid": os.getpid()},
             rows=rows,
             origin=self.origin,
+            region=None if self.store.region is None else {"stored_points": self._region_points[0], "points": self._region_points[1]},
         )
         path = self._location.path(LAYOUT["manifest_parts"], f"{self.part_id}.parquet")
         try:
@@ -650,4 +739,5 @@ class PartWriter:
         self._state = "aborted"
         for state in self._canvas_rows:
             state.pending = []
+            state.pending_regions = []
         self._location.remove_tree(self.part_path)

@@ -41,19 +41,32 @@ class TargetShapeError(ValueError):
     """Teacher targets whose shapes do not fit the student's outputs."""
 
 
-def needed_target_groups(losses: LossConfig, available: Collection[str] | None = None) -> tuple[str, ...]:
+def bcd_box_group(available: Collection[str] | None = None, region_groups: Collection[str] = ()) -> str:
+    """The group BCD's IoU term reads the teacher's boxes from, at every point: ``box``, or
+    ``edges`` when ``available`` (the groups a store holds) has no ``box`` at every point
+    (none, or only in the store's region, ``region_groups``) but has dense ``edges``."""
+    dense_box = available is None or ("box" in available and "box" not in region_groups)
+    if not dense_box and "edges" in available and "edges" not in region_groups:
+        return "edges"
+    return "box"
+
+
+def needed_target_groups(
+    losses: LossConfig, available: Collection[str] | None = None, region_groups: Collection[str] = ()
+) -> tuple[str, ...]:
     """Target groups the enabled terms read, in store order.
 
     LD reads ``cls`` and ``box`` (edge distributions); BCD reads ``cls`` and the teacher's
-    decoded boxes: ``box`` or, when ``available`` (the groups a store holds) has no ``box``,
-    ``edges``. FGD and ld_im read ``fpn``; HGD ``fpn`` and/or ``backbone`` by its stages.
+    decoded boxes at every point (`bcd_box_group`: ``box`` or, when ``available`` has no
+    ``box`` outside a store region ``region_groups``, ``edges``). FGD and ld_im read
+    ``fpn``; HGD ``fpn`` and/or ``backbone`` by its stages.
     """
     groups = set()
     if losses.uses("ld_main", "ld_vlr", "ld_kd"):
         groups |= {"cls", "box"}
     if losses.uses("bcd"):
         groups.add("cls")
-        groups.add("edges" if available is not None and "box" not in available and "edges" in available else "box")
+        groups.add(bcd_box_group(available, region_groups))
     if losses.uses("ld_im", "fgd"):
         groups.add("fpn")
     if losses.uses("hgd"):
@@ -62,15 +75,18 @@ def needed_target_groups(losses: LossConfig, available: Collection[str] | None =
     return tuple(g for g in ("cls", "box", "edges", "fpn", "backbone") if g in groups)
 
 
-def needed_target_names(losses: LossConfig, strides: Sequence[int], available: Collection[str] | None = None) -> list[str]:
+def needed_target_names(
+    losses: LossConfig, strides: Sequence[int], available: Collection[str] | None = None, region_groups: Collection[str] = ()
+) -> list[str]:
     """Label-store names of the groups the enabled terms read (`needed_target_groups`), every
     level or stage of each, in store order; `DenseOutputs.from_targets` decodes them.
 
-    ``available``: the groups the store holds (BCD reads ``edges`` when it has no ``box``).
+    ``available``: the groups the store holds; ``region_groups``: those it holds only in its
+    region (BCD reads ``edges`` when ``box`` is not dense).
     """
     levels = [level_name(s) for s in strides]
     names: list[str] = []
-    for group in needed_target_groups(losses, available):
+    for group in needed_target_groups(losses, available, region_groups):
         names += [f"{group}/{part}" for part in (BACKBONE_STAGES if group == "backbone" else levels)]
     return names
 
@@ -186,6 +202,8 @@ class DistillationModel(nn.Module):
         class_mask: per class, False for a dataset category the teacher lacks
             (`label_store.TeacherFingerprint.class_mask`): LD's KD and BCD's class term leave
             it out. None: every class.
+        region_groups: groups the store holds only in its region (`label_store.StoreRegion`):
+            BCD then reads the teacher's boxes from dense ``edges``.
     """
 
     def __init__(
@@ -195,6 +213,7 @@ class DistillationModel(nn.Module):
         canvas_hw: tuple[int, int],
         teacher_channels: Mapping[str, int],
         class_mask: Sequence[bool] | None = None,
+        region_groups: Collection[str] = (),
     ) -> None:
         super().__init__()
         self.student = student
@@ -207,7 +226,9 @@ class DistillationModel(nn.Module):
             self.class_mask = torch.tensor([bool(v) for v in class_mask], dtype=torch.bool)
         self.losses = losses
         self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
-        self.groups = needed_target_groups(losses, {name.split("/", 1)[0] for name in teacher_channels})
+        available = {name.split("/", 1)[0] for name in teacher_channels}
+        self.groups = needed_target_groups(losses, available, region_groups)
+        self.bcd_group = bcd_box_group(available, region_groups)
         self.levels = [level_name(s) for s in student.strides]
         self.fgd = None
         self.hgd = None
@@ -342,6 +363,7 @@ class DistillationModel(nn.Module):
         if losses.uses("ld_main", "ld_vlr", "ld_kd", "bcd"):
             teacher_cls = teacher.cls_logits
             teacher_box = teacher.box_logits if "box" in self.groups else None
+            bcd_box = teacher.box_logits if self.bcd_group == "box" else None
             same_atss = losses.ld.topk == self.student.config.atss_topk
             if losses.uses("ld_main", "ld_vlr", "ld_kd"):
                 assignment = self._assignment(gfl_targets, batch_regions.get("vlr")) if same_atss else None
@@ -354,9 +376,9 @@ class DistillationModel(nn.Module):
                 same_atss = losses.bcd.topk == self.student.config.atss_topk
                 assignment = self._assignment(gfl_targets, None) if same_atss else None
                 bcd = bcd_recipe(
-                    outputs.cls_logits, outputs.box_logits, teacher_cls, teacher_box, gt_boxes, strides, reg_max,
+                    outputs.cls_logits, outputs.box_logits, teacher_cls, bcd_box, gt_boxes, strides, reg_max,
                     config=losses.bcd, assignment=assignment, point_offset=outputs.point_offset,
-                    teacher_edges=None if teacher_box is not None else teacher.edge_distances(),
+                    teacher_edges=None if bcd_box is not None else teacher.edge_distances(),
                     teacher_point_offset=teacher.point_offset, class_mask=self.class_mask,
                 )
                 terms.update({key: bcd[key] for key in OPTIMISED_KEYS["bcd"]})

@@ -211,7 +211,7 @@ def train_student(
     )
     from detcore.datasets import CanvasBatchSampler
     from detcore.interrupt import ignore_stop_signals
-    from student_trainer.data import FailureLog, StoreViewDataset, check_store_fits, collate_train
+    from student_trainer.data import FailureLog, StoreViewDataset, check_store_fits, check_store_region, collate_train
     from student_trainer.distill import DistillationModel, needed_target_names
     from student_trainer.sources import StoreSource, build_source
 
@@ -228,11 +228,15 @@ def train_student(
 
     # -- data, source, fingerprint check -----------------------------------------------
     coco = CocoDataset(config.data.annotations, config.data.images)
-    available = None
-    if config.data.store and losses.uses("bcd"):
-        # BCD reads the teacher's edge distances when the store holds no edge distributions.
-        available = {spec.group for spec in StoreSource(config.data.store, []).specs}
-    names = needed_target_names(losses, student_cfg.strides, available)
+    available, region = None, None
+    if config.data.store:
+        store_reader = StoreSource(config.data.store, [], storage_options=config.data.storage_options).reader
+        region = store_reader.region
+        if losses.uses("bcd"):
+            # BCD reads the teacher's edge distances when the store holds no edge distributions at every point.
+            available = {spec.group for spec in store_reader.targets}
+    region_groups = region.groups if region is not None and config.source.kind in ("store", "read-through") else ()
+    names = needed_target_names(losses, student_cfg.strides, available, region_groups)
     source = (
         build_source(config, names, device=device, dataset_classes=coco.classes) if names or config.source.kind != "store" else None
     )
@@ -254,6 +258,10 @@ def train_student(
         classes=coco.classes, strides=student_cfg.strides, reg_max=student_cfg.reg_max,
         canvas_hw=tuple(config.data.canvas) if config.data.canvas else None, needed=names,
     )
+    if region is not None and config.source.kind in ("store", "read-through"):
+        from detcore.models.gfl import GFLDetector
+
+        check_store_region(region, losses, store=config.data.store, point_offset=GFLDetector.point_offset, needed=names)
     if store_for_views is not None and store_for_views is not reference:
         differences = store_for_views.fingerprint.diff(fingerprint)
         if differences:
@@ -292,7 +300,10 @@ def train_student(
     if student_cfg.init:
         student.load_state_dict(load_checkpoint(student_cfg.init)["model_state"])
     teacher_channels = {spec.name: int(spec.shape[0]) for spec in reference.specs}
-    model = DistillationModel(student, losses, canvas_hw, teacher_channels, class_mask=fingerprint.class_mask).to(device)
+    model = DistillationModel(
+        student, losses, canvas_hw, teacher_channels, class_mask=fingerprint.class_mask,
+        region_groups=region_groups,
+    ).to(device)
     optimizer = build_optimizer(model, optim.optimizer, optim.peak_lr, optim.decay)
     autocast, use_scaler = autocast_context(device, optim.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)

@@ -159,6 +159,17 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
                        help="default codecs: small (zstd 15, fewest bytes) or fast (the same quantizers with a fast "
                             "zstd level, for writers that keep up with a GPU teacher); --codec overrides win "
                             "(default: fast when the teacher runs on a GPU, else small)")
+    views.add_argument("--box-region", choices=("dense", "ld"), default="dense",
+                       help="dense: box distributions at every point (default; every method reads them); ld: only at "
+                            "the points LD reads (ATSS candidates and the VLR of --region-topk / --region-vlr-alpha, from "
+                            "each view's GT), about a quarter of the box bytes at canvas 256; BCD reads boxes at every "
+                            "point, so add edges to --targets to train BCD from such a store")
+    views.add_argument("--region-topk", type=_positive_int, default=9, metavar="K",
+                       help="ATSS topk the --box-region ld store serves (default: 9, LD's and GFL's)")
+    views.add_argument("--region-vlr-alpha", type=float, default=0.25, metavar="A",
+                       help="smallest VLR alpha the --box-region ld store serves; a run may use a larger one (default: 0.25)")
+    views.add_argument("--region-vlr-diou", choices=("standard", "released"), default="standard",
+                       help="VLR DIoU flavour the --box-region ld store serves (default: standard)")
     classes = parser.add_argument_group("classes (the store holds the dataset's categories, in its order)")
     classes.add_argument("--class-map", metavar="FILE",
                          help="JSON object of teacher class name -> dataset category name, for names that differ beyond "
@@ -302,6 +313,10 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         target_groups=inputs.targets,
         codecs=tuple(args.codec),
         codec_profile=args.codec_profile or "auto",
+        box_region=args.box_region,
+        region_topk=args.region_topk,
+        region_vlr_alpha=args.region_vlr_alpha,
+        region_vlr_diou=args.region_vlr_diou,
         class_map=tuple(class_map.items()),
         allow_missing_classes=args.allow_missing_classes,
         batch_size=args.batch_size,

@@ -34,6 +34,7 @@ from ray.data.datasource.datasink import WriteResult
 from teacher_service.pipeline_stages import (
     OFFSET_SUFFIX,
     ORIGINALS_COLUMN,
+    REGION_COLUMN,
     SCALE_SUFFIX,
     maybe_inject_fault,
     run_at_lower_priority,
@@ -114,6 +115,23 @@ def _row_targets(batch: Mapping[str, np.ndarray], i: int, specs) -> tuple[dict[s
     return targets, originals
 
 
+def _row_region(batch: Mapping[str, np.ndarray], i: int, store) -> np.ndarray | None:
+    """Row ``i``'s stored-point mask (bool[A]) for a region store, from the packed ``region`` column; None without one."""
+    if store.region is None:
+        return None
+    if REGION_COLUMN not in batch:
+        raise ValueError(
+            f"LabelStoreDatasink expects a '{REGION_COLUMN}' column for the region store {store.url} "
+            f"(image_id={int(batch['image_id'][i])} view_id={int(batch['view_id'][i])})."
+        )
+    from detcore.views import View
+    from label_store.schema import StoreCanvas, region_num_points
+
+    view = View.from_json(str(batch["view"][i]))
+    count = region_num_points(StoreCanvas((view.canvas_h, view.canvas_w), "", ()), store.fingerprint.strides)
+    return np.unpackbits(np.frombuffer(batch[REGION_COLUMN][i], dtype=np.uint8), count=count).astype(bool)
+
+
 def _row_failure(batch: Mapping[str, np.ndarray], i: int) -> dict[str, Any]:
     return {"image_id": int(batch["image_id"][i]), "view_id": int(batch["view_id"][i]), "reason": str(batch["error"][i])}
 
@@ -131,6 +149,7 @@ class LabelStoreDatasink(Datasink):
         niceness: run the encoding and writing at this lower CPU priority.
         cpus: and on these cores (None: wherever the worker runs).
         fault: testing hook, see `teacher_service.pipeline_stages.FAULT_ENV`.
+        region: the store's `label_store.StoreRegion` as a dict (None: a dense store).
 
     After `Dataset.write_datasink` returns, ``result`` holds the aggregated
     `WriteTotals` of all tasks (set by `on_write_complete` on the driver).
@@ -147,7 +166,9 @@ class LabelStoreDatasink(Datasink):
         niceness: int = 0,
         cpus: Iterable[int] | None = None,
         fault: tuple[str, str] | None = None,
+        region: Mapping[str, Any] | None = None,
     ) -> None:
+        self.region = None if region is None else dict(region)
         self.store_url = store_url
         self.fingerprint = dict(fingerprint)
         self.target_specs = tuple(target_specs)
@@ -175,6 +196,7 @@ class LabelStoreDatasink(Datasink):
                 list(self.target_specs),
                 exist_ok=True,
                 storage_options=self.storage_options or None,
+                region=self.region,
             )
         return _STORES[key]
 
@@ -208,7 +230,7 @@ class LabelStoreDatasink(Datasink):
                         "valid_region": tuple(int(v) for v in batch["valid_region"][i]),
                     }
                     targets, originals = _row_targets(batch, i, self.target_specs)
-                    part.append(record, targets, originals=originals)
+                    part.append(record, targets, originals=originals, region=_row_region(batch, i, store))
                 maybe_inject_fault(self.fault, "write-before-commit")
                 part.commit()
             except PartExistsError:

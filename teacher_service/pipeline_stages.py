@@ -15,6 +15,10 @@ column, N rows). The columns carried from stage to stage:
     <target>      float32[N, C, H_l, W_l] or float16, one column per store target
                   (``cls/p3`` ...); zeros on error rows; added by the teacher
     decode_s, forward_s, encode_s   float64[N]  each row's share of its batch's stage time
+    region        object[N]         region stores only: `numpy.packbits` of the view's stored-point
+                  mask (`detcore.assign.stored_region` of its GT rendered through the view);
+                  computed from ``gt_boxes`` (float32 bytes of the image's [M, 4] GT boxes in
+                  image pixels, an input column)
 
 A view that cannot be produced (missing, corrupt or resized image; a teacher output with
 NaN or inf) becomes a row whose ``error`` says why, never an exception: one bad image must
@@ -37,7 +41,11 @@ import numpy as np
 from label_store.schema import TARGET_GROUPS
 
 PASSTHROUGH_COLUMNS = ("image_id", "view_id", "view", "content_hash", "valid_region", "error", "decode_s")
-"""Columns the teacher stage copies from its input to its output (``error`` may gain entries)."""
+"""Columns the teacher stage copies from its input to its output (``error`` may gain entries);
+``region`` too when present."""
+
+GT_BOXES_COLUMN, REGION_COLUMN = "gt_boxes", "region"
+"""Input column of a region store's job (the image's GT boxes) and the column of each view's packed mask."""
 
 SCALE_SUFFIX, OFFSET_SUFFIX = "#scale", "#offset"
 """Columns ``<target>#scale`` / ``<target>#offset`` beside a target quantized by the teacher stage."""
@@ -146,19 +154,44 @@ def decode_and_render(
     fault: tuple[str, str] | None = None,
     niceness: int = 0,
     cpus: Sequence[int] | None = None,
+    region: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode each image once per batch and render its views onto the canvas.
 
     Args:
-        batch: columns ``image_id``, ``view_id``, ``view`` (JSON) and ``path`` (image file).
+        batch: columns ``image_id``, ``view_id``, ``view`` (JSON) and ``path`` (image file),
+            and ``gt_boxes`` with ``region``.
         fault: testing hook, see `FAULT_ENV`.
         niceness: run at this lower CPU priority (`run_at_lower_priority`).
         cpus: and on these cores (None: wherever the worker runs).
+        region: ``{"region": StoreRegion.to_dict(), "strides": [...]}`` of a region store: add
+            each view's packed stored-point mask (``region`` column); None: no masks.
 
     Returns:
-        The columns of the module docstring up to ``decode_s`` (``pixels`` included).
+        The columns of the module docstring up to ``decode_s`` (``pixels`` included), and ``region``.
     """
-    return run_at_lower_priority(niceness, _decode_and_render, batch, fault, cpus=cpus)
+    out = run_at_lower_priority(niceness, _decode_and_render, batch, fault, cpus=cpus)
+    if region is not None:
+        out[REGION_COLUMN] = view_region_masks(batch, region)
+    return out
+
+
+def view_region_masks(batch: Mapping[str, np.ndarray], region: Mapping[str, Any]) -> np.ndarray:
+    """``numpy.packbits`` of every view's stored-point mask (`detcore.assign.stored_region`), object[N] of bytes."""
+    from detcore.assign import stored_region
+    from detcore.views import View, image_to_view_boxes
+
+    settings = region["region"]
+    out = np.full(len(batch["view"]), b"", dtype=object)
+    for i, text in enumerate(batch["view"]):
+        view = View.from_json(str(text))
+        boxes = image_to_view_boxes(np.frombuffer(batch[GT_BOXES_COLUMN][i], dtype=np.float32).reshape(-1, 4), view)
+        mask = stored_region(
+            boxes, (view.canvas_h, view.canvas_w), region["strides"], topk=settings["topk"], vlr_alpha=settings["vlr_alpha"],
+            vlr_diou=settings["vlr_diou"], point_offset=settings["point_offset"],
+        )
+        out[i] = np.packbits(mask.numpy()).tobytes()
+    return out
 
 
 def _decode_and_render(batch: Mapping[str, np.ndarray], fault: tuple[str, str] | None) -> dict[str, np.ndarray]:
@@ -372,7 +405,7 @@ class TeacherPredictor:
         maybe_inject_fault(self.fault, "teacher")
         num_views = len(batch["error"])
         good = np.flatnonzero(np.asarray([e == "" for e in batch["error"]], dtype=bool))
-        out = {name: np.asarray(batch[name]) for name in PASSTHROUGH_COLUMNS}
+        out = {name: np.asarray(batch[name]) for name in PASSTHROUGH_COLUMNS + ((REGION_COLUMN,) if REGION_COLUMN in batch else ())}
         out["error"] = np.array(out["error"], dtype=object)  # a writable copy: the forward may add errors
         targets = {
             name: np.zeros((num_views, *shape), dtype=np.uint8 if name in self.quantize else self.transfer_dtypes[name])

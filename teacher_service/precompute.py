@@ -123,8 +123,11 @@ def run_precompute(
         logger.info("precompute: teacher classes mapped to the dataset's categories:\n%s", layout.class_mapping.describe())
     storage_options = dict(config.storage_options) or None
     store = create_store(
-        config.store, layout.fingerprint, list(layout.target_specs), exist_ok=True, storage_options=storage_options
+        config.store, layout.fingerprint, list(layout.target_specs), exist_ok=True, storage_options=storage_options,
+        region=config.store_region(),
     )
+    if store.region is not None and "edges" not in config.target_groups:
+        logger.info("precompute: box stored only where LD reads it; without edges in --targets, BCD cannot train from %s", config.store)
     # A store of one non-square canvas (schema 1) resumes with the views it was planned with.
     orient = len(store.canvases) > 1 or layout.canvas_hw[0] == layout.canvas_hw[1]
     views = plan_job(config, dataset, layout.canvas_hw, orient=orient)
@@ -252,7 +255,7 @@ def _run_pipeline(
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     from teacher_service.pipeline_ray import LabelStoreDatasink, ProgressCounter
-    from teacher_service.pipeline_stages import FAULT_ENV, TeacherPredictor, decode_and_render, parse_fault
+    from teacher_service.pipeline_stages import GT_BOXES_COLUMN, FAULT_ENV, TeacherPredictor, decode_and_render, parse_fault
 
     fault = parse_fault(os.environ.get(FAULT_ENV))
 
@@ -260,6 +263,13 @@ def _run_pipeline(
         {"image_id": v.image_id, "view_id": v.view_id, "view": v.to_json(), "path": str(dataset.image_path(v.image_id))}
         for v in todo
     ]
+    region = config.store_region()
+    if region is not None:  # the decode tasks render each view's GT and compute its stored points
+        import numpy as np
+
+        for item, view in zip(items, todo):
+            item[GT_BOXES_COLUMN] = np.ascontiguousarray(dataset.targets(view.image_id).gt_boxes, dtype=np.float32).tobytes()
+        region = {"region": region.to_dict(), "strides": list(layout.fingerprint["strides"])}
     block = config.block_views
     num_blocks = max(1, min(math.ceil(len(items) / block), 4096))
     resources = ray.cluster_resources()
@@ -297,7 +307,7 @@ def _run_pipeline(
                 decode_and_render,
                 batch_size=block,
                 batch_format="numpy",
-                fn_kwargs={"fault": fault, "niceness": config.cpu_stage_niceness, "cpus": stage_cpus},
+                fn_kwargs={"fault": fault, "niceness": config.cpu_stage_niceness, "cpus": stage_cpus, "region": region},
                 num_cpus=config.cpus_per_task,
                 compute=TaskPoolStrategy(size=decode_concurrency),
                 max_retries=MAX_RETRIES,
@@ -336,6 +346,7 @@ def _run_pipeline(
         niceness=config.cpu_stage_niceness,
         cpus=stage_cpus,
         fault=fault,
+        region=None if config.store_region() is None else config.store_region().to_dict(),
     )
     context = DataContext.get_current()
     saved = (context.enable_progress_bars, context.print_on_execution_start)

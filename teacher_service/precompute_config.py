@@ -11,6 +11,7 @@ from label_store.schema import TARGET_GROUPS
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZE_MODES = ("auto", "on", "off")
 CODEC_PROFILE_MODES = ("auto", "small", "fast")
+BOX_REGION_MODES = ("dense", "ld")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -52,6 +53,17 @@ class PrecomputeConfig:
     """Default codecs' profile (`label_store.codecs.profile_codec`): ``small`` (the default
     codecs), ``fast`` (their quantizers with a fast zstd level, for writers that keep up with
     a GPU teacher) or ``auto`` (``fast`` with a GPU teacher, else ``small``); ``codecs`` win."""
+    box_region: str = "dense"
+    """``dense`` stores ``box`` at every point; ``ld`` only where LD reads it (the ATSS
+    candidates and the VLR of `region_topk` / `region_vlr_alpha`, from each view's GT:
+    `label_store.StoreRegion`). BCD reads the teacher's boxes at every point, so it trains
+    from such a store's ``edges`` (store them too)."""
+    region_topk: int = 9
+    """ATSS topk the region serves (LD's and the student's ``topk``)."""
+    region_vlr_alpha: float = 0.25
+    """Smallest VLR alpha the region serves (LD's ``alpha``; a run may use a larger one)."""
+    region_vlr_diou: str = "standard"
+    """DIoU flavour of the VLR the region serves (``standard`` or ``released``)."""
     batch_size: int = 8
     """Views per teacher forward pass."""
     num_actors: int = 1
@@ -93,6 +105,15 @@ class PrecomputeConfig:
     """CPUs of a local cluster started here; None: ``os.cpu_count()``."""
     show_progress: bool = True
     """Show a tqdm progress bar (views/s, ETA) on stderr."""
+
+    def store_region(self):
+        """The `label_store.StoreRegion` of ``box_region`` (None for ``dense``); the student's point
+        convention is this project's (0.5)."""
+        if self.box_region == "dense":
+            return None
+        from label_store.schema import StoreRegion
+
+        return StoreRegion(("box",), self.region_topk, self.region_vlr_alpha, self.region_vlr_diou, 0.5)
 
     @property
     def actor_cpus(self) -> float:
@@ -158,6 +179,18 @@ class PrecomputeConfig:
                 f"PrecomputeConfig(codec_profile=) (--codec-profile) expects one of {list(CODEC_PROFILE_MODES)}. "
                 f"Got {self.codec_profile!r}."
             )
+        if self.box_region not in BOX_REGION_MODES:
+            raise PrecomputeInputError(f"PrecomputeConfig(box_region=) (--box-region) expects one of {list(BOX_REGION_MODES)}. Got {self.box_region!r}.")
+        if self.box_region != "dense":
+            if "box" not in self.target_groups:
+                raise PrecomputeInputError(
+                    f"PrecomputeConfig(box_region=) (--box-region {self.box_region}) expects 'box' among the target groups. "
+                    f"Got {list(self.target_groups)}."
+                )
+            try:
+                self.store_region()
+            except ValueError as error:
+                raise PrecomputeInputError(f"--region-topk / --region-vlr-alpha / --region-vlr-diou: {error}") from None
         if self.quantize_on_device not in QUANTIZE_MODES:
             raise PrecomputeInputError(
                 f"PrecomputeConfig(quantize_on_device=) expects one of {list(QUANTIZE_MODES)}. Got {self.quantize_on_device!r}."

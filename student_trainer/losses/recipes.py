@@ -299,6 +299,21 @@ def _check_assignment(owner: str, assignment: PointAssignment, batch: int, shape
         )
 
 
+def _check_read(teacher_rows: Tensor, owner: str, name: str, level: int, region: str) -> None:
+    """Raise unless the teacher rows a term reads are finite.
+
+    A region store (`label_store.StoreRegion`) decodes the points it did not store as NaN;
+    reading one means the run's GT or settings select points the store's did not.
+    """
+    if not bool(torch.isfinite(teacher_rows).all()):
+        bad = int((~torch.isfinite(teacher_rows)).any(dim=1).sum())
+        raise LossInputError(
+            f"{owner}({name}=) expects finite teacher values at the points of {region} it reads. Got NaN/inf at {bad} of "
+            f"{teacher_rows.shape[0]} on level {level}: a label store with region storage did not store them (its region "
+            "was computed from other GT boxes or other ATSS/VLR settings than this run's)."
+        )
+
+
 def _zero_like(x: Tensor) -> Tensor:
     # Connected to the graph, so that every parameter gets a (zero) gradient under DDP.
     return as_float32(x).sum() * 0.0
@@ -375,6 +390,7 @@ def ld_recipe(
         positive = assigned > 0
         if bool(positive.any()):
             quality = as_float32(s_cls.detach()).sigmoid().max(dim=1).values[positive]
+            _check_read(t_box[positive], "ld_recipe", "teacher_box", level, "the ATSS positives")
             main.append(
                 config.main_weight
                 * ld_loss(s_box[positive], t_box[positive], quality, main_avg_factor, config.main_temperature)
@@ -386,6 +402,7 @@ def ld_recipe(
             kd.append(_zero_like(s_cls))
         in_region = region > 0
         if bool(in_region.any()):
+            _check_read(t_box[in_region], "ld_recipe", "teacher_box", level, "the VLR")
             vlr_total.append(
                 config.vlr_weight
                 * ld_loss(s_box[in_region], t_box[in_region], region[in_region], vlr_avg_factor, config.vlr_temperature)

@@ -61,7 +61,9 @@ def test_to_targets_and_from_targets_round_trip():
     assert list(targets)[:4] == ["cls/p3", "cls/p4", "cls/p5", "box/p3"]
     assert {"edges/p3", "fpn/p5", "backbone/c5"} <= set(targets) and targets["edges/p4"].shape == (1, 4, 4, 4)
     back = DenseOutputs.from_targets(targets, strides=out.strides, reg_max=out.reg_max, point_offset=out.point_offset)
-    assert back.point_offset == 0.0 and back.reg_max == out.reg_max and back.distances is None  # edges follow from box
+    assert back.point_offset == 0.0 and back.reg_max == out.reg_max
+    # Stored edges are kept beside box (a region store holds box only where LD reads it).
+    assert all(torch.equal(d, targets[f"edges/{lv}"]) for d, lv in zip(back.distances, back.level_names))
     for a, b in zip(out.to_targets(groups).values(), back.to_targets(groups).values()):
         assert torch.equal(a, b)
     # a store with edges and no box decodes to distances

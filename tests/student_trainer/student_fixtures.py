@@ -97,10 +97,12 @@ def write_store(
     fingerprint_overrides: dict | None = None,
     flip: bool = True,
     orient: bool = True,
+    region=None,
 ) -> Path:
     """Teacher forward over {original, flip} views of every image (original only without ``flip``) -> a committed store.
 
-    ``orient=False`` plans every view on ``canvas`` as stores of schema 1 did (one canvas)."""
+    ``orient=False`` plans every view on ``canvas`` as stores of schema 1 did (one canvas).
+    ``region``: a `label_store.StoreRegion`; each view's mask is `detcore.assign.stored_region` of its GT."""
     from detcore.checkpoint import load_detector_with_meta, teacher_fingerprint
     from detcore.coco import CocoDataset
     from detcore.views import content_hash, plan_views, render
@@ -118,7 +120,7 @@ def write_store(
         config.num_classes, config.reg_max, canvas, list(config.strides), config.fpn_channels,
         backbone_channels=list(teacher.backbone.out_channels), groups=groups, codecs=codecs,
     )
-    store = create_store(str(url), fingerprint, specs, canvases=None if orient else [canvas])
+    store = create_store(str(url), fingerprint, specs, canvases=None if orient else [canvas], region=region)
     ids = list(image_ids) if image_ids is not None else coco.image_ids
     views = plan_views([(i, coco.record(i).height, coco.record(i).width) for i in ids], canvas_hw=canvas, flip=flip, orient=orient)
     part = store.open_part("part-0")
@@ -131,9 +133,21 @@ def write_store(
             {"image_id": view.image_id, "view_id": view.view_id, "view": view.to_json(),
              "content_hash": content_hash(pixels[view.image_id]), "valid_region": list(item.valid_region)},
             {spec.name: outputs[spec.name][0].numpy() for spec in specs},
+            region=None if region is None else _view_region(coco, view, list(config.strides), region),
         )
     part.commit()
     return url
+
+
+def _view_region(coco, view, strides, region):
+    from detcore.assign import stored_region
+    from detcore.views import image_to_view_boxes
+
+    boxes = image_to_view_boxes(coco.targets(view.image_id).gt_boxes, view)
+    return stored_region(
+        boxes, (view.canvas_h, view.canvas_w), strides, topk=region.topk, vlr_alpha=region.vlr_alpha,
+        vlr_diou=region.vlr_diou, point_offset=region.point_offset,
+    ).numpy()
 
 
 def build_world(root: Path, num_train: int = 4, num_val: int = 2) -> World:

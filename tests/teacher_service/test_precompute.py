@@ -232,6 +232,9 @@ def test_parse_fault():
         ({"quantize_on_device": "yes"}, "quantize_on_device="),
         ({"codec_profile": "tiny"}, "codec-profile"),
         ({"canvas_hw": (64, 0)}, "canvas_hw="),
+        ({"box_region": "positives"}, "box-region"),
+        ({"box_region": "ld", "target_groups": ("cls", "fpn")}, "expects 'box' among the target groups"),
+        ({"box_region": "ld", "region_vlr_alpha": 0.0}, "region-vlr-alpha"),
     ],
 )
 def test_config_validation(data, tmp_path, overrides, match):
@@ -475,6 +478,55 @@ def test_codec_profiles_store_the_same_values_with_faster_compression(data, loca
     args = parser.parse_args(["store", "inspect", str(stores["fast"])])
     assert args.func(args) == 0
     assert "int5-view-dchw+zstd1" in capsys.readouterr().out
+
+
+def test_box_region_stores_box_only_at_each_views_region(data, local_ray, tmp_path, capsys):
+    from detcore.assign import stored_region
+    from detcore.views import image_to_view_boxes
+    from label_store.cli import register as register_store
+    from label_store.errors import StoreMismatchError
+    from label_store.reader import open_store
+
+    coco = CocoDataset(data["annotations"], data["images"])
+    ids = tuple(coco.image_ids[:3])
+    dense_url, region_url = tmp_path / "dense.zarr", tmp_path / "region.zarr"
+    groups = ("cls", "box", "edges", "fpn")
+    for url, mode in ((dense_url, "dense"), (region_url, "ld")):
+        summary = run_precompute(_config(data, url, image_ids=ids, device="cpu", target_groups=groups, box_region=mode))
+        assert (summary.views_stored, summary.views_failed) == (6, 0)
+    dense, region = open_store(str(dense_url)), open_store(str(region_url))
+    assert dense.region is None and region.region.to_dict() == {
+        "groups": ["box"], "topk": 9, "vlr_alpha": 0.25, "vlr_diou": "standard", "point_offset": 0.5,
+    }
+    strides = region.fingerprint.strides
+    for key in region.keys():
+        view = View.from_json(region.record(*key)["view"])
+        expected = stored_region(
+            image_to_view_boxes(coco.targets(view.image_id).gt_boxes, view), (view.canvas_h, view.canvas_w), strides,
+            topk=9, vlr_alpha=0.25,
+        ).numpy()
+        mask = region.read_regions([key])[0]
+        np.testing.assert_array_equal(mask, expected)
+        assert 0 < mask.sum() < mask.size
+        got, want = region.read(*key), dense.read(*key)
+        start = 0
+        for spec in region.targets:
+            if spec.group != "box":
+                np.testing.assert_array_equal(got[spec.name], want[spec.name])
+                continue
+            keep = mask[start : start + spec.shape[1] * spec.shape[2]].reshape(spec.shape[1:])
+            start += spec.shape[1] * spec.shape[2]
+            np.testing.assert_array_equal(got[spec.name][:, keep], want[spec.name][:, keep])
+    with pytest.raises(StoreMismatchError, match="region: store has box at ATSS positives"):
+        run_precompute(_config(data, region_url, image_ids=ids, device="cpu", target_groups=groups))
+    parser = argparse.ArgumentParser(prog="distill")
+    register_store(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["store", "inspect", str(region_url)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "region           box at ATSS positives (topk 9) and VLR (alpha >= 0.25" in out
+    share = region.region_share()
+    assert f"{100 * share:6.1f}%" in next(line for line in out.splitlines() if line.startswith("box "))
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(data, fp32_store, local_ray, tmp_path):
