@@ -150,10 +150,15 @@ class DecodePool:
         try:
             future = self._executor.submit(self._job, fn, args)
         except BaseException:
-            with self._lock:
-                self.waiting -= 1
+            self._unwait()
             raise
+        # A job cancelled before it started (its request went away, or shutdown) never runs `_job`.
+        future.add_done_callback(lambda done: self._unwait() if done.cancelled() else None)
         return await asyncio.wrap_future(future)
+
+    def _unwait(self) -> None:
+        with self._lock:
+            self.waiting -= 1
 
 
 class TargetService:
