@@ -34,7 +34,7 @@ from __future__ import annotations
 import io
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -156,26 +156,40 @@ def load_image(path: str | Path, image_id: int | None = None) -> np.ndarray:
         return _decode(image, image_id, path)
 
 
-def decode_image_bytes(data: bytes, image_id: int | None = None, name: str = "<bytes>") -> np.ndarray:
+def decode_image_bytes(
+    data: bytes,
+    image_id: int | None = None,
+    name: str = "<bytes>",
+    *,
+    check_header: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """`load_image` for the bytes of an image file (e.g. an HTTP upload): same policy, same pixels.
 
     Args:
         data: the complete file content.
         image_id: the COCO image id, only to name the image in errors.
         name: what errors call the source in place of a path.
+        check_header: called with the ``(height, width)`` stored in the file's header
+            (before EXIF orientation) once the header is read and before any pixel is
+            decoded; whatever it raises propagates, so a caller refuses a file that is
+            too large, or not the size it expects, without decoding it.
 
     Raises:
-        ImageDecodeError: the bytes are empty, not an image, corrupt or truncated.
+        ImageDecodeError: the bytes are empty, not an image, corrupt or truncated (a
+            ``PIL.Image.DecompressionBombWarning`` turned into an error is reported so too).
     """
     from PIL import Image
 
     if len(data) == 0:
         raise ImageDecodeError(image_id, name, "zero-byte file")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # reads the header only
     except Exception as error:
         raise ImageDecodeError(image_id, name, _describe(error)) from error
     with image:
+        if check_header is not None:
+            width, height = image.size
+            check_header(int(height), int(width))
         return _decode(image, image_id, name)
 
 

@@ -11,12 +11,18 @@ Protocol (version 1):
     per-view encoding), header ``X-Teacher-Fingerprint`` = `fingerprint_digest`.
 ``GET /v1/teacher`` (bearer token)
     JSON ``{fingerprint, digest, targets: [TargetSpec dicts], default_targets, limits, ...}``.
-``GET /healthz`` (alive), ``GET /readyz`` (teacher loaded), ``GET /metrics`` (Prometheus).
+``GET|HEAD /healthz`` (alive), ``GET|HEAD /readyz`` (teacher loaded), ``GET /metrics``
+(Prometheus; token as ``metrics_access`` says). ``/docs``, ``/redoc``, ``/openapi.json``:
+open, behind the token, or absent, as ``ServeSettings.docs`` says (absent by default on a
+non-loopback host).
 
 Errors are RFC 9457 problem documents (`teacher_service.api.problems`): 401 token,
-413 body or view count too large, 415 not multipart, 422 bad view / image / size /
-target name (naming the view index and image id), 503 + Retry-After when the bounded
-queue is full or the teacher is not loaded.
+408 body not received within ``body_timeout_s``, 413 body, field, image file or view
+count too large, 415 not multipart, 422 bad view / image / size / pixel count / target
+name (naming the view index and image id; the first few offenders and their count),
+503 + Retry-After when the bounded queue is full or the teacher is not loaded. A client
+that goes away mid-upload is counted (``distillery_client_disconnects_total``) and
+logged in one INFO line; it is not an error of the server.
 
 Run with ``distill serve`` (uvicorn or Ray Serve), or
 ``uvicorn teacher_service.app:app_from_env --factory`` with ``DISTILLERY_*`` variables.
@@ -29,16 +35,24 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Callable
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from teacher_service.api import routes
 from teacher_service.api.batching import BatchFailedError
+from teacher_service.api.deps import AuthDep
 from teacher_service.api.metrics import ServiceMetrics
 from teacher_service.api.middleware import LimitAndMeasureMiddleware
-from teacher_service.api.problems import PROBLEM_MEDIA_TYPE, RequestProblem, kind_for_status, problem_document
+from teacher_service.api.problems import (
+    MAX_LISTED_ERRORS,
+    PROBLEM_MEDIA_TYPE,
+    RequestProblem,
+    kind_for_status,
+    problem_document,
+)
 from teacher_service.api.service import TargetService
 from teacher_service.api.settings import ServeSettings
 from teacher_service.api.teacher import OnlineTeacher
@@ -46,6 +60,10 @@ from teacher_service.api.teacher import OnlineTeacher
 logger = logging.getLogger(__name__)
 
 TeacherLoader = Callable[[ServeSettings], OnlineTeacher]
+
+# Status recorded for a request whose client went away (nginx's "client closed request");
+# nothing is sent, the connection is gone.
+CLIENT_CLOSED_STATUS = 499
 
 
 def serve_class_mapping(settings: ServeSettings, teacher_classes=None):
@@ -85,14 +103,14 @@ def load_teacher(settings: ServeSettings) -> OnlineTeacher:
     )
 
 
-def _problem_response(request: Request, kind: str, detail: str, errors=None, headers=None) -> JSONResponse:
+def _problem_response(request: Request, kind: str, detail: str, errors=None, headers=None, num_errors=None) -> JSONResponse:
     request.app.state.metrics.errors.labels(kind=kind).inc()
-    document = problem_document(kind, detail, errors=errors, instance=request.url.path)
+    document = problem_document(kind, detail, errors=errors, instance=request.url.path, num_errors=num_errors)
     return JSONResponse(document, status_code=document["status"], headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
 async def _on_problem(request: Request, error: RequestProblem) -> JSONResponse:
-    return _problem_response(request, error.kind, error.detail, error.errors, error.headers)
+    return _problem_response(request, error.kind, error.detail, error.errors, error.headers, error.num_errors)
 
 
 async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -100,8 +118,20 @@ async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSO
 
 
 async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    errors = [{"field": ".".join(str(p) for p in e.get("loc", ())), "detail": e.get("msg", "")} for e in error.errors()]
-    return _problem_response(request, "invalid-request", "The request does not match the route's parameters.", errors)
+    found = error.errors()
+    errors = [
+        {"field": ".".join(str(p) for p in e.get("loc", ())), "detail": str(e.get("msg", ""))}
+        for e in found[:MAX_LISTED_ERRORS]
+    ]
+    return _problem_response(
+        request, "invalid-request", "The request does not match the route's parameters.", errors, num_errors=len(found)
+    )
+
+
+async def _on_client_disconnect(request: Request, error: ClientDisconnect) -> Response:
+    request.app.state.metrics.client_disconnects.inc()
+    logger.info("client went away before the request body ended: %s %s", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_STATUS)  # uvicorn drops it: the connection is closed
 
 
 async def _on_batch_failed(request: Request, error: BatchFailedError) -> JSONResponse:
@@ -124,8 +154,13 @@ def create_app(settings: ServeSettings, *, teacher_loader: TeacherLoader = load_
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        import anyio
+        import warnings
 
+        import anyio
+        from PIL import Image
+
+        # Pillow only warns between its limit and twice it; an upload that large is refused.
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
         teacher = await anyio.to_thread.run_sync(teacher_loader, settings)
         service = TargetService(teacher, settings, app.state.metrics)
         service.start()
@@ -138,26 +173,58 @@ def create_app(settings: ServeSettings, *, teacher_loader: TeacherLoader = load_
             app.state.service = None
             await service.close()
 
+    docs_open = settings.docs == "open"
     app = FastAPI(
         title="distillery teacher",
         summary="Dense teacher targets for explicit views, in the label store's encoding.",
         version="1",
         lifespan=lifespan,
+        docs_url="/docs" if docs_open else None,
+        redoc_url="/redoc" if docs_open else None,
+        openapi_url="/openapi.json" if docs_open else None,
     )
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     app.state.service = None
     app.include_router(routes.probes)
+    app.include_router(routes.metrics_open if settings.metrics_access == "open" else routes.metrics_with_token)
     app.include_router(routes.v1)
+    if settings.docs == "token":
+        app.include_router(_docs_behind_token(app))
     app.add_exception_handler(RequestProblem, _on_problem)
+    app.add_exception_handler(ClientDisconnect, _on_client_disconnect)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(BatchFailedError, _on_batch_failed)
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_middleware(
-        LimitAndMeasureMiddleware, max_request_bytes=settings.max_request_bytes, metrics=app.state.metrics
+        LimitAndMeasureMiddleware,
+        max_request_bytes=settings.max_request_bytes,
+        metrics=app.state.metrics,
+        body_timeout_s=settings.body_timeout_s,
     )
     return app
+
+
+def _docs_behind_token(app: FastAPI) -> APIRouter:
+    """/openapi.json, /docs and /redoc that answer only with the bearer token (``docs_access="token"``)."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+    router = APIRouter(dependencies=[AuthDep], include_in_schema=False)
+
+    @router.get("/openapi.json")
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs")
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @router.get("/redoc")
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+    return router
 
 
 def app_from_env() -> FastAPI:

@@ -91,8 +91,11 @@ def serve_until_drained(app: Any, **config: Any) -> int | None:
     Returns:
         The signal that stopped the server after a drain, or None (it stopped otherwise).
     """
+    from teacher_service.api.logs import redact_access_log
+
     drain = Drain()
     server = DrainingServer(uvicorn.Config(DrainMiddleware(app, drain), **config), drain)
+    redact_access_log()  # after Config: it (re)configures uvicorn's loggers
     server.run()
     if not server.started and not drain.draining:
         raise SystemExit(3)  # the lifespan (teacher load) failed, as `uvicorn.run` reports it

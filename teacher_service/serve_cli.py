@@ -20,11 +20,22 @@ file per view, optional targets = cls,box,fpn,backbone or names like cls/p3) and
 the label store's per-view encoding (application/vnd.distillery.targets) with the teacher
 fingerprint digest in X-Teacher-Fingerprint. GET /v1/teacher, /healthz, /readyz, /metrics.
 
-Every option can also come from the environment (DISTILLERY_TEACHER, DISTILLERY_HOST,
-DISTILLERY_PORT, DISTILLERY_TOKEN, DISTILLERY_AUTH_DISABLED, DISTILLERY_MAX_BATCH,
-DISTILLERY_MAX_WAIT_MS, DISTILLERY_MAX_QUEUE, DISTILLERY_MAX_REQUEST_BYTES,
-DISTILLERY_DEVICE); command-line options win. A token is required unless --no-auth is
-given with a loopback --host.
+Every option can also come from the environment, as DISTILLERY_ and the option's name
+in capitals with underscores (DISTILLERY_TEACHER, DISTILLERY_TOKEN, DISTILLERY_MAX_QUEUE,
+DISTILLERY_BODY_TIMEOUT_S, ...; --no-auth is DISTILLERY_AUTH_DISABLED=1, --docs is
+DISTILLERY_DOCS_ACCESS); command-line options win. A token is required unless --no-auth
+is given with a loopback --host.
+
+Hostile input is bounded: a body over --max-request-bytes, a text field (views, targets)
+over --max-field-bytes or an image file over --max-image-bytes gets 413 while it is
+read; an image whose header declares more than --max-image-pixels pixels, or other sides
+than its view, gets 422 without being decoded; at most --decode-workers images are
+decoded at once; a body not received within --body-timeout-s gets 408; beyond
+--limit-concurrency connections and requests uvicorn answers 503; idle keep-alive
+connections close after --timeout-keep-alive-s. Error answers name the first few
+offenders and their count, never repeat the Authorization header, and the access log
+shows query strings as <redacted>. /docs, /redoc and /openapi.json are off by default
+on a non-loopback --host (--docs).
 
 Ctrl-C or SIGTERM drains (without --ray): requests in flight are answered, new ones get
 503 (problem "draining", Retry-After), then the server exits 130 (SIGINT) or 143 (SIGTERM);
@@ -65,6 +76,27 @@ def register_serve(subparsers) -> None:
         "--max-queue", type=int, help="most views waiting for a forward pass; beyond it 503 (default 64)"
     )
     parser.add_argument("--max-request-bytes", type=int, help="largest request body; beyond it 413 (default 64 MiB)")
+    parser.add_argument("--max-field-bytes", type=int,
+                        help="largest text field (views JSON, targets); beyond it 413 while reading (default 1 MiB)")
+    parser.add_argument("--max-image-bytes", type=int,
+                        help="largest image file of a request; beyond it 413 while reading (default 32 MiB)")
+    parser.add_argument("--max-image-pixels", type=int,
+                        help="most pixels of an uploaded image, read from its header before decoding; beyond it 422 "
+                             "image-too-large (default 40000000)")
+    parser.add_argument("--decode-workers", type=int,
+                        help="threads decoding uploaded images: no more images are decoded at once (default 2)")
+    parser.add_argument("--body-timeout-s", type=float,
+                        help="the request body must arrive within this many seconds of the request's start; "
+                             "else 408 and the connection is closed (default 60)")
+    parser.add_argument("--limit-concurrency", type=int,
+                        help="most connections and requests in flight; beyond it 503 (uvicorn; default 64)")
+    parser.add_argument("--timeout-keep-alive-s", type=int,
+                        help="close idle keep-alive connections after this many seconds (uvicorn; default 5)")
+    parser.add_argument("--docs", choices=("open", "token", "off"),
+                        help="/docs, /redoc, /openapi.json: open, behind the token, or off "
+                             "(default: open on a loopback --host, off elsewhere)")
+    parser.add_argument("--metrics-access", choices=("open", "token"),
+                        help="/metrics without a token (open, the default) or only with it (token)")
     parser.add_argument("--device", help="torch device: auto (default), cpu, cuda, cuda:1 ...")
     parser.add_argument(
         "--precision", choices=("auto", "fp32", "bf16", "fp16"), help="autocast as in precompute (default auto)"
@@ -102,6 +134,15 @@ _SETTING_ARGS = {
     "max_wait_ms": "max_wait_ms",
     "max_queue": "max_queue",
     "max_request_bytes": "max_request_bytes",
+    "max_field_bytes": "max_field_bytes",
+    "max_image_bytes": "max_image_bytes",
+    "max_image_pixels": "max_image_pixels",
+    "decode_workers": "decode_workers",
+    "body_timeout_s": "body_timeout_s",
+    "limit_concurrency": "limit_concurrency",
+    "timeout_keep_alive_s": "timeout_keep_alive_s",
+    "docs": "docs_access",
+    "metrics_access": "metrics_access",
     "device": "device",
     "precision": "precision",
     "canvas": "canvas_hw",
@@ -196,6 +237,8 @@ def run_serve(args: argparse.Namespace) -> int:
             port=settings.port,
             log_level=settings.log_level,
             timeout_graceful_shutdown=10,
+            limit_concurrency=settings.limit_concurrency,
+            timeout_keep_alive=settings.timeout_keep_alive_s,
         )
     except SystemExit as stop:  # uvicorn exits with 3 when the lifespan (teacher load) fails
         if stop.code not in (0, None):

@@ -44,22 +44,36 @@ TeacherDep = Annotated[OnlineTeacher, Depends(get_teacher)]
 
 
 def require_token(request: Request, settings: SettingsDep) -> None:
-    """401 unless ``Authorization: Bearer <settings.token>`` (skipped when auth is disabled)."""
+    """401 unless ``Authorization: Bearer <settings.token>`` (skipped when auth is disabled).
+
+    The answer never repeats the header: a client that sends the token without its scheme
+    (``Authorization: <token>``) or with a tab after it must not find the token in a
+    reply or a log. Tokens in the query string are never read.
+    """
     if settings.auth_disabled:
         return
     header = request.headers.get("authorization", "")
-    scheme, _, credentials = header.partition(" ")
+    scheme, credentials = _split_authorization(header)
     expected = settings.token.get_secret_value() if settings.token is not None else ""
     challenge = {"WWW-Authenticate": 'Bearer realm="distillery"'}
     if not header:
         raise RequestProblem("unauthorized", "Authorization expects 'Bearer <token>'. Got no Authorization header.",
                              headers=challenge)
     if scheme.lower() != "bearer" or not credentials:
-        raise RequestProblem("unauthorized", f"Authorization expects the Bearer scheme. Got {scheme or 'nothing'!r}.",
-                             headers=challenge)
-    if not hmac.compare_digest(credentials.strip().encode(), expected.encode()):
+        got = "no credentials after the scheme" if scheme.lower() == "bearer" else "another scheme or no scheme"
+        raise RequestProblem("unauthorized", f"Authorization expects 'Bearer <token>'. Got {got} "
+                             f"({len(header)} characters, not repeated here).", headers=challenge)
+    if not hmac.compare_digest(credentials.encode(), expected.encode()):
         raise RequestProblem("unauthorized", "Authorization expects the server's bearer token. Got a different token.",
                              headers={"WWW-Authenticate": 'Bearer realm="distillery", error="invalid_token"'})
+
+
+def _split_authorization(header: str) -> tuple[str, str]:
+    """``"Bearer <token>"`` -> ``("Bearer", "<token>")``; any run of spaces or tabs separates them."""
+    parts = header.strip().split(None, 1)
+    if len(parts) < 2:
+        return (parts[0] if parts else "", "")
+    return (parts[0], parts[1].strip())
 
 
 AuthDep = Depends(require_token)

@@ -7,6 +7,7 @@ Exposed series (``GET /metrics``):
     distillery_requests_total{route, method, status}     answered requests
     distillery_request_duration_seconds{route}           latency histogram
     distillery_errors_total{kind}                        error answers by problem kind
+    distillery_client_disconnects_total                  requests whose client went away mid-upload
     distillery_batch_size                                views per teacher forward (histogram)
     distillery_batch_duration_seconds                    forward + copy time per batch
     distillery_views_total                               views answered with targets
@@ -43,6 +44,11 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.errors = Counter("distillery_errors", "Error answers by problem kind.", ("kind",), registry=self.registry)
+        self.client_disconnects = Counter(
+            "distillery_client_disconnects",
+            "Requests whose client closed the connection before the body was read (not errors of the server).",
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "distillery_batch_size", "Views per teacher forward pass.", buckets=BATCH_BUCKETS, registry=self.registry
         )

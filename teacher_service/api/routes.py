@@ -4,30 +4,41 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from label_store.wire import FINGERPRINT_HEADER, MEDIA_TYPE
 from teacher_service.api.deps import AuthDep, MetricsDep, ServiceDep, SettingsDep
-from teacher_service.api.problems import RequestProblem
+from teacher_service.api.problems import RequestProblem, clip_text
+from teacher_service.api.upload import read_targets_form
 
 probes = APIRouter(tags=["probes"])
 v1 = APIRouter(prefix="/v1", tags=["teacher"], dependencies=[AuthDep])
+# /metrics: in `probes` (no token) or in `metrics_with_token`, as `ServeSettings.metrics_access` says.
+metrics_open = APIRouter(tags=["probes"])
+metrics_with_token = APIRouter(tags=["probes"], dependencies=[AuthDep])
 
 
-@probes.get("/healthz", summary="The process is alive")
 async def healthz() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@probes.get("/readyz", summary="The teacher is loaded and requests are accepted")
 async def readyz(service: ServiceDep) -> dict[str, object]:
     return {"status": "ready", "digest": service.teacher.digest, "queue_depth": service.batcher.queue_depth}
 
 
-@probes.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(metrics: MetricsDep) -> Response:
     return Response(metrics.exposition(), media_type=metrics.content_type)
+
+
+def _get_and_head(router: APIRouter, path: str, endpoint, summary: str, **options) -> None:
+    """GET, plus HEAD (load balancers probe with it) kept out of the OpenAPI schema."""
+    router.add_api_route(path, endpoint, methods=["GET"], summary=summary, **options)
+    router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False, **options)
+
+
+_get_and_head(probes, "/healthz", healthz, "The process is alive")
+_get_and_head(probes, "/readyz", readyz, "The teacher is loaded and requests are accepted")
+for _router in (metrics_open, metrics_with_token):
+    _get_and_head(_router, "/metrics", metrics, "Prometheus metrics", response_class=Response)
 
 
 @v1.get("/teacher", summary="Fingerprint and target schema of the served teacher")
@@ -48,8 +59,8 @@ async def targets(request: Request, service: ServiceDep, settings: SettingsDep) 
     if not content_type.lower().startswith("multipart/form-data"):
         raise RequestProblem(
             "unsupported-media-type",
-            f"POST /v1/targets expects multipart/form-data. Got {content_type or 'no Content-Type'!r}.",
-            errors=[{"field": "content-type", "detail": content_type}],
+            f"POST /v1/targets expects multipart/form-data. Got {clip_text(content_type or 'no Content-Type', 80)!r}.",
+            errors=[{"field": "content-type", "detail": clip_text(content_type, 80)}],
         )
     # Refuse before reading the body when the queue is already full.
     service.check_capacity(1)
@@ -62,40 +73,17 @@ async def targets(request: Request, service: ServiceDep, settings: SettingsDep) 
 
 
 async def _targets(request: Request, service, settings, announcement) -> Response:
-    try:
-        form = await request.form(
-            max_files=service.max_views_per_request,
-            max_fields=8,
-            max_part_size=settings.max_request_bytes,
+    form = await read_targets_form(
+        request,
+        max_images=service.max_views_per_request,
+        max_field_bytes=settings.max_field_bytes,
+        max_image_bytes=settings.max_image_bytes,
+    )
+    if form.views is None:
+        raise RequestProblem(
+            "invalid-request",
+            "POST /v1/targets expects a text field 'views' (JSON list of view dicts). Got none.",
+            errors=[{"field": "views", "detail": "missing"}],
         )
-    except StarletteHTTPException as error:
-        detail = str(error.detail)
-        kind = "request-too-large" if "Too many files" in detail or "maximum size" in detail else "malformed-request"
-        raise RequestProblem(kind, f"POST /v1/targets expects a well-formed multipart body. Got: {detail}.",
-                             errors=[{"field": "body", "detail": detail}]) from None
-    try:
-        views_field = form.get("views")
-        if views_field is None or isinstance(views_field, UploadFile):
-            raise RequestProblem(
-                "invalid-request",
-                "POST /v1/targets expects a text field 'views' (JSON list of view dicts). Got "
-                + ("none." if views_field is None else "a file."),
-                errors=[{"field": "views", "detail": "missing" if views_field is None else "file instead of text"}],
-            )
-        targets_field = form.get("targets")
-        if isinstance(targets_field, UploadFile):
-            raise RequestProblem("invalid-request", "targets= expects text. Got a file.",
-                                 errors=[{"field": "targets", "detail": "file instead of text"}])
-        images: list[bytes] = []
-        for index, item in enumerate(form.getlist("images")):
-            if not isinstance(item, UploadFile):
-                raise RequestProblem(
-                    "invalid-request",
-                    f"images= expects files. Got a text field at position {index}.",
-                    errors=[{"index": index, "field": "images", "detail": "text instead of file"}],
-                )
-            images.append(await item.read())
-        body = await service.compute(views_field, images, targets_field, announcement=announcement)
-    finally:
-        await form.close()
+    body = await service.compute(form.views, form.images, form.targets, announcement=announcement)
     return Response(body, media_type=MEDIA_TYPE, headers={FINGERPRINT_HEADER: service.teacher.digest})

@@ -2,7 +2,13 @@
 
 Unsafe combinations are refused at construction, before anything is loaded or bound:
 a server without a bearer token starts only when ``auth_disabled`` is set explicitly
-*and* it listens on a loopback address.
+*and* it listens on a loopback address. The interactive API docs are off by default on
+any other address.
+
+Memory of one process is bounded by the limits here: at most ``limit_concurrency``
+requests of at most ``max_request_bytes`` each, and at most ``decode_workers`` images
+decoded at once, each of at most ``max_image_pixels`` pixels (checked on the file's
+header, before decoding).
 """
 
 from __future__ import annotations
@@ -56,6 +62,27 @@ class ServeSettings(BaseSettings):
     """Views admitted but not yet in a forward pass; a request that would exceed it gets 503."""
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest request body; larger ones get 413 (checked on Content-Length and while reading)."""
+    max_field_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Largest text field of a request (``views`` JSON, ``targets``); larger ones get 413 while reading."""
+    max_image_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """Largest image file of a request; larger ones get 413 while reading."""
+    max_image_pixels: int = Field(default=40_000_000, ge=1, le=1_000_000_000)
+    """Most pixels (height x width, read from the file's header before decoding) of an uploaded
+    image; more gets 422 ``image-too-large``. Pillow's own decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 million by default) is an error in the server too."""
+    decode_workers: int = Field(default=2, ge=1, le=64)
+    """Threads that decode and render uploaded images; no more images than this are decoded at once."""
+    body_timeout_s: float = Field(default=60.0, gt=0.0, le=3600.0)
+    """The whole request body must arrive within this many seconds of the request's start; else 408."""
+    limit_concurrency: int = Field(default=64, ge=1, le=100_000)
+    """Most connections and requests in flight (uvicorn ``limit_concurrency``); beyond it 503."""
+    timeout_keep_alive_s: int = Field(default=5, ge=1, le=3600)
+    """Idle keep-alive connections are closed after this many seconds (uvicorn ``timeout_keep_alive``)."""
+    docs_access: Literal["open", "token", "off"] | None = None
+    """``/docs``, ``/redoc`` and ``/openapi.json``: ``open``, ``token`` (bearer token needed) or ``off``;
+    None: ``open`` on a loopback host, ``off`` elsewhere."""
+    metrics_access: Literal["open", "token"] = "open"
+    """``/metrics``: ``open`` (for scrapers without credentials) or ``token`` (bearer token needed)."""
     device: str = "auto"
     """Torch device of the teacher: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ..."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -115,3 +142,10 @@ class ServeSettings(BaseSettings):
     @property
     def auth_required(self) -> bool:
         return not self.auth_disabled
+
+    @property
+    def docs(self) -> Literal["open", "token", "off"]:
+        """`docs_access` in force (its default depends on the host)."""
+        if self.docs_access is not None:
+            return self.docs_access
+        return "open" if is_loopback(self.host) else "off"

@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from detcore.views import View, ViewError, content_hash, render_array
 from label_store.schema import TARGET_GROUPS
 from label_store.wire import fingerprint_digest
-from teacher_service.api.problems import RequestProblem
+from teacher_service.api.problems import MAX_LISTED_ERRORS, RequestProblem, clip_text, short_repr
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +47,37 @@ def group_of(name: str) -> str:
     return name.split("/", 1)[0]
 
 
-def decode_image_bytes(data: bytes, image_id: int | None) -> np.ndarray:
+def decode_image_bytes(
+    data: bytes, image_id: int | None, *, check_header: Callable[[int, int], None] | None = None
+) -> np.ndarray:
     """Decode an upload with `detcore.images.decode_image_bytes`: the policy of `load_image`,
     so the same file gives the pixels (and content hash) the precompute job saw.
 
+    ``check_header(height, width)`` runs on the header's size before any pixel is decoded.
     Returns uint8 ``[h, w, 3]`` RGB. Raises `detcore.images.ImageDecodeError`.
     """
     from detcore.images import decode_image_bytes as decode
 
-    return decode(data, image_id=image_id, name="<upload>")
+    return decode(data, image_id=image_id, name="<upload>", check_header=check_header)
+
+
+def check_image_header(view: View, height: int, width: int, max_pixels: int | None) -> None:
+    """Refuse an upload from its header alone: more than ``max_pixels`` pixels, or sides that
+    are not the view's (in either order: EXIF orientation, applied later, may swap them).
+
+    Raises `ImageTooLarge` or `ImageSizeMismatch`.
+    """
+    where = f"image_id={view.image_id} view_id={view.view_id}"
+    if max_pixels is not None and height * width > max_pixels:
+        raise ImageTooLarge(
+            f"Image expects at most {max_pixels} pixels. Got a file whose header says {width}x{height} "
+            f"= {height * width} pixels ({where}); it was not decoded."
+        )
+    if sorted((height, width)) != sorted((view.image_h, view.image_w)):
+        raise ImageSizeMismatch(
+            f"View(image_h=, image_w=) expects the uploaded image to be {view.image_h}x{view.image_w}. "
+            f"Got a file whose header says {height}x{width} ({where}); it was not decoded."
+        )
 
 
 class OnlineTeacher:
@@ -167,7 +189,8 @@ class OnlineTeacher:
         else:
             items = requested.split(",") if isinstance(requested, str) else list(requested)
             names: set[str] = set()
-            unknown = []
+            unknown: list[str] = []  # the first few only: an answer never grows with the input
+            num_unknown = 0
             for raw in items:
                 item = str(raw).strip()
                 if item in self.groups:
@@ -175,12 +198,17 @@ class OnlineTeacher:
                 elif item in self._by_name:
                     names.add(item)
                 else:
-                    unknown.append(item)
-            if unknown or not names:
+                    num_unknown += 1
+                    if len(unknown) < MAX_LISTED_ERRORS:
+                        unknown.append(clip_text(item, 64))
+            if num_unknown or not names:
+                got = (f"{num_unknown} unknown of {len(items)} entries, first {unknown}" if num_unknown
+                       else f"no target among {len(items)} entries {short_repr(items)}")
                 raise RequestProblem(
                     "unknown-target",
-                    f"targets= expects groups {list(self.groups)} or names {list(self._by_name)}. Got {unknown or items}.",
+                    f"targets= expects groups {list(self.groups)} or names {list(self._by_name)}. Got {got}.",
                     errors=[{"field": "targets", "value": item, "detail": "unknown target group or name"} for item in unknown],
+                    num_errors=num_unknown,
                 )
         return [spec for spec in self.specs if spec.name in names]
 
@@ -199,12 +227,18 @@ class OnlineTeacher:
 
         return list(specs) if tuple(canvas_hw) == self.canvas_hw else list(canvas_targets(specs, canvas_hw))
 
-    def prepare_view(self, view: View, data: bytes, names: Sequence[str]) -> PreparedView:
-        """Decode ``data``, check its size against the view, render. Thread-safe.
+    def prepare_view(
+        self, view: View, data: bytes, names: Sequence[str], *, max_pixels: int | None = None
+    ) -> PreparedView:
+        """Check the header's size against the view and ``max_pixels``, decode ``data``,
+        check the decoded size against the view, render. Thread-safe.
 
-        Raises `detcore.images.ImageDecodeError` or `detcore.views.ViewError`.
+        Raises `detcore.images.ImageDecodeError`, `ImageTooLarge` or `detcore.views.ViewError`
+        (`ImageSizeMismatch`).
         """
-        pixels = decode_image_bytes(data, view.image_id)
+        pixels = decode_image_bytes(
+            data, view.image_id, check_header=lambda h, w: check_image_header(view, h, w, max_pixels)
+        )
         if pixels.shape[:2] != (view.image_h, view.image_w):
             raise ImageSizeMismatch(
                 f"View(image_h=, image_w=) expects the uploaded image to be {view.image_h}x{view.image_w}. "
@@ -235,7 +269,14 @@ class OnlineTeacher:
 
 
 class ImageSizeMismatch(ViewError):
-    """The uploaded image's decoded size differs from the size recorded in its view."""
+    """The uploaded image's size (header or decoded) differs from the size recorded in its view."""
 
 
-__all__ = ["OnlineTeacher", "PreparedView", "ImageSizeMismatch", "decode_image_bytes", "group_of"]
+class ImageTooLarge(ValueError):
+    """The uploaded image's header declares more pixels than the endpoint decodes."""
+
+
+__all__ = [
+    "OnlineTeacher", "PreparedView", "ImageSizeMismatch", "ImageTooLarge", "check_image_header", "decode_image_bytes",
+    "group_of",
+]

@@ -2,7 +2,8 @@
 
 `make_tiny_teacher` writes a random-init ``gfl_tiny`` checkpoint; `ServerProcess` runs
 ``distill serve`` (`teacher_service.serve_cli`) in a subprocess on a free loopback port and
-stops it by PID; `encode_image` and `targets_request` build what a client sends.
+stops it by PID; `encode_image` and `targets_request` build what a client sends;
+`bomb_png` writes a tiny PNG that decodes to a huge image.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -55,6 +58,24 @@ def encode_image(pixels: np.ndarray, format: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=format)
     return buffer.getvalue()
+
+
+def bomb_png(height: int, width: int) -> bytes:
+    """A 1-bit grayscale PNG of ``height x width`` black pixels: a few KB per 100 million
+    pixels, written row by row without ever holding the pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    rows_per_piece = max(1, (1 << 20) // len(row))
+    pieces = []
+    for start in range(0, height, rows_per_piece):
+        pieces.append(compressor.compress(row * min(rows_per_piece, height - start)))
+    pieces.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(pieces)) + chunk(b"IEND", b"")
 
 
 def targets_request(
@@ -145,11 +166,18 @@ class ServerProcess:
 
     def rss_bytes(self) -> int:
         """Resident set size of the server process (Linux /proc)."""
+        return self._status_bytes("VmRSS:")
+
+    def peak_rss_bytes(self) -> int:
+        """Highest resident set size the server process has had so far (``VmHWM``, Linux /proc)."""
+        return self._status_bytes("VmHWM:")
+
+    def _status_bytes(self, field: str) -> int:
         if self.process is None:
             return 0
         with open(f"/proc/{self.process.pid}/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
         return 0
 
