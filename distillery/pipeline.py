@@ -67,6 +67,7 @@ def _student_dir(students: Path, losses: str, seed: int) -> Path:
 
 def run_quickstart(preset: Preset, home: Path) -> int:
     from distillery.report import Row, format_table, table_caption
+    from label_store.schema import LOSS_TARGET_GROUPS, loss_target_groups
 
     paths = default_paths(preset, home)
     data, teacher_dir, store, students = paths["data"], paths["teacher_dir"], paths["store"], paths["students"]
@@ -97,7 +98,7 @@ def run_quickstart(preset: Preset, home: Path) -> int:
             "precompute",
             _distill("precompute", "--annotations", str(train_ann), "--images", str(train_img),
                      "--teacher", str(teacher_dir / "final.pt"), "--store", str(store),
-                     "--scales", ",".join(str(s) for s in preset.scales), "--targets", "cls,box,fpn,backbone"),
+                     "--scales", ",".join(str(s) for s in preset.scales), "--targets", ",".join(loss_target_groups(LOSS_TARGET_GROUPS))),
             None,
         ),
     ]

@@ -29,6 +29,9 @@ from student_trainer.losses.recipes import (
     OPTIMISED_KEYS,
     PointAssignment,
     bcd_recipe,
+    build_fgd_modules,
+    build_hgd_module,
+    build_imitation,
     fgd_recipe,
     hgd_recipe,
     ld_im_recipe,
@@ -41,36 +44,15 @@ class TargetShapeError(ValueError):
     """Teacher targets whose shapes do not fit the student's outputs."""
 
 
-def needed_target_groups(losses: LossConfig, available: Collection[str] | None = None) -> tuple[str, ...]:
-    """Target groups the enabled terms read, in store order.
-
-    LD reads ``cls`` and ``box`` (edge distributions); BCD reads ``cls`` and the teacher's
-    decoded boxes: ``box`` or, when ``available`` (the groups a store holds) has no ``box``,
-    ``edges``. FGD and ld_im read ``fpn``; HGD ``fpn`` and/or ``backbone`` by its stages.
-    """
-    groups = set()
-    if losses.uses("ld_main", "ld_vlr", "ld_kd"):
-        groups |= {"cls", "box"}
-    if losses.uses("bcd"):
-        groups.add("cls")
-        groups.add("edges" if available is not None and "box" not in available and "edges" in available else "box")
-    if losses.uses("ld_im", "fgd"):
-        groups.add("fpn")
-    if losses.uses("hgd"):
-        for stage in losses.hgd.stages:
-            groups.add("backbone" if stage in BACKBONE_STAGES else "fpn")
-    return tuple(g for g in ("cls", "box", "edges", "fpn", "backbone") if g in groups)
-
-
 def needed_target_names(losses: LossConfig, strides: Sequence[int], available: Collection[str] | None = None) -> list[str]:
-    """Label-store names of the groups the enabled terms read (`needed_target_groups`), every
+    """Label-store names of the groups the enabled terms read (`LossConfig.groups_read`), every
     level or stage of each, in store order; `DenseOutputs.from_targets` decodes them.
 
     ``available``: the groups the store holds (BCD reads ``edges`` when it has no ``box``).
     """
     levels = [level_name(s) for s in strides]
     names: list[str] = []
-    for group in needed_target_groups(losses, available):
+    for group in losses.groups_read(available):
         names += [f"{group}/{part}" for part in (BACKBONE_STAGES if group == "backbone" else levels)]
     return names
 
@@ -207,18 +189,18 @@ class DistillationModel(nn.Module):
             self.class_mask = torch.tensor([bool(v) for v in class_mask], dtype=torch.bool)
         self.losses = losses
         self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
-        self.groups = needed_target_groups(losses, {name.split("/", 1)[0] for name in teacher_channels})
+        self.groups = losses.groups_read({name.split("/", 1)[0] for name in teacher_channels})
         self.levels = [level_name(s) for s in student.strides]
         self.fgd = None
         self.hgd = None
         self.ld_im = None
         if losses.uses("ld_im"):
-            self.ld_im = losses.ld.build_imitation(
-                student.config.fpn_channels, self._teacher_fpn_width(teacher_channels), len(self.levels)
+            self.ld_im = build_imitation(
+                losses.ld, student.config.fpn_channels, self._teacher_fpn_width(teacher_channels), len(self.levels)
             )
         if losses.uses("fgd"):
-            self.fgd = losses.fgd.build_modules(
-                student.config.fpn_channels, self._teacher_fpn_width(teacher_channels), len(self.levels)
+            self.fgd = build_fgd_modules(
+                losses.fgd, student.config.fpn_channels, self._teacher_fpn_width(teacher_channels), len(self.levels)
             )
         if losses.uses("hgd"):
             student_channels = {lv: student.config.fpn_channels for lv in self.levels}
@@ -229,7 +211,7 @@ class DistillationModel(nn.Module):
                 key = f"backbone/{stage}" if stage in BACKBONE_STAGES else f"fpn/{stage}"
                 if key in teacher_channels:
                     teacher[stage] = int(teacher_channels[key])
-            self.hgd = losses.hgd.build_module(student_channels, teacher)
+            self.hgd = build_hgd_module(losses.hgd, student_channels, teacher)
 
     def _teacher_fpn_width(self, teacher_channels: Mapping[str, int]) -> int:
         missing = [f"fpn/{lv}" for lv in self.levels if f"fpn/{lv}" not in teacher_channels]
