@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Mapping
 
-from detcore.train import OPTIMIZER_DEFAULTS, OPTIMIZERS
+from detcore.optim import OPTIMIZER_DEFAULTS, OPTIMIZERS
 from label_store.schema import LOSS_TARGET_GROUPS, loss_target_groups
 
 LOSS_TERMS = tuple(LOSS_TARGET_GROUPS)
