@@ -26,17 +26,8 @@ from torch import Tensor, nn
 from detcore.outputs import BACKBONE_STAGES, DenseOutputs, feature_hw, level_anchors, level_name
 from student_trainer.config import LossConfig
 from student_trainer.losses.recipes import (
-    OPTIMISED_KEYS,
-    PointAssignment,
-    bcd_recipe,
-    build_fgd_modules,
-    build_hgd_module,
-    build_imitation,
-    fgd_recipe,
-    hgd_recipe,
-    ld_im_recipe,
-    ld_recipe,
-    view_regions,
+    OPTIMISED_KEYS, PointAssignment, bcd_recipe, build_fgd_modules, build_hgd_module, build_imitation, fgd_recipe, hgd_recipe,
+    ld_im_recipe, ld_recipe, view_regions,
 )
 
 
