@@ -119,6 +119,8 @@ def main(argv=None) -> int:
         LDConfig,
         assign_points,
         bcd_recipe,
+        build_fgd_modules,
+        build_hgd_module,
         fgd_masks,
         fgd_recipe,
         hgd_recipe,
@@ -128,8 +130,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     data = build_inputs(torch, device)
-    fgd_modules = FGDConfig.for_family("gfl").build_modules(64, 128, len(data["strides"])).to(device)
-    hgd_module = HGDConfig().build_module(data["stage_channels_s"], data["stage_channels_t"]).to(device)
+    fgd_modules = build_fgd_modules(FGDConfig.for_family("gfl"), 64, 128, len(data["strides"])).to(device)
+    hgd_module = build_hgd_module(HGDConfig(), data["stage_channels_s"], data["stage_channels_t"]).to(device)
     assignment = assign_points(data["gt_boxes"], data["strides"], data["shapes"], topk=9, vlr_alpha=0.25, device=device)
 
     def student_leaves():

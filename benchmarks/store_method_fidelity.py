@@ -148,7 +148,7 @@ def main() -> int:
     from label_store import default_target_specs
     from label_store.codecs import profile_codec
     from label_store.schema import DEFAULT_CODECS
-    from student_trainer.losses import FGDConfig
+    from student_trainer.losses import FGDConfig, build_fgd_modules
 
     canvas = (args.canvas, args.canvas)
     batch, teacher, teacher_out, student_out, forward_cpu = load_views(
@@ -159,7 +159,7 @@ def main() -> int:
     views = [{spec.name: np.ascontiguousarray(arrays[spec.name][i]) for spec in specs} for i in range(len(batch["views"]))]
     fp32_bytes = {g: sum(spec.fp32_nbytes for spec in specs if spec.group == g) for g in GROUPS}
     points = sum(spec.shape[1] * spec.shape[2] for spec in specs if spec.group == "cls")
-    fgd_modules = FGDConfig().build_modules(student_out.fpn_features[0].shape[1], teacher_out.fpn_features[0].shape[1], len(strides))
+    fgd_modules = build_fgd_modules(FGDConfig(), student_out.fpn_features[0].shape[1], teacher_out.fpn_features[0].shape[1], len(strides))
     fgd_modules.eval()
 
     def losses_of(decoded_views):

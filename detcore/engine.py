@@ -9,7 +9,9 @@ owns the step count, the training time and Ctrl-C / SIGTERM (`detcore.interrupt.
 the current step ends, the hooks write resumable state, the caller raises `Interrupted`).
 
 Also here, for both loops: `write_json_atomic` and the resume check (`config_identity`,
-`config_difference`, `load_resume_state`).
+`config_difference`, `load_resume_state`); the optimizer, schedule and step they share are
+`detcore.optim`. Each loop is a short function over a run object whose methods are its setup,
+resume, ``run_step`` and hooks (`detcore.train._DetectorRun`, `student_trainer.train._StudentRun`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ step, writes ``last.pt`` and raises `detcore.interrupt.Interrupted` (exit 130 / 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -25,17 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from detcore.engine import (
-    CallbackHook, CheckpointHook, ProgressBarHook, Trainer, config_difference, config_identity, load_resume_state,
+    CallbackHook, CheckpointHook, HookBase, ProgressBarHook, Trainer, config_difference, config_identity, load_resume_state,
     write_json_atomic,
 )
+from detcore.optim import (
+    OPTIMIZER_DEFAULTS, OPTIMIZERS, LossWindow, Optimization, autocast_context, build_optimizer, count_steps,
+    learning_rate_factor, optimizer_step, progress_postfix,
+)
 
-OPTIMIZERS = ("adamw", "sgd")
-OPTIMIZER_DEFAULTS = {
-    "adamw": {"schedule": "cosine", "lr": 2e-3, "weight_decay": 0.05},
-    "sgd": {"schedule": "step", "lr": 0.01, "weight_decay": 1e-4},
-}
-"""Per optimizer: its learning-rate schedule (warm-up, then cosine or mmdetection's 1x step
-decay) and the peak learning rate and weight decay used when none is given."""
 # Fields that may change between a run and its resumption (they do not change the result).
 _RESUME_FREE_FIELDS = frozenset(
     {"out_dir", "num_workers", "eval_every", "checkpoint_every", "log_every", "val_annotations", "val_images", "device",
@@ -171,27 +167,6 @@ class TrainConfig:
         return cls(**values)
 
 
-def learning_rate_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate at ``step`` (0-based) of ``total``.
-
-    Linear warm-up from 0.001 over ``warmup`` steps, then ``cosine`` (AdamW: to 0.01 at the
-    end) or ``step`` (SGD: x0.1 after 8/12 and again after 11/12 of the run).
-    """
-    if warmup > 0 and step < warmup:
-        return 0.001 + (1.0 - 0.001) * step / warmup
-    if schedule == "cosine":
-        span = max(1, total - warmup)
-        progress = min(1.0, (step - warmup) / span)
-        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "step":
-        factor = 1.0
-        for milestone in (8 / 12, 11 / 12):
-            if step >= int(round(milestone * total)):
-                factor *= 0.1
-        return factor
-    raise ValueError(f"learning_rate_factor(schedule=) expects 'cosine' or 'step'. Got {schedule!r}.")
-
-
 def resolve_device(name: str):
     import torch
 
@@ -203,65 +178,9 @@ def resolve_device(name: str):
     return device
 
 
-def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim > 1 else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model, name: str, lr: float, weight_decay: float):
-    """AdamW (betas 0.9, 0.999) or SGD (momentum 0.9) over ``model``'s trainable parameters.
-
-    Weight decay applies to weights (2-D and up) only, never to biases and norm parameters.
-    """
-    import torch
-
-    groups = _param_groups(model, weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    raise ValueError(f"build_optimizer(name=) expects one of {OPTIMIZERS}. Got {name!r}.")
-
-
 def _config_identity(config: TrainConfig) -> dict[str, Any]:
     """The fields that define the result, paths resolved (compared on resume)."""
     return config_identity(config.to_dict(), resume_free=_RESUME_FREE_FIELDS, paths=("annotations", "images", "backbone_weights"))
-
-
-def autocast_context(device, enabled: bool):
-    """Training autocast for ``device``: bf16 (fp16 where unsupported) on CUDA when ``enabled``,
-    else a no-op; and whether fp16 needs a gradient scaler."""
-    import contextlib
-
-    import torch
-
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext(), False
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype), dtype == torch.float16
-
-
-def optimizer_step(loss, optimizer, scaler, parameters, clip_norm: float | None) -> bool:
-    """One step on ``loss``: backward through the AMP ``scaler``, gradients clipped to ``clip_norm``.
-
-    The gradients are cleared first. A loss that is not finite takes no step (and leaves the
-    weights as they were): returns False, so the caller can count it.
-    """
-    import torch
-
-    optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        return False
-    scaler.scale(loss).backward()
-    if clip_norm is not None:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    return True
 
 
 def evaluate_model(
@@ -371,6 +290,187 @@ def evaluate_detector(
     )
 
 
+class _DetectorRun:
+    """One `train_detector` run: its data, model and optimisation, the step and the hooks of its `Trainer`."""
+
+    def __init__(self, config: TrainConfig, progress: bool) -> None:
+        import torch
+
+        from detcore.coco import CocoDataset
+        from detcore.datasets import CanvasBatchSampler
+        from detcore.views import plan_views
+
+        self.config, self.progress = config, progress
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.out_dir = Path(config.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.last_path = self.out_dir / "last.pt"
+        self.device = resolve_device(config.device)
+        self.dataset = CocoDataset(config.annotations, config.images)
+        self.views = plan_views(
+            [(i, self.dataset.record(i).height, self.dataset.record(i).width) for i in self.dataset.image_ids],
+            canvas_hw=tuple(config.canvas), scales=config.scales, flip=config.flip,
+        )
+        if not self.dataset.image_ids:
+            raise ValueError(f"train_detector(annotations=) expects at least one image. Got none in {config.annotations}.")
+        # Batches of one canvas each, the same count every epoch (mmdetection's aspect-ratio grouping).
+        self.sampler = CanvasBatchSampler(self.views, config.batch_size, seed=config.seed)
+        self.iters_per_epoch = self.sampler.num_batches
+        self.total_steps = count_steps(config.iters, config.epochs or 12, self.iters_per_epoch)
+        self.model = self._build_model()
+        self.optim = Optimization(
+            self.model, device=self.device, name=config.optimizer, peak_lr=config.peak_lr, weight_decay=config.decay,
+            amp=config.amp, total_steps=self.total_steps, warmup_iters=config.warmup_iters, grad_clip=config.grad_clip_norm,
+        )
+        self.val_dataset = CocoDataset(config.val_annotations, config.val_images) if config.val_annotations else None
+        self.window, self.history, self.failures, self.periodic_evals = LossWindow(), [], {}, []
+        self.start_step, self.train_seconds, self.images_seen = 0, 0.0, 0
+        self.identity = _config_identity(config)
+        self._resume()
+        self.trainer: Trainer | None = None
+        self.bar = ProgressBarHook(f"train {config.arch}", enabled=progress, postfix=self.postfix)
+
+    def _build_model(self):
+        import torch
+
+        from detcore.models.gfl import build_detector
+
+        config = self.config
+        torch.manual_seed(config.seed)
+        model = build_detector(
+            config.arch, self.dataset.num_classes, fpn_channels=config.fpn_channels, head_channels=config.head_channels,
+            num_convs=config.num_convs, backbone_weights=config.backbone_weights,
+        ).to(self.device)
+        return model.to(memory_format=torch.channels_last) if config.channels_last else model
+
+    def _resume(self) -> None:
+        state = load_resume_state(self.last_path, self.identity, caller="train_detector", error=TrainConfigMismatchError)
+        if state is None:
+            return
+        training = state.get("training") or {}
+        self.model.load_state_dict(state["model_state"])
+        self.optim.load_state_dict(training)
+        self.start_step = int(training["step"])
+        self.history = list(training.get("history", []))
+        self.failures = {int(k): v for k, v in training.get("failures", {}).items()}
+        self.train_seconds = float(training.get("train_seconds", 0.0))
+        self.images_seen = int(training.get("images_seen", 0))
+        print(f"Resuming {self.config.arch} from {self.last_path} at step {self.start_step}/{self.total_steps}.", file=sys.stderr)
+
+    def loader(self):
+        from torch.utils.data import DataLoader
+
+        from detcore.datasets import ViewDataset, collate_views
+        from detcore.interrupt import ignore_stop_signals
+
+        workers = self.config.num_workers
+        return DataLoader(
+            ViewDataset(self.dataset, self.views), batch_sampler=self.sampler, num_workers=workers, collate_fn=collate_views,
+            pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals if workers > 0 else None,
+        )
+
+    def hooks(self) -> list[HookBase]:
+        return [self.bar, CallbackHook(after_step=self.log), CallbackHook(after_step=self.periodic_eval),
+                CheckpointHook(self.save_last, self.config.checkpoint_every)]
+
+    def save_last(self) -> None:
+        from detcore.checkpoint import save_checkpoint
+
+        trainer = self.trainer
+        training_state = {
+            "step": trainer.step,
+            **self.optim.state_dict(),
+            "config_identity": self.identity,
+            "train_config": self.config.to_dict(),
+            "history": self.history,
+            "failures": {str(k): v for k, v in self.failures.items()},
+            "train_seconds": trainer.train_seconds,
+            "images_seen": self.images_seen,
+        }
+        save_checkpoint(self.last_path, self.model, classes=self.dataset.classes, canvas_hw=self.config.canvas, training=training_state)
+
+    def run_step(self, batch: dict[str, Any]) -> None:
+        import torch
+
+        for failure in batch["failures"]:
+            if failure.image_id not in self.failures:
+                self.failures[failure.image_id] = {"path": failure.path, "reason": failure.reason}
+                self.bar.write(f"skipping image_id={failure.image_id}: {failure.reason}")
+        if batch["images"] is None:
+            return
+        self.optim.set_lr(self.trainer.step)
+        images = batch["images"].to(self.device, non_blocking=True)
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self.optim.autocast:
+            outputs = self.model(images)
+        gt_boxes = [b.to(self.device) for b in batch["gt_boxes"]]
+        gt_labels = [lb.to(self.device) for lb in batch["gt_labels"]]
+        losses = self.model.loss(outputs, gt_boxes, gt_labels)
+        loss = sum(losses.values())
+        if self.optim.step(loss, self.model.parameters()):
+            self.window.add(losses, loss)
+        self.images_seen += images.shape[0]
+
+    def log(self, trainer: Trainer) -> None:
+        if trainer.step % self.config.log_every == 0 or trainer.step == self.total_steps:
+            if self.window:
+                self.history.append({"step": trainer.step, **self.window.means()})
+            self.window.clear()
+
+    def periodic_eval(self, trainer: Trainer) -> None:
+        config, step = self.config, trainer.step
+        if self.val_dataset is not None and config.eval_every and step % config.eval_every == 0 and step < self.total_steps:
+            result = evaluate_model(self.model, self.val_dataset, config.canvas, batch_size=config.batch_size, device=self.device)
+            self.periodic_evals.append({"step": step, **result})
+            self.bar.write(f"step {step}: AP {result.get('AP', float('nan')):.4f}")
+            trainer.reset_timer()
+
+    def postfix(self) -> dict[str, str] | None:
+        return progress_postfix(self.window, self.images_seen, self.trainer.train_seconds)
+
+    def summary(self, stopped: bool) -> dict[str, Any]:
+        trainer, model = self.trainer, self.model
+        return {
+            "finished": not stopped,
+            "arch": self.config.arch,
+            "step": trainer.step,
+            "total_steps": self.total_steps,
+            "iters_per_epoch": self.iters_per_epoch,
+            "epochs": trainer.step / self.iters_per_epoch,
+            "train_seconds": round(trainer.train_seconds, 3),
+            "images_per_second": round(self.images_seen / trainer.train_seconds, 3) if trainer.train_seconds > 0 else None,
+            "num_parameters": int(sum(p.numel() for p in model.parameters())),
+            "history": self.history,
+            "periodic_evals": self.periodic_evals,
+            "failed_images": [{"image_id": k, **v} for k, v in sorted(self.failures.items())],
+            "nonfinite_steps": self.optim.nonfinite_steps,
+            "device": str(self.device),
+            "config": self.config.to_dict(),
+            "detector_config": model.config.to_dict(),
+            "classes": list(self.dataset.classes),
+            "canvas_hw": list(self.config.canvas),
+            "val": None,
+        }
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Final evaluation, ``final.pt`` and ``metrics.json`` of a run that reached its last step."""
+        from detcore.checkpoint import save_checkpoint
+
+        config = self.config
+        if self.val_dataset is not None:
+            summary["val"] = evaluate_model(
+                self.model, self.val_dataset, config.canvas, batch_size=config.batch_size, device=self.device, progress=self.progress
+            )
+        metadata = {k: summary[k] for k in ("step", "train_seconds", "images_per_second", "val") if summary[k] is not None}
+        save_checkpoint(self.out_dir / "final.pt", self.model, classes=self.dataset.classes, canvas_hw=config.canvas, metadata=metadata)
+        write_json_atomic(self.out_dir / "metrics.json", summary)
+        if self.failures:
+            ids = ", ".join(str(k) for k in sorted(self.failures))
+            print(f"{len(self.failures)} image(s) could not be decoded and were skipped: image_id {ids}", file=sys.stderr)
+
+
 def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a detector; returns the content of ``metrics.json``.
 
@@ -381,193 +481,19 @@ def train_detector(config: TrainConfig, *, stop_after_steps: int | None = None, 
             jobs); the result then has ``"finished": False``.
         progress: show a tqdm progress bar with the loss and images/s.
     """
-    import numpy as np
-    import torch
-    from torch.utils.data import DataLoader
-
-    from detcore.checkpoint import save_checkpoint
-    from detcore.coco import CocoDataset
-    from detcore.datasets import CanvasBatchSampler, ViewDataset, collate_views
-    from detcore.interrupt import ignore_stop_signals
-    from detcore.models.gfl import build_detector
-    from detcore.views import plan_views
-
     config.validate()
-    if config.num_threads is not None:
-        torch.set_num_threads(config.num_threads)
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    last_path, final_path = out_dir / "last.pt", out_dir / "final.pt"
-    device = resolve_device(config.device)
-
-    dataset = CocoDataset(config.annotations, config.images)
-    views = plan_views(
-        [(i, dataset.record(i).height, dataset.record(i).width) for i in dataset.image_ids],
-        canvas_hw=tuple(config.canvas),
-        scales=config.scales,
-        flip=config.flip,
+    run = _DetectorRun(config, progress)
+    run.trainer = trainer = Trainer(
+        run.run_step, run.loader(), run.sampler, run.total_steps, run.hooks(), start_step=run.start_step,
+        train_seconds=run.train_seconds, stop_after_steps=stop_after_steps,
     )
-    num_images = len(dataset.image_ids)
-    if num_images == 0:
-        raise ValueError(f"train_detector(annotations=) expects at least one image. Got none in {config.annotations}.")
-    # Batches of one canvas each, the same count every epoch (mmdetection's aspect-ratio grouping).
-    sampler = CanvasBatchSampler(views, config.batch_size, seed=config.seed)
-    iters_per_epoch = sampler.num_batches
-    total_steps = int(config.iters) if config.iters is not None else int(config.epochs or 12) * iters_per_epoch
-    warmup = int(config.warmup_iters) if config.warmup_iters is not None else min(500, total_steps // 10)
-    schedule = OPTIMIZER_DEFAULTS[config.optimizer]["schedule"]
-
-    torch.manual_seed(config.seed)
-    model = build_detector(
-        config.arch,
-        dataset.num_classes,
-        fpn_channels=config.fpn_channels,
-        head_channels=config.head_channels,
-        num_convs=config.num_convs,
-        backbone_weights=config.backbone_weights,
-    ).to(device)
-    use_channels_last = config.channels_last
-    if use_channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config.optimizer, config.peak_lr, config.decay)
-    autocast, use_scaler = autocast_context(device, config.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-
-    step, history, failures, nonfinite_steps, train_seconds, images_seen = 0, [], {}, 0, 0.0, 0
-    identity = _config_identity(config)
-    state = load_resume_state(last_path, identity, caller="train_detector", error=TrainConfigMismatchError)
-    if state is not None:
-        training = state.get("training") or {}
-        model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(training["optimizer"])
-        if training.get("scaler"):
-            scaler.load_state_dict(training["scaler"])
-        torch.set_rng_state(training["torch_rng"])
-        step = int(training["step"])
-        history = list(training.get("history", []))
-        failures = {int(k): v for k, v in training.get("failures", {}).items()}
-        nonfinite_steps = int(training.get("nonfinite_steps", 0))
-        train_seconds = float(training.get("train_seconds", 0.0))
-        images_seen = int(training.get("images_seen", 0))
-        print(f"Resuming {config.arch} from {last_path} at step {step}/{total_steps}.", file=sys.stderr)
-
-    def save_last() -> None:
-        training_state = {
-            "step": trainer.step,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if use_scaler else None,
-            "torch_rng": torch.get_rng_state(),
-            "config_identity": identity,
-            "train_config": config.to_dict(),
-            "history": history,
-            "failures": {str(k): v for k, v in failures.items()},
-            "nonfinite_steps": nonfinite_steps,
-            "train_seconds": trainer.train_seconds,
-            "images_seen": images_seen,
-        }
-        save_checkpoint(last_path, model, classes=dataset.classes, canvas_hw=config.canvas, training=training_state)
-
-    val_dataset = CocoDataset(config.val_annotations, config.val_images) if config.val_annotations else None
-    loader = DataLoader(
-        ViewDataset(dataset, views),
-        batch_sampler=sampler,
-        num_workers=config.num_workers,
-        collate_fn=collate_views,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=ignore_stop_signals if config.num_workers > 0 else None,
-    )
-    window: dict[str, list[float]] = {}
-    periodic_evals: list[dict[str, Any]] = []
-
-    def run_step(batch: dict[str, Any]) -> None:
-        nonlocal nonfinite_steps, images_seen
-        for failure in batch["failures"]:
-            if failure.image_id not in failures:
-                failures[failure.image_id] = {"path": failure.path, "reason": failure.reason}
-                bar.write(f"skipping image_id={failure.image_id}: {failure.reason}")
-        if batch["images"] is None:
-            return
-        lr = config.peak_lr * learning_rate_factor(trainer.step, total_steps, warmup, schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images = batch["images"].to(device, non_blocking=True)
-        if use_channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            outputs = model(images)
-        gt_boxes = [b.to(device) for b in batch["gt_boxes"]]
-        gt_labels = [lb.to(device) for lb in batch["gt_labels"]]
-        losses = model.loss(outputs, gt_boxes, gt_labels)
-        loss = sum(losses.values())
-        if optimizer_step(loss, optimizer, scaler, model.parameters(), config.grad_clip_norm):
-            for name, value in losses.items():
-                window.setdefault(name, []).append(float(value.detach()))
-            window.setdefault("loss", []).append(float(loss.detach()))
-        else:
-            nonfinite_steps += 1
-        images_seen += images.shape[0]
-
-    def log(trainer: Trainer) -> None:
-        if trainer.step % config.log_every == 0 or trainer.step == total_steps:
-            if window:
-                history.append({"step": trainer.step, **{k: float(np.mean(v)) for k, v in window.items()}})
-            window.clear()
-
-    def periodic_eval(trainer: Trainer) -> None:
-        step = trainer.step
-        if val_dataset is not None and config.eval_every and step % config.eval_every == 0 and step < total_steps:
-            result = evaluate_model(model, val_dataset, config.canvas, batch_size=config.batch_size, device=device)
-            periodic_evals.append({"step": step, **result})
-            bar.write(f"step {step}: AP {result.get('AP', float('nan')):.4f}")
-            trainer.reset_timer()
-
-    def postfix() -> dict[str, str] | None:
-        if not window.get("loss"):
-            return None
-        return {"loss": f"{window['loss'][-1]:.3f}", "img_s": f"{images_seen / max(trainer.train_seconds, 1e-9):.1f}"}
-
-    bar = ProgressBarHook(f"train {config.arch}", enabled=progress, postfix=postfix)
-    hooks = [bar, CallbackHook(after_step=log), CallbackHook(after_step=periodic_eval), CheckpointHook(save_last, config.checkpoint_every)]
-    trainer = Trainer(run_step, loader, sampler, total_steps, hooks, start_step=step, train_seconds=train_seconds,
-                      stop_after_steps=stop_after_steps)
-    model.train()
+    run.model.train()
     stopped = not trainer.train()
-    step, train_seconds, stop = trainer.step, trainer.train_seconds, trainer.stop
-
-    summary: dict[str, Any] = {
-        "finished": not stopped,
-        "arch": config.arch,
-        "step": step,
-        "total_steps": total_steps,
-        "iters_per_epoch": iters_per_epoch,
-        "epochs": step / iters_per_epoch,
-        "train_seconds": round(train_seconds, 3),
-        "images_per_second": round(images_seen / train_seconds, 3) if train_seconds > 0 else None,
-        "num_parameters": int(sum(p.numel() for p in model.parameters())),
-        "history": history,
-        "periodic_evals": periodic_evals,
-        "failed_images": [{"image_id": k, **v} for k, v in sorted(failures.items())],
-        "nonfinite_steps": nonfinite_steps,
-        "device": str(device),
-        "config": config.to_dict(),
-        "detector_config": model.config.to_dict(),
-        "classes": list(dataset.classes),
-        "canvas_hw": list(config.canvas),
-        "val": None,
-    }
+    summary = run.summary(stopped)
     if stopped:
-        stop.raise_if_requested(f"{last_path} holds step {step}/{total_steps}; re-run the same command to resume")
+        trainer.stop.raise_if_requested(f"{run.last_path} holds step {trainer.step}/{run.total_steps}; re-run the same command to resume")
         return summary
-    if val_dataset is not None:
-        summary["val"] = evaluate_model(
-            model, val_dataset, config.canvas, batch_size=config.batch_size, device=device, progress=progress
-        )
-    metadata = {k: summary[k] for k in ("step", "train_seconds", "images_per_second", "val") if summary[k] is not None}
-    save_checkpoint(final_path, model, classes=dataset.classes, canvas_hw=config.canvas, metadata=metadata)
-    write_json_atomic(out_dir / "metrics.json", summary)
-    if failures:
-        ids = ", ".join(str(k) for k in sorted(failures))
-        print(f"{len(failures)} image(s) could not be decoded and were skipped: image_id {ids}", file=sys.stderr)
+    run.finish(summary)
     return summary
 
 
@@ -586,11 +512,18 @@ def parse_canvas(text: str) -> tuple[int, int]:
 
 
 __all__ = (
+    "OPTIMIZERS",
+    "OPTIMIZER_DEFAULTS",
     "TrainConfig",
     "TrainConfigMismatchError",
+    "autocast_context",
+    "build_optimizer",
+    "config_difference",
     "evaluate_detector",
     "evaluate_model",
     "learning_rate_factor",
+    "optimizer_step",
     "parse_canvas",
+    "resolve_device",
     "train_detector",
 )

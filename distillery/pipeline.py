@@ -171,6 +171,7 @@ def run_quickstart(preset: Preset, home: Path, jobs: int = 1) -> int:
     """Run (or resume) the preset's pipeline under ``home``; ``jobs`` students at a time, each
     on ``cpu_count // jobs`` torch threads with its output in ``<student dir>.log`` when ``jobs > 1``."""
     from distillery.report import Row, format_table, table_caption
+    from label_store.schema import LOSS_TARGET_GROUPS, loss_target_groups
 
     paths = default_paths(preset, home)
     data, teacher_dir, store, students = paths["data"], paths["teacher_dir"], paths["store"], paths["students"]
@@ -201,7 +202,7 @@ def run_quickstart(preset: Preset, home: Path, jobs: int = 1) -> int:
             "precompute",
             _distill("precompute", "--annotations", str(train_ann), "--images", str(train_img),
                      "--teacher", str(teacher_dir / "final.pt"), "--store", str(store),
-                     "--scales", ",".join(str(s) for s in preset.scales), "--targets", "cls,box,fpn,backbone"),
+                     "--scales", ",".join(str(s) for s in preset.scales), "--targets", ",".join(loss_target_groups(LOSS_TARGET_GROUPS))),
             None,
         ),
     ]

@@ -24,6 +24,8 @@ _EXPORTS = {
     "SCHEMA_VERSION": "label_store.schema",
     "DEFAULT_CODECS": "label_store.schema",
     "TARGET_GROUPS": "label_store.schema",
+    "LOSS_TARGET_GROUPS": "label_store.schema",
+    "loss_target_groups": "label_store.schema",
     "TeacherFingerprint": "label_store.schema",
     "TargetSpec": "label_store.schema",
     "StoreRegion": "label_store.schema",

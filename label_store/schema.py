@@ -41,6 +41,66 @@ each has a reference loss in `label_store.fidelity`."""
 BACKBONE_STRIDES = {"c3": 8, "c4": 16, "c5": 32}
 """Stride of each backbone stage (matches detcore.outputs, which label_store must not import)."""
 
+LOSS_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "ld_main": ("cls", "box"),
+    "ld_vlr": ("cls", "box"),
+    "ld_kd": ("cls", "box"),
+    "ld_im": ("fpn",),
+    "bcd": ("cls", "box"),
+    "fgd": ("fpn",),
+    "hgd": ("fpn", "backbone"),
+}
+"""Distillation term -> the target groups it reads, the one table (the trainer asks a source for
+these; precompute and the endpoint store them by default). Keys are every term a run can enable,
+in the order runs list them. `loss_target_groups` applies the two refinements."""
+
+LOSS_TARGET_SUBSTITUTES: dict[str, dict[str, str]] = {"bcd": {"box": "edges"}}
+"""Per term, a group it reads in place of another when a store holds only the substitute: BCD
+needs only the teacher's decoded boxes, so expected edge distances replace edge distributions."""
+
+
+def loss_target_groups(
+    terms: Sequence[str],
+    *,
+    available: Sequence[str] | None = None,
+    region_groups: Sequence[str] = (),
+    hgd_stages: Sequence[str] | None = None,
+) -> tuple[str, ...]:
+    """Target groups that ``terms`` read (`LOSS_TARGET_GROUPS`), in `TARGET_GROUPS` order.
+
+    Args:
+        terms: distillation terms (keys of `LOSS_TARGET_GROUPS`).
+        available: groups a store holds; a term reads a substitute group
+            (`LOSS_TARGET_SUBSTITUTES`) when the store has it at every point but not the group
+            it replaces.
+        region_groups: groups the store holds only in its region (`StoreRegion.groups`): for a
+            substitute they count as not held.
+        hgd_stages: the stages HGD distills; it then reads ``backbone`` for c3..c5 and ``fpn``
+            for p3..p7 only as they occur (None: both).
+    """
+    groups: set[str] = set()
+    for term in terms:
+        if term not in LOSS_TARGET_GROUPS:
+            raise ValueError(f"loss_target_groups(terms=) expects names from {list(LOSS_TARGET_GROUPS)}. Got {term!r}.")
+        read = LOSS_TARGET_GROUPS[term]
+        if term == "hgd" and hgd_stages is not None:
+            read = tuple("backbone" if stage in BACKBONE_STRIDES else "fpn" for stage in hgd_stages)
+        if available is not None:
+            dense = set(available) - set(region_groups)
+            for group, substitute in LOSS_TARGET_SUBSTITUTES.get(term, {}).items():
+                if group not in dense and substitute in dense:
+                    read = tuple(substitute if g == group else g for g in read)
+        groups.update(read)
+    return tuple(g for g in TARGET_GROUPS if g in groups)
+
+
+DEFAULT_STORED_TERMS = ("ld_main", "ld_vlr", "ld_kd", "ld_im", "bcd", "fgd")
+"""Terms whose targets precompute and the endpoint produce unless told otherwise: every term but
+HGD, whose backbone stages are the largest group and are asked for by ``--targets``."""
+
+DEFAULT_STORED_GROUPS = loss_target_groups(DEFAULT_STORED_TERMS)
+"""The groups `DEFAULT_STORED_TERMS` read: ``cls``, ``box``, ``fpn``."""
+
 # Chosen by benchmarks/store_codecs.py on a trained teacher's real outputs (gfl_r18, 64
 # channels, 13.6 AP on the synthetic benchmark, 32 val views at canvas 128; see
 # benchmarks/RESULTS.md, "Label store"): per group the smallest encoding whose
@@ -288,7 +348,7 @@ def default_target_specs(
     strides: Sequence[int],
     fpn_channels: int,
     backbone_channels: Sequence[int] | Mapping[str, int] | None = None,
-    groups: Sequence[str] = ("cls", "box", "fpn"),
+    groups: Sequence[str] = DEFAULT_STORED_GROUPS,
     codecs: Mapping[str, str] | None = None,
 ) -> list[TargetSpec]:
     """The targets of a GFL-style teacher, one per group and level, with measured default codecs.

@@ -6,8 +6,11 @@ CLI's flags and ``--set section.field=value`` pairs). The resolved configuration
 to ``<out>/run_config.json`` and into every checkpoint, so a run can be reproduced and
 resumed from its own record.
 
-Loss weights live here, in the recipe dataclasses of `student_trainer.losses.recipes`
-(defaults: the papers' released configs), never inside the losses.
+Loss weights live here, in the recipe dataclasses `LDConfig`, `BCDConfig`, `FGDConfig` and
+`HGDConfig` (defaults: the papers' released configs), never inside the losses; the recipes of
+`student_trainer.losses.recipes` take them as arguments. Which teacher target groups each term
+reads is the table `LOSS_TARGET_GROUPS`. This module imports no torch: a config is built,
+checked and written without loading the training stack.
 
 Example file (every key optional except the data paths)::
 
@@ -26,11 +29,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
-from detcore.train import OPTIMIZER_DEFAULTS, OPTIMIZERS
+from detcore.optim import OPTIMIZER_DEFAULTS, OPTIMIZERS
+from label_store.schema import LOSS_TARGET_GROUPS, loss_target_groups
 
-LOSS_TERMS = ("ld_main", "ld_vlr", "ld_kd", "ld_im", "bcd", "fgd", "hgd")
+LOSS_TERMS = tuple(LOSS_TARGET_GROUPS)
 """Every distillation term a run can enable, by name. ``ld_im`` is the feature imitation that
 LD's released training configs add to LD (FPN features, fine-grained region, weight 2); the
 paper's LD is main + VLR + KD."""
@@ -76,29 +80,113 @@ def parse_losses(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(t for t in LOSS_TERMS if t in chosen)
 
 
-def _ld_default():
-    from student_trainer.losses.recipes import LDConfig
+FGD_DEFAULTS: dict[str, dict[str, float]] = {
+    "retinanet": dict(temperature=0.5, alpha=1e-3, beta=5e-4, gamma=5e-4, lambda_=5e-6),
+    "gfl": dict(temperature=0.5, alpha=1e-3, beta=5e-4, gamma=5e-4, lambda_=5e-6),
+    "fcos": dict(temperature=0.8, alpha=1.6e-3, beta=8e-4, gamma=8e-4, lambda_=8e-6),
+}
+"""Loss hyper-parameters of the released FGD configs, by detector family."""
 
-    return LDConfig()
-
-
-def _bcd_default():
-    from student_trainer.losses.recipes import BCDConfig
-
-    return BCDConfig()
-
-
-def _fgd_default():
-    from student_trainer.losses.recipes import FGDConfig
-
-    return FGDConfig()
+DEFAULT_HGD_STAGES = ("c3", "c4", "c5", "p3", "p4", "p5", "p6", "p7")
+"""Stages HGD distills by default: backbone c3..c5 and FPN p3..p7."""
 
 
-def _hgd_default():
-    from student_trainer.losses.recipes import HGDConfig
+@dataclass(frozen=True, slots=True)
+class LDConfig:
+    """LD on GFL as released (HikariTJU/LD, ``ld_r101_r18_gflv1``-style configs)."""
 
-    return HGDConfig()
+    main_weight: float = 0.25
+    """Loss weight of LD on the ATSS positives."""
+    main_temperature: float = 10.0
+    """Temperature of the main LD."""
+    main_avg_factor: float = 4.0
+    """avg_factor of the main LD: the released code's constant (not the number of positives)."""
+    vlr_weight: float = 0.25
+    """Loss weight of LD on the valuable localization region."""
+    vlr_avg_factor: float = 16.0
+    """avg_factor of the VLR LD: the released code's constant."""
+    vlr_temperature: float = 10.0
+    """Temperature of the VLR LD."""
+    kd_weight: float = 10.0
+    """Loss weight of the classification KD at the positives."""
+    kd_temperature: float = 2.0
+    """Temperature of the classification KD."""
+    alpha: float = 0.25
+    """Lower bound of the VLR as a fraction of the ATSS threshold."""
+    topk: int = 9
+    """ATSS candidates per level per GT."""
+    vlr_diou: str = "standard"
+    """DIoU flavour of `detcore.assign.vlr_region` (``standard`` or ``released``)."""
+    avg_factor_images: int = 2
+    """Images the constant avg factors above are meant for. The released code divides each
+    level's LD sum over one GPU's batch by 4 (VLR: 16) and averages gradients over GPUs;
+    its configs train 2 images per GPU (mmdetection's LD configs; the authors' r18 config
+    3). So a batch of B images here divides by ``avg_factor * B / avg_factor_images``,
+    which keeps LD's strength per image, and relative to the detection losses (normalised
+    by the number of positives), whatever the batch size. 0 divides the whole batch by the
+    constants (at batch 16, 8x the released strength)."""
+    im_weight: float = 2.0
+    """Loss weight of the release's feature imitation (term ``ld_im``, off unless enabled):
+    ``loss_im=dict(type='IMLoss', loss_weight=2.0)`` in the authors' training configs."""
+    im_ratio: float = 0.5
+    """psi of the ``finegrained`` imitation region (`detcore.assign.imitation_region`)."""
+    im_normalize: str = "teacher_rms"
+    """Feature scaling of the imitation (`student_trainer.losses.FeatureImitation`): ``teacher_rms``
+    (a deviation from the release, as FGD's) or ``none`` (the release)."""
 
+
+@dataclass(frozen=True, slots=True)
+class BCDConfig:
+    """BCD on GFL as released (TinyTigerPan/BCKD)."""
+
+    cls_weight: float = 1.0
+    """Loss weight of `bcd_cls_loss`."""
+    iou_weight: float = 4.0
+    """Loss weight of `iou_ld_loss`."""
+    beta: float = 1.0
+    """Exponent of the modulating factor of `bcd_cls_loss`."""
+    topk: int = 9
+    """ATSS candidates per level per GT (positives give the avg_factor)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FGDConfig:
+    """FGD hyper-parameters (RetinaNet/GFL defaults; `for_family` for the others)."""
+
+    temperature: float = 0.5
+    """Temperature of the attentions."""
+    alpha: float = 1e-3
+    """Weight of the foreground feature loss."""
+    beta: float = 5e-4
+    """Weight of the background feature loss."""
+    gamma: float = 5e-4
+    """Weight of the attention (mask) loss."""
+    lambda_: float = 5e-6
+    """Weight of the global relation loss."""
+    normalize: str = "teacher_rms"
+    """``teacher_rms``: features divided by the teacher level's RMS first (this recipe's choice, a
+    deviation; `FGDLoss` itself defaults to the release); ``none``: as released."""
+
+    @classmethod
+    def for_family(cls, family: str) -> "FGDConfig":
+        """Released values of ``retinanet``, ``gfl`` or ``fcos``."""
+        if family not in FGD_DEFAULTS:
+            raise ConfigError(f"FGDConfig.for_family(family=) expects one of {sorted(FGD_DEFAULTS)}. Got {family!r}.")
+        return cls(**FGD_DEFAULTS[family])
+
+
+@dataclass(frozen=True, slots=True)
+class HGDConfig:
+    """HGD (this project's interpretation, see `student_trainer.losses.hgd`)."""
+
+    weight: float = 1.0
+    """Loss weight of the HGD total. Not from the paper (no code or numbers available)."""
+    background_weight: float = 0.5
+    """rho: mass of the whole background relative to one object (micro weights)."""
+    macro_power: float = 1.0
+    """gamma of the macro stage weights (0: equal weights)."""
+    stages: tuple[str, ...] = DEFAULT_HGD_STAGES
+    """Stages distilled: backbone c3..c5 and FPN p3..p7."""
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -209,14 +297,14 @@ class LossConfig:
 
     enabled: tuple[str, ...] = ("ld_main", "ld_vlr", "ld_kd")
     """Terms to apply, a subset of `LOSS_TERMS`; empty is the no-distillation baseline."""
-    ld: Any = field(default_factory=_ld_default)
-    """`student_trainer.losses.recipes.LDConfig`: main LD, VLR LD and KD weights and temperatures."""
-    bcd: Any = field(default_factory=_bcd_default)
-    """`student_trainer.losses.recipes.BCDConfig`."""
-    fgd: Any = field(default_factory=_fgd_default)
-    """`student_trainer.losses.recipes.FGDConfig`."""
-    hgd: Any = field(default_factory=_hgd_default)
-    """`student_trainer.losses.recipes.HGDConfig`."""
+    ld: LDConfig = field(default_factory=LDConfig)
+    """Main LD, VLR LD and KD weights and temperatures (also those of ``ld_im``)."""
+    bcd: BCDConfig = field(default_factory=BCDConfig)
+    """BCD's weights."""
+    fgd: FGDConfig = field(default_factory=FGDConfig)
+    """FGD's weights and temperature."""
+    hgd: HGDConfig = field(default_factory=HGDConfig)
+    """HGD's weight and stages."""
     detector_weight: float = 1.0
     """Multiplier of the student's own detection loss (QFL + DFL + GIoU)."""
 
@@ -224,17 +312,30 @@ class LossConfig:
         """True if any of ``terms`` is enabled."""
         return any(t in self.enabled for t in terms)
 
+    def groups_read(self, available: Collection[str] | None = None, region_groups: Collection[str] = ()) -> tuple[str, ...]:
+        """Target groups the enabled terms read (`LOSS_TARGET_GROUPS`; HGD's by its stages), in store order.
+
+        ``available``: the groups a store holds; ``region_groups``: those it holds only in its
+        region. BCD reads ``edges`` when the store has no ``box`` at every point.
+        """
+        stages = self.hgd.stages if "hgd" in self.enabled else None
+        return loss_target_groups(
+            self.enabled, available=None if available is None else tuple(available), region_groups=tuple(region_groups),
+            hgd_stages=stages,
+        )
+
+    def bcd_box_group(self, available: Collection[str] | None = None, region_groups: Collection[str] = ()) -> str:
+        """The group BCD's IoU term reads the teacher's boxes from at every point: ``box``, or
+        ``edges`` where the store holds no ``box`` at every point (`groups_read`)."""
+        read = loss_target_groups(
+            ("bcd",), available=None if available is None else tuple(available), region_groups=tuple(region_groups)
+        )
+        return "edges" if "edges" in read else "box"
+
     @property
     def target_groups(self) -> tuple[str, ...]:
-        """Target groups the enabled terms read: a subset of ``cls, box, fpn, backbone``."""
-        groups = []
-        if self.uses("ld_main", "ld_vlr", "ld_kd", "bcd"):
-            groups += ["cls", "box"]
-        if self.uses("ld_im", "fgd", "hgd"):
-            groups.append("fpn")
-        if self.uses("hgd"):
-            groups.append("backbone")
-        return tuple(groups)
+        """`groups_read` of a store that holds every group."""
+        return self.groups_read()
 
 
 @dataclass(frozen=True)
@@ -361,8 +462,8 @@ def _coerce(value: Any, annotation: Any, default: Any, where: str) -> Any:
                 return None
         non_none = [a for a in args if a is not type(None)]
         return _coerce(value, non_none[0], default, where) if len(non_none) == 1 else value
-    if annotation is Any and dataclasses.is_dataclass(default):
-        return _dataclass_from(type(default), value, where)
+    if dataclasses.is_dataclass(annotation):
+        return _dataclass_from(annotation, value, where)
     if origin is tuple:
         if isinstance(value, Mapping):  # ((key, value), ...) fields may be written as a mapping
             value = list(value.items())
@@ -409,34 +510,11 @@ def _dataclass_from(cls: type, data: Any, where: str) -> Any:
             f"Known keys{' of ' + where if where else ''}: {sorted(fields)}."
         )
     values = {}
-    hints = typing.get_type_hints(cls) if not cls.__module__.startswith("student_trainer.losses") else {}
+    hints = typing.get_type_hints(cls)
     for name, value in data.items():
-        default = getattr(defaults, name)
-        annotation = hints.get(name, fields[name].type)
         key = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
-            values[name] = _dataclass_from(type(default), value, key)
-        elif annotation is Any or not hints:
-            values[name] = _coerce_like(value, default, key)
-        else:
-            values[name] = _coerce(value, annotation, default, key)
+        values[name] = _coerce(value, hints[name], getattr(defaults, name), key)
     return dataclasses.replace(defaults, **values)
-
-
-def _coerce_like(value: Any, default: Any, where: str) -> Any:
-    """Coerce to the type of a default (for dataclasses defined outside this module)."""
-    if isinstance(default, bool):
-        return _coerce(value, bool, default, where)
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        return _coerce(value, float if isinstance(default, float) else int, default, where)
-    if isinstance(default, tuple):
-        if isinstance(value, str):
-            value = value.split(",")
-        item = type(default[0]) if default else str
-        return tuple(_coerce_like(v, item(), where) if item in (int, float, bool) else v for v in value)
-    if isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(f"TrainRunConfig({where}=) expects a string. Got {value!r}.")
-    return value
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

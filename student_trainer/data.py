@@ -71,7 +71,7 @@ def check_store_region(region: Any, losses: Any, *, store: str, point_offset: fl
                 problems.append(f"LD VLR DIoU: the run has losses.ld.vlr_diou={losses.ld.vlr_diou!r}, the store's region serves {region.vlr_diou!r}")
         if float(point_offset) != region.point_offset:
             problems.append(f"point offset: the student's points sit at {point_offset:g}, the store's region used {region.point_offset:g}")
-    # ``needed`` holds edges only when BCD reads them (`student_trainer.distill.bcd_box_group`).
+    # ``needed`` holds edges only when BCD reads them (`LossConfig.bcd_box_group`).
     if losses.uses("bcd") and ("edges" if "edges" in read else "box") in region.groups:
         problems.append(
             f"BCD reads the teacher's boxes at every point; the store holds {'/'.join(region.groups)} only in its region and no dense "

@@ -26,14 +26,8 @@ from torch import Tensor, nn
 from detcore.outputs import BACKBONE_STAGES, DenseOutputs, feature_hw, level_anchors, level_name
 from student_trainer.config import LossConfig
 from student_trainer.losses.recipes import (
-    OPTIMISED_KEYS,
-    PointAssignment,
-    bcd_recipe,
-    fgd_recipe,
-    hgd_recipe,
-    ld_im_recipe,
-    ld_recipe,
-    view_regions,
+    OPTIMISED_KEYS, PointAssignment, bcd_recipe, build_fgd_modules, build_hgd_module, build_imitation, fgd_recipe, hgd_recipe,
+    ld_im_recipe, ld_recipe, view_regions,
 )
 
 
@@ -41,52 +35,18 @@ class TargetShapeError(ValueError):
     """Teacher targets whose shapes do not fit the student's outputs."""
 
 
-def bcd_box_group(available: Collection[str] | None = None, region_groups: Collection[str] = ()) -> str:
-    """The group BCD's IoU term reads the teacher's boxes from, at every point: ``box``, or
-    ``edges`` when ``available`` (the groups a store holds) has no ``box`` at every point
-    (none, or only in the store's region, ``region_groups``) but has dense ``edges``."""
-    dense_box = available is None or ("box" in available and "box" not in region_groups)
-    if not dense_box and "edges" in available and "edges" not in region_groups:
-        return "edges"
-    return "box"
-
-
-def needed_target_groups(
-    losses: LossConfig, available: Collection[str] | None = None, region_groups: Collection[str] = ()
-) -> tuple[str, ...]:
-    """Target groups the enabled terms read, in store order.
-
-    LD reads ``cls`` and ``box`` (edge distributions); BCD reads ``cls`` and the teacher's
-    decoded boxes at every point (`bcd_box_group`: ``box`` or, when ``available`` has no
-    ``box`` outside a store region ``region_groups``, ``edges``). FGD and ld_im read
-    ``fpn``; HGD ``fpn`` and/or ``backbone`` by its stages.
-    """
-    groups = set()
-    if losses.uses("ld_main", "ld_vlr", "ld_kd"):
-        groups |= {"cls", "box"}
-    if losses.uses("bcd"):
-        groups.add("cls")
-        groups.add(bcd_box_group(available, region_groups))
-    if losses.uses("ld_im", "fgd"):
-        groups.add("fpn")
-    if losses.uses("hgd"):
-        for stage in losses.hgd.stages:
-            groups.add("backbone" if stage in BACKBONE_STAGES else "fpn")
-    return tuple(g for g in ("cls", "box", "edges", "fpn", "backbone") if g in groups)
-
-
 def needed_target_names(
     losses: LossConfig, strides: Sequence[int], available: Collection[str] | None = None, region_groups: Collection[str] = ()
 ) -> list[str]:
-    """Label-store names of the groups the enabled terms read (`needed_target_groups`), every
+    """Label-store names of the groups the enabled terms read (`LossConfig.groups_read`), every
     level or stage of each, in store order; `DenseOutputs.from_targets` decodes them.
 
     ``available``: the groups the store holds; ``region_groups``: those it holds only in its
-    region (BCD reads ``edges`` when ``box`` is not dense).
+    region (BCD reads ``edges`` when ``box`` is not at every point).
     """
     levels = [level_name(s) for s in strides]
     names: list[str] = []
-    for group in needed_target_groups(losses, available, region_groups):
+    for group in losses.groups_read(available, region_groups):
         names += [f"{group}/{part}" for part in (BACKBONE_STAGES if group == "backbone" else levels)]
     return names
 
@@ -227,19 +187,19 @@ class DistillationModel(nn.Module):
         self.losses = losses
         self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
         available = {name.split("/", 1)[0] for name in teacher_channels}
-        self.groups = needed_target_groups(losses, available, region_groups)
-        self.bcd_group = bcd_box_group(available, region_groups)
+        self.groups = losses.groups_read(available, region_groups)
+        self.bcd_group = losses.bcd_box_group(available, region_groups)
         self.levels = [level_name(s) for s in student.strides]
         self.fgd = None
         self.hgd = None
         self.ld_im = None
         if losses.uses("ld_im"):
-            self.ld_im = losses.ld.build_imitation(
-                student.config.fpn_channels, self._teacher_fpn_width(teacher_channels), len(self.levels)
+            self.ld_im = build_imitation(
+                losses.ld, student.config.fpn_channels, self._teacher_fpn_width(teacher_channels), len(self.levels)
             )
         if losses.uses("fgd"):
-            self.fgd = losses.fgd.build_modules(
-                student.config.fpn_channels, self._teacher_fpn_width(teacher_channels), len(self.levels)
+            self.fgd = build_fgd_modules(
+                losses.fgd, student.config.fpn_channels, self._teacher_fpn_width(teacher_channels), len(self.levels)
             )
         if losses.uses("hgd"):
             student_channels = {lv: student.config.fpn_channels for lv in self.levels}
@@ -250,7 +210,7 @@ class DistillationModel(nn.Module):
                 key = f"backbone/{stage}" if stage in BACKBONE_STAGES else f"fpn/{stage}"
                 if key in teacher_channels:
                     teacher[stage] = int(teacher_channels[key])
-            self.hgd = losses.hgd.build_module(student_channels, teacher)
+            self.hgd = build_hgd_module(losses.hgd, student_channels, teacher)
 
     def _teacher_fpn_width(self, teacher_channels: Mapping[str, int]) -> int:
         missing = [f"fpn/{lv}" for lv in self.levels if f"fpn/{lv}" not in teacher_channels]

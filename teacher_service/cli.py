@@ -246,13 +246,15 @@ class _Inputs:
 
 def _resolve_inputs(args: argparse.Namespace) -> _Inputs | str:
     """Explicit inputs, or the built-in default's; an error message if only some were given."""
+    from label_store.schema import DEFAULT_STORED_GROUPS, LOSS_TARGET_GROUPS, loss_target_groups
+
     given = {name: getattr(args, name) for name in ("annotations", "images", "teacher")}
     if all(given.values()):
         if not args.store:
             return "distill precompute expects --store with --annotations, --images and --teacher. Got no --store."
         return _Inputs(
             args.annotations, args.images, args.teacher, args.store,
-            args.scales or (1.0,), args.targets or ("cls", "box", "fpn"),
+            args.scales or (1.0,), args.targets or DEFAULT_STORED_GROUPS,
         )
     if any(given.values()):
         missing = ", ".join(f"--{name}" for name, value in given.items() if not value)
@@ -260,8 +262,9 @@ def _resolve_inputs(args: argparse.Namespace) -> _Inputs | str:
             "distill precompute expects --annotations, --images and --teacher together (or none of them, for the "
             f"built-in default). Missing: {missing}."
         )
-    # The built-in default: the same store, views and targets as `distill quickstart` (quick preset),
-    # so either command resumes the other's work instead of meeting a target-set mismatch.
+    # The built-in default: the same store, views and targets (those of every term) as `distill
+    # quickstart` (quick preset), so either command resumes the other's work instead of meeting a
+    # target-set mismatch.
     from detcore import defaults
 
     preset = defaults.PRESETS["quick"]
@@ -270,7 +273,7 @@ def _resolve_inputs(args: argparse.Namespace) -> _Inputs | str:
     store = args.store or str(defaults.default_paths(preset)["store"])
     return _Inputs(
         str(train_annotations), str(train_images), str(teacher), store,
-        args.scales or tuple(preset.scales), args.targets or ("cls", "box", "fpn", "backbone"),
+        args.scales or tuple(preset.scales), args.targets or loss_target_groups(LOSS_TARGET_GROUPS),
     )
 
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from label_store.schema import TARGET_GROUPS
+from label_store.schema import DEFAULT_STORED_GROUPS, TARGET_GROUPS
 
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZE_MODES = ("auto", "on", "off")
@@ -41,7 +41,7 @@ class PrecomputeConfig:
     """N views (before flips) per image with ``scale_range``."""
     flip: bool = True
     """Add a mirrored twin of every scale."""
-    target_groups: tuple[str, ...] = ("cls", "box", "fpn")
+    target_groups: tuple[str, ...] = DEFAULT_STORED_GROUPS
     """Target groups to store, from `TARGET_GROUPS`."""
     codecs: tuple[tuple[str, str], ...] = ()
     """Codec overrides ``((group or target name, codec name), ...)``, e.g. ``(("fpn", "int8-channel"),)``."""

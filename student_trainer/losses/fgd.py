@@ -17,14 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import FEATURE_NORMALIZE, LossInputError, as_float32, check_gt_boxes, check_tensor, describe, normalize_features
+from student_trainer.config import FGD_DEFAULTS
 
-FGD_DEFAULTS: dict[str, dict[str, float]] = {
-    "retinanet": dict(temperature=0.5, alpha=1e-3, beta=5e-4, gamma=5e-4, lambda_=5e-6),
-    "gfl": dict(temperature=0.5, alpha=1e-3, beta=5e-4, gamma=5e-4, lambda_=5e-6),
-    "fcos": dict(temperature=0.8, alpha=1.6e-3, beta=8e-4, gamma=8e-4, lambda_=8e-6),
-}
-"""Loss hyper-parameters of the released FGD configs, by detector family."""
+from ._common import FEATURE_NORMALIZE, LossInputError, as_float32, check_gt_boxes, check_tensor, describe, normalize_features
 
 FGD_NORMALIZE = FEATURE_NORMALIZE
 """Feature scalings `FGDLoss` accepts before the loss (see its docstring)."""

@@ -50,7 +50,6 @@ from torch import Tensor, nn
 from ._common import LossInputError, as_float32, check_gt_boxes, check_tensor, describe
 from .fgd import fgd_masks
 
-DEFAULT_HGD_STAGES = ("c3", "c4", "c5", "p3", "p4", "p5", "p6", "p7")
 
 
 def channel_rms_normalize(feat: Tensor, eps: float = 1e-6) -> Tensor:

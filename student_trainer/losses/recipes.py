@@ -8,8 +8,9 @@ Student inputs are per-level lists as in `detcore.outputs.DenseOutputs`; teacher
 are the same per-level tensors, wherever they come from (label store, endpoint or an
 in-process teacher): the recipes detach them and move them to the student's device. Regions (ATSS positives, LD's valuable
 localization region, FGD's masks) are computed here from the view's GT, never taken from
-the teacher. Loss weights are arguments, held by the frozen config dataclasses below with
-the papers' released defaults; the run config holds these.
+the teacher. Loss weights are arguments, held by the frozen config dataclasses of
+`student_trainer.config` (`LDConfig`, `BCDConfig`, `FGDConfig`, `HGDConfig`) with the papers'
+released defaults; the ``build_*`` functions below make the trainable modules they describe.
 
 Keys to add to the training loss are listed in `OPTIMISED_KEYS`; the other keys of a
 dict are detached, unweighted components for logging.
@@ -25,11 +26,12 @@ from torch import Tensor, nn
 
 from detcore.assign import atss_assign, imitation_region, vlr_region
 from detcore.outputs import distance_to_boxes, distribution_to_distance, level_anchors, level_points
+from student_trainer.config import BCDConfig, FGDConfig, HGDConfig, LDConfig
 
 from ._common import LossInputError, as_float32, check_gt_boxes, describe
 from .bcd import bcd_cls_loss, iou_ld_loss
-from .fgd import FGD_DEFAULTS, FGDLoss
-from .hgd import DEFAULT_HGD_STAGES, HGDLoss
+from .fgd import FGDLoss
+from .hgd import HGDLoss
 from .ld import FeatureImitation, kd_cls_loss, ld_loss
 
 OPTIMISED_KEYS: dict[str, tuple[str, ...]] = {
@@ -42,130 +44,33 @@ OPTIMISED_KEYS: dict[str, tuple[str, ...]] = {
 """Per recipe, the keys of its dict that are weighted losses to add to the training loss."""
 
 
-@dataclass(frozen=True, slots=True)
-class LDConfig:
-    """LD on GFL as released (HikariTJU/LD, ``ld_r101_r18_gflv1``-style configs)."""
-
-    main_weight: float = 0.25
-    """Loss weight of LD on the ATSS positives."""
-    main_temperature: float = 10.0
-    """Temperature of the main LD."""
-    main_avg_factor: float = 4.0
-    """avg_factor of the main LD: the released code's constant (not the number of positives)."""
-    vlr_weight: float = 0.25
-    """Loss weight of LD on the valuable localization region."""
-    vlr_avg_factor: float = 16.0
-    """avg_factor of the VLR LD: the released code's constant."""
-    vlr_temperature: float = 10.0
-    """Temperature of the VLR LD."""
-    kd_weight: float = 10.0
-    """Loss weight of the classification KD at the positives."""
-    kd_temperature: float = 2.0
-    """Temperature of the classification KD."""
-    alpha: float = 0.25
-    """Lower bound of the VLR as a fraction of the ATSS threshold."""
-    topk: int = 9
-    """ATSS candidates per level per GT."""
-    vlr_diou: str = "standard"
-    """DIoU flavour of `detcore.assign.vlr_region` (``standard`` or ``released``)."""
-    avg_factor_images: int = 2
-    """Images the constant avg factors above are meant for. The released code divides each
-    level's LD sum over one GPU's batch by 4 (VLR: 16) and averages gradients over GPUs;
-    its configs train 2 images per GPU (mmdetection's LD configs; the authors' r18 config
-    3). So a batch of B images here divides by ``avg_factor * B / avg_factor_images``,
-    which keeps LD's strength per image, and relative to the detection losses (normalised
-    by the number of positives), whatever the batch size. 0 divides the whole batch by the
-    constants (at batch 16, 8x the released strength)."""
-    im_weight: float = 2.0
-    """Loss weight of the release's feature imitation (term ``ld_im``, off unless enabled):
-    ``loss_im=dict(type='IMLoss', loss_weight=2.0)`` in the authors' training configs."""
-    im_ratio: float = 0.5
-    """psi of the ``finegrained`` imitation region (`detcore.assign.imitation_region`)."""
-    im_normalize: str = "teacher_rms"
-    """Feature scaling of the imitation (`FeatureImitation`): ``teacher_rms`` (a deviation from
-    the release, as FGD's) or ``none`` (the release)."""
-
-    def build_imitation(self, student_channels: int, teacher_channels: int, num_levels: int) -> FeatureImitation:
-        """The ``ld_im`` module (its adapters, if any, train with the student)."""
-        return FeatureImitation(student_channels, teacher_channels, num_levels, self.im_normalize)
+def build_imitation(config: LDConfig, student_channels: int, teacher_channels: int, num_levels: int) -> FeatureImitation:
+    """The ``ld_im`` module of ``config`` (its adapters, if any, train with the student)."""
+    return FeatureImitation(student_channels, teacher_channels, num_levels, config.im_normalize)
 
 
-@dataclass(frozen=True, slots=True)
-class BCDConfig:
-    """BCD on GFL as released (TinyTigerPan/BCKD)."""
-
-    cls_weight: float = 1.0
-    """Loss weight of `bcd_cls_loss`."""
-    iou_weight: float = 4.0
-    """Loss weight of `iou_ld_loss`."""
-    beta: float = 1.0
-    """Exponent of the modulating factor of `bcd_cls_loss`."""
-    topk: int = 9
-    """ATSS candidates per level per GT (positives give the avg_factor)."""
-
-
-@dataclass(frozen=True, slots=True)
-class FGDConfig:
-    """FGD hyper-parameters (RetinaNet/GFL defaults; `for_family` for the others)."""
-
-    temperature: float = 0.5
-    """Temperature of the attentions."""
-    alpha: float = 1e-3
-    """Weight of the foreground feature loss."""
-    beta: float = 5e-4
-    """Weight of the background feature loss."""
-    gamma: float = 5e-4
-    """Weight of the attention (mask) loss."""
-    lambda_: float = 5e-6
-    """Weight of the global relation loss."""
-    normalize: str = "teacher_rms"
-    """``teacher_rms``: features divided by the teacher level's RMS first (this recipe's choice, a
-    deviation; `FGDLoss` itself defaults to the release); ``none``: as released."""
-
-    @classmethod
-    def for_family(cls, family: str) -> "FGDConfig":
-        """Released values of ``retinanet``, ``gfl`` or ``fcos``."""
-        if family not in FGD_DEFAULTS:
-            raise LossInputError(f"FGDConfig.for_family(family=) expects one of {sorted(FGD_DEFAULTS)}. Got {family!r}.")
-        return cls(**FGD_DEFAULTS[family])
-
-    def build_modules(self, student_channels: int, teacher_channels: int, num_levels: int) -> nn.ModuleList:
-        """One `FGDLoss` per FPN level (the student's optimiser must include their parameters)."""
-        return nn.ModuleList(
-            FGDLoss(
-                student_channels, teacher_channels, self.temperature, self.alpha, self.beta, self.gamma, self.lambda_,
-                self.normalize,
-            )
-            for _ in range(num_levels)
+def build_fgd_modules(config: FGDConfig, student_channels: int, teacher_channels: int, num_levels: int) -> nn.ModuleList:
+    """One `FGDLoss` per FPN level with ``config``'s weights (the student's optimiser must include their parameters)."""
+    return nn.ModuleList(
+        FGDLoss(
+            student_channels, teacher_channels, config.temperature, config.alpha, config.beta, config.gamma, config.lambda_,
+            config.normalize,
         )
+        for _ in range(num_levels)
+    )
 
 
-@dataclass(frozen=True, slots=True)
-class HGDConfig:
-    """HGD (this project's interpretation, see `student_trainer.losses.hgd`)."""
-
-    weight: float = 1.0
-    """Loss weight of the HGD total. Not from the paper (no code or numbers available)."""
-    background_weight: float = 0.5
-    """rho: mass of the whole background relative to one object (micro weights)."""
-    macro_power: float = 1.0
-    """gamma of the macro stage weights (0: equal weights)."""
-    stages: tuple[str, ...] = DEFAULT_HGD_STAGES
-    """Stages distilled: backbone c3..c5 and FPN p3..p7."""
-
-    def build_module(self, student_channels: Mapping[str, int], teacher_channels: Mapping[str, int]) -> HGDLoss:
-        """`HGDLoss` over `stages` (channel dicts may name more stages; those are ignored)."""
-        missing = [s for s in self.stages if s not in student_channels or s not in teacher_channels]
-        if missing:
-            raise LossInputError(
-                f"HGDConfig.build_module() expects channels for the stages {list(self.stages)}. Missing {missing}."
-            )
-        return HGDLoss(
-            {s: student_channels[s] for s in self.stages},
-            {s: teacher_channels[s] for s in self.stages},
-            background_weight=self.background_weight,
-            macro_power=self.macro_power,
-        )
+def build_hgd_module(config: HGDConfig, student_channels: Mapping[str, int], teacher_channels: Mapping[str, int]) -> HGDLoss:
+    """`HGDLoss` over ``config.stages`` (channel dicts may name more stages; those are ignored)."""
+    missing = [s for s in config.stages if s not in student_channels or s not in teacher_channels]
+    if missing:
+        raise LossInputError(f"build_hgd_module(config=) expects channels for the stages {list(config.stages)}. Missing {missing}.")
+    return HGDLoss(
+        {s: student_channels[s] for s in config.stages},
+        {s: teacher_channels[s] for s in config.stages},
+        background_weight=config.background_weight,
+        macro_power=config.macro_power,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,7 +370,7 @@ def ld_im_recipe(
     the positives).
 
     Args:
-        module: `FeatureImitation` (`LDConfig.build_imitation`).
+        module: `FeatureImitation` (`build_imitation`).
         student_fpn: per level Tensor[B, C_s, H, W].
         teacher_fpn: per level Tensor[B, C_t, H, W], detached inside.
         gt_boxes: per image Tensor[M_b, 4] canvas pixels.
@@ -584,7 +489,7 @@ def fgd_recipe(
     """FGD summed over FPN levels, one `FGDLoss` per level.
 
     Args:
-        fgd_modules: one `FGDLoss` per level (`FGDConfig.build_modules`).
+        fgd_modules: one `FGDLoss` per level (`build_fgd_modules`).
         student_fpn: per level Tensor[B, C_s, H, W].
         teacher_fpn: per level Tensor[B, C_t, H, W], detached inside.
         gt_boxes: per image Tensor[M_b, 4] canvas pixels.
@@ -616,7 +521,7 @@ def hgd_recipe(
     """HGD over the module's stages.
 
     Args:
-        hgd_module: `HGDLoss` (`HGDConfig.build_module`).
+        hgd_module: `HGDLoss` (`build_hgd_module`).
         student_feats: stage name -> Tensor[B, C_s, h, w] (extra stages are ignored).
         teacher_feats: stage name -> Tensor[B, C_t, H, W], detached inside.
         gt_boxes: per image Tensor[M_b, 4] canvas pixels.

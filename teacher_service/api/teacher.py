@@ -19,13 +19,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from detcore.views import View, ViewError, content_hash, render_array
-from label_store.schema import TARGET_GROUPS
+from label_store.schema import DEFAULT_STORED_GROUPS, TARGET_GROUPS
 from label_store.wire import fingerprint_digest
 from teacher_service.api.problems import MAX_LISTED_ERRORS, RequestProblem, clip_text, short_repr
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GROUPS = ("cls", "box", "fpn")
+DEFAULT_GROUPS = DEFAULT_STORED_GROUPS
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,15 @@
 """The run config: one builder, file < flags < --set, strict keys, round trip."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from student_trainer.config import (
+    LOSS_TERMS,
     ConfigError,
     LossConfig,
     TrainRunConfig,
@@ -94,3 +99,33 @@ def test_photometric_is_recorded_as_an_approximation():
     config = build_run_config(None, {**BASE, "photometric": True})
     assert isinstance(config, TrainRunConfig)
     assert len(config.approximations) == 1 and "photometric" in config.approximations[0]
+
+
+def test_config_builds_and_round_trips_without_torch(tmp_path):
+    """Building, checking and writing a run config (every loss recipe included) loads no torch."""
+    code = (
+        "import sys, json\n"
+        "from student_trainer.config import build_run_config, config_from_dict\n"
+        f"config = build_run_config(None, {{**{BASE!r}, 'losses': 'all,ld_im'}}, ['losses.fgd.alpha=2e-3'])\n"
+        "assert config_from_dict(json.loads(config.to_json())) == config\n"
+        "print(','.join(config.losses.groups_read()))\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
+    )
+    repo_root = str(Path(__file__).resolve().parents[2])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=repo_root),
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "cls,box,fpn,backbone"
+
+
+def test_one_table_says_which_term_reads_which_group():
+    from label_store.schema import LOSS_TARGET_GROUPS
+
+    assert LOSS_TERMS == tuple(LOSS_TARGET_GROUPS)
+    for term in LOSS_TERMS:
+        assert LossConfig(enabled=(term,)).target_groups == LOSS_TARGET_GROUPS[term]
+    bcd = LossConfig(enabled=("ld_kd", "bcd"))
+    assert bcd.groups_read({"cls", "edges", "fpn"}) == ("cls", "box", "edges")  # LD still asks for box: the store must hold it
+    assert LossConfig(enabled=("bcd",)).groups_read({"cls", "edges"}) == ("cls", "edges")
+    assert LossConfig(enabled=("bcd",)).groups_read({"cls", "box", "edges"}) == ("cls", "box")
+    assert build_run_config(None, BASE, ["losses.enabled=hgd", "losses.hgd.stages=c4,c5"]).losses.target_groups == ("backbone",)

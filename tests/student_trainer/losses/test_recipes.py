@@ -18,6 +18,9 @@ from student_trainer.losses import (
     PointAssignment,
     assign_points,
     bcd_recipe,
+    build_fgd_modules,
+    build_hgd_module,
+    build_imitation,
     fgd_recipe,
     hgd_recipe,
     imitation_points,
@@ -244,7 +247,7 @@ def test_recipes_accept_half_precision(dtype):
 def test_fgd_recipe_sums_levels():
     gen = torch.Generator().manual_seed(18)
     config = FGDConfig.for_family("gfl")
-    modules = config.build_modules(student_channels=4, teacher_channels=8, num_levels=3)
+    modules = build_fgd_modules(config, student_channels=4, teacher_channels=8, num_levels=3)
     student = [torch.randn(B, 4, h, w, generator=gen, requires_grad=True) for h, w in SHAPES]
     teacher = [torch.randn(B, 8, h, w, generator=gen, requires_grad=True) for h, w in SHAPES]
     out = fgd_recipe(modules, student, teacher, GT, CANVAS)
@@ -265,7 +268,7 @@ def test_hgd_recipe_weight_and_stages():
     config = HGDConfig(stages=("c3", "p3", "p4"))
     channels_s = {"c3": 4, "c4": 4, "p3": 4, "p4": 4}
     channels_t = {"c3": 8, "c4": 8, "p3": 8, "p4": 8}
-    module = config.build_module(channels_s, channels_t)
+    module = build_hgd_module(config, channels_s, channels_t)
     sizes = {"c3": (8, 8), "c4": (4, 4), "p3": (8, 8), "p4": (4, 4)}
     student = {s: torch.randn(B, 4, *hw, generator=gen) for s, hw in sizes.items()}
     teacher = {s: torch.randn(B, 8, *hw, generator=gen) for s, hw in sizes.items()}
@@ -292,7 +295,7 @@ def test_input_errors_name_the_level():
 def test_ld_im_recipe_weights_the_levels_sum_over_the_gt_region():
     gen = torch.Generator().manual_seed(21)
     config = LDConfig()
-    module = config.build_imitation(student_channels=4, teacher_channels=8, num_levels=3)
+    module = build_imitation(config, student_channels=4, teacher_channels=8, num_levels=3)
     student = [torch.randn(B, 4, h, w, generator=gen, requires_grad=True) for h, w in SHAPES]
     teacher = [torch.randn(B, 8, h, w, generator=gen, requires_grad=True) for h, w in SHAPES]
     region = imitation_points(GT, STRIDES, SHAPES)
