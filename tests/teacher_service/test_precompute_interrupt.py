@@ -17,7 +17,7 @@ from label_store import open_store
 from label_store.maintenance import verify_store
 from process_signals import child_processes, distill_env, running, start_distill, stop_group, wait_until
 from teacher_service.pipeline_stages import FAULT_ENV
-from test_precompute import _write_dataset, _write_teacher
+from precompute_fixtures import _write_dataset, _write_teacher
 
 NUM_VIEWS = 16  # 8 images x {original, flip}
 
@@ -48,7 +48,7 @@ def test_a_signal_stops_precompute_keeping_its_committed_parts(data, tmp_path, s
     process = start_distill(_args(data, store), distill_env(**{FAULT_ENV: f"stall-after-commit:{stall}"}),
                             preexec_fn=ignore_sigint)
     parts_dir = store / "manifest" / "parts"
-    wait_until(process, lambda: parts_dir.is_dir() and any(parts_dir.glob("*.parquet")))
+    wait_until(process, lambda: parts_dir.is_dir() and any(parts_dir.glob("[!.]*.parquet")))
     ray_pids = child_processes(process.pid, ("gcs_server", "raylet"))
     assert sorted(ray_pids.values()) == ["gcs_server", "raylet"]
     output, stop_seconds = stop_group(process, signum)

@@ -23,7 +23,7 @@ import pytest
 from label_store import open_store
 from label_store.maintenance import verify_store
 from process_signals import distill_env
-from test_precompute import _write_dataset, _write_teacher
+from precompute_fixtures import _write_dataset, _write_teacher
 
 pytestmark = pytest.mark.slow
 BUCKET = "distillery-e2e"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_precompute import _cli, _decode_batch, _write_dataset, _write_teacher  # noqa: F401  (shared fixtures' helpers)
+from precompute_fixtures import _cli, _decode_batch, _write_dataset, _write_teacher  # noqa: F401  (shared fixtures' helpers)
 
 
 class DistanceTeacher(torch.nn.Module):
