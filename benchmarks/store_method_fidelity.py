@@ -101,7 +101,9 @@ def method_losses(batch, student_out, teacher_levels, strides, reg_max, canvas, 
     import torch
 
     from student_trainer.losses import bcd_recipe, fgd_recipe, kd_cls_loss, ld_recipe
-    from student_trainer.losses.recipes import _flat
+
+    def points(levels):  # Tensors[B, K, H, W] per level -> Tensor[P, K], every point of every level
+        return torch.cat([x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) for x in levels])
 
     gt = batch["gt_boxes"]
     t_cls, t_box, t_fpn = teacher_levels["cls"], teacher_levels["box"], teacher_levels["fpn"]
@@ -110,8 +112,7 @@ def method_losses(batch, student_out, teacher_levels, strides, reg_max, canvas, 
         out = {k: float(v) for k, v in ld_recipe(s_cls, s_box, t_cls, t_box, gt, strides, reg_max).items()}
         out.update({k: float(v) for k, v in bcd_recipe(s_cls, s_box, t_cls, t_box, gt, strides, reg_max).items()})
         out["fgd"] = float(fgd_recipe(fgd_modules, list(student_out.fpn_features), t_fpn, gt, canvas)["fgd"])
-        s_all = torch.cat([_flat(x) for x in s_cls]).double()
-        t_all = torch.cat([_flat(x) for x in t_cls]).double()
+        s_all, t_all = points(s_cls).double(), points(t_cls).double()
         out["bce_all"] = float(torch.nn.functional.binary_cross_entropy_with_logits(s_all, t_all.sigmoid()))
         out["kd_all"] = float(kd_cls_loss(s_all.float(), t_all.float(), None, float(s_all.shape[0]), 2.0))
     return out

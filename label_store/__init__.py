@@ -31,6 +31,7 @@ _EXPORTS = {
     "StoreRegion": "label_store.schema",
     "default_target_specs": "label_store.schema",
     "level_name": "label_store.schema",
+    "ViewRecipe": "label_store.schema",
     "TargetCodec": "label_store.codecs",
     "parse_codec": "label_store.codecs",
     "encode_targets": "label_store.encoding",

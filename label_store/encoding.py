@@ -57,20 +57,32 @@ class EncodedTarget:
 
 @dataclass(frozen=True, slots=True)
 class QuantizedTarget:
-    """One view's target already quantized by its int codec, e.g. on the teacher's GPU.
+    """A target already quantized by its int codec, e.g. on the teacher's GPU: one view's, or a batch's.
 
     The fields are what the codec's own quantization computes (`TargetCodec.encode`, before
     any prediction): ``codes = clip(rint((x - offset) * (1 / scale)), 0, 2**bits - 1)`` with
     ``offset`` the minimum and ``scale`` the range over ``2**bits - 1`` (per view, or per
     channel), so a writer given these stores the same bytes as one given ``x``.
+
+    One view's value is what `label_store.writer.PartWriter.append` takes. A batch's has a
+    leading view axis B on every field (numpy arrays, or tensors on the device that
+    quantized them); `row` picks one view's. It unpacks as ``(codes, scale, offset)``, the
+    order of `TargetCodec.encode`.
     """
 
     codes: np.ndarray
-    """uint8 array[C, H, W], each at most 2**bits - 1."""
+    """uint8 array[C, H, W] (one view) or [B, C, H, W] (a batch), each at most 2**bits - 1."""
     scale: np.ndarray
-    """float32 array[Pc], >= 0."""
+    """float32 array[Pc] or [B, Pc], >= 0."""
     offset: np.ndarray
-    """float32 array[Pc]."""
+    """float32 array[Pc] or [B, Pc]."""
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter((self.codes, self.scale, self.offset))
+
+    def row(self, index: int) -> "QuantizedTarget":
+        """View ``index`` of a batch's value."""
+        return QuantizedTarget(self.codes[index], self.scale[index], self.offset[index])
 
 
 def encode_inputs(

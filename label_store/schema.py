@@ -17,7 +17,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from label_store.codecs import TargetCodec, parse_codec
 
@@ -130,6 +130,27 @@ REGION_ARRAY = "region"
 
 _NAME_RE = re.compile(r"^(cls|box|edges|fpn|backbone)/([a-z][a-z0-9_]{0,15})$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@runtime_checkable
+class ViewRecipe(Protocol):
+    """A typed view recipe, as `label_store.writer.PartWriter.append` takes a record's ``view``.
+
+    `detcore.views.View` is one (label_store does not import it): the writer reads the
+    canvas from it and serialises ``to_dict()`` once, with sorted keys, as the manifest's
+    ``view`` JSON, the format plain pyarrow readers see.
+    """
+
+    @property
+    def canvas_h(self) -> int:
+        """Canvas height in pixels: picks the store canvas the view's targets go to."""
+
+    @property
+    def canvas_w(self) -> int:
+        """Canvas width in pixels."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe's fields as JSON-ready values."""
 
 
 def level_name(stride: int) -> str:

@@ -87,6 +87,7 @@ from label_store.schema import (
     StoreRegion,
     TargetSpec,
     TeacherFingerprint,
+    ViewRecipe,
     default_canvases,
     level_name,
     region_num_points,
@@ -144,6 +145,30 @@ def _process_start_time(pid: int) -> str | None:
         return None if fields[0] == "Z" else fields[19]
     except (OSError, IndexError):
         return None
+
+
+def _view_text(view: Any, where: str) -> tuple[str, tuple[Any, Any] | None]:
+    """A record's view as the manifest's ``view`` JSON, and its ``(canvas_h, canvas_w)`` (None when it names none).
+
+    A `ViewRecipe` is read, not parsed, and serialised here, once; a dict is serialised; JSON
+    text (from callers without the typed recipe) is parsed once to check that it is an object.
+    """
+    if isinstance(view, ViewRecipe):
+        return json.dumps(view.to_dict(), sort_keys=True), (view.canvas_h, view.canvas_w)
+    if isinstance(view, Mapping):
+        fields, text = dict(view), json.dumps(dict(view), sort_keys=True)
+    else:
+        text = view
+        try:
+            fields = json.loads(view) if isinstance(view, str) else None
+        except json.JSONDecodeError:
+            fields = None
+    if not isinstance(fields, dict):
+        raise ValueError(
+            f"PartWriter.append(record=) expects view as a view recipe (detcore.views.View), a dict or a JSON object string. "
+            f"Got {view!r} {where}."
+        )
+    return text, ((fields["canvas_h"], fields["canvas_w"]) if "canvas_h" in fields and "canvas_w" in fields else None)
 
 
 def _check_targets_match(fingerprint: TeacherFingerprint, targets: Sequence[TargetSpec]) -> None:
@@ -484,28 +509,20 @@ class PartWriter:
         if not isinstance(view_id, (int, np.integer)) or isinstance(view_id, bool) or not 0 <= int(view_id) < MAX_VIEW_ID:
             raise ValueError(f"PartWriter.append(record=) expects view_id an int in [0, 2**20). Got {view_id!r} (image_id={image_id}).")
         where = f"(image_id={int(image_id)}, view_id={int(view_id)})"
-        view = record["view"]
-        if isinstance(view, Mapping):
-            view = json.dumps(dict(view), sort_keys=True)
-        try:
-            parsed = json.loads(view) if isinstance(view, str) else None
-        except json.JSONDecodeError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise ValueError(f"PartWriter.append(record=) expects view as a JSON object string (View.to_json()). Got {view!r} {where}.")
+        view, view_canvas = _view_text(record["view"], where)
         if not isinstance(record["content_hash"], str) or not record["content_hash"]:
             raise ValueError(f"PartWriter.append(record=) expects content_hash a non-empty string. Got {record['content_hash']!r} {where}.")
         region = tuple(record["valid_region"]) if isinstance(record["valid_region"], (tuple, list, np.ndarray)) else ()
         canvas = 0
-        if "canvas_h" in parsed and "canvas_w" in parsed:
+        if view_canvas is not None:
             try:
-                canvas = self.store._meta.canvas_index((int(parsed["canvas_h"]), int(parsed["canvas_w"])))
+                canvas = self.store._meta.canvas_index((int(view_canvas[0]), int(view_canvas[1])))
             except (TypeError, ValueError):
                 canvas = -1
             if canvas < 0:
                 raise ValueError(
                     f"PartWriter.append(record=) expects a view on one of the store's canvases "
-                    f"{[c.canvas_hw for c in self.store.canvases]}. Got canvas {parsed['canvas_h']}x{parsed['canvas_w']} {where}."
+                    f"{[c.canvas_hw for c in self.store.canvases]}. Got canvas {view_canvas[0]}x{view_canvas[1]} {where}."
                 )
         canvas_h, canvas_w = self.store.canvases[canvas].canvas_hw
         if (
@@ -537,9 +554,10 @@ class PartWriter:
         """Add one view.
 
         Args:
-            record: ``image_id`` (int), ``view_id`` (int), ``view`` (JSON string of the view
-                recipe, e.g. ``View.to_json()``; its ``canvas_h``/``canvas_w`` choose the
-                store canvas, the first when absent), ``content_hash`` (str), ``valid_region``
+            record: ``image_id`` (int), ``view_id`` (int), ``view`` (the view recipe: a
+                `label_store.schema.ViewRecipe` such as `detcore.views.View`, a dict, or a
+                JSON object string; its ``canvas_h``/``canvas_w`` choose the store canvas,
+                the first when absent), ``content_hash`` (str), ``valid_region``
                 ``(x1, y1, x2, y2)`` in canvas pixels.
             targets: name -> float32 array[C, H, W] (that canvas's shapes) for every target of the store; a target
                 with an int codec may come already quantized, as a `QuantizedTarget` (the

@@ -4,7 +4,7 @@ Legend: B views in a batch, M GT boxes of one view, C/H/W the shape of one store
 
 Each epoch samples ONE of the K stored views of every image (seeded by ``(seed, epoch)``)
 in batches of one canvas each (`detcore.datasets.CanvasBatchSampler`), renders it with exactly the recipe stored for it
-(`detcore.views.View.from_json` of the store's record), checks the decoded image's content
+(`StoreSource.stored_views` parses the store's record once), checks the decoded image's content
 hash against the hash recorded at precompute time, transforms the GT boxes the same way
 and, for the offline sources, reads the view's targets inside the DataLoader worker (the
 store reader is opened lazily once per worker process).

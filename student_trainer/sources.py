@@ -233,11 +233,10 @@ class StoreSource(TargetSource):
         """Every committed view with the content hash recorded at precompute time."""
         table = self.reader.views()
         columns = {name: table.column(name).to_pylist() for name in ("image_id", "view_id", "view", "content_hash")}
-        out = []
-        for image_id, view_id, view, digest in zip(*columns.values()):
-            record = {"view": view}
-            out.append((_record_view(record, int(image_id), int(view_id), self.url), str(digest)))
-        return out
+        return [
+            (_stored_view(text, int(image_id), int(view_id), self.url), str(digest))
+            for image_id, view_id, text, digest in zip(*columns.values())
+        ]
 
     def worker_reader(self) -> StoreTargetReader:
         return StoreTargetReader(self.url, self.names, expected_fingerprint=self.fingerprint,
@@ -254,21 +253,15 @@ class StoreSource(TargetSource):
         return {**super().describe(), "store": self.url}
 
 
-def _record_view(record: Mapping[str, Any], image_id: int, view_id: int, url: str) -> View:
-    for key in ("view", "view_json", "recipe"):
-        if key in record:
-            value = record[key]
-            view = View.from_json(value) if isinstance(value, str) else View.from_dict(value)
-            if view.key != (image_id, view_id):
-                raise TargetSourceError(
-                    f"StoreSource expects the record of ({image_id}, {view_id}) to hold its own view. "
-                    f"Got view {view.key} in {url}; the store is inconsistent (run `distill store verify`)."
-                )
-            return view
-    raise TargetSourceError(
-        f"StoreSource expects a view recipe in every view record. Got keys {sorted(record)} for "
-        f"image_id={image_id} view_id={view_id} in {url}."
-    )
+def _stored_view(text: str, image_id: int, view_id: int, url: str) -> View:
+    """The manifest's ``view`` JSON of ``(image_id, view_id)`` as a `View`: where a stored view enters training, parsed once."""
+    view = View.from_json(text)
+    if view.key != (image_id, view_id):
+        raise TargetSourceError(
+            f"StoreSource expects the record of ({image_id}, {view_id}) to hold its own view. "
+            f"Got view {view.key} in {url}; the store is inconsistent (run `distill store verify`)."
+        )
+    return view
 
 
 class RemoteSource(TargetSource):
@@ -598,7 +591,7 @@ class ReadThroughSource(TargetSource):
         if self.filler is None:
             return
         for view, digest, targets in zip(views, content_hashes, fills):
-            record = {"image_id": view.image_id, "view_id": view.view_id, "view": view.to_json(),
+            record = {"image_id": view.image_id, "view_id": view.view_id, "view": view,
                       "content_hash": digest, "valid_region": list(view.valid_region)}
             self.filler.add(record, targets)
 

@@ -31,12 +31,12 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
+from label_store.encoding import QuantizedTarget
 from teacher_service.pipeline_stages import (
-    OFFSET_SUFFIX,
     ORIGINALS_COLUMN,
     REGION_COLUMN,
-    SCALE_SUFFIX,
     maybe_inject_fault,
+    quantized_from_columns,
     run_at_lower_priority,
 )
 
@@ -81,20 +81,16 @@ def _tree_bytes(url: str, storage_options: Mapping[str, Any], path: str) -> int:
         return 0
 
 
-def _row_targets(batch: Mapping[str, np.ndarray], i: int, specs) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+def _row_targets(
+    batch: Mapping[str, np.ndarray], quantized: Mapping[str, QuantizedTarget], i: int, specs
+) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """Row ``i``'s targets for `PartWriter.append`: float32 arrays, or `QuantizedTarget` where
-    the teacher stage quantized (see `TeacherPredictor`), and the float32 originals of those
-    when the row carries them (``None`` otherwise)."""
-    from label_store.encoding import QuantizedTarget
-
+    the teacher stage quantized (``quantized``: the batch's, `quantized_from_columns`), and
+    the float32 originals of those when the row carries them (``None`` otherwise)."""
     targets: dict[str, Any] = {}
-    quantized = []
     for spec in specs:
-        if spec.name + SCALE_SUFFIX in batch:
-            targets[spec.name] = QuantizedTarget(
-                np.asarray(batch[spec.name][i]), batch[spec.name + SCALE_SUFFIX][i], batch[spec.name + OFFSET_SUFFIX][i]
-            )
-            quantized.append(spec)
+        if spec.name in quantized:
+            targets[spec.name] = quantized[spec.name].row(i)
         else:
             targets[spec.name] = np.asarray(batch[spec.name][i], dtype=np.float32)
     raw = batch[ORIGINALS_COLUMN][i] if ORIGINALS_COLUMN in batch else b""
@@ -102,8 +98,8 @@ def _row_targets(batch: Mapping[str, np.ndarray], i: int, specs) -> tuple[dict[s
         return targets, None
     values = np.frombuffer(raw, dtype=np.float32)
     originals, start = {}, 0
-    for spec in quantized:
-        shape = np.shape(batch[spec.name][i])  # the codes have the view's canvas shape
+    for spec in [spec for spec in specs if spec.name in quantized]:
+        shape = targets[spec.name].codes.shape  # the view's canvas shape
         size = int(np.prod(shape))
         originals[spec.name] = values[start : start + size].reshape(shape)
         start += size
@@ -124,10 +120,9 @@ def _row_region(batch: Mapping[str, np.ndarray], i: int, store) -> np.ndarray | 
             f"LabelStoreDatasink expects a '{REGION_COLUMN}' column for the region store {store.url} "
             f"(image_id={int(batch['image_id'][i])} view_id={int(batch['view_id'][i])})."
         )
-    from detcore.views import View
     from label_store.schema import StoreCanvas, region_num_points
 
-    view = View.from_json(str(batch["view"][i]))
+    view = batch["view"][i]
     count = region_num_points(StoreCanvas((view.canvas_h, view.canvas_w), "", ()), store.fingerprint.strides)
     return np.unpackbits(np.frombuffer(batch[REGION_COLUMN][i], dtype=np.uint8), count=count).astype(bool)
 
@@ -212,8 +207,9 @@ class LabelStoreDatasink(Datasink):
         store = self._store()
         stage = {name: float(sum(np.sum(b[name]) for b in batches)) for name in ("decode_s", "forward_s", "encode_s")}
         failures = [_row_failure(b, i) for b in batches for i in range(len(b["error"])) if b["error"][i] != ""]
-        good = [(b, i) for b in batches for i in range(len(b["error"])) if b["error"][i] == ""]
-        part_id = part_id_for([(int(b["image_id"][i]), int(b["view_id"][i])) for b, i in good]) if good else None
+        good = [(k, i) for k, b in enumerate(batches) for i in range(len(b["error"])) if b["error"][i] == ""]
+        quantized = [quantized_from_columns(b) for b in batches]
+        part_id = part_id_for([(int(batches[k]["image_id"][i]), int(batches[k]["view_id"][i])) for k, i in good]) if good else None
         recovered = False
         nbytes = 0
         if part_id is not None and store.is_committed(part_id):
@@ -221,15 +217,16 @@ class LabelStoreDatasink(Datasink):
         elif part_id is not None:
             part = store.open_part(part_id)
             try:
-                for batch, i in good:
+                for k, i in good:
+                    batch = batches[k]
                     record = {
                         "image_id": int(batch["image_id"][i]),
                         "view_id": int(batch["view_id"][i]),
-                        "view": str(batch["view"][i]),
+                        "view": batch["view"][i],
                         "content_hash": str(batch["content_hash"][i]),
                         "valid_region": tuple(int(v) for v in batch["valid_region"][i]),
                     }
-                    targets, originals = _row_targets(batch, i, self.target_specs)
+                    targets, originals = _row_targets(batch, quantized[k], i, self.target_specs)
                     part.append(record, targets, originals=originals, region=_row_region(batch, i, store))
                 maybe_inject_fault(self.fault, "write-before-commit")
                 part.commit()
@@ -244,12 +241,12 @@ class LabelStoreDatasink(Datasink):
                 maybe_inject_fault(self.fault, "stall-after-commit")
         if self.progress is not None:
             self.progress.add.remote(len(good), len(failures), int(part_id is not None))
-        quantized = sum(1 for b, _ in good if any(str(column).endswith(SCALE_SUFFIX) for column in b))
+        num_quantized = sum(1 for k, _ in good if quantized[k])
         return {
             "part_id": part_id,
             "recovered": recovered,
             "stored": len(good),
-            "quantized": quantized if not recovered else 0,
+            "quantized": num_quantized if not recovered else 0,
             "failures": failures,
             "bytes": nbytes,
             "write_s": time.perf_counter() - start,

@@ -7,13 +7,17 @@ column, N rows). The columns carried from stage to stage:
 
     image_id      int64[N]
     view_id       int64[N]
-    view          object[N]         `detcore.views.View.to_json` of the recipe
+    view          object[N]         the `detcore.views.View` itself (Ray Data carries it pickled)
     content_hash  object[N]         `detcore.views.content_hash` of the decoded pixels ("" on error)
     valid_region  int64[N, 4]       (x1, y1, x2, y2) of the canvas covered by image pixels
     error         object[N]         "" for a good view, else why it could not be produced
     pixels        float32[N, 3, H, W]   rendered canvas (zeros on error); dropped by the teacher
     <target>      float32[N, C, H_l, W_l] or float16, one column per store target
                   (``cls/p3`` ...); zeros on error rows; added by the teacher
+    <target>, <target>#scale, <target>#offset   uint8[N, C, H_l, W_l], float32[N, Pc] twice:
+                  a target quantized by the teacher stage, a `label_store.encoding.QuantizedTarget`
+                  flattened into Ray Data columns (`quantized_columns`, `quantized_from_columns`)
+    originals     object[N]         see `ORIGINALS_COLUMN` (only when the teacher stage quantizes)
     decode_s, forward_s, encode_s   float64[N]  each row's share of its batch's stage time
     region        object[N]         region stores only: `numpy.packbits` of the view's stored-point
                   mask (`detcore.assign.stored_region` of its GT rendered through the view);
@@ -38,6 +42,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from label_store.encoding import QuantizedTarget
 from label_store.schema import TARGET_GROUPS
 
 PASSTHROUGH_COLUMNS = ("image_id", "view_id", "view", "content_hash", "valid_region", "error", "decode_s")
@@ -53,6 +58,26 @@ SCALE_SUFFIX, OFFSET_SUFFIX = "#scale", "#offset"
 ORIGINALS_COLUMN = "originals"
 """Float32 bytes of a view's quantized targets (in target order) for the writer's fidelity
 sample; empty for the other views."""
+
+
+def quantized_columns(quantized: Mapping[str, QuantizedTarget]) -> dict[str, np.ndarray]:
+    """A batch's quantized targets as Ray Data columns: ``<name>`` (the codes), ``<name>#scale``, ``<name>#offset``.
+
+    Ray Data keeps arrays as Arrow tensor columns, while a column of `QuantizedTarget`
+    values would be pickled row by row, codes and all; so the value crosses the Ray Data
+    boundary flattened, by this and `quantized_from_columns`, the one pair that does.
+    """
+    columns: dict[str, np.ndarray] = {}
+    for name, value in quantized.items():
+        columns[name], columns[name + SCALE_SUFFIX], columns[name + OFFSET_SUFFIX] = value
+    return columns
+
+
+def quantized_from_columns(batch: Mapping[str, np.ndarray]) -> dict[str, QuantizedTarget]:
+    """Inverse of `quantized_columns`: name -> the batch's `QuantizedTarget` (``.row(i)``: view i's); {} when none."""
+    names = [str(column)[: -len(SCALE_SUFFIX)] for column in batch if str(column).endswith(SCALE_SUFFIX)]
+    return {name: QuantizedTarget(batch[name], batch[name + SCALE_SUFFIX], batch[name + OFFSET_SUFFIX]) for name in names}
+
 
 DEVICE_SCALINGS = ("view", "channel")
 """Int-codec scalings `quantize_batch` reproduces exactly (``std`` needs a float64 standard
@@ -159,7 +184,7 @@ def decode_and_render(
     """Decode each image once per batch and render its views onto the canvas.
 
     Args:
-        batch: columns ``image_id``, ``view_id``, ``view`` (JSON) and ``path`` (image file),
+        batch: columns ``image_id``, ``view_id``, ``view`` (`detcore.views.View`) and ``path`` (image file),
             and ``gt_boxes`` with ``region``.
         fault: testing hook, see `FAULT_ENV`.
         niceness: run at this lower CPU priority (`run_at_lower_priority`).
@@ -179,12 +204,11 @@ def decode_and_render(
 def view_region_masks(batch: Mapping[str, np.ndarray], region: Mapping[str, Any]) -> np.ndarray:
     """``numpy.packbits`` of every view's stored-point mask (`detcore.assign.stored_region`), object[N] of bytes."""
     from detcore.assign import stored_region
-    from detcore.views import View, image_to_view_boxes
+    from detcore.views import image_to_view_boxes
 
     settings = region["region"]
     out = np.full(len(batch["view"]), b"", dtype=object)
-    for i, text in enumerate(batch["view"]):
-        view = View.from_json(str(text))
+    for i, view in enumerate(batch["view"]):
         boxes = image_to_view_boxes(np.frombuffer(batch[GT_BOXES_COLUMN][i], dtype=np.float32).reshape(-1, 4), view)
         mask = stored_region(
             boxes, (view.canvas_h, view.canvas_w), region["strides"], topk=settings["topk"], vlr_alpha=settings["vlr_alpha"],
@@ -200,7 +224,10 @@ def _decode_and_render(batch: Mapping[str, np.ndarray], fault: tuple[str, str] |
 
     maybe_inject_fault(fault, "decode")
     start = time.perf_counter()
-    views = [View.from_json(str(text)) for text in batch["view"]]
+    views = list(batch["view"])
+    wrong = [type(view).__name__ for view in views if not isinstance(view, View)]
+    if wrong:
+        raise TypeError(f"decode_and_render(batch=) expects a view column of detcore.views.View. Got {sorted(set(wrong))}.")
     paths = [str(p) for p in batch["path"]]
     num_views = len(views)
     canvas_h, canvas_w = (views[0].canvas_h, views[0].canvas_w) if views else (0, 0)
@@ -236,7 +263,7 @@ def _decode_and_render(batch: Mapping[str, np.ndarray], fault: tuple[str, str] |
     return {
         "image_id": np.asarray([v.image_id for v in views], dtype=np.int64),
         "view_id": np.asarray([v.view_id for v in views], dtype=np.int64),
-        "view": np.asarray([str(t) for t in batch["view"]], dtype=object),
+        "view": np.asarray(views, dtype=object),
         "content_hash": hashes,
         "valid_region": regions,
         "error": errors,
@@ -273,8 +300,9 @@ def quantize_batch(tensor, codec):
         tensor: Tensor[B, C, H, W], any float dtype (computed in float32).
         codec: a quantized `TargetCodec` with ``view`` or ``channel`` scaling.
     Returns:
-        ``(codes, scale, offset)``: uint8 Tensor[B, C, H, W] (before the codec's
-        prediction), float32 Tensors[B, Pc].
+        A batch's `QuantizedTarget` of tensors on the tensor's device: codes uint8
+        Tensor[B, C, H, W] (before the codec's prediction), scale and offset float32
+        Tensors[B, Pc].
     """
     import torch
 
@@ -290,7 +318,7 @@ def quantize_batch(tensor, codec):
     scale = ((flat.amax(dim=2).double() - lo.double()) / levels).float()
     inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
     codes = ((flat - lo[..., None]) * inverse[..., None]).round_().clamp_(0, levels).to(torch.uint8)
-    return codes.reshape(x.shape), scale, lo
+    return QuantizedTarget(codes.reshape(x.shape), scale, lo)
 
 
 def autocast_dtype(device: str, precision: str):
@@ -332,9 +360,9 @@ class TeacherPredictor:
         transfer_dtypes: ``{name: "float16"}`` for targets whose codec stores float16
             exactly, so they cross the object store at half the size; others go as float32.
         quantize: ``{name: codec name}`` of targets to quantize here (`quantize_batch`): they
-            leave as uint8 codes with ``<name>#scale`` / ``<name>#offset`` columns, a quarter
-            of the float32 bytes, and the first ``fidelity_views`` good views of each call
-            also carry their float32 values (`ORIGINALS_COLUMN`) for the writer's fidelity
+            leave as `QuantizedTarget` columns (`quantized_columns`), a quarter of the
+            float32 bytes, and the first ``fidelity_views`` good views of each call also
+            carry their float32 values (`ORIGINALS_COLUMN`) for the writer's fidelity
             sample.
         fidelity_views: see ``quantize``; None: the writer's default
             (`label_store.writer.DEFAULT_FIDELITY_VIEWS`).
@@ -408,13 +436,16 @@ class TeacherPredictor:
         out = {name: np.asarray(batch[name]) for name in PASSTHROUGH_COLUMNS + ((REGION_COLUMN,) if REGION_COLUMN in batch else ())}
         out["error"] = np.array(out["error"], dtype=object)  # a writable copy: the forward may add errors
         targets = {
-            name: np.zeros((num_views, *shape), dtype=np.uint8 if name in self.quantize else self.transfer_dtypes[name])
+            name: np.zeros((num_views, *shape), dtype=self.transfer_dtypes[name])
             for name, shape in self.target_shapes.items()
+            if name not in self.quantize
         }
+        quantized = {}
         for name, codec in self.quantize.items():
-            count = codec.num_params(self.target_shapes[name][0])
-            targets[name + SCALE_SUFFIX] = np.zeros((num_views, count), dtype=np.float32)
-            targets[name + OFFSET_SUFFIX] = np.zeros((num_views, count), dtype=np.float32)
+            shape, count = self.target_shapes[name], codec.num_params(self.target_shapes[name][0])
+            quantized[name] = QuantizedTarget(
+                np.zeros((num_views, *shape), dtype=np.uint8), np.zeros((num_views, count), np.float32), np.zeros((num_views, count), np.float32)
+            )
         originals = np.array([b""] * num_views, dtype=object) if self.quantize else None
         sampled = 0
         forward_s = np.zeros(num_views, dtype=np.float64)
@@ -437,10 +468,8 @@ class TeacherPredictor:
                 finite &= torch.isfinite(tensor).flatten(1).all(dim=1)
                 if name in self.quantize:
                     # uint8 codes: a quarter of the float32 bytes to the host and through the object store.
-                    codes, scale, offset = quantize_batch(tensor, self.quantize[name])
-                    targets[name][index] = codes.cpu().numpy()
-                    targets[name + SCALE_SUFFIX][index] = scale.cpu().numpy()
-                    targets[name + OFFSET_SUFFIX][index] = offset.cpu().numpy()
+                    for rows, values in zip(quantized[name], quantize_batch(tensor, self.quantize[name])):
+                        rows[index] = values.cpu().numpy()  # codes, scale, offset
                     continue
                 # Cast on the device: a float16 transfer halves device->host and object-store bytes.
                 dtype = torch.float16 if self.transfer_dtypes[name] == np.float16 else torch.float32
@@ -459,6 +488,7 @@ class TeacherPredictor:
             forward_s[index] = (forwarded - start) / len(index)
             encode_s[index] = (encoded - forwarded) / len(index)
         out.update(targets)
+        out.update(quantized_columns(quantized))
         if originals is not None:
             out[ORIGINALS_COLUMN] = originals
         out["forward_s"] = forward_s

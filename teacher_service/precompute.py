@@ -16,6 +16,7 @@ storing targets for other pixels.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from detcore.interrupt import Interrupted, StopRequest
 from teacher_service.precompute_config import PrecomputeConfig, PrecomputeInputError
@@ -259,10 +260,7 @@ def _run_pipeline(
 
     fault = parse_fault(os.environ.get(FAULT_ENV))
 
-    items = [
-        {"image_id": v.image_id, "view_id": v.view_id, "view": v.to_json(), "path": str(dataset.image_path(v.image_id))}
-        for v in todo
-    ]
+    items = [{"image_id": v.image_id, "view_id": v.view_id, "view": v, "path": str(dataset.image_path(v.image_id))} for v in todo]
     region = config.store_region()
     if region is not None:  # the decode tasks render each view's GT and compute its stored points
         import numpy as np
@@ -297,79 +295,95 @@ def _run_pipeline(
     decode_concurrency = min(task_concurrency, num_blocks)
     write_concurrency = min(task_concurrency, max(1, math.ceil(len(items) / config.views_per_part)))
 
-    with warnings.catch_warnings():
-        # Bounded retries need max_retries / max_restarts / max_task_retries, which Ray 2.60
-        # takes only through the deprecated **ray_remote_args (its defaults retry forever).
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        pipeline = (
-            ray.data.from_items(items, override_num_blocks=num_blocks)
-            .map_batches(
-                decode_and_render,
-                batch_size=block,
-                batch_format="numpy",
-                fn_kwargs={"fault": fault, "niceness": config.cpu_stage_niceness, "cpus": stage_cpus, "region": region},
-                num_cpus=config.cpus_per_task,
-                compute=TaskPoolStrategy(size=decode_concurrency),
-                max_retries=MAX_RETRIES,
+    with _ray_data_settings(DataContext.get_current()):
+        with warnings.catch_warnings():
+            # Bounded retries need max_retries / max_restarts / max_task_retries, which Ray 2.60
+            # takes only through the deprecated **ray_remote_args (its defaults retry forever).
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            pipeline = (
+                ray.data.from_items(items, override_num_blocks=num_blocks)
+                .map_batches(
+                    decode_and_render,
+                    batch_size=block,
+                    batch_format="numpy",
+                    fn_kwargs={"fault": fault, "niceness": config.cpu_stage_niceness, "cpus": stage_cpus, "region": region},
+                    num_cpus=config.cpus_per_task,
+                    compute=TaskPoolStrategy(size=decode_concurrency),
+                    max_retries=MAX_RETRIES,
+                )
+                .map_batches(
+                    TeacherPredictor,
+                    batch_size=block,
+                    batch_format="numpy",
+                    compute=ActorPoolStrategy(size=config.num_actors),
+                    fn_constructor_kwargs={
+                        "teacher_path": str(Path(config.teacher).resolve()),
+                        "target_shapes": {spec.name: tuple(int(v) for v in spec.shape) for spec in specs},
+                        "class_mapping": layout.class_mapping,
+                        "batch_size": config.batch_size,
+                        "device": device,
+                        "precision": config.precision,
+                        "torch_threads": None if device.startswith("cuda") else torch_threads,
+                        "transfer_dtypes": transfer_dtypes(specs, device),
+                        "quantize": device_quantized(specs, device, config.quantize_on_device),
+                        "fault": fault,
+                        "cpu_affinity": tuple(teacher_cpus) if teacher_cpus and not device.startswith("cuda") else None,
+                    },
+                    max_restarts=MAX_RETRIES,
+                    max_task_retries=MAX_RETRIES,
+                    **actor_resources,
+                )
             )
-            .map_batches(
-                TeacherPredictor,
-                batch_size=block,
-                batch_format="numpy",
-                compute=ActorPoolStrategy(size=config.num_actors),
-                fn_constructor_kwargs={
-                    "teacher_path": str(Path(config.teacher).resolve()),
-                    "target_shapes": {spec.name: tuple(int(v) for v in spec.shape) for spec in specs},
-                    "class_mapping": layout.class_mapping,
-                    "batch_size": config.batch_size,
-                    "device": device,
-                    "precision": config.precision,
-                    "torch_threads": None if device.startswith("cuda") else torch_threads,
-                    "transfer_dtypes": transfer_dtypes(specs, device),
-                    "quantize": device_quantized(specs, device, config.quantize_on_device),
-                    "fault": fault,
-                    "cpu_affinity": tuple(teacher_cpus) if teacher_cpus and not device.startswith("cuda") else None,
-                },
-                max_restarts=MAX_RETRIES,
-                max_task_retries=MAX_RETRIES,
-                **actor_resources,
-            )
+        counter = ProgressCounter.remote()
+        sink = LabelStoreDatasink(
+            config.store,
+            layout.fingerprint,
+            layout.target_specs,
+            storage_options=dict(config.storage_options) or None,
+            views_per_part=config.views_per_part,
+            progress=counter,
+            niceness=config.cpu_stage_niceness,
+            cpus=stage_cpus,
+            fault=fault,
+            region=None if config.store_region() is None else config.store_region().to_dict(),
         )
-    counter = ProgressCounter.remote()
-    sink = LabelStoreDatasink(
-        config.store,
-        layout.fingerprint,
-        layout.target_specs,
-        storage_options=dict(config.storage_options) or None,
-        views_per_part=config.views_per_part,
-        progress=counter,
-        niceness=config.cpu_stage_niceness,
-        cpus=stage_cpus,
-        fault=fault,
-        region=None if config.store_region() is None else config.store_region().to_dict(),
-    )
-    context = DataContext.get_current()
-    saved = (context.enable_progress_bars, context.print_on_execution_start)
-    # Our own bar counts committed views; Ray Data's per-operator bars would interleave with it.
-    context.enable_progress_bars, context.print_on_execution_start = False, False
-    try:
-        with ProgressPoller(counter, len(todo), config.show_progress, on_progress), warnings.catch_warnings():
-            # The write cap is an upper bound; a small job whose outputs arrive as fewer
-            # blocks than the cap is fine, and Ray Data's warning about it is noise.
-            warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'Write'")
-            pipeline.write_datasink(
-                sink,
-                ray_remote_args={"num_cpus": config.cpus_per_task, "max_retries": MAX_RETRIES},
-                concurrency=write_concurrency,
-            )
-    finally:
-        context.enable_progress_bars, context.print_on_execution_start = saved
-        ray.kill(counter)
+        try:
+            with ProgressPoller(counter, len(todo), config.show_progress, on_progress), warnings.catch_warnings():
+                # The write cap is an upper bound; a small job whose outputs arrive as fewer
+                # blocks than the cap is fine, and Ray Data's warning about it is noise.
+                warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'Write'")
+                pipeline.write_datasink(
+                    sink,
+                    ray_remote_args={"num_cpus": config.cpus_per_task, "max_retries": MAX_RETRIES},
+                    concurrency=write_concurrency,
+                )
+        finally:
+            ray.kill(counter)
     if sink.result is None:
         raise RuntimeError("LabelStoreDatasink expects on_write_complete to run after a successful write. It did not.")
     # Pinned stages share their cores, however many task slots Ray has for them.
     sink.result["stage_slots"] = min(task_concurrency, len(stage_cpus)) if stage_cpus else task_concurrency
     return sink.result
+
+
+@contextlib.contextmanager
+def _ray_data_settings(context) -> Iterator[None]:
+    """The job's Ray Data settings (``context``: a `ray.data.DataContext`), restored on exit.
+
+    Our own bar counts committed views, so Ray Data's per-operator bars (they would
+    interleave with it) are off; and the ``view`` column holds `detcore.views.View`
+    values, which Ray Data pickles (an explicit setting, so it does so without first
+    warning that Arrow could not hold them).
+    """
+    names = ("enable_progress_bars", "print_on_execution_start", "enable_fallback_to_arrow_object_ext_type")
+    saved = {name: getattr(context, name) for name in names}
+    context.enable_progress_bars = context.print_on_execution_start = False
+    context.enable_fallback_to_arrow_object_ext_type = True
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
 
 
 def _task_concurrency(config: PrecomputeConfig) -> int:

@@ -91,7 +91,7 @@ def _decode_batch(dataset: CocoDataset, views: list[View]) -> dict[str, np.ndarr
     return {
         "image_id": np.asarray([v.image_id for v in views]),
         "view_id": np.asarray([v.view_id for v in views]),
-        "view": np.asarray([v.to_json() for v in views], dtype=object),
+        "view": np.asarray(views, dtype=object),
         "path": np.asarray([str(dataset.image_path(v.image_id)) for v in views], dtype=object),
     }
 
