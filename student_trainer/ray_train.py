@@ -18,6 +18,11 @@ as a checkpoint (under ``OUT/ray``); on resume rank 0 reads ``OUT/last.pt`` (or 
 latest checkpoint when it is missing) and broadcasts the state to the other ranks. On a
 multi-node cluster ``--out`` must be a folder the driver can read after the run (shared
 storage), and the store must be reachable from every node (NFS or fsspec URL).
+
+Ctrl-C or SIGTERM on the driver aborts the run through Ray Train's controller (the workers
+stop where they are) and `train_with_ray` raises `detcore.interrupt.Interrupted`: the
+command exits 130 / 143 and says which step ``last.pt`` holds (the last checkpoint:
+every ``--checkpoint-every`` steps and each epoch end); the same command resumes there.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def _worker_loop(payload: dict[str, Any]) -> None:
@@ -137,21 +144,83 @@ def train_with_ray(config, *, progress: bool = True, num_cpus: int | None = None
             init_kwargs["runtime_env"] = env
         ray.init(**init_kwargs)
         started = True
+    stop = _AbortOnSignal()
+
+    class _Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller) -> None:  # Ray Train's hook for its own Ctrl-C handler
+            stop.install(controller)
+
     try:
-        trainer = TorchTrainer(
+        trainer = _Trainer(
             _worker_loop,
             train_loop_config={"config": resolved.to_dict()},
             scaling_config=ScalingConfig(num_workers=int(config.num_ray_workers), use_gpu=torch.cuda.is_available()),
             run_config=RunConfig(name="train", storage_path=str(out / "ray")),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception:
+            if stop.signum is None:
+                raise
     finally:
+        stop.restore()
         if started:
             ray.shutdown()
+    if stop.signum is not None:
+        from detcore.interrupt import Interrupted
+
+        raise Interrupted(stop.signum, _resume_note(out / "last.pt"))
     results = out / "results.json"
     if not results.exists():
         raise RuntimeError(f"train_with_ray expects rank 0 to write {results}. It is missing; see the worker logs above.")
     return json.loads(results.read_text(encoding="utf-8"))
+
+
+class _AbortOnSignal:
+    """SIGINT and SIGTERM while Ray Train runs: the first aborts the run through its controller
+    (as Ray Train's own Ctrl-C handler does, which this replaces) and is remembered; a second
+    stops the driver at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self, controller) -> None:
+        import signal
+
+        import ray
+
+        from detcore.interrupt import STOP_SIGNALS, Interrupted
+
+        def handle(signum, frame) -> None:
+            if self.signum is not None:
+                raise Interrupted(signum, "forced stop; re-run the same command to resume from the last checkpoint")
+            self.signum = signum
+            logger.warning("%s: aborting the Ray Train run (a second signal stops at once)", signal.Signals(signum).name)
+            try:
+                ray.get(controller.abort.remote())
+            except ray.exceptions.RayActorError:
+                pass  # the controller is gone already: the run has ended
+
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, handle)
+
+    def restore(self) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+def _resume_note(last: Path) -> str:
+    """What an interrupted run kept: the step ``last.pt`` holds, and how to go on."""
+    import torch
+
+    if not last.exists():
+        return "no checkpoint was written yet; re-run the same command to start again"
+    training = torch.load(last, map_location="cpu", weights_only=True).get("training", {})
+    return f"{last} holds step {training.get('step')} (the last checkpoint); re-run the same command to resume"
 
 
 def _absolute_paths(config):

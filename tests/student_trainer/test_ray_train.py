@@ -225,3 +225,62 @@ def test_a_killed_ray_train_run_resumes_from_its_last_checkpoint(world, tmp_path
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 31))  # each step logged once: nothing redone twice, nothing skipped
     assert len(set(summary["parameter_digests"])) == 1
+
+
+_CLI_DRIVER = """
+import json, sys
+from detcore.interrupt import Interrupted
+from student_trainer.config import config_from_dict
+from student_trainer.ray_train import train_with_ray
+try:
+    train_with_ray(config_from_dict(json.loads(open(sys.argv[1]).read())), num_cpus=2)
+except Interrupted as stop:  # as `distill train` ends an interrupted run
+    sys.exit(stop.report())
+"""
+
+
+def test_ctrl_c_stops_a_ray_train_run_with_130_and_the_same_command_resumes(world, tmp_path, monkeypatch):
+    """SIGINT to the driver's process group (a terminal's Ctrl-C) once a checkpoint exists: exit 130 naming
+    the step last.pt holds, Ray shut down; re-running continues from that step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from student_trainer.ray_train import train_with_ray
+
+    repo = Path(__file__).resolve().parents[2]
+    ray_tmp = tempfile.mkdtemp(prefix="st-ray-")
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    out = tmp_path / "run"
+    config = run_config(world, out, losses="ld", iters=30, batch_size=1, ray_workers=2, checkpoint_every=1)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config.to_dict()))
+    env = {**os.environ, "PYTHONPATH": str(repo), "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen([sys.executable, "-c", _CLI_DRIVER, str(config_path)], cwd=repo, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            last = out / "last.pt"
+            if last.exists() and torch.load(last, weights_only=True)["training"]["step"] >= 2:
+                break
+            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0][-3000:]
+            time.sleep(0.05)  # polling the checkpoint file the run writes
+        os.killpg(driver.pid, signal.SIGINT)
+        output = driver.communicate(timeout=120)[0]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.communicate()
+    checkpoint_step = torch.load(out / "last.pt", weights_only=True)["training"]["step"]
+    assert driver.returncode == 130, output[-3000:]
+    assert f"interrupted by SIGINT: {out / 'last.pt'} holds step {checkpoint_step}" in output
+    assert 2 <= checkpoint_step < 30 and not (out / "final.pt").exists()
+    assert not [pid for pid in _descendants(driver.pid) if "raylet" in _cmdline(pid)]
+
+    summary = train_with_ray(config, num_cpus=2)  # the same command again
+    assert summary["finished"] and summary["step"] == 30
+    assert summary["resumed_from_step"] == checkpoint_step
+    assert len(set(summary["parameter_digests"])) == 1
