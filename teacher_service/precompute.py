@@ -122,6 +122,13 @@ def run_precompute(
     layout = store_layout(config, dataset.classes)
     if layout.class_mapping is not None:
         logger.info("precompute: teacher classes mapped to the dataset's categories:\n%s", layout.class_mapping.describe())
+    unfitted = [spec.name for spec in layout.target_specs if spec.target_codec.needs_basis and spec.transform is None]
+    if unfitted:
+        raise PrecomputeInputError(
+            f"precompute expects codecs it can fit as it writes. Got transform codecs (pca-std<k>) for {unfitted}, whose "
+            "per-store basis the job does not fit yet; write such a store through label_store (fit_target_bases, "
+            "create_store) or choose an int codec with --codec."
+        )
     storage_options = dict(config.storage_options) or None
     store = create_store(
         config.store, layout.fingerprint, list(layout.target_specs), exist_ok=True, storage_options=storage_options,
