@@ -23,6 +23,7 @@ import importlib
 _EXPORTS = {
     "SCHEMA_VERSION": "label_store.schema",
     "DEFAULT_CODECS": "label_store.schema",
+    "BASIS_FREE_CODECS": "label_store.schema",
     "TARGET_GROUPS": "label_store.schema",
     "LOSS_TARGET_GROUPS": "label_store.schema",
     "loss_target_groups": "label_store.schema",

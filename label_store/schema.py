@@ -117,9 +117,19 @@ DEFAULT_CODECS = {
     "box": "int6-view-dbhw+zstd15",
     # Edge distances (stride units, smooth across neighbouring points): 8 bits per channel.
     "edges": "int8-channel-dhw+zstd15",
-    "fpn": "int6-view-dhw+zstd15",
+    # Transform-coded (benchmarks/RESULTS.md, "FPN transform coding"): a basis per level,
+    # fitted by the precompute job on a new store's first views and kept in its schema.
+    "fpn": "pca-std5+blosc-zstd5-bitshuffle",
     "backbone": "int6-view+blosc-zstd5-bitshuffle",
 }
+
+BASIS_FREE_CODECS = {
+    "fpn": "int6-view-dhw+zstd15",
+}
+"""The codec of a group whose `DEFAULT_CODECS` entry needs a store's channel basis, where
+there is none to fit it on: the specs of `default_target_specs` (they come without data)
+and so the endpoint's wire, which has no store. Also the default of stores written before
+transform coding."""
 
 REGION_GROUPS = ("box", "edges")
 """Groups a store may hold only inside its `StoreRegion`."""
@@ -423,14 +433,17 @@ def default_target_specs(
         backbone_channels: channels of stages ``(c3, c4, c5)`` (a sequence or a mapping from
             stage name); required when ``"backbone"`` is in ``groups``.
         groups: which target groups to store, any of `TARGET_GROUPS`.
-        codecs: codec per group overriding `DEFAULT_CODECS`.
+        codecs: codec per group overriding `DEFAULT_CODECS`. A group left to its default
+            gets `BASIS_FREE_CODECS`'s codec where the default needs a fitted basis, so the
+            specs encode as they are; to store the default transform codec, name it here
+            and fit the bases on the first views (`fit_target_bases`), as the precompute job does.
     Returns:
         Specs in group order, then level order.
     """
     unknown = [g for g in groups if g not in TARGET_GROUPS]
     if unknown or not groups or len(set(groups)) != len(groups):
         raise ValueError(f"default_target_specs(groups=) expects distinct names from {TARGET_GROUPS}. Got {tuple(groups)!r}.")
-    chosen = dict(DEFAULT_CODECS)
+    chosen = {group: BASIS_FREE_CODECS.get(group, name) if parse_codec(name).needs_basis else name for group, name in DEFAULT_CODECS.items()}
     for group, name in (codecs or {}).items():
         if group not in TARGET_GROUPS:
             raise ValueError(f"default_target_specs(codecs=) expects keys from {TARGET_GROUPS}. Got {group!r}.")
