@@ -179,7 +179,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from label_store import default_target_specs
-    from label_store.codecs import profile_codec
+    from label_store.codecs import parse_codec, profile_codec
     from label_store.schema import DEFAULT_CODECS
     from student_trainer.losses import FGDConfig, build_fgd_modules
 
@@ -220,7 +220,8 @@ def main() -> int:
             settings[f"small, fpn pca-std{k}" + ("" if len(args.pca_compressors) == 1 else f" {compressor}")] = {
                 **DEFAULT_CODECS, "fpn": f"pca-std{k}+{compressor}"}
     sample = fit_sample(teacher, args.annotations, args.images, args.views, args.fit_views, canvas,
-                        [spec.name for spec in specs]) if args.pca_steps else []
+                        [spec.name for spec in specs]) if any(
+        parse_codec(codec).needs_basis for codecs in settings.values() for codec in codecs.values()) else []
 
     print(f"# teacher {args.teacher} (K={teacher.num_classes}, R={reg_max}, C={teacher_out.fpn_features[0].shape[1]}), "
           f"student {args.student}, {len(views)} views at canvas {canvas}, {points} points per view, {args.threads} thread(s)")

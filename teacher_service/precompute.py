@@ -2,7 +2,9 @@
 
 Pipeline (Ray Data, streaming)::
 
-    plan views (annotation sizes)  ->  skip views already committed (resume)
+    plan views (annotation sizes)  ->  a new store with transform codecs: fit their channel
+                                      bases on the first views (driver, `fit_store_bases`)
+      -> skip views already committed (resume)
       -> ray.data.from_items
       -> map_batches(decode_and_render)            CPU tasks; a bad image -> error rows
       -> map_batches(TeacherPredictor)             actor pool, one actor per GPU or CPU actors
