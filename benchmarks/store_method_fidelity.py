@@ -22,7 +22,10 @@ Per group: stored bytes per view (compressed codes + crc32c + scale/offset, as
 teacher's forward per view (same process, same thread count, fp32 on the CPU).
 
 Settings: ``small`` (label_store.schema.DEFAULT_CODECS), ``fast`` (the same under the
-``fast`` codec profile), and ``small`` with the cls codec floored at each ``--floors`` value.
+``fast`` codec profile), ``small`` with the cls codec floored at each ``--floors`` value, and
+``small`` with fpn transform-coded (``--pca-steps``: ``pca-std<k>``, its per-level bases
+fitted on the ``--fit-views`` images after the measured ones, as a store fits them on its
+first views; their fit is not counted in the write CPU).
 
     python benchmarks/store_method_fidelity.py --teacher T.pt --student S.pt \\
         --annotations A.json --images DIR --views 8 --canvas 256 --floors -4 -6 -8 -10
@@ -72,18 +75,44 @@ def load_views(teacher_path: str, student_path: str, annotations: str, images: s
     return batch, teacher, teacher_out, student_out, forward_cpu
 
 
-def encode_decode(specs, targets, codecs: dict[str, str]):
-    """Per view, encode and decode every target; (decoded per view, bytes per group per view, write CPU per view)."""
+def fit_sample(teacher, annotations: str, images: str, first: int, count: int, canvas: tuple[int, int], names):
+    """Teacher targets (name -> float32 array[C, H, W]) of images ``first .. first + count``: the views a store fits its transform bases on."""
+    import torch
+
+    from detcore.coco import CocoDataset
+    from detcore.datasets import ViewDataset, collate_views
+    from detcore.views import plan_views
+
+    dataset = CocoDataset(annotations, images)
+    ids = dataset.image_ids[first : first + count]
+    if len(ids) < count:
+        raise SystemExit(f"store_method_fidelity: --fit-views {count} needs {first + count} images. Got {len(dataset.image_ids)}.")
+    views = plan_views([(i, dataset.record(i).height, dataset.record(i).width) for i in ids], canvas_hw=canvas, flip=False)
+    rendered = ViewDataset(dataset, views)
+    batch = collate_views([rendered[i] for i in range(len(rendered))])
+    with torch.no_grad():
+        arrays = {name: value.float().numpy() for name, value in teacher(batch["images"]).to_targets(GROUPS).items()}
+    return [{name: arrays[name][i] for name in names} for i in range(len(ids))]
+
+
+def encode_decode(specs, targets, codecs: dict[str, str], sample=()):
+    """Per view, encode and decode every target; (decoded per view, bytes per group per view, write CPU per view).
+
+    A transform codec (``pca-std<k>``) is bound to a basis fitted on ``sample`` (other views' targets).
+    """
     import numpy as np
 
     from label_store.codecs import parse_codec
+    from label_store.schema import TargetSpec, fit_target_bases
 
+    bound = fit_target_bases([TargetSpec(spec.name, spec.shape, codecs[spec.group]) for spec in specs], sample) if any(
+        parse_codec(codecs[g]).needs_basis for g in GROUPS) else None
     decoded, stored = [], {g: 0 for g in GROUPS}
     cpu = 0.0
     for view in targets:
         out = {}
-        for spec in specs:
-            codec = parse_codec(codecs[spec.group])
+        for index, spec in enumerate(specs):
+            codec = bound[index].target_codec if bound is not None else parse_codec(codecs[spec.group])
             compressor = codec.numcodecs_compressor()
             start = time.process_time()
             codes, scale, offset = codec.encode(view[spec.name])
@@ -139,6 +168,9 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also finer box and fpn codecs (int7, int8), zstd 15")
     parser.add_argument("--zstd-levels", type=int, nargs="*", default=[], help="also the default quantizers at these zstd levels")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the teacher forward")
+    parser.add_argument("--pca-steps", type=int, nargs="*", default=[], help="also fpn pca-std<k> codecs at these k")
+    parser.add_argument("--pca-compressors", nargs="*", default=["blosc-zstd5-bitshuffle"], help="compressors of the pca codecs")
+    parser.add_argument("--fit-views", type=int, default=8, help="views after the measured ones that the pca bases are fitted on")
     args = parser.parse_args()
 
     import numpy as np
@@ -147,7 +179,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from label_store import default_target_specs
-    from label_store.codecs import profile_codec
+    from label_store.codecs import parse_codec, profile_codec
     from label_store.schema import DEFAULT_CODECS
     from student_trainer.losses import FGDConfig, build_fgd_modules
 
@@ -183,6 +215,14 @@ def main() -> int:
             settings[f"small, box int{bits}"] = {**DEFAULT_CODECS, "box": f"int{bits}-view-dbhw+zstd15"}
             settings[f"small, fpn int{bits}"] = {**DEFAULT_CODECS, "fpn": f"int{bits}-view-dhw+zstd15"}
 
+    for k in args.pca_steps:
+        for compressor in args.pca_compressors:
+            settings[f"small, fpn pca-std{k}" + ("" if len(args.pca_compressors) == 1 else f" {compressor}")] = {
+                **DEFAULT_CODECS, "fpn": f"pca-std{k}+{compressor}"}
+    sample = fit_sample(teacher, args.annotations, args.images, args.views, args.fit_views, canvas,
+                        [spec.name for spec in specs]) if any(
+        parse_codec(codec).needs_basis for codecs in settings.values() for codec in codecs.values()) else []
+
     print(f"# teacher {args.teacher} (K={teacher.num_classes}, R={reg_max}, C={teacher_out.fpn_features[0].shape[1]}), "
           f"student {args.student}, {len(views)} views at canvas {canvas}, {points} points per view, {args.threads} thread(s)")
     print(f"# teacher forward: {1000 * forward_cpu:.1f} ms CPU per view; fp32 bytes per view: "
@@ -200,7 +240,7 @@ def main() -> int:
     print("|" + "---|" * (8 + len(METHOD_KEYS)))
     rows = {}
     for name, codecs in settings.items():
-        decoded, stored, write_cpu = encode_decode(specs, views, codecs)
+        decoded, stored, write_cpu = encode_decode(specs, views, codecs, sample)
         losses = losses_of(decoded)
         errors = {k: abs(losses[k] - reference[k]) / reference[k] if reference[k] > 0 else 0.0 for k in METHOD_KEYS}
         total = sum(stored.values())

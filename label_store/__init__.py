@@ -23,6 +23,7 @@ import importlib
 _EXPORTS = {
     "SCHEMA_VERSION": "label_store.schema",
     "DEFAULT_CODECS": "label_store.schema",
+    "BASIS_FREE_CODECS": "label_store.schema",
     "TARGET_GROUPS": "label_store.schema",
     "LOSS_TARGET_GROUPS": "label_store.schema",
     "loss_target_groups": "label_store.schema",
@@ -32,7 +33,10 @@ _EXPORTS = {
     "default_target_specs": "label_store.schema",
     "level_name": "label_store.schema",
     "ViewRecipe": "label_store.schema",
+    "fit_target_bases": "label_store.schema",
     "TargetCodec": "label_store.codecs",
+    "ChannelBasis": "label_store.codecs",
+    "fit_channel_basis": "label_store.codecs",
     "parse_codec": "label_store.codecs",
     "encode_targets": "label_store.encoding",
     "decode_targets": "label_store.encoding",

@@ -17,6 +17,18 @@ storage (done by this module, in numpy):
                         ``2**b - 1`` steps its step widens to ``range_c / (2**b - 1)``.
                         The step, not the bit budget, sets the error (and entropy coding
                         sets the size), so ``k`` is a finer knob than ``b``.
+    ``pca-std<k>``      transform coding of the channels: one orthonormal basis per target
+                        and level for the whole store (`ChannelBasis`: the principal axes of
+                        the channels, fitted on the first views by `fit_channel_basis` and
+                        held in the store's schema, `label_store.schema.TargetSpec.transform`),
+                        coefficients ``y = V^T (x - mean)`` per point rounded with one step per
+                        view, ``rms(x) / k`` (widened to ``max |y| / 127`` where a coefficient
+                        would not fit), as signed 8-bit codes stored zigzag-mapped (0, -1, 1,
+                        ... -> 0, 1, 2, ...); ``x = mean + V (step * code)``. The step is the
+                        same for every coefficient, so the bits follow the variance: the few
+                        leading components take most of the bytes and the many small ones
+                        round to 0, which entropy coding (bit shuffle suits these small
+                        codes) removes. Error per channel c: ``sum_j |V_cj| * step / 2``.
     Every integer storage rounds to nearest: ``|x - decoded| <= scale_c / 2`` (plus float32
     rounding), which is the error each codec states (`TargetCodec.error_bound`).
     Logits are quantized as logits, never as probabilities.
@@ -47,7 +59,7 @@ compressor (a zarr v3 core codec in the array metadata, after the ``bytes`` seri
     ``blosc-zstd<L>-bitshuffle``  ``blosc`` (zstd, level L) with bit shuffle
 Every stored chunk also ends with a ``crc32c`` codec, so a flipped byte fails loudly.
 
-Examples: ``fp32``, ``fp16+blosc-zstd5-shuffle``, ``int8-channel+zstd5``,
+Examples: ``pca-std4+blosc-zstd5-bitshuffle``, ``fp32``, ``fp16+blosc-zstd5-shuffle``, ``int8-channel+zstd5``,
 ``int5-view+zstd5``, ``int8-std8+zstd5``, ``int6-view-dbhw+zstd15``, ``int5-view-dchw-floor-8+zstd15``.
 
 Codec profiles (`profile_codec`): ``small`` keeps a codec as named; ``fast`` keeps its
@@ -58,6 +70,8 @@ that must keep up with a GPU teacher.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +81,7 @@ import numpy as np
 FLOAT16_MAX = 65504.0
 
 _STORAGE_RE = re.compile(
-    r"^(?:(?P<float>fp32|fp16)|int(?P<bits>[2-8])-(?P<scale>channel|view|std(?P<k>[1-9][0-9]{0,3}))(?:-d(?P<predict>(?=[bchw])[bc]?h?w?))?(?:-floor(?P<floor>-?[0-9]{1,4}(?:\.[0-9]{1,4})?))?)$"
+    r"^(?:(?P<float>fp32|fp16)|pca-std(?P<pk>[1-9][0-9]{0,3})|int(?P<bits>[2-8])-(?P<scale>channel|view|std(?P<k>[1-9][0-9]{0,3}))(?:-d(?P<predict>(?=[bchw])[bc]?h?w?))?(?:-floor(?P<floor>-?[0-9]{1,4}(?:\.[0-9]{1,4})?))?)$"
 )
 _AXES = {"c": 0, "h": 1, "w": 2}
 EDGE_GROUPS = 4
@@ -81,18 +95,125 @@ FAST_BLOSC_LEVEL = 1
 _COMPRESSOR_RE = re.compile(r"^(?:zstd(?P<zlevel>-?[0-9]{1,2})|blosc-zstd(?P<blevel>[0-9])-(?P<shuffle>shuffle|bitshuffle))$")
 
 
+PCA_CODE_PEAK = 127
+"""Largest coefficient code magnitude of ``pca-std<k>`` (signed 8-bit codes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelBasis:
+    """A per-store orthonormal basis of one target's C channels (``pca-std<k>`` codecs).
+
+    Held as little-endian float32 bytes so that it compares, hashes and travels in the
+    store's schema as it is (`to_dict`: base64).
+    """
+
+    channels: int
+    """C."""
+    mean: bytes
+    """float32 array[C]: the channel means subtracted before the projection."""
+    basis: bytes
+    """float32 array[C, C], row-major: column j is component j, by decreasing variance."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.channels, int) or isinstance(self.channels, bool) or self.channels <= 0:
+            raise ValueError(f"ChannelBasis(channels=) expects a positive int. Got {self.channels!r}.")
+        c = self.channels
+        if not isinstance(self.mean, bytes) or len(self.mean) != 4 * c:
+            raise ValueError(f"ChannelBasis(mean=) expects {4 * c} bytes (float32[{c}]). Got {type(self.mean).__name__} of {len(self.mean) if isinstance(self.mean, bytes) else '?'}.")
+        if not isinstance(self.basis, bytes) or len(self.basis) != 4 * c * c:
+            raise ValueError(f"ChannelBasis(basis=) expects {4 * c * c} bytes (float32[{c}, {c}]). Got {type(self.basis).__name__}.")
+        mean, vectors = self.mean_array, self.basis_array
+        if not (np.isfinite(mean).all() and np.isfinite(vectors).all()):
+            raise ValueError("ChannelBasis expects finite mean and basis values. Got NaN or inf.")
+        gram = vectors.astype(np.float64).T @ vectors.astype(np.float64)
+        deviation = float(np.abs(gram - np.eye(c)).max())
+        if deviation > 1e-4:
+            raise ValueError(f"ChannelBasis(basis=) expects orthonormal columns. Got |V^T V - I| up to {deviation:.3g}.")
+
+    @classmethod
+    def from_arrays(cls, mean: np.ndarray, basis: np.ndarray) -> "ChannelBasis":
+        """From float arrays ``mean[C]`` and ``basis[C, C]`` (columns: components)."""
+        mean = np.ascontiguousarray(mean, dtype="<f4")
+        basis = np.ascontiguousarray(basis, dtype="<f4")
+        if mean.ndim != 1 or basis.shape != (mean.size, mean.size):
+            raise ValueError(f"ChannelBasis.from_arrays expects mean[C] and basis[C, C]. Got {mean.shape} and {basis.shape}.")
+        return cls(int(mean.size), mean.tobytes(), basis.tobytes())
+
+    @property
+    def mean_array(self) -> np.ndarray:
+        """float32 array[C] (read-only)."""
+        return np.frombuffer(self.mean, "<f4").astype(np.float32, copy=False)
+
+    @property
+    def basis_array(self) -> np.ndarray:
+        """float32 array[C, C] (read-only); column j is component j."""
+        return np.frombuffer(self.basis, "<f4").astype(np.float32, copy=False).reshape(self.channels, self.channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "channel_pca",
+            "channels": self.channels,
+            "dtype": "<f4",
+            "mean": base64.b64encode(self.mean).decode("ascii"),
+            "basis": base64.b64encode(self.basis).decode("ascii"),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ChannelBasis":
+        expected = {"kind", "channels", "dtype", "mean", "basis"}
+        if not isinstance(data, dict) or set(data) != expected or data["kind"] != "channel_pca" or data["dtype"] != "<f4":
+            raise ValueError(
+                f"ChannelBasis.from_dict(data=) expects keys {sorted(expected)} with kind 'channel_pca' and dtype '<f4'. "
+                f"Got {sorted(data) if isinstance(data, dict) else type(data).__name__}."
+            )
+        try:
+            mean, basis = base64.b64decode(data["mean"], validate=True), base64.b64decode(data["basis"], validate=True)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"ChannelBasis.from_dict(data=) expects base64 mean and basis. Got unreadable text: {error}.") from None
+        return cls(int(data["channels"]), mean, basis)
+
+
+def fit_channel_basis(samples) -> ChannelBasis:
+    """Principal axes of the channels of some views of one target: a `ChannelBasis`.
+
+    Args:
+        samples: float arrays[C, H, W] (one per view, the same C), e.g. a store's first views.
+    Returns:
+        The channel means and the eigenvectors of the channel covariance (float64, pooled
+        over every point of every sample), by decreasing eigenvalue, each signed so that
+        its largest-magnitude entry is positive (the same samples give the same bytes).
+    """
+    arrays = [np.asarray(x, dtype=np.float64) for x in samples]
+    if not arrays or any(a.ndim != 3 or a.shape[0] != arrays[0].shape[0] for a in arrays):
+        raise ValueError(f"fit_channel_basis(samples=) expects one or more arrays[C, H, W] of one C. Got shapes {[a.shape for a in arrays]}.")
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise ValueError("fit_channel_basis(samples=) expects finite values. Got NaN or inf.")
+    channels = arrays[0].shape[0]
+    flat = np.concatenate([a.reshape(channels, -1) for a in arrays], axis=1)
+    mean = flat.mean(axis=1)
+    centred = flat - mean[:, None]
+    values, vectors = np.linalg.eigh(centred @ centred.T / flat.shape[1])
+    vectors = vectors[:, np.argsort(values)[::-1]]
+    signs = np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(channels)])
+    vectors = vectors * np.where(signs == 0, 1.0, signs)
+    # Re-orthonormalise in float32 so that the stored basis passes its own check.
+    q, r = np.linalg.qr(vectors.astype(np.float32).astype(np.float64))
+    q = q * np.sign(np.diag(r))
+    return ChannelBasis.from_arrays(mean, q)
+
+
 @dataclass(frozen=True, slots=True)
 class TargetCodec:
     """The storage and compression of one target; parsed from and printed as its name."""
 
     storage: str
-    """``"fp32"``, ``"fp16"`` or ``"int"`` (b-bit codes in uint8 with scale and offset)."""
+    """``"fp32"``, ``"fp16"``, ``"int"`` (b-bit codes in uint8 with scale and offset) or ``"pca"`` (coefficient codes)."""
     bits: int
     """Bits per stored value: 32, 16, or 2..8 for integer codes."""
     scaling: str
-    """``"none"`` for floats; ``"channel"``, ``"view"`` or ``"std"`` for integer codes."""
+    """``"none"`` for floats; ``"channel"``, ``"view"`` or ``"std"`` for integer codes; ``"pca"`` for ``pca`` storage."""
     steps_per_std: int
-    """k of ``int<b>-std<k>`` (quantization step = std(view) / k); 0 otherwise."""
+    """k of ``int<b>-std<k>`` (quantization step = std(view) / k) or ``pca-std<k>`` (step = rms(view) / k); 0 otherwise."""
     compressor: str
     """``"none"``, ``"zstd"``, ``"blosc-shuffle"`` or ``"blosc-bitshuffle"``."""
     level: int
@@ -101,6 +222,8 @@ class TargetCodec:
     """Axes the integer codes are differenced along before compression (``"chw"``, ``"bhw"``, ``"hw"``, ...); ``""`` for none."""
     floor: float | None = None
     """Values below it are raised to it before quantization (``-floor<X>``); None for no floor."""
+    basis: ChannelBasis | None = dataclasses.field(default=None, compare=False, repr=False)
+    """The store's basis of this target (``pca`` storage only, `with_basis`); not part of the name."""
 
     def __post_init__(self) -> None:
         # Everything is validated through the name grammar, so no invalid codec can exist.
@@ -109,8 +232,23 @@ class TargetCodec:
 
     # ---- naming -------------------------------------------------------------------
 
+    def with_basis(self, basis: ChannelBasis | None) -> "TargetCodec":
+        """This codec bound to a store's basis (``pca`` storage; the same codec for the others)."""
+        if self.storage != "pca":
+            return self
+        if basis is not None and not isinstance(basis, ChannelBasis):
+            raise ValueError(f"TargetCodec.with_basis(basis=) expects a ChannelBasis or None. Got {type(basis).__name__}.")
+        return dataclasses.replace(self, basis=basis)
+
+    @property
+    def needs_basis(self) -> bool:
+        """Whether encoding and decoding need a store's `ChannelBasis` (``pca`` storage)."""
+        return self.storage == "pca"
+
     @property
     def storage_name(self) -> str:
+        if self.storage == "pca":
+            return f"pca-std{self.steps_per_std}"
         if self.storage != "int":
             return self.storage
         suffix = f"std{self.steps_per_std}" if self.scaling == "std" else self.scaling
@@ -164,17 +302,53 @@ class TargetCodec:
     @property
     def dtype(self) -> np.dtype:
         """numpy dtype of the stored values."""
-        return np.dtype({"fp32": np.float32, "fp16": np.float16, "int": np.uint8}[self.storage])
+        return np.dtype({"fp32": np.float32, "fp16": np.float16, "int": np.uint8, "pca": np.uint8}[self.storage])
 
     @property
     def quantized(self) -> bool:
-        return self.storage == "int"
+        """Whether one view stores codes with (scale, offset) parameters (integer and ``pca`` storage)."""
+        return self.storage in ("int", "pca")
 
     def num_params(self, channels: int) -> int:
-        """Pc: how many (scale, offset) pairs one view stores for a target of C channels."""
+        """Pc: how many (scale, offset) pairs one view stores for a target of C channels
+        (``pca``: one, the coefficient step and an offset of 0)."""
         if not self.quantized:
             return 0
-        return 1 if self.scaling == "view" else channels
+        return 1 if self.scaling in ("view", "pca") else channels
+
+    def _bound_basis(self, channels: int, where: str) -> ChannelBasis:
+        if self.basis is None:
+            raise ValueError(
+                f"TargetCodec({self.name!r}).{where} expects the store's channel basis. Got none: fit one with "
+                f"label_store.fit_target_bases (or fit_channel_basis) and pass the target's spec with its transform."
+            )
+        if self.basis.channels != channels:
+            raise ValueError(f"TargetCodec({self.name!r}).{where} expects {self.basis.channels} channels (its basis). Got {channels}.")
+        return self.basis
+
+    def _encode_pca(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        basis = self._bound_basis(x.shape[0], "encode")
+        flat = x.reshape(x.shape[0], -1)
+        coefficients = basis.basis_array.T @ (flat - basis.mean_array[:, None])
+        rms = float(np.sqrt(np.mean(np.square(flat, dtype=np.float64)))) if flat.size else 0.0
+        peak = float(np.abs(coefficients).max()) if coefficients.size else 0.0
+        step = np.float32(max(rms / self.steps_per_std, peak / PCA_CODE_PEAK))
+        if step > 0:
+            coefficients *= np.float32(1.0) / step
+        np.rint(coefficients, out=coefficients)
+        np.clip(coefficients, -PCA_CODE_PEAK, PCA_CODE_PEAK, out=coefficients)
+        signed = coefficients.astype(np.int8)
+        codes = ((signed << 1) ^ (signed >> 7)).view(np.uint8).reshape(x.shape)
+        return codes, np.array([step], np.float32), np.zeros(1, np.float32)
+
+    def _decode_pca(self, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        basis = self._bound_basis(codes.shape[0], "decode")
+        raw = np.asarray(codes, np.uint8).reshape(codes.shape[0], -1)
+        signed = ((raw >> 1) ^ (np.uint8(0) - (raw & np.uint8(1)))).view(np.int8)
+        coefficients = signed.astype(np.float32) * np.float32(scale.reshape(-1)[0])
+        out = basis.basis_array @ coefficients
+        out += basis.mean_array[:, None]
+        return out.reshape(codes.shape)
 
     def encode(self, x: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Quantize one view's target.
@@ -194,6 +368,10 @@ class TargetCodec:
         if keep is not None and np.shape(keep) != x.shape[1:]:
             raise ValueError(f"TargetCodec.encode(keep=) expects a bool array[H, W] of shape {x.shape[1:]}. Got {np.shape(keep)}.")
         empty = np.zeros(0, np.float32)
+        if self.storage == "pca":
+            if keep is not None:
+                raise ValueError(f"TargetCodec({self.name!r}).encode(keep=) expects None: transform-coded targets are stored dense.")
+            return self._encode_pca(x)
         if self.storage == "fp32":
             return (x if keep is None else _pack(x, keep)), empty, empty
         if self.storage == "fp16":
@@ -287,6 +465,10 @@ class TargetCodec:
     def decode(self, codes: np.ndarray, scale: np.ndarray, offset: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
         """Inverse of `encode`: float32 array[C, H, W]; with ``keep`` (the region layout) NaN
         at the points outside it, which no stored target can be."""
+        if self.storage == "pca":
+            if keep is not None:
+                raise ValueError(f"TargetCodec({self.name!r}).decode(keep=) expects None: transform-coded targets are stored dense.")
+            return self._decode_pca(codes, scale)
         if keep is not None:
             return self._decode_region(codes, scale, offset, np.asarray(keep, dtype=bool))
         if not self.quantized:
@@ -326,6 +508,13 @@ class TargetCodec:
         if self.storage == "fp16":
             # Half an fp16 ulp (relative 2**-11) or half the subnormal spacing 2**-24.
             return np.maximum(np.abs(x) * 2.0**-11, 2.0**-25).astype(np.float32)
+        if self.storage == "pca":
+            vectors = self._bound_basis(x.shape[0], "error_bound").basis_array
+            step = float(np.asarray(scale).reshape(-1)[0])
+            spread = np.abs(vectors).sum(axis=1).reshape(-1, 1, 1) * step
+            mean = np.abs(self.basis.mean_array).reshape(-1, 1, 1)
+            rounding = (np.abs(x) + mean + spread * PCA_CODE_PEAK) * 8 * x.shape[0] * eps32  # two float32 matmuls
+            return (spread / 2 * (1 + 1e-5) + rounding).astype(np.float32)
         per_channel = np.broadcast_to(scale.reshape(-1, 1, 1), (x.shape[0], 1, 1))
         bound = per_channel / 2 * (1 + 1e-5) + (np.abs(x) + per_channel * ((1 << self.bits) - 1)) * 4 * eps32
         if self.floor is not None:
@@ -406,12 +595,14 @@ def _parse_codec(name: str) -> TargetCodec:
     compressor = _COMPRESSOR_RE.match(compressor_text) if compressor_text else None
     if storage is None or (plus and compressor is None):
         raise ValueError(
-            "parse_codec(name=) expects '<storage>[+<compressor>]' with storage fp32, fp16, int<b>-channel, "
+            "parse_codec(name=) expects '<storage>[+<compressor>]' with storage fp32, fp16, pca-std<k>, int<b>-channel, "
             "int<b>-view or int<b>-std<k> (b in 2..8), optionally followed by -d<axes> (axes from 'chw' in that "
             f"order, or 'b' in place of 'c') and -floor<X> (e.g. -floor-8), and compressor zstd<L>, blosc-zstd<L>-shuffle or blosc-zstd<L>-bitshuffle. Got {name!r}."
         )
     if storage.group("float"):
         kind, bits, scaling, k = storage.group("float"), 32 if storage.group("float") == "fp32" else 16, "none", 0
+    elif storage.group("pk"):
+        kind, bits, scaling, k = "pca", 8, "pca", int(storage.group("pk"))
     else:
         kind, bits = "int", int(storage.group("bits"))
         k = int(storage.group("k")) if storage.group("k") else 0
@@ -434,6 +625,7 @@ def _parse_codec(name: str) -> TargetCodec:
         ("level", level),
         ("predict", (storage.group("predict") or "") if kind == "int" else ""),
         ("floor", float(storage.group("floor")) if storage.group("floor") else None),
+        ("basis", None),
     ):
         object.__setattr__(codec, field_name, value)
     return codec

@@ -121,6 +121,8 @@ def _check_names(targets: Mapping[str, object], specs: Sequence[TargetSpec], whe
 
 def _check_quantized(spec: TargetSpec, value: QuantizedTarget, where: str, keep: np.ndarray | None = None) -> EncodedTarget:
     codec = spec.target_codec
+    if codec.needs_basis:
+        raise ValueError(f"{where} expects {spec.name} as a float array: its codec {spec.codec} projects the values itself. Got a QuantizedTarget.")
     if not codec.quantized:
         raise ValueError(
             f"{where} expects {spec.name} as a float array: its codec {spec.codec} does not quantize. Got a QuantizedTarget."

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from label_store.codecs import parse_codec
+from label_store.codecs import fit_channel_basis, parse_codec
 from label_store.schema import TARGET_GROUPS, TargetSpec
 
 LD_TEMPERATURE = 10.0
@@ -387,11 +387,14 @@ def choose_codecs(
                 continue  # its channel groups are the 4 box edges
             accumulator = FidelityAccumulator()
             stored = 0
+            # A transform codec's basis is fitted on the sample it is judged on (as a store fits it on its first views).
+            bases = {spec.name: fit_channel_basis([view[spec.name] for view in arrays]) if codec.needs_basis else None for spec in group_specs}
             for index, view in enumerate(arrays):
                 for spec in group_specs:
-                    codes, scale, offset = codec.encode(view[spec.name])
+                    bound = codec.with_basis(bases[spec.name])
+                    codes, scale, offset = bound.encode(view[spec.name])
                     stored += codec.compressed_nbytes(codes) + 8 * scale.size
-                    accumulator.add(TargetSpec(spec.name, spec.shape, name), view[spec.name], codec.decode(codes, scale, offset), references[(index, spec.name)])
+                    accumulator.add(TargetSpec(spec.name, spec.shape, name, bases[spec.name]), view[spec.name], bound.decode(codes, scale, offset), references[(index, spec.name)])
             report = accumulator.report()
             summary = group_summary(report)[group]
             bytes_per_view = stored / len(arrays)

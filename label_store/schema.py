@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
-from label_store.codecs import TargetCodec, parse_codec
+from label_store.codecs import ChannelBasis, TargetCodec, fit_channel_basis, parse_codec
 
 SCHEMA_VERSION = 2
 """Version of the on-disk layout of a store without a `StoreRegion`; readers refuse versions they do not know.
@@ -117,9 +117,19 @@ DEFAULT_CODECS = {
     "box": "int6-view-dbhw+zstd15",
     # Edge distances (stride units, smooth across neighbouring points): 8 bits per channel.
     "edges": "int8-channel-dhw+zstd15",
-    "fpn": "int6-view-dhw+zstd15",
+    # Transform-coded (benchmarks/RESULTS.md, "FPN transform coding"): a basis per level,
+    # fitted by the precompute job on a new store's first views and kept in its schema.
+    "fpn": "pca-std5+blosc-zstd5-bitshuffle",
     "backbone": "int6-view+blosc-zstd5-bitshuffle",
 }
+
+BASIS_FREE_CODECS = {
+    "fpn": "int6-view-dhw+zstd15",
+}
+"""The codec of a group whose `DEFAULT_CODECS` entry needs a store's channel basis, where
+there is none to fit it on: the specs of `default_target_specs` (they come without data)
+and so the endpoint's wire, which has no store. Also the default of stores written before
+transform coding."""
 
 REGION_GROUPS = ("box", "edges")
 """Groups a store may hold only inside its `StoreRegion`."""
@@ -307,6 +317,10 @@ class TargetSpec:
     """``(C, H, W)`` of one view (float32 logits or features before encoding)."""
     codec: str
     """Codec name (see `label_store.codecs`), e.g. ``"int8-channel+zstd5"``."""
+    transform: ChannelBasis | None = None
+    """The store's channel basis of a transform codec (``pca-std<k>``, fitted by
+    `fit_target_bases`); None for every other codec, and absent from `to_dict` then, so
+    stores written before transform codecs read unchanged."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
@@ -323,6 +337,13 @@ class TargetSpec:
         except ValueError as error:
             raise ValueError(f"TargetSpec(codec=) expects a valid codec name for {self.name!r}. Got {self.codec!r}: {error}") from None
         object.__setattr__(self, "codec", codec.name)
+        if self.transform is not None:
+            if not codec.needs_basis:
+                raise ValueError(f"TargetSpec(transform=) expects None for codec {codec.name!r} of {self.name!r}: only pca codecs use a basis.")
+            if not isinstance(self.transform, ChannelBasis) or self.transform.channels != shape[0]:
+                raise ValueError(
+                    f"TargetSpec(transform=) expects a ChannelBasis of {shape[0]} channels for {self.name!r}. Got {self.transform!r:.80}."
+                )
         if self.group == "box" and (shape[0] % 4 or shape[0] // 4 < 2):
             raise ValueError(
                 f"TargetSpec(shape=) expects 4 * (R + 1) channels for box target {self.name!r}. Got C={shape[0]}."
@@ -340,7 +361,9 @@ class TargetSpec:
 
     @property
     def target_codec(self) -> TargetCodec:
-        return parse_codec(self.codec)
+        """The codec, bound to `transform` where it has one."""
+        codec = parse_codec(self.codec)
+        return codec.with_basis(self.transform) if self.transform is not None else codec
 
     @property
     def num_elements(self) -> int:
@@ -353,13 +376,40 @@ class TargetSpec:
         return 4 * self.num_elements
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "codec": self.codec}
+        out = {"name": self.name, "shape": list(self.shape), "codec": self.codec}
+        return out if self.transform is None else out | {"transform": self.transform.to_dict()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TargetSpec":
-        if not isinstance(data, Mapping) or set(data) != {"name", "shape", "codec"}:
-            raise ValueError(f"TargetSpec.from_dict(data=) expects keys ['codec', 'name', 'shape']. Got {data!r}.")
-        return cls(name=data["name"], shape=tuple(data["shape"]), codec=data["codec"])
+        keys = {"name", "shape", "codec"}
+        if not isinstance(data, Mapping) or not keys <= set(data) <= keys | {"transform"}:
+            raise ValueError(f"TargetSpec.from_dict(data=) expects keys ['codec', 'name', 'shape'] (and optionally 'transform'). Got {data!r:.200}.")
+        transform = data.get("transform")
+        return cls(
+            name=data["name"], shape=tuple(data["shape"]), codec=data["codec"],
+            transform=None if transform is None else ChannelBasis.from_dict(dict(transform)),
+        )
+
+
+def fit_target_bases(targets: Sequence[TargetSpec], sample: Sequence[Mapping[str, Any]]) -> list[TargetSpec]:
+    """The targets with a channel basis fitted for each one whose codec needs it (``pca-std<k>``).
+
+    Args:
+        targets: the store's targets; those of other codecs, or already holding a
+            `TargetSpec.transform`, come back unchanged.
+        sample: the first views' targets, name -> float array[C, H, W] (a handful of
+            views is enough: the basis is the channels' principal axes, `fit_channel_basis`).
+    """
+    out = []
+    for spec in targets:
+        if spec.transform is not None or not spec.target_codec.needs_basis:
+            out.append(spec)
+            continue
+        arrays = [view[spec.name] for view in sample if spec.name in view]
+        if not arrays:
+            raise ValueError(f"fit_target_bases(sample=) expects views holding {spec.name} to fit its {spec.codec} basis. Got none.")
+        out.append(TargetSpec(spec.name, spec.shape, spec.codec, fit_channel_basis(arrays)))
+    return out
 
 
 def default_target_specs(
@@ -383,14 +433,17 @@ def default_target_specs(
         backbone_channels: channels of stages ``(c3, c4, c5)`` (a sequence or a mapping from
             stage name); required when ``"backbone"`` is in ``groups``.
         groups: which target groups to store, any of `TARGET_GROUPS`.
-        codecs: codec per group overriding `DEFAULT_CODECS`.
+        codecs: codec per group overriding `DEFAULT_CODECS`. A group left to its default
+            gets `BASIS_FREE_CODECS`'s codec where the default needs a fitted basis, so the
+            specs encode as they are; to store the default transform codec, name it here
+            and fit the bases on the first views (`fit_target_bases`), as the precompute job does.
     Returns:
         Specs in group order, then level order.
     """
     unknown = [g for g in groups if g not in TARGET_GROUPS]
     if unknown or not groups or len(set(groups)) != len(groups):
         raise ValueError(f"default_target_specs(groups=) expects distinct names from {TARGET_GROUPS}. Got {tuple(groups)!r}.")
-    chosen = dict(DEFAULT_CODECS)
+    chosen = {group: BASIS_FREE_CODECS.get(group, name) if parse_codec(name).needs_basis else name for group, name in DEFAULT_CODECS.items()}
     for group, name in (codecs or {}).items():
         if group not in TARGET_GROUPS:
             raise ValueError(f"default_target_specs(codecs=) expects keys from {TARGET_GROUPS}. Got {group!r}.")
@@ -448,7 +501,7 @@ def canvas_targets(targets: Sequence[TargetSpec], canvas_hw: Sequence[int]) -> t
     out = []
     for spec in targets:
         stride = target_stride(spec)
-        out.append(TargetSpec(spec.name, (spec.shape[0], math.ceil(h / stride), math.ceil(w / stride)), spec.codec))
+        out.append(TargetSpec(spec.name, (spec.shape[0], math.ceil(h / stride), math.ceil(w / stride)), spec.codec, spec.transform))
     return tuple(out)
 
 

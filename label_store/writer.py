@@ -197,6 +197,22 @@ def _check_targets_match(fingerprint: TeacherFingerprint, targets: Sequence[Targ
             )
 
 
+def _check_transforms(targets: Sequence[TargetSpec], region: StoreRegion | None) -> None:
+    """A new store's transform codecs (``pca-std<k>``) need their fitted basis, and store dense."""
+    unfitted = [t.name for t in targets if t.target_codec.needs_basis and t.transform is None]
+    if unfitted:
+        raise ValueError(
+            f"create_store(targets=) expects a fitted channel basis for transform codecs. Got none for {unfitted}: "
+            "fit them on the first views with label_store.fit_target_bases."
+        )
+    regional = [t.name for t in targets if region is not None and t.group in region.groups and t.target_codec.needs_basis]
+    if regional:
+        raise ValueError(
+            f"create_store(region=) expects int or float codecs for the region's targets. Got transform codecs for "
+            f"{regional}, which store every point."
+        )
+
+
 def _target_set_diff(stored: Sequence[TargetSpec], given: Sequence[TargetSpec]) -> list[str]:
     mine = {t.name: t for t in stored}
     theirs = {t.name: t for t in given}
@@ -268,6 +284,7 @@ def create_store(
     if existing is None:
         import zarr
 
+        _check_transforms(targets, region)
         meta = StoreMeta(
             schema_version=SCHEMA_VERSION if region is None else REGION_SCHEMA_VERSION,
             fingerprint=fingerprint,

@@ -159,6 +159,10 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
                        help="default codecs: small (zstd 15, fewest bytes) or fast (the same quantizers with a fast "
                             "zstd level, for writers that keep up with a GPU teacher); --codec overrides win "
                             "(default: fast when the teacher runs on a GPU, else small)")
+    views.add_argument("--basis-views", type=_positive_int, default=16, metavar="N",
+                       help="a new store's transform codecs (pca-std<k>, the fpn default) fit their per-level "
+                            "channel basis on the first N planned views, through the teacher before the job; a "
+                            "resumed store keeps its basis (default: 16)")
     views.add_argument("--box-region", choices=("dense", "ld"), default="dense",
                        help="dense: box distributions at every point (default; every method reads them); ld: only at "
                             "the points LD reads (ATSS candidates and the VLR of --region-topk / --region-vlr-alpha, from "
@@ -316,6 +320,7 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         target_groups=inputs.targets,
         codecs=tuple(args.codec),
         codec_profile=args.codec_profile or "auto",
+        basis_views=args.basis_views,
         box_region=args.box_region,
         region_topk=args.region_topk,
         region_vlr_alpha=args.region_vlr_alpha,

@@ -2,7 +2,9 @@
 
 Pipeline (Ray Data, streaming)::
 
-    plan views (annotation sizes)  ->  skip views already committed (resume)
+    plan views (annotation sizes)  ->  a new store with transform codecs: fit their channel
+                                      bases on the first views (driver, `fit_store_bases`)
+      -> skip views already committed (resume)
       -> ray.data.from_items
       -> map_batches(decode_and_render)            CPU tasks; a bad image -> error rows
       -> map_batches(TeacherPredictor)             actor pool, one actor per GPU or CPU actors
@@ -17,6 +19,7 @@ storing targets for other pixels.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -87,6 +90,76 @@ def transfer_dtypes(target_specs: Sequence[Any], device: str) -> dict[str, str]:
     return {spec.name: "float16" for spec in target_specs if str(spec.codec).split("+", 1)[0] == "fp16"}
 
 
+def _store_exists(config: PrecomputeConfig) -> bool:
+    from label_store.errors import StoreNotFoundError
+    from label_store.reader import read_store_targets
+
+    try:
+        read_store_targets(config.store, config.storage_options)
+    except StoreNotFoundError:
+        return False
+    return True
+
+
+def fit_store_bases(config: PrecomputeConfig, dataset, layout: StoreLayout, views: Sequence[Any]) -> list:
+    """The layout's target specs with a channel basis fitted for every transform codec
+    (`label_store.fit_target_bases`), on the teacher's targets for ``views``.
+
+    Runs in the driver, one view at a time (views may lie on either canvas), on
+    ``config.device`` where the driver has it (``auto``: a GPU if this process sees one),
+    before the job: a new store's schema holds its bases from the start, and a resumed
+    store never refits them. Views whose image cannot be decoded, or whose targets are
+    not finite, are left out (the job records their failures); the same views of the
+    same images give the same bases.
+
+    Raises:
+        PrecomputeInputError: no view gave usable targets.
+    """
+    import numpy as np
+    import torch
+
+    from detcore.images import load_image
+    from detcore.teacher import load_teacher
+    from detcore.views import render_array
+    from label_store.schema import TARGET_GROUPS, fit_target_bases
+    from teacher_service.pipeline_stages import describe_error, select_device
+
+    started = time.perf_counter()
+    specs = list(layout.target_specs)
+    names = [spec.name for spec in specs if spec.target_codec.needs_basis and spec.transform is None]
+    groups = tuple(g for g in TARGET_GROUPS if any(name.split("/", 1)[0] == g for name in names))
+    device = select_device(config.device)
+    teacher = load_teacher(config.teacher, device=device, precision=config.precision, class_mapping=layout.class_mapping)
+    sample: list[dict[str, np.ndarray]] = []
+    skipped: list[str] = []
+    for view in views:
+        try:
+            pixels = render_array(load_image(dataset.image_path(view.image_id), view.image_id), view)
+        except Exception as error:  # the job records this view's failure; the basis does without it
+            skipped.append(f"image_id={view.image_id} view_id={view.view_id}: {describe_error(error)}")
+            continue
+        with torch.inference_mode():
+            produced = teacher.forward(torch.from_numpy(pixels[None]).to(device), backbone="backbone" in groups).to_targets(groups)
+        targets = {name: produced[name][0].float().cpu().numpy() for name in names}
+        if not all(np.isfinite(value).all() for value in targets.values()):
+            skipped.append(f"image_id={view.image_id} view_id={view.view_id}: the teacher produced NaN or inf")
+            continue
+        sample.append(targets)
+    del teacher
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the teacher actors need the memory
+    if not sample:
+        raise PrecomputeInputError(
+            f"precompute expects the first {len(views)} planned views to give targets to fit the channel basis of "
+            f"{names} ({'; '.join(skipped[:3]) or 'no views planned'}). Fix those images or choose int codecs with --codec."
+        )
+    logger.info(
+        "precompute: fitted the channel bases of %d targets on %d views in %.1f s%s",
+        len(names), len(sample), time.perf_counter() - started, f" ({len(skipped)} left out)" if skipped else "",
+    )
+    return fit_target_bases(specs, sample)
+
+
 def run_precompute(
     config: PrecomputeConfig,
     *,
@@ -122,11 +195,23 @@ def run_precompute(
     layout = store_layout(config, dataset.classes)
     if layout.class_mapping is not None:
         logger.info("precompute: teacher classes mapped to the dataset's categories:\n%s", layout.class_mapping.describe())
+    region = config.store_region()
+    regional = [s.name for s in layout.target_specs if region is not None and s.group in region.groups and s.target_codec.needs_basis]
+    if regional:
+        raise PrecomputeInputError(
+            f"--box-region {config.box_region} expects int or float codecs for the region's targets. Got transform "
+            f"codecs (pca-std<k>, stored at every point) for {regional}; choose another with --codec."
+        )
+    specs = list(layout.target_specs)
+    if any(spec.target_codec.needs_basis and spec.transform is None for spec in specs) and not _store_exists(config):
+        # A new store: fit its bases once. An existing one kept its own (`store_layout`), or
+        # holds another codec, which create_store refuses below without fitting anything.
+        specs = fit_store_bases(config, dataset, layout, plan_job(config, dataset, layout.canvas_hw)[: config.basis_views])
     storage_options = dict(config.storage_options) or None
     store = create_store(
-        config.store, layout.fingerprint, list(layout.target_specs), exist_ok=True, storage_options=storage_options,
-        region=config.store_region(),
+        config.store, layout.fingerprint, specs, exist_ok=True, storage_options=storage_options, region=region,
     )
+    layout = dataclasses.replace(layout, target_specs=tuple(store.targets))
     if store.region is not None and "edges" not in config.target_groups:
         logger.info("precompute: box stored only where LD reads it; without edges in --targets, BCD cannot train from %s", config.store)
     # A store of one non-square canvas (schema 1) resumes with the views it was planned with.

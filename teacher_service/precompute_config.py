@@ -53,6 +53,10 @@ class PrecomputeConfig:
     """Default codecs' profile (`label_store.codecs.profile_codec`): ``small`` (the default
     codecs), ``fast`` (their quantizers with a fast zstd level, for writers that keep up with
     a GPU teacher) or ``auto`` (``fast`` with a GPU teacher, else ``small``); ``codecs`` win."""
+    basis_views: int = 16
+    """Views a new store's channel bases are fitted on, for transform codecs (``pca-std<k>``,
+    the ``fpn`` default): the plan's first views, in order, through the teacher in the driver
+    (`teacher_service.precompute.fit_store_bases`). A resumed store keeps its bases."""
     box_region: str = "dense"
     """``dense`` stores ``box`` at every point; ``ld`` only where LD reads it (the ATSS
     candidates and the VLR of `region_topk` / `region_vlr_alpha`, from each view's GT:
@@ -163,7 +167,7 @@ class PrecomputeConfig:
                 f"PrecomputeConfig(target_groups=) expects a non-empty subset of {list(TARGET_GROUPS)}. "
                 f"Got {list(self.target_groups)}."
             )
-        for name in ("batch_size", "num_actors", "views_per_part"):
+        for name in ("batch_size", "num_actors", "views_per_part", "basis_views"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PrecomputeInputError(f"PrecomputeConfig({name}=) expects a positive int. Got {value!r}.")

@@ -123,7 +123,8 @@ def _keep_existing_codecs(config: PrecomputeConfig, specs: list, per_group: dict
 
     Default codecs can change between versions; a store filled under older defaults must
     still resume with the same command. An explicit ``codecs`` choice that differs from the
-    store is still refused (by `create_store`, naming each target).
+    store is still refused (by `create_store`, naming each target). A target that keeps a
+    transform codec keeps the store's basis too: it is fitted once, when the store is made.
     """
     from label_store.errors import StoreNotFoundError
     from label_store.reader import read_store_targets
@@ -140,6 +141,8 @@ def _keep_existing_codecs(config: PrecomputeConfig, specs: list, per_group: dict
         if not chosen and old is not None and tuple(old.shape) == tuple(spec.shape) and old.codec != spec.codec:
             kept.append(f"{spec.name} {old.codec}")
             spec = dataclasses.replace(spec, codec=old.codec)
+        if old is not None and old.transform is not None and tuple(old.shape) == tuple(spec.shape) and old.codec == spec.codec:
+            spec = dataclasses.replace(spec, transform=old.transform)
         out.append(spec)
     if kept:
         logger.info("resuming %s with the codecs it was written with (current defaults differ): %s", config.store, ", ".join(kept))

@@ -165,6 +165,16 @@ class OnlineTeacher:
         if unknown:
             raise ValueError(f"OnlineTeacher.load(codecs=) expects target groups from {list(groups)}. Got {unknown}.")
         specs = teacher.target_specs(groups, canvas_hw, codecs=codecs)
+        transformed = [spec.name for spec in specs if spec.target_codec.needs_basis]
+        if transformed:
+            from label_store.schema import BASIS_FREE_CODECS
+
+            raise ValueError(
+                f"OnlineTeacher.load(codecs=) expects codecs that need no fitted basis: the endpoint has no store to fit "
+                f"one on. Got transform codecs (pca-std<k>) for {transformed}; a read-through trainer re-encodes the "
+                f"targets with its store's own basis, so serve them with another codec (the default for fpn: "
+                f"{BASIS_FREE_CODECS['fpn']})."
+            )
         # One warm-up pass at the real canvas: level shapes, and the allocator.
         with torch.inference_mode():
             probe = teacher.forward(torch.zeros(1, 3, *canvas_hw, device=device), backbone="backbone" in groups)

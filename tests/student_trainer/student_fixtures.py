@@ -106,7 +106,7 @@ def write_store(
     from detcore.checkpoint import load_detector_with_meta, teacher_fingerprint
     from detcore.coco import CocoDataset
     from detcore.views import content_hash, plan_views, render
-    from label_store import TeacherFingerprint, create_store, default_target_specs
+    from label_store import TeacherFingerprint, create_store, default_target_specs, fit_target_bases
 
     teacher, meta = load_detector_with_meta(teacher_path)
     canvas = tuple(canvas or meta["canvas_hw"])
@@ -120,19 +120,21 @@ def write_store(
         config.num_classes, config.reg_max, canvas, list(config.strides), config.fpn_channels,
         backbone_channels=list(teacher.backbone.out_channels), groups=groups, codecs=codecs,
     )
-    store = create_store(str(url), fingerprint, specs, canvases=None if orient else [canvas], region=region)
     ids = list(image_ids) if image_ids is not None else coco.image_ids
     views = plan_views([(i, coco.record(i).height, coco.record(i).width) for i in ids], canvas_hw=canvas, flip=flip, orient=orient)
-    part = store.open_part("part-0")
     pixels = {i: coco.load(i) for i in ids}
     rendered = [render(pixels[view.image_id], view) for view in views]
-    for view, item in zip(views, rendered):
-        with torch.no_grad():
-            outputs = teacher(item.image[None], with_backbone=True).to_targets(groups)
+    with torch.no_grad():
+        targets = [{k: v[0].numpy() for k, v in teacher(item.image[None], with_backbone=True).to_targets(groups).items()} for item in rendered]
+    # Transform codecs (pca-std<k>) get their bases from the first views on the store's canvas.
+    specs = fit_target_bases(specs, [t for t, view in zip(targets, views) if (view.canvas_h, view.canvas_w) == canvas][:4])
+    store = create_store(str(url), fingerprint, specs, canvases=None if orient else [canvas], region=region)
+    part = store.open_part("part-0")
+    for view, item, outputs in zip(views, rendered, targets):
         part.append(
             {"image_id": view.image_id, "view_id": view.view_id, "view": view.to_json(),
              "content_hash": content_hash(pixels[view.image_id]), "valid_region": list(item.valid_region)},
-            {spec.name: outputs[spec.name][0].numpy() for spec in specs},
+            {spec.name: outputs[spec.name] for spec in specs},
             region=None if region is None else _view_region(coco, view, list(config.strides), region),
         )
     part.commit()

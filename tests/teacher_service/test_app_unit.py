@@ -426,6 +426,15 @@ def test_view_objects_and_json_text_are_both_accepted(client):
     assert isinstance(View.from_dict(views[0].to_dict()), View)
 
 
+def test_fpn_is_served_with_a_basis_free_codec_and_a_transform_codec_is_refused(teacher_path, loaded_teacher):
+    from label_store.schema import BASIS_FREE_CODECS
+
+    fpn = [spec for spec in loaded_teacher.specs if spec.group == "fpn"]
+    assert fpn and all(spec.codec == BASIS_FREE_CODECS["fpn"] and spec.transform is None for spec in fpn)
+    with pytest.raises(ValueError, match="no store to fit"):
+        load_teacher(ServeSettings(teacher=teacher_path, auth_disabled=True, device="cpu", codecs={"fpn": "pca-std5"}))
+
+
 def test_landscape_and_portrait_views_on_a_non_square_canvas(tmp_path):
     """A teacher for --canvas 48x64 answers views on 48x64 and on its transpose (one canvas per request)."""
     path = make_tiny_teacher(tmp_path / "wide.pt", canvas_hw=(48, 64))

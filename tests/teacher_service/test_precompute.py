@@ -97,6 +97,46 @@ def test_default_codecs_within_stated_error(data, teacher_model, local_ray, tmp_
     assert quantization_error > 0.0  # the store really quantized (a 1x1 level can decode exactly)
 
 
+def test_new_store_fits_the_fpn_basis_on_the_first_views_and_a_resume_keeps_it(data, teacher_model, local_ray, tmp_path, capsys):
+    from label_store import TargetSpec, fit_target_bases
+    from label_store.reader import open_store
+    from label_store.schema import DEFAULT_CODECS
+    from teacher_service.precompute import plan_job
+
+    assert DEFAULT_CODECS["fpn"].startswith("pca-std")  # the default this test exercises
+    store = tmp_path / "pca.zarr"
+    dataset = CocoDataset(data["annotations"], data["images"])
+    ids = tuple(dataset.image_ids[:4])
+    first = _config(data, store, image_ids=ids[:2], basis_views=3, device="cpu")
+    assert run_precompute(first).views_stored == 4
+    fitted = {spec.name: spec for spec in open_store(str(store)).targets}
+    fpn = [name for name in fitted if name.startswith("fpn/")]
+    assert fpn and all(fitted[name].codec == DEFAULT_CODECS["fpn"] and fitted[name].transform is not None for name in fpn)
+    assert all(spec.transform is None for name, spec in fitted.items() if name not in fpn)
+    # The basis is that of the teacher's targets on the plan's first 3 views, in order.
+    views = plan_job(first, dataset, CANVAS)[:3]
+    sample = [_direct_targets(teacher_model, render_array(dataset.load(v.image_id), v), with_backbone=False) for v in views]
+    expected = {spec.name: spec for spec in fit_target_bases([TargetSpec(n, fitted[n].shape, fitted[n].codec) for n in fpn], sample)}
+    for name in fpn:
+        got, want = fitted[name].transform, expected[name].transform
+        np.testing.assert_allclose(got.mean_array, want.mean_array, rtol=1e-4, atol=1e-5, err_msg=name)
+        assert abs(float(got.basis_array[:, 0] @ want.basis_array[:, 0])) > 0.999, name
+    # Resuming with more images (and another --basis-views) keeps the stored basis as it is.
+    summary = run_precompute(dataclasses_replace(first, image_ids=ids, basis_views=1))
+    assert (summary.views_skipped, summary.views_stored) == (4, 4)
+    reader = open_store(str(store))
+    assert {spec.name: spec.transform for spec in reader.targets} == {name: spec.transform for name, spec in fitted.items()}
+    assert len(reader.keys()) == 8
+    # Another transform codec on resume is another target set: exit 2, naming the targets.
+    argv = ["precompute", "--annotations", str(data["annotations"]), "--images", str(data["images"]),
+            "--teacher", str(data["teacher"]), "--store", str(store), "--no-progress", "--device", "cpu"]
+    assert _cli([*argv, "--codec", "fpn=pca-std3+blosc-zstd5-bitshuffle"]) == 2
+    assert "fpn/p3" in capsys.readouterr().err
+    # A transform codec where the store keeps only a region is refused before any work.
+    with pytest.raises(PrecomputeInputError, match="box/p3"):
+        run_precompute(_config(data, tmp_path / "region.zarr", image_ids=ids[:1], box_region="ld", codecs=(("box", "pca-std5"),)))
+
+
 def test_codec_profiles_store_the_same_values_with_faster_compression(data, local_ray, tmp_path, capsys):
     from label_store.cli import register as register_store
     from label_store.codecs import parse_codec
@@ -117,7 +157,10 @@ def test_codec_profiles_store_the_same_values_with_faster_compression(data, loca
             assert small.name == fast.name == "int8-channel+zstd9"
             continue
         assert small.name == DEFAULT_CODECS[name.split("/")[0]]
-        assert (fast.storage_name, fast.compressor, fast.level) == (small.storage_name, "zstd", 1) and small.level == 15
+        if small.compressor == "zstd":
+            assert (fast.storage_name, fast.compressor, fast.level) == (small.storage_name, "zstd", 1) and small.level == 15
+        else:  # fpn's transform codec: bit-shuffled blosc, at level 1
+            assert (fast.storage_name, fast.compressor, fast.level) == (small.storage_name, small.compressor, 1) and small.level == 5
     # the same quantizers: both stores decode to the same values
     for key in sorted(readers["small"].keys()):
         small, fast = readers["small"].read(*key), readers["fast"].read(*key)
