@@ -70,16 +70,22 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
         super().__init__(config)
         self.drain = drain
+        self._announce: int | None = None
+        """Requests in flight at the signal, until the next tick logs them."""
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self.drain.draining:
             super().handle_exit(sig, frame)  # a second signal: stop now
             return
         self.drain.signum = sig
-        logger.info("draining: %d request(s) in flight; new ones get 503 (signal again to stop at once)",
-                    self.drain.in_flight)
+        # Logged at the next tick, not here: a signal handler that writes to stderr while the
+        # interrupted code is writing there too hits a reentrant write and the line is lost.
+        self._announce = self.drain.in_flight
 
     async def on_tick(self, counter: int) -> bool:
+        if self._announce is not None:
+            logger.info("draining: %d request(s) in flight; new ones get 503 (signal again to stop at once)", self._announce)
+            self._announce = None
         if await super().on_tick(counter):
             return True
         return self.drain.draining and self.drain.in_flight == 0

@@ -181,9 +181,11 @@ class ServerProcess:
                     return int(line.split()[1]) * 1024
         return 0
 
-    def log(self) -> str:
+    def log(self, tail: int | None = 4000) -> str:
+        """The server's output: its last ``tail`` characters (None: all of it)."""
         try:
-            return self.log_path.read_text(errors="replace")[-4000:]
+            text = self.log_path.read_text(errors="replace")
+            return text if tail is None else text[-tail:]
         except OSError:
             return ""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -64,6 +65,8 @@ def test_a_signal_drains_the_server(tmp_path, signum):
     assert answer["response"].status_code == 200, answer["response"].text
     assert len(unpack_targets(answer["response"].content)[2]) == len(views)
     assert code == 128 + signum, server.log()
-    log = server.log()
-    assert "draining: 1 request(s) in flight" in log
+    log = server.log(tail=None)  # the access lines of the polling above may push the drain's line out of a tail
+    # The upload, and perhaps the probe just answered whose middleware had not yet returned.
+    in_flight = re.search(r"draining: (\d+) request\(s\) in flight", log)
+    assert in_flight is not None and int(in_flight.group(1)) >= 1, log
     assert f"interrupted by {signal.Signals(signum).name}: drained" in log
