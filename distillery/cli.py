@@ -20,6 +20,13 @@ import traceback
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
+# numpy's BLAS multiplies small per-view matrices (the FPN transform codec's channel basis) in
+# many processes at once: DataLoader workers, Ray tasks. Its default of one spinning thread per
+# core in each of them oversubscribes the machine (a student reading a transform-coded store
+# trained at 0.6x the speed on 2 cores). One thread each, unless the user chose otherwise; set
+# here, before numpy is first imported, so every process the command starts inherits it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # Order is the order of `distill --help`.
 COMMAND_MODULES = (
     "detcore.cli_data",

@@ -1,5 +1,6 @@
 """The `distill` process entry point ends with the command's exit code, after exit handlers."""
 
+import os
 import subprocess
 import sys
 
@@ -31,3 +32,12 @@ def test_entry_point_keeps_argparse_errors_and_help():
     ok = _run("--help")
     assert ok.returncode == 0
     assert "usage" in ok.stdout.lower()
+
+
+def test_the_command_gives_numpy_blas_one_thread_unless_the_user_set_it():
+    """Set before numpy loads, so DataLoader workers and Ray tasks inherit it (see distillery/cli.py)."""
+    probe = "import distillery.cli, os; print(os.environ['OPENBLAS_NUM_THREADS'])"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "1"
+    env["OPENBLAS_NUM_THREADS"] = "3"
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "3"
