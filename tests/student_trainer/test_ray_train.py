@@ -176,15 +176,10 @@ def _cmdline(pid):
         return ""
 
 
-def test_a_killed_ray_train_run_resumes_from_its_last_checkpoint(world, tmp_path, monkeypatch):
-    """SIGKILL a Ray Train worker once a checkpoint exists; the run fails; re-running continues from that step."""
-    import signal
-    import subprocess
-    import sys
-    import time
+def _driver_run(world, tmp_path, monkeypatch):
+    """A 30-step, 2-worker run checkpointing every step, for a driver process of its own: the
+    repository root, the run folder, its config, the config's JSON file and the driver's environment."""
     from pathlib import Path
-
-    from student_trainer.ray_train import train_with_ray
 
     repo = Path(__file__).resolve().parents[2]
     ray_tmp = tempfile.mkdtemp(prefix="st-ray-")
@@ -194,6 +189,19 @@ def test_a_killed_ray_train_run_resumes_from_its_last_checkpoint(world, tmp_path
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config.to_dict()))
     env = {**os.environ, "PYTHONPATH": str(repo), "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    return repo, out, config, config_path, env
+
+
+def test_a_killed_ray_train_run_resumes_from_its_last_checkpoint(world, tmp_path, monkeypatch):
+    """SIGKILL a Ray Train worker once a checkpoint exists; the run fails; re-running continues from that step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from student_trainer.ray_train import train_with_ray
+
+    repo, out, config, config_path, env = _driver_run(world, tmp_path, monkeypatch)
     log = open(tmp_path / "driver.log", "wb")
     driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(config_path)], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
     killed = None
@@ -246,18 +254,10 @@ def test_ctrl_c_stops_a_ray_train_run_with_130_and_the_same_command_resumes(worl
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     from student_trainer.ray_train import train_with_ray
 
-    repo = Path(__file__).resolve().parents[2]
-    ray_tmp = tempfile.mkdtemp(prefix="st-ray-")
-    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
-    out = tmp_path / "run"
-    config = run_config(world, out, losses="ld", iters=30, batch_size=1, ray_workers=2, checkpoint_every=1)
-    config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps(config.to_dict()))
-    env = {**os.environ, "PYTHONPATH": str(repo), "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    repo, out, config, config_path, env = _driver_run(world, tmp_path, monkeypatch)
     driver = subprocess.Popen([sys.executable, "-c", _CLI_DRIVER, str(config_path)], cwd=repo, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
