@@ -283,11 +283,11 @@ def _resolve_inputs(args: argparse.Namespace) -> _Inputs | str:
 
 def _quiet_ray_data_console() -> None:
     """Ray Data logs every execution to the console at INFO; the progress bar and summary say it
-    better. Its session log file keeps everything."""
+    better. Its log file under the Ray cluster's temporary folder keeps everything."""
     import ray.data  # noqa: F401  (importing configures the "ray.data" logger; adjust it after)
 
     for handler in logging.getLogger("ray.data").handlers:
-        if "File" not in type(handler).__name__:  # keep the session log file (SessionFileHandler)
+        if "File" not in type(handler).__name__:  # keep the file handler: the full log
             handler.setLevel(logging.WARNING)
 
 

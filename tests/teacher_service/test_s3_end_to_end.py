@@ -4,7 +4,7 @@ The commands run as subprocesses, as a user runs them: the Ray write tasks of th
 the trainer's DataLoader workers reach the bucket with credentials from the environment,
 and the endpoint comes from ``--storage-option``. The credentials' values must appear
 nowhere: not on stdout or stderr, not in the bucket (manifest, schema, parts), not in the
-run's files, not in the Ray session's logs.
+run's files, not in the log files of the Ray cluster.
 """
 
 from __future__ import annotations
