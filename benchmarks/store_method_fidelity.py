@@ -19,13 +19,16 @@ and reported as the relative error ``|L(decoded) - L(fp32)| / L(fp32)`` over the
 Per group: stored bytes per view (compressed codes + crc32c + scale/offset, as
 `TargetCodec.compressed_nbytes`) and the ratio to float32; per setting: write CPU per view
 (quantize + predict + compress of every target, one thread, process time) against the
-teacher's forward per view (same process, same thread count, fp32 on the CPU).
+teacher's forward per view (same process, same thread count, fp32 on the CPU), and read CPU
+per view (decompress + decode of every target, one thread).
 
 Settings: ``small`` (label_store.schema.DEFAULT_CODECS), ``fast`` (the same under the
 ``fast`` codec profile), ``small`` with the cls codec floored at each ``--floors`` value, and
 ``small`` with fpn transform-coded (``--pca-steps``: ``pca-std<k>``, its per-level bases
 fitted on the ``--fit-views`` images after the measured ones, as a store fits them on its
-first views; their fit is not counted in the write CPU).
+first views; their fit is not counted in the write CPU; ``--pca-spatial dct`` adds the
+``pca-std<k>-dct`` codecs, coefficients also DCT-transformed along the map), and ``small``
+with each cls codec of ``--cls-codecs`` (any codec names, e.g. ``pca-std48-dct+blosc-zstd5-bitshuffle``).
 
     python benchmarks/store_method_fidelity.py --teacher T.pt --student S.pt \\
         --annotations A.json --images DIR --views 8 --canvas 256 --floors -4 -6 -8 -10
@@ -108,7 +111,7 @@ def encode_decode(specs, targets, codecs: dict[str, str], sample=()):
     bound = fit_target_bases([TargetSpec(spec.name, spec.shape, codecs[spec.group]) for spec in specs], sample) if any(
         parse_codec(codecs[g]).needs_basis for g in GROUPS) else None
     decoded, stored = [], {g: 0 for g in GROUPS}
-    cpu = 0.0
+    cpu, read_cpu = 0.0, 0.0
     for view in targets:
         out = {}
         for index, spec in enumerate(specs):
@@ -119,10 +122,13 @@ def encode_decode(specs, targets, codecs: dict[str, str], sample=()):
             blob = compressor.encode(np.ascontiguousarray(codes)) if compressor is not None else codes.tobytes()
             cpu += time.process_time() - start
             stored[spec.group] += len(blob) + 4 + 8 * scale.size
-            out[spec.name] = codec.decode(codes, scale, offset)
+            start = time.process_time()
+            raw = compressor.decode(blob) if compressor is not None else blob
+            out[spec.name] = codec.decode(np.frombuffer(raw, codec.dtype).reshape(codes.shape), scale, offset)
+            read_cpu += time.process_time() - start
         decoded.append(out)
     views = len(targets)
-    return decoded, {g: b / views for g, b in stored.items()}, cpu / views
+    return decoded, {g: b / views for g, b in stored.items()}, cpu / views, read_cpu / views
 
 
 def method_losses(batch, student_out, teacher_levels, strides, reg_max, canvas, fgd_modules) -> dict[str, float]:
@@ -170,6 +176,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the teacher forward")
     parser.add_argument("--pca-steps", type=int, nargs="*", default=[], help="also fpn pca-std<k> codecs at these k")
     parser.add_argument("--pca-compressors", nargs="*", default=["blosc-zstd5-bitshuffle"], help="compressors of the pca codecs")
+    parser.add_argument("--pca-spatial", nargs="*", choices=("none", "dct"), default=["none"],
+                        help="spatial transforms of the pca codecs: none (pca-std<k>), dct (pca-std<k>-dct)")
+    parser.add_argument("--cls-codecs", nargs="*", default=[], help="also these cls codecs (codec names)")
     parser.add_argument("--fit-views", type=int, default=8, help="views after the measured ones that the pca bases are fitted on")
     args = parser.parse_args()
 
@@ -216,9 +225,13 @@ def main() -> int:
             settings[f"small, fpn int{bits}"] = {**DEFAULT_CODECS, "fpn": f"int{bits}-view-dhw+zstd15"}
 
     for k in args.pca_steps:
-        for compressor in args.pca_compressors:
-            settings[f"small, fpn pca-std{k}" + ("" if len(args.pca_compressors) == 1 else f" {compressor}")] = {
-                **DEFAULT_CODECS, "fpn": f"pca-std{k}+{compressor}"}
+        for spatial in args.pca_spatial:
+            storage = f"pca-std{k}" + ("" if spatial == "none" else f"-{spatial}")
+            for compressor in args.pca_compressors:
+                settings[f"small, fpn {storage}" + ("" if len(args.pca_compressors) == 1 else f" {compressor}")] = {
+                    **DEFAULT_CODECS, "fpn": f"{storage}+{compressor}"}
+    for codec in args.cls_codecs:
+        settings[f"small, cls {codec}"] = {**DEFAULT_CODECS, "cls": parse_codec(codec).name}
     sample = fit_sample(teacher, args.annotations, args.images, args.views, args.fit_views, canvas,
                         [spec.name for spec in specs]) if any(
         parse_codec(codec).needs_basis for codecs in settings.values() for codec in codecs.values()) else []
@@ -236,11 +249,11 @@ def main() -> int:
         for g, row in store_report.items()))
     print("# fp32 losses: " + ", ".join(f"{k} {reference[k]:.5g}" for k in METHOD_KEYS))
     print("| setting | codecs (cls / box / fpn) | cls B/view (x) | box B/view (x) | fpn B/view (x) | all (x) | write CPU ms/view | write / forward | "
-          + " | ".join(METHOD_KEYS) + " |")
-    print("|" + "---|" * (8 + len(METHOD_KEYS)))
+          + "read CPU ms/view | " + " | ".join(METHOD_KEYS) + " |")
+    print("|" + "---|" * (9 + len(METHOD_KEYS)))
     rows = {}
     for name, codecs in settings.items():
-        decoded, stored, write_cpu = encode_decode(specs, views, codecs, sample)
+        decoded, stored, write_cpu, read_cpu = encode_decode(specs, views, codecs, sample)
         losses = losses_of(decoded)
         errors = {k: abs(losses[k] - reference[k]) / reference[k] if reference[k] > 0 else 0.0 for k in METHOD_KEYS}
         total = sum(stored.values())
@@ -248,6 +261,7 @@ def main() -> int:
         print(f"| {name} | {' / '.join(codecs[g] for g in GROUPS)} | "
               + " | ".join(f"{stored[g]:,.0f} ({fp32_bytes[g] / stored[g]:.1f})" for g in GROUPS)
               + f" | {total:,.0f} ({sum(fp32_bytes.values()) / total:.1f}) | {1000 * write_cpu:.1f} | {write_cpu / forward_cpu:.2f} | "
+              + f"{1000 * read_cpu:.1f} | "
               + " | ".join(f"{100 * errors[k]:.3f}%" for k in METHOD_KEYS) + " |")
     print()
     # Projection to COCO shapes: bytes per stored element of each group times COCO's elements per view.

@@ -29,6 +29,16 @@ storage (done by this module, in numpy):
                         leading components take most of the bytes and the many small ones
                         round to 0, which entropy coding (bit shuffle suits these small
                         codes) removes. Error per channel c: ``sum_j |V_cj| * step / 2``.
+    ``pca-std<k>-dct``  the same coefficients, then also transformed along the map: each
+                        coefficient plane ``[H, W]`` goes through the orthonormal 2-D DCT-II
+                        (``D_H y D_W^T``), so the smooth, spatially correlated leading
+                        components gather into few large values and the rest round to 0.
+                        One step per view, ``rms(x) / k`` (widened to ``max |z| / 32767``),
+                        signed 16-bit codes stored zigzag-mapped as uint16; decoding applies
+                        ``D_H^T z D_W`` then the basis. Both transforms are orthonormal, so the
+                        squared error is that of rounding every coefficient, spread over the
+                        map; the elementwise bound multiplies the channel term above by the
+                        DCT matrices' column sums of ``|D|``.
     Every integer storage rounds to nearest: ``|x - decoded| <= scale_c / 2`` (plus float32
     rounding), which is the error each codec states (`TargetCodec.error_bound`).
     Logits are quantized as logits, never as probabilities.
@@ -59,7 +69,7 @@ compressor (a zarr v3 core codec in the array metadata, after the ``bytes`` seri
     ``blosc-zstd<L>-bitshuffle``  ``blosc`` (zstd, level L) with bit shuffle
 Every stored chunk also ends with a ``crc32c`` codec, so a flipped byte fails loudly.
 
-Examples: ``pca-std4+blosc-zstd5-bitshuffle``, ``fp32``, ``fp16+blosc-zstd5-shuffle``, ``int8-channel+zstd5``,
+Examples: ``pca-std4+blosc-zstd5-bitshuffle``, ``pca-std2-dct+blosc-zstd5-bitshuffle``, ``fp32``, ``fp16+blosc-zstd5-shuffle``, ``int8-channel+zstd5``,
 ``int5-view+zstd5``, ``int8-std8+zstd5``, ``int6-view-dbhw+zstd15``, ``int5-view-dchw-floor-8+zstd15``.
 
 Codec profiles (`profile_codec`): ``small`` keeps a codec as named; ``fast`` keeps its
@@ -72,6 +82,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -81,11 +92,15 @@ import numpy as np
 FLOAT16_MAX = 65504.0
 
 _STORAGE_RE = re.compile(
-    r"^(?:(?P<float>fp32|fp16)|pca-std(?P<pk>[1-9][0-9]{0,3})|int(?P<bits>[2-8])-(?P<scale>channel|view|std(?P<k>[1-9][0-9]{0,3}))(?:-d(?P<predict>(?=[bchw])[bc]?h?w?))?(?:-floor(?P<floor>-?[0-9]{1,4}(?:\.[0-9]{1,4})?))?)$"
+    r"^(?:(?P<float>fp32|fp16)|pca-std(?P<pk>[1-9][0-9]{0,3})(?P<dct>-dct)?|int(?P<bits>[2-8])-(?P<scale>channel|view|std(?P<k>[1-9][0-9]{0,3}))(?:-d(?P<predict>(?=[bchw])[bc]?h?w?))?(?:-floor(?P<floor>-?[0-9]{1,4}(?:\.[0-9]{1,4})?))?)$"
 )
 _AXES = {"c": 0, "h": 1, "w": 2}
 EDGE_GROUPS = 4
 """Channel groups of the ``b`` prediction axis: a box target's 4 edges."""
+REGION_LAYOUTS = ("points", "channels")
+"""Orders of a region target's stored values (`TargetCodec.stored_codes`): ``points`` (each kept
+point's C values together; schema 4 stores) or ``channels`` (each channel's kept points
+together; schema 3 stores)."""
 CODEC_PROFILES = ("small", "fast")
 """Codec profiles of `profile_codec` (``--codec-profile``)."""
 FAST_ZSTD_LEVEL = 1
@@ -97,6 +112,20 @@ _COMPRESSOR_RE = re.compile(r"^(?:zstd(?P<zlevel>-?[0-9]{1,2})|blosc-zstd(?P<ble
 
 PCA_CODE_PEAK = 127
 """Largest coefficient code magnitude of ``pca-std<k>`` (signed 8-bit codes)."""
+DCT_CODE_PEAK = 32767
+"""Largest coefficient code magnitude of ``pca-std<k>-dct`` (signed 16-bit codes)."""
+
+
+@functools.lru_cache(maxsize=64)
+def dct_matrix(n: int) -> np.ndarray:
+    """The orthonormal DCT-II matrix of size n (float32 array[n, n]): ``z = D @ y`` along one axis, ``y = D.T @ z``."""
+    k = np.arange(n, dtype=np.float64)[:, None]
+    i = np.arange(n, dtype=np.float64)[None, :]
+    matrix = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    matrix[0] /= np.sqrt(2.0)
+    matrix = matrix.astype(np.float32)
+    matrix.setflags(write=False)
+    return matrix
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +238,7 @@ class TargetCodec:
     storage: str
     """``"fp32"``, ``"fp16"``, ``"int"`` (b-bit codes in uint8 with scale and offset) or ``"pca"`` (coefficient codes)."""
     bits: int
-    """Bits per stored value: 32, 16, or 2..8 for integer codes."""
+    """Bits per stored value: 32, 16 (fp16, and the codes of ``pca-std<k>-dct``), 8 (``pca-std<k>``), or 2..8 for integer codes."""
     scaling: str
     """``"none"`` for floats; ``"channel"``, ``"view"`` or ``"std"`` for integer codes; ``"pca"`` for ``pca`` storage."""
     steps_per_std: int
@@ -222,6 +251,8 @@ class TargetCodec:
     """Axes the integer codes are differenced along before compression (``"chw"``, ``"bhw"``, ``"hw"``, ...); ``""`` for none."""
     floor: float | None = None
     """Values below it are raised to it before quantization (``-floor<X>``); None for no floor."""
+    spatial: str = ""
+    """``"dct"``: ``pca`` coefficients also transformed along the map (``pca-std<k>-dct``); ``""`` otherwise."""
     basis: ChannelBasis | None = dataclasses.field(default=None, compare=False, repr=False)
     """The store's basis of this target (``pca`` storage only, `with_basis`); not part of the name."""
 
@@ -248,7 +279,7 @@ class TargetCodec:
     @property
     def storage_name(self) -> str:
         if self.storage == "pca":
-            return f"pca-std{self.steps_per_std}"
+            return f"pca-std{self.steps_per_std}" + (f"-{self.spatial}" if self.spatial else "")
         if self.storage != "int":
             return self.storage
         suffix = f"std{self.steps_per_std}" if self.scaling == "std" else self.scaling
@@ -282,6 +313,8 @@ class TargetCodec:
             configuration["predict"] = self.predict
         if self.floor is not None:  # absent without a floor, for the same reason
             configuration["floor"] = self.floor
+        if self.spatial:  # absent without a spatial transform, for the same reason
+            configuration["spatial"] = self.spatial
         return {"name": self.name, "configuration": configuration}
 
     @classmethod
@@ -302,6 +335,8 @@ class TargetCodec:
     @property
     def dtype(self) -> np.dtype:
         """numpy dtype of the stored values."""
+        if self.storage == "pca" and self.spatial:
+            return np.dtype(np.uint16)
         return np.dtype({"fp32": np.float32, "fp16": np.float16, "int": np.uint8, "pca": np.uint8}[self.storage])
 
     @property
@@ -330,27 +365,35 @@ class TargetCodec:
         basis = self._bound_basis(x.shape[0], "encode")
         flat = x.reshape(x.shape[0], -1)
         coefficients = basis.basis_array.T @ (flat - basis.mean_array[:, None])
+        if self.spatial:
+            coefficients = _dct_2d(coefficients.reshape(x.shape)).reshape(flat.shape)
         rms = float(np.sqrt(np.mean(np.square(flat, dtype=np.float64)))) if flat.size else 0.0
         peak = float(np.abs(coefficients).max()) if coefficients.size else 0.0
-        step = np.float32(max(rms / self.steps_per_std, peak / PCA_CODE_PEAK))
+        code_peak = DCT_CODE_PEAK if self.spatial else PCA_CODE_PEAK
+        step = np.float32(max(rms / self.steps_per_std, peak / code_peak))
         if step > 0:
             coefficients *= np.float32(1.0) / step
         np.rint(coefficients, out=coefficients)
-        np.clip(coefficients, -PCA_CODE_PEAK, PCA_CODE_PEAK, out=coefficients)
-        signed = coefficients.astype(np.int8)
-        codes = ((signed << 1) ^ (signed >> 7)).view(np.uint8).reshape(x.shape)
+        np.clip(coefficients, -code_peak, code_peak, out=coefficients)
+        signed = coefficients.astype(np.int16 if self.spatial else np.int8)
+        bits = 8 * signed.itemsize - 1
+        codes = ((signed << 1) ^ (signed >> bits)).view(self.dtype).reshape(x.shape)
         return codes, np.array([step], np.float32), np.zeros(1, np.float32)
 
     def _decode_pca(self, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
         basis = self._bound_basis(codes.shape[0], "decode")
-        raw = np.asarray(codes, np.uint8).reshape(codes.shape[0], -1)
-        signed = ((raw >> 1) ^ (np.uint8(0) - (raw & np.uint8(1)))).view(np.int8)
+        raw = np.asarray(codes, self.dtype).reshape(codes.shape[0], -1)
+        signed = ((raw >> 1) ^ (raw.dtype.type(0) - (raw & raw.dtype.type(1)))).view(np.int16 if self.spatial else np.int8)
         coefficients = signed.astype(np.float32) * np.float32(scale.reshape(-1)[0])
+        if self.spatial:
+            coefficients = _dct_2d(coefficients.reshape(codes.shape), inverse=True).reshape(coefficients.shape)
         out = basis.basis_array @ coefficients
         out += basis.mean_array[:, None]
         return out.reshape(codes.shape)
 
-    def encode(self, x: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def encode(
+        self, x: np.ndarray, keep: np.ndarray | None = None, layout: str = "points"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Quantize one view's target.
 
         Args:
@@ -358,6 +401,7 @@ class TargetCodec:
             keep: None, or bool array[H, W]: the points to store (region storage,
                 `label_store.schema.StoreRegion`), in the region layout (`stored_codes`).
                 Scale and offset are those of the whole map, so kept points code as without it.
+            layout: the region layout's order, one of `REGION_LAYOUTS` (with ``keep``).
         Returns:
             ``(codes, scale, offset)``: codes array[C, H, W] of `dtype`; scale and offset
             float32 array[Pc] (empty for float storage).
@@ -373,7 +417,7 @@ class TargetCodec:
                 raise ValueError(f"TargetCodec({self.name!r}).encode(keep=) expects None: transform-coded targets are stored dense.")
             return self._encode_pca(x)
         if self.storage == "fp32":
-            return (x if keep is None else _pack(x, keep)), empty, empty
+            return (x if keep is None else _region_order(_pack(x, keep), keep, layout)), empty, empty
         if self.storage == "fp16":
             peak = float(np.abs(x).max()) if x.size else 0.0
             if peak > FLOAT16_MAX:
@@ -382,7 +426,7 @@ class TargetCodec:
                     f"use an fp32 or int codec for this target."
                 )
             half = x.astype(np.float16)
-            return (half if keep is None else _pack(half, keep)), empty, empty
+            return (half if keep is None else _region_order(_pack(half, keep), keep, layout)), empty, empty
         if self.floor is not None:
             x = np.maximum(x, np.float32(self.floor))
         levels = (1 << self.bits) - 1
@@ -407,26 +451,28 @@ class TargetCodec:
         np.rint(codes, out=codes)
         np.clip(codes, 0, levels, out=codes)
         codes = codes.astype(np.uint8).reshape(x.shape)
-        return self.stored_codes(codes, keep), scale, offset
+        return self.stored_codes(codes, keep, layout), scale, offset
 
-    def stored_codes(self, codes: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    def stored_codes(self, codes: np.ndarray, keep: np.ndarray | None = None, layout: str = "points") -> np.ndarray:
         """Plain quantization codes -> the values this codec stores (the `predict` residuals, if any).
 
         ``keep`` (bool array[H, W], see `encode`) selects the region layout: the codes of the
-        kept points, in row-major order, fill the first ``n = keep.sum()`` of the ``H * W``
-        positions of each channel and zeros the rest (the array keeps its shape, so chunks stay
-        fixed, and entropy coding removes the zeros); prediction then runs along the bins
-        (``b``/``c``) and along that sequence of points (``w``; ``h`` has no meaning there). On
-        box targets this stores a quarter-of-the-points region in about 35% fewer bytes than
-        zero-filling the unkept points in place (benchmarks/RESULTS.md, "Box targets where LD reads them").
+        ``n = keep.sum()`` kept points, in row-major order, are predicted along the bins
+        (``b``/``c``) and along that sequence of points (``w``; ``h`` has no meaning there),
+        then stored first and zeros after (the array keeps its shape, so chunks stay fixed,
+        and entropy coding removes the zeros). ``layout`` orders those ``C * n`` values:
+        ``points`` puts each point's C residuals together, ``channels`` (schema 3 stores)
+        each channel's n. On box targets the region layout stores a quarter-of-the-points
+        region in about a third of the dense bytes, ``points`` 5% below ``channels``
+        (benchmarks/RESULTS.md, "Box targets where LD reads them").
         """
         if keep is None:
             return self._predict(codes) if self.predict else codes
         packed = _pack(codes, keep)
-        if not self.predict:
-            return packed
-        flat = packed.reshape(packed.shape[0], 1, -1)
-        return self._predict(flat, _sequence_axes(self.predict)).reshape(codes.shape)
+        if self.predict:
+            flat = packed.reshape(packed.shape[0], 1, -1)
+            packed = self._predict(flat, _sequence_axes(self.predict)).reshape(codes.shape)
+        return _region_order(packed, keep, layout)
 
     def _axes(self, codes: np.ndarray, predict: str) -> tuple[np.ndarray, list[int]]:
         """``codes`` viewed so that every axis of ``predict`` is one numpy axis, and those axes."""
@@ -462,15 +508,17 @@ class TargetCodec:
                 running[i] += running[i - 1]
         return codes
 
-    def decode(self, codes: np.ndarray, scale: np.ndarray, offset: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
-        """Inverse of `encode`: float32 array[C, H, W]; with ``keep`` (the region layout) NaN
-        at the points outside it, which no stored target can be."""
+    def decode(
+        self, codes: np.ndarray, scale: np.ndarray, offset: np.ndarray, keep: np.ndarray | None = None, layout: str = "points"
+    ) -> np.ndarray:
+        """Inverse of `encode`: float32 array[C, H, W]; with ``keep`` (the region layout, in
+        ``layout``'s order) NaN at the points outside it, which no stored target can be."""
         if self.storage == "pca":
             if keep is not None:
                 raise ValueError(f"TargetCodec({self.name!r}).decode(keep=) expects None: transform-coded targets are stored dense.")
             return self._decode_pca(codes, scale)
         if keep is not None:
-            return self._decode_region(codes, scale, offset, np.asarray(keep, dtype=bool))
+            return self._decode_region(codes, scale, offset, np.asarray(keep, dtype=bool), layout)
         if not self.quantized:
             return codes.astype(np.float32)
         if self.predict:
@@ -483,15 +531,14 @@ class TargetCodec:
         flat += offset.reshape(shape)
         return out
 
-    def _decode_region(self, codes: np.ndarray, scale: np.ndarray, offset: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    def _decode_region(self, codes: np.ndarray, scale: np.ndarray, offset: np.ndarray, keep: np.ndarray, layout: str) -> np.ndarray:
         channels = codes.shape[0]
         if keep.shape != codes.shape[1:]:
             raise ValueError(f"TargetCodec.decode(keep=) expects a bool array[H, W] of shape {codes.shape[1:]}. Got {keep.shape}.")
-        flat = np.asarray(codes).reshape(channels, 1, -1)
-        if self.quantized and self.predict:
-            flat = self._unpredict(flat, _sequence_axes(self.predict))
         count = int(keep.sum())
-        values = flat[:, 0, :count]
+        values = _region_values(np.asarray(codes), count, layout)
+        if self.quantized and self.predict:
+            values = self._unpredict(values.reshape(channels, 1, count), _sequence_axes(self.predict))[:, 0]
         out = np.full(codes.shape, np.nan, np.float32)
         if self.quantized:
             column = (-1, 1) if scale.size > 1 else (1, 1)
@@ -513,7 +560,14 @@ class TargetCodec:
             step = float(np.asarray(scale).reshape(-1)[0])
             spread = np.abs(vectors).sum(axis=1).reshape(-1, 1, 1) * step
             mean = np.abs(self.basis.mean_array).reshape(-1, 1, 1)
-            rounding = (np.abs(x) + mean + spread * PCA_CODE_PEAK) * 8 * x.shape[0] * eps32  # two float32 matmuls
+            terms, code_peak = x.shape[0], PCA_CODE_PEAK
+            if self.spatial:
+                # A coefficient's rounding reaches point (i, w) through |D_H[:, i]| and |D_W[:, w]|.
+                rows = np.abs(dct_matrix(x.shape[1])).sum(axis=0).reshape(1, -1, 1)
+                columns = np.abs(dct_matrix(x.shape[2])).sum(axis=0).reshape(1, 1, -1)
+                spread = spread * rows * columns
+                terms, code_peak = x.shape[0] + x.shape[1] + x.shape[2], DCT_CODE_PEAK
+            rounding = (np.abs(x) + mean + spread * code_peak) * 8 * terms * eps32  # float32 matmuls
             return (spread / 2 * (1 + 1e-5) + rounding).astype(np.float32)
         per_channel = np.broadcast_to(scale.reshape(-1, 1, 1), (x.shape[0], 1, 1))
         bound = per_channel / 2 * (1 + 1e-5) + (np.abs(x) + per_channel * ((1 << self.bits) - 1)) * 4 * eps32
@@ -557,6 +611,14 @@ class TargetCodec:
         return size + 4
 
 
+def _dct_2d(planes: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """Orthonormal 2-D DCT-II of each plane of array[C, H, W] (``inverse``: its transpose), float32."""
+    rows, columns = dct_matrix(planes.shape[1]), dct_matrix(planes.shape[2])
+    if inverse:
+        return rows.T @ planes.astype(np.float32, copy=False) @ columns
+    return rows @ planes.astype(np.float32, copy=False) @ columns.T
+
+
 def _pack(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """The region layout of `TargetCodec.stored_codes`: kept points first (row-major), zeros after; same shape."""
     keep = np.asarray(keep, dtype=bool)
@@ -566,6 +628,29 @@ def _pack(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
     flat = out.reshape(values.shape[0], -1)
     flat[:, : int(keep.sum())] = values[:, keep]
     return out
+
+
+def _region_order(packed: np.ndarray, keep: np.ndarray, layout: str) -> np.ndarray:
+    """A region target's ``C * n`` leading values (array[C, H, W], each channel's n first) in
+    ``layout``'s order, zeros after; same shape."""
+    if layout not in REGION_LAYOUTS:
+        raise ValueError(f"TargetCodec(layout=) expects one of {REGION_LAYOUTS}. Got {layout!r}.")
+    if layout == "channels":
+        return packed
+    channels, count = packed.shape[0], int(np.count_nonzero(keep))
+    out = np.zeros_like(packed)
+    out.reshape(-1)[: channels * count] = packed.reshape(channels, -1)[:, :count].T.reshape(-1)
+    return out
+
+
+def _region_values(stored: np.ndarray, count: int, layout: str) -> np.ndarray:
+    """Inverse of `_region_order`: the ``count`` kept points' stored values, array[C, count]."""
+    if layout not in REGION_LAYOUTS:
+        raise ValueError(f"TargetCodec(layout=) expects one of {REGION_LAYOUTS}. Got {layout!r}.")
+    channels = stored.shape[0]
+    if layout == "channels":
+        return stored.reshape(channels, -1)[:, :count]
+    return stored.reshape(-1)[: channels * count].reshape(count, channels).T
 
 
 def _sequence_axes(predict: str) -> str:
@@ -595,14 +680,14 @@ def _parse_codec(name: str) -> TargetCodec:
     compressor = _COMPRESSOR_RE.match(compressor_text) if compressor_text else None
     if storage is None or (plus and compressor is None):
         raise ValueError(
-            "parse_codec(name=) expects '<storage>[+<compressor>]' with storage fp32, fp16, pca-std<k>, int<b>-channel, "
+            "parse_codec(name=) expects '<storage>[+<compressor>]' with storage fp32, fp16, pca-std<k>[-dct], int<b>-channel, "
             "int<b>-view or int<b>-std<k> (b in 2..8), optionally followed by -d<axes> (axes from 'chw' in that "
             f"order, or 'b' in place of 'c') and -floor<X> (e.g. -floor-8), and compressor zstd<L>, blosc-zstd<L>-shuffle or blosc-zstd<L>-bitshuffle. Got {name!r}."
         )
     if storage.group("float"):
         kind, bits, scaling, k = storage.group("float"), 32 if storage.group("float") == "fp32" else 16, "none", 0
     elif storage.group("pk"):
-        kind, bits, scaling, k = "pca", 8, "pca", int(storage.group("pk"))
+        kind, bits, scaling, k = "pca", 16 if storage.group("dct") else 8, "pca", int(storage.group("pk"))
     else:
         kind, bits = "int", int(storage.group("bits"))
         k = int(storage.group("k")) if storage.group("k") else 0
@@ -625,6 +710,7 @@ def _parse_codec(name: str) -> TargetCodec:
         ("level", level),
         ("predict", (storage.group("predict") or "") if kind == "int" else ""),
         ("floor", float(storage.group("floor")) if storage.group("floor") else None),
+        ("spatial", "dct" if storage.group("dct") else ""),
         ("basis", None),
     ):
         object.__setattr__(codec, field_name, value)

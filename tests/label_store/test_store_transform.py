@@ -1,4 +1,4 @@
-"""Transform coding of FPN channels (``pca-std<k>``): the codec, its basis in the schema, a store written with it."""
+"""Transform coding of FPN channels (``pca-std<k>``, ``pca-std<k>-dct``): the codec, its basis in the schema, a store written with it."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from label_store import ChannelBasis, TargetSpec, create_store, default_target_specs, fit_channel_basis, fit_target_bases, open_store
-from label_store.codecs import parse_codec
+from label_store.codecs import dct_matrix, parse_codec
 from label_store.schema import canvas_targets
 
 PCA = "pca-std4+blosc-zstd5-bitshuffle"
+PCA_DCT = "pca-std4-dct+blosc-zstd5-bitshuffle"
 
 
 def _correlated(seed: int, channels: int = 16, shape=(12, 10)) -> np.ndarray:
@@ -23,33 +24,54 @@ def _correlated(seed: int, channels: int = 16, shape=(12, 10)) -> np.ndarray:
     return (np.tensordot(mix, sources, axes=1) + noise + 1.5).astype(np.float32)
 
 
-def test_round_trip_shape_dtype_and_stated_bound():
+@pytest.mark.parametrize("name,dtype", [(PCA, np.uint8), (PCA_DCT, np.uint16)])
+def test_round_trip_shape_dtype_and_stated_bound(name, dtype):
     basis = fit_channel_basis([_correlated(1), _correlated(2)])
-    codec = parse_codec(PCA).with_basis(basis)
-    assert codec.name == PCA and codec.needs_basis and codec.quantized and codec.num_params(16) == 1
+    codec = parse_codec(name).with_basis(basis)
+    assert codec.name == name and codec.needs_basis and codec.quantized and codec.num_params(16) == 1
     for seed in (3, 4):  # views the basis was not fitted on
         x = _correlated(seed)
         codes, scale, offset = codec.encode(x)
-        assert codes.dtype == np.uint8 and codes.shape == x.shape and scale.shape == offset.shape == (1,)
+        assert codes.dtype == dtype and codes.shape == x.shape and scale.shape == offset.shape == (1,)
         decoded = codec.decode(codes, scale, offset)
         assert decoded.dtype == np.float32 and decoded.shape == x.shape
         error = np.abs(decoded - x)
         assert (error <= codec.error_bound(x, scale)).all()
         assert float(np.sqrt(np.mean(error**2))) < 0.2 * float(np.sqrt(np.mean(x**2)))
     # Finer steps, smaller error; the name (and its dict) does not carry the basis.
-    fine = parse_codec("pca-std32+zstd15").with_basis(basis)
+    fine = parse_codec(name.replace("std4", "std32")).with_basis(basis)
     x = _correlated(5)
     coarse_error = np.abs(codec.decode(*codec.encode(x)) - x).mean()
     assert np.abs(fine.decode(*fine.encode(x)) - x).mean() < coarse_error / 2
-    assert parse_codec(PCA).to_dict() == codec.to_dict() and codec == parse_codec(PCA)
+    assert parse_codec(name).to_dict() == codec.to_dict() and codec == parse_codec(name)
 
 
-def test_large_coefficients_widen_the_step_instead_of_clipping():
+@pytest.mark.parametrize("name,scale", [("pca-std500", 40), ("pca-std500-dct", 4000)])
+def test_large_coefficients_widen_the_step_instead_of_clipping(name, scale):
     basis = fit_channel_basis([_correlated(1)])
-    codec = parse_codec("pca-std500").with_basis(basis)
-    x = _correlated(2) * 40  # coefficients far beyond 127 steps of rms / 500
+    codec = parse_codec(name).with_basis(basis)
+    x = _correlated(2) * scale  # coefficients far beyond the codes' peak in steps of rms / 500
     codes, scale, offset = codec.encode(x)
     assert (np.abs(codec.decode(codes, scale, offset) - x) <= codec.error_bound(x, scale)).all()
+
+
+def test_the_spatial_dct_stores_smooth_maps_in_fewer_bytes_at_the_same_squared_error():
+    for n in (1, 2, 7, 32):
+        matrix = dct_matrix(n).astype(np.float64)
+        assert np.allclose(matrix @ matrix.T, np.eye(n), atol=1e-6)
+    views = [_correlated(seed, shape=(24, 40)) for seed in range(5)]
+    basis = fit_channel_basis(views[:3])
+    sizes, errors = {}, {}
+    for name in (PCA, PCA_DCT):
+        codec = parse_codec(name).with_basis(basis)
+        sizes[name] = sum(codec.compressed_nbytes(codec.encode(x)[0]) for x in views[3:])
+        errors[name] = np.mean([np.mean((codec.decode(*codec.encode(x)) - x) ** 2) for x in views[3:]])
+    # Both transforms are orthonormal: the same step gives about the same squared error,
+    # and the smooth sources' planes gather into few DCT coefficients.
+    assert sizes[PCA_DCT] < 0.8 * sizes[PCA]
+    assert 0.5 < errors[PCA_DCT] / errors[PCA] < 2.0
+    assert parse_codec(PCA_DCT).to_dict()["configuration"]["spatial"] == "dct"
+    assert "spatial" not in parse_codec(PCA).to_dict()["configuration"]  # older stores' metadata unchanged
 
 
 def test_basis_validation_and_errors():
@@ -82,10 +104,11 @@ def test_spec_transform_persists_and_old_specs_are_unchanged():
     assert moved.transform == fitted.transform and moved.shape == (16, 6, 8)
 
 
-def test_a_store_written_with_it_reads_back_within_the_bound(tmp_path, fingerprint, make_record):
+@pytest.mark.parametrize("name", [PCA, PCA_DCT])
+def test_a_store_written_with_it_reads_back_within_the_bound(tmp_path, fingerprint, make_record, name):
     from label_store.testing import synthetic_targets
 
-    specs = default_target_specs(3, 7, fingerprint.canvas_hw, fingerprint.strides, 16, codecs={"fpn": PCA})
+    specs = default_target_specs(3, 7, fingerprint.canvas_hw, fingerprint.strides, 16, codecs={"fpn": name})
     views = [synthetic_targets(specs, seed=i) for i in range(4)]
     fitted = fit_target_bases(specs, views[:2])
     url = str(tmp_path / "pca.zarr")
