@@ -18,13 +18,14 @@ import pyarrow.parquet as pq
 from label_store._fs import LAYOUT, Location
 from label_store.errors import SchemaVersionError, StoreFormatError, StoreNotFoundError
 from label_store.schema import (
+    FIRST_REGION_SCHEMA_VERSION,
     READABLE_SCHEMA_VERSIONS,
-    REGION_SCHEMA_VERSION,
     SCHEMA_VERSION,
     StoreCanvas,
     StoreRegion,
     TargetSpec,
     TeacherFingerprint,
+    region_layout,
     store_canvases,
 )
 
@@ -95,8 +96,13 @@ class StoreMeta:
             missing = [g for g in self.region.groups if g not in groups]
             if missing:
                 raise ValueError(f"StoreMeta(region=) expects region groups the store holds {sorted(groups)}. Got {list(self.region.groups)}.")
-            if self.schema_version < REGION_SCHEMA_VERSION:
-                raise ValueError(f"StoreMeta(region=) expects schema version {REGION_SCHEMA_VERSION} or later. Got {self.schema_version}.")
+            if self.schema_version < FIRST_REGION_SCHEMA_VERSION:
+                raise ValueError(f"StoreMeta(region=) expects schema version {FIRST_REGION_SCHEMA_VERSION} or later. Got {self.schema_version}.")
+
+    @property
+    def region_layout(self) -> str:
+        """The order of the region targets' stored values (`label_store.schema.region_layout`)."""
+        return region_layout(self.schema_version)
 
     def region_targets(self) -> tuple[str, ...]:
         """Names of the targets held only inside the region (none without one)."""

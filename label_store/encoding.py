@@ -86,12 +86,16 @@ class QuantizedTarget:
 
 
 def encode_inputs(
-    targets: Mapping[str, object], specs: Sequence[TargetSpec], where: str, keep: Mapping[str, np.ndarray] | None = None
+    targets: Mapping[str, object],
+    specs: Sequence[TargetSpec],
+    where: str,
+    keep: Mapping[str, np.ndarray] | None = None,
+    layout: str = "points",
 ) -> tuple[dict[str, EncodedTarget], dict[str, np.ndarray]]:
     """Validate and encode one view's targets, each a float array or (int codecs) a `QuantizedTarget`.
 
     ``keep``: name -> bool array[H, W] of the points to store, for targets held only in a
-    region (`TargetCodec.encode`); the others are stored whole.
+    region (`TargetCodec.encode`), in ``layout``'s order; the others are stored whole.
 
     Returns:
         ``(encoded, floats)``: every target encoded by its spec's storage codec, and the
@@ -103,11 +107,11 @@ def encode_inputs(
     keep = dict(keep or {})
     given = [spec for spec in specs if not isinstance(targets[spec.name], QuantizedTarget)]
     floats = check_targets({spec.name: targets[spec.name] for spec in given}, given, where)
-    encoded = encode_view(floats, given, keep)
+    encoded = encode_view(floats, given, keep, layout)
     for spec in specs:
         if spec.name in encoded:
             continue
-        encoded[spec.name] = _check_quantized(spec, targets[spec.name], where, keep.get(spec.name))
+        encoded[spec.name] = _check_quantized(spec, targets[spec.name], where, keep.get(spec.name), layout)
     return {spec.name: encoded[spec.name] for spec in specs}, floats
 
 
@@ -119,7 +123,9 @@ def _check_names(targets: Mapping[str, object], specs: Sequence[TargetSpec], whe
         raise ValueError(f"{where} expects exactly the targets {wanted}. Missing {missing}, unexpected {extra}.")
 
 
-def _check_quantized(spec: TargetSpec, value: QuantizedTarget, where: str, keep: np.ndarray | None = None) -> EncodedTarget:
+def _check_quantized(
+    spec: TargetSpec, value: QuantizedTarget, where: str, keep: np.ndarray | None = None, layout: str = "points"
+) -> EncodedTarget:
     codec = spec.target_codec
     if codec.needs_basis:
         raise ValueError(f"{where} expects {spec.name} as a float array: its codec {spec.codec} projects the values itself. Got a QuantizedTarget.")
@@ -147,7 +153,7 @@ def _check_quantized(spec: TargetSpec, value: QuantizedTarget, where: str, keep:
         if not np.isfinite(array).all() or (field == "scale" and (array < 0).any()):
             raise ValueError(f"{where} expects a finite{' non-negative' if field == 'scale' else ''} {spec.name} {field}. Got {array}.")
         params.append(array)
-    return EncodedTarget(codec.stored_codes(np.ascontiguousarray(codes), keep), params[0], params[1])
+    return EncodedTarget(codec.stored_codes(np.ascontiguousarray(codes), keep, layout), params[0], params[1])
 
 
 def check_targets(targets: Mapping[str, object], specs: Sequence[TargetSpec], where: str) -> dict[str, np.ndarray]:
@@ -176,20 +182,23 @@ def check_targets(targets: Mapping[str, object], specs: Sequence[TargetSpec], wh
 
 
 def encode_view(
-    targets: Mapping[str, np.ndarray], specs: Sequence[TargetSpec], keep: Mapping[str, np.ndarray] | None = None
+    targets: Mapping[str, np.ndarray],
+    specs: Sequence[TargetSpec],
+    keep: Mapping[str, np.ndarray] | None = None,
+    layout: str = "points",
 ) -> dict[str, EncodedTarget]:
-    """Apply each spec's storage codec to already validated float32 targets (``keep``: see `encode_inputs`)."""
+    """Apply each spec's storage codec to already validated float32 targets (``keep``, ``layout``: see `encode_inputs`)."""
     encoded = {}
     keep = keep or {}
     for spec in specs:
-        codes, scale, offset = spec.target_codec.encode(targets[spec.name], keep.get(spec.name))
+        codes, scale, offset = spec.target_codec.encode(targets[spec.name], keep.get(spec.name), layout)
         encoded[spec.name] = EncodedTarget(codes, scale, offset)
     return encoded
 
 
-def decode_encoded(spec: TargetSpec, encoded: EncodedTarget, keep: np.ndarray | None = None) -> np.ndarray:
-    """float32 array[C, H, W] of one encoded target (``keep``: its region, `TargetCodec.decode`)."""
-    return spec.target_codec.decode(encoded.codes, encoded.scale, encoded.offset, keep)
+def decode_encoded(spec: TargetSpec, encoded: EncodedTarget, keep: np.ndarray | None = None, layout: str = "points") -> np.ndarray:
+    """float32 array[C, H, W] of one encoded target (``keep``, ``layout``: its region, `TargetCodec.decode`)."""
+    return spec.target_codec.decode(encoded.codes, encoded.scale, encoded.offset, keep, layout)
 
 
 def _header(specs: Sequence[TargetSpec]) -> bytes:

@@ -375,7 +375,7 @@ class StoreReader:
                 if mask is None:
                     mask = self._unpack_region(encoded[REGION_ARRAY].codes, canvas)
                 keep = mask[name]
-            out[name] = self._specs[name].target_codec.decode(item.codes, item.scale, item.offset, keep)
+            out[name] = self._specs[name].target_codec.decode(item.codes, item.scale, item.offset, keep, self._meta.region_layout)
         return out
 
     def _level_slices(self, canvas_hw: tuple[int, int]) -> dict[int, tuple[int, int, int]]:

@@ -26,13 +26,23 @@ SCHEMA_VERSION = 2
 
 1: one canvas per store. 2: a list of canvases (`StoreCanvas`), a ``canvas`` column in the
 manifest, and the arrays of every canvas but the first under its own group in each part.
-3 (`REGION_SCHEMA_VERSION`): schema 2 plus region storage (`StoreRegion`)."""
-REGION_SCHEMA_VERSION = 3
-"""Version written for a store with a `StoreRegion`: a reader that does not know region
-storage must refuse it (it would read the packed region layout as dense maps); stores without one
-stay at `SCHEMA_VERSION`, so older readers still open them."""
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+3: schema 2 plus region storage (`StoreRegion`), region values in the ``channels`` order.
+4 (`REGION_SCHEMA_VERSION`): schema 3 with region values in the ``points`` order
+(`label_store.codecs.REGION_LAYOUTS`: 5% fewer box bytes)."""
+FIRST_REGION_SCHEMA_VERSION = 3
+"""The first version with region storage."""
+REGION_SCHEMA_VERSION = 4
+"""Version written for a new store with a `StoreRegion`: a reader that does not know its region
+layout must refuse it (it would read the packed region layout as dense maps, or in the other
+order); stores without one stay at `SCHEMA_VERSION`, so older readers still open them. A schema 3
+store keeps its version, and its layout, when it is resumed."""
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
 """Versions this package reads (schema 1 stores read as stores of one canvas)."""
+
+
+def region_layout(schema_version: int) -> str:
+    """The order of a region store's values (`label_store.codecs.REGION_LAYOUTS`) in schema ``schema_version``."""
+    return "channels" if schema_version == FIRST_REGION_SCHEMA_VERSION else "points"
 
 TARGET_GROUPS = ("cls", "box", "edges", "fpn", "backbone")
 """Known target groups in store order, the one definition (`detcore.outputs` re-exports it);

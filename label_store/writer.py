@@ -606,8 +606,9 @@ class PartWriter:
         specs = state.specs
         mask = self._check_region(region, state, where)
         keep = state.keep(mask) if mask is not None else {}
+        layout = self.store._meta.region_layout
         encoded, arrays = encode_inputs(
-            targets, specs, f"PartWriter.append(targets=) {where} on canvas {state.canvas.canvas_hw}", keep
+            targets, specs, f"PartWriter.append(targets=) {where} on canvas {state.canvas.canvas_hw}", keep, layout
         )
         if self._fidelity_sampled < self.fidelity_views:
             given = [spec for spec in specs if spec.name not in arrays]
@@ -616,7 +617,7 @@ class PartWriter:
                 arrays = {**arrays, **check_targets(known, given, f"PartWriter.append(originals=) {where}")}
             if len(arrays) == len(specs):
                 for spec in specs:
-                    original, decoded = arrays[spec.name], decode_encoded(spec, encoded[spec.name], keep.get(spec.name))
+                    original, decoded = arrays[spec.name], decode_encoded(spec, encoded[spec.name], keep.get(spec.name), layout)
                     if spec.name in keep:  # fidelity of the stored points only: [C, 1, points]
                         if not keep[spec.name].any():
                             continue

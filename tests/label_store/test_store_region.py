@@ -123,25 +123,75 @@ def test_a_reader_that_does_not_know_region_storage_refuses_it(tmp_path, fingerp
 
     url = str(tmp_path / "s.zarr")
     create_store(url, fingerprint, specs, region=REGION)
-    monkeypatch.setattr(manifest, "READABLE_SCHEMA_VERSIONS", (1, 2))
+    monkeypatch.setattr(manifest, "READABLE_SCHEMA_VERSIONS", (1, 2, 3))  # a reader from before the points layout
     with pytest.raises(SchemaVersionError, match="upgrade label_store"):
         open_store(url)
 
 
+@pytest.mark.parametrize("layout", ["points", "channels"])
 @pytest.mark.parametrize(
     "codec", ["int6-view-dbhw+zstd15", "int5-view-dchw", "int8-channel-dhw+zstd3", "int6-std4-dh", "int7-view", "fp16", "fp32"]
 )
-def test_region_layout_round_trips_every_codec(codec):
+def test_region_layout_round_trips_every_codec(codec, layout):
     from label_store.codecs import parse_codec
 
     rng = np.random.default_rng(3)
     x = rng.normal(0, 3, size=(8, 6, 5)).astype(np.float32)
     keep = rng.random((6, 5)) < 0.4
+    count = int(keep.sum())
     target = parse_codec(codec)
     dense = target.decode(*target.encode(x))
-    codes, scale, offset = target.encode(x, keep)
+    codes, scale, offset = target.encode(x, keep, layout)
     assert codes.shape == x.shape
-    assert not codes.reshape(8, -1)[:, int(keep.sum()) + 1 :].any()  # past the drop to zero, the chunk is zeros
-    region = target.decode(codes, scale, offset, keep)
+    if layout == "points":  # each kept point's 8 values together, then zeros
+        assert not codes.reshape(-1)[8 * count :].any()
+    else:  # each channel's kept points, past the drop to zero the channel is zeros
+        assert not codes.reshape(8, -1)[:, count + 1 :].any()
+    region = target.decode(codes, scale, offset, keep, layout)
     np.testing.assert_array_equal(region[:, keep], dense[:, keep])
     assert np.isnan(region[:, ~keep]).all()
+    other = "channels" if layout == "points" else "points"
+    assert not np.array_equal(target.decode(codes, scale, offset, keep, other)[:, keep], dense[:, keep])
+
+
+def test_schema_3_region_stores_keep_their_layout_when_read_and_resumed(tmp_path, fingerprint, specs, make_record, make_targets, monkeypatch):
+    import label_store.writer as writer
+
+    url = str(tmp_path / "old.zarr")
+    dense = _fill(str(tmp_path / "dense.zarr"), fingerprint, specs, make_record, make_targets, None, [None] * 4)
+    with monkeypatch.context() as patch:  # a store written before the points layout
+        patch.setattr(writer, "REGION_SCHEMA_VERSION", 3)
+        old = _fill(url, fingerprint, specs, make_record, make_targets, REGION, [_mask(0), _mask(1)])
+    assert old.schema_version == 3
+    resumed = create_store(url, fingerprint, specs, region=REGION)  # today's writer, the old store
+    with resumed.open_part("p1") as part:
+        for image_id in (2, 3):
+            part.append(make_record(image_id), make_targets(specs, image_id), region=_mask(image_id))
+        part.commit()
+    reader = open_store(url)
+    assert reader.schema_version == 3
+    for image_id in range(4):
+        keep = _level_masks(_mask(image_id))
+        got, want = reader.read(image_id, 0), dense.read(image_id, 0)
+        for name, value in got.items():
+            level = name.split("/")[-1]
+            if name.startswith("box/"):
+                np.testing.assert_array_equal(value[:, keep[level]], want[name][:, keep[level]])
+                assert np.isnan(value[:, ~keep[level]]).all()
+            else:
+                np.testing.assert_array_equal(value, want[name])
+
+
+def test_the_points_layout_stores_box_regions_in_fewer_bytes():
+    from label_store.codecs import parse_codec
+
+    rng = np.random.default_rng(5)
+    # Box-like targets: 4 edges x 17 bins of smooth logits whose shape drifts slowly across the map.
+    bins = np.linspace(-3, 3, 17)
+    centre = rng.normal(0, 1, size=(4, 1, 1)) + np.cumsum(rng.normal(0, 0.1, size=(4, 24, 20)), axis=2)
+    x = (-((bins[None, :, None, None] - centre[:, None]) ** 2)).reshape(68, 24, 20).astype(np.float32)
+    keep = np.zeros((24, 20), bool)
+    keep[4:14, 3:15] = True
+    codec = parse_codec("int6-view-dbhw+zstd15")
+    sizes = {layout: codec.compressed_nbytes(codec.encode(x, keep, layout)[0]) for layout in ("points", "channels")}
+    assert sizes["points"] < sizes["channels"]
