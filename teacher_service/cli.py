@@ -169,10 +169,10 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
                             "each view's GT), about a quarter of the box bytes at canvas 256; BCD reads boxes at every "
                             "point, so add edges to --targets to train BCD from such a store")
     views.add_argument("--cls-region", choices=("dense", "ld"), default="dense",
-                       help="dense: class logits at every point (default); ld: only in the region of --box-region ld "
-                            "(the same --region-* settings, with or without --box-region ld), where LD's KD term reads "
-                            "them (at the ATSS positives); saves most of the cls bytes, but BCD reads class logits at "
-                            "every point and cannot train from such a store")
+                       help="dense: class logits at every point (default); ld: only in LD's region, the one "
+                            "--box-region ld uses (same --region-* settings; with or without --box-region ld), which "
+                            "holds the ATSS positives where LD's KD term reads them: about half the cls bytes at canvas "
+                            "256; BCD reads class logits at every point and cannot train from such a store")
     views.add_argument("--region-topk", type=_positive_int, default=9, metavar="K",
                        help="ATSS topk the --box-region / --cls-region ld store serves (default: 9, LD's and GFL's)")
     views.add_argument("--region-vlr-alpha", type=float, default=0.25, metavar="A",
