@@ -1,4 +1,4 @@
-"""Box targets stored only where LD reads them (`label_store.StoreRegion`): bytes, share, loss error.
+"""Box and class targets stored only where LD reads them (`label_store.StoreRegion`): bytes, share, loss error.
 
 For a trained teacher's real outputs on ``--views`` views (the first images at ``--canvas``,
 unflipped) and a trained student's outputs on them, per view:
@@ -14,14 +14,20 @@ unflipped) and a trained student's outputs on them, per view:
 - LD's terms (``ld_main``, ``ld_vlr``) from the region store's decoded box (NaN outside the
   region) and BCD's IoU term from the dense ``edges`` it is trained with beside such a box,
   against float32 targets (relative error), and whether LD from the region store equals LD
-  from a dense store of the same codec bit for bit.
+  from a dense store of the same codec bit for bit;
+- the same for the class logits (``--cls-region ld``: the same region and mask): cls bytes
+  per view dense, zero-filled and in the region layout (+ mask) for the default cls codec
+  under each profile, and ``ld_kd`` (LD's class KD at the ATSS positives, the one term that
+  reads cls in such a store) from the region store's decoded cls against float32, and
+  against a dense store of the same codec.
 
 Then a projection to COCO shapes (800x1333 canvas, strides 8-128: 22,400 points, 68 box
 channels): the region share of random GT sets drawn from COCO train2017's published
 statistics (7.3 instances per image; 41% small < 32^2, 34% medium, 24% large > 96^2 px
 of area in a 640x480 original, which the keep-ratio view scales by 800/480; sides
 log-uniform in each band, aspect ratio log-normal), times the
-bytes per stored box element measured here, plus the mask.
+bytes per stored box element measured here, plus the mask; and for cls the same with 80
+class channels (the bytes per stored cls element measured on this teacher's classes).
 
     python benchmarks/store_box_region.py --teacher T.pt --student S.pt \\
         --annotations A.json --images DIR --views 16 --canvas 256
@@ -58,8 +64,8 @@ def mask_bytes(mask) -> int:
     return len(Zstd(level=PARAMS_COMPRESSOR_LEVEL).encode(np.packbits(mask))) + 4
 
 
-def encode_box(codec, box_levels, mask, slices):
-    """(dense bytes, zero-filled bytes, region-layout bytes, region decoded levels) of one view's box levels.
+def encode_levels(codec, levels, mask, slices):
+    """(dense bytes, zero-filled bytes, region-layout bytes, region decoded levels) of one view's levels of one group.
 
     zero-filled: the codes of the points outside the mask set to 0 in place (prediction as dense);
     region layout: what a region store writes (`TargetCodec.stored_codes(keep=)`).
@@ -69,7 +75,7 @@ def encode_box(codec, box_levels, mask, slices):
     dense = zero = packed = 0
     decoded = []
     compressor = codec.numcodecs_compressor()
-    for x, (start, h, w) in zip(box_levels, slices):
+    for x, (start, h, w) in zip(levels, slices):
         keep = mask[start : start + h * w].reshape(h, w)
         codes, scale, offset = codec.encode(x)
         dense += len(compressor.encode(np.ascontiguousarray(codes))) + 4 + 8 * scale.size
@@ -80,6 +86,70 @@ def encode_box(codec, box_levels, mask, slices):
         packed += len(compressor.encode(np.ascontiguousarray(region_codes))) + 4 + 8 * region_scale.size
         decoded.append(codec.decode(region_codes, region_scale, region_offset, keep))
     return dense, zero, packed, decoded
+
+
+def measure_cls(codec, cls_levels, masks, slices):
+    """Bytes per view (dense, zero-filled + mask, region layout + mask, mask) of the cls levels, and
+    their decoded levels as Tensor[B, K, H, W] per level: from the region layout and from a dense store."""
+    import numpy as np
+    import torch
+
+    totals = {"dense": 0, "zero": 0, "packed": 0, "mask": 0}
+    region_levels, dense_levels = [[] for _ in slices], [[] for _ in slices]
+    for i, mask in enumerate(masks):
+        view_cls = [np.ascontiguousarray(level[i]) for level in cls_levels]
+        dense, zero, packed, decoded = encode_levels(codec, view_cls, mask, slices)
+        mask_cost = mask_bytes(mask)
+        for key, value in (("dense", dense), ("zero", zero + mask_cost), ("packed", packed + mask_cost), ("mask", mask_cost)):
+            totals[key] += value
+        for level, value in enumerate(decoded):
+            region_levels[level].append(value)
+            dense_levels[level].append(codec.decode(*codec.encode(view_cls[level])))
+    per_view = {key: value / len(masks) for key, value in totals.items()}
+    stack = lambda levels: [torch.from_numpy(np.stack(v)) for v in levels]  # noqa: E731
+    return per_view, stack(region_levels), stack(dense_levels)
+
+
+def report_cls(teacher_out, student_out, gt, strides, reg_max, masks, slices, reference):
+    """Print the cls table (one row per profile); returns profile -> bytes per view."""
+    import torch
+
+    from label_store.codecs import parse_codec, profile_codec
+    from label_store.schema import DEFAULT_CODECS
+    from student_trainer.losses import ld_recipe
+
+    cls_levels = [level.float().numpy() for level in teacher_out.cls_logits]
+    fp32_cls = sum(level[0].nbytes for level in cls_levels)
+    s_cls, s_box, t_box = list(student_out.cls_logits), list(student_out.box_logits), list(teacher_out.box_logits)
+    print(f"# cls: {cls_levels[0].shape[1]} classes, fp32 cls bytes per view {fp32_cls:,}; fp32 ld_kd {reference['ld_kd']:.5g}")
+    print("| profile | cls codec | dense B/view (x) | zero-filled + mask B/view (x) | region layout + mask B/view (x) | "
+          "ld_kd err | ld_kd equals dense store |")
+    print("|---|---|---|---|---|---|---|")
+    rows = {}
+    for profile in ("small", "fast"):
+        codec = parse_codec(profile_codec(DEFAULT_CODECS["cls"], profile))
+        per_view, region_cls, dense_cls = measure_cls(codec, cls_levels, masks, slices)
+        with torch.no_grad():
+            region_kd = float(ld_recipe(s_cls, s_box, region_cls, t_box, gt, strides, reg_max)["ld_kd"])
+            dense_kd = float(ld_recipe(s_cls, s_box, dense_cls, t_box, gt, strides, reg_max)["ld_kd"])
+        error = abs(region_kd - reference["ld_kd"]) / reference["ld_kd"]
+        rows[profile] = per_view
+        print(f"| {profile} | {codec.name} | {per_view['dense']:,.0f} ({fp32_cls / per_view['dense']:.1f}) | "
+              f"{per_view['zero']:,.0f} ({fp32_cls / per_view['zero']:.1f}) | {per_view['packed']:,.0f} ({fp32_cls / per_view['packed']:.1f}) | "
+              f"{100 * error:.3f}% | {region_kd == dense_kd} |")
+    return rows
+
+
+def project_coco(group, rows, channels, coco_channels, share, points, coco_share, coco_points):
+    """Print the COCO MB/view of ``group`` per profile: per stored element x region points x channels + mask."""
+    for profile, per_view in rows.items():
+        per_element = (per_view["packed"] - per_view["mask"]) / (share * points * channels)
+        mask_per_point = per_view["mask"] / points
+        region_mb = (coco_share * coco_points * coco_channels * per_element + mask_per_point * coco_points) / 1e6
+        dense_element = per_view["dense"] / (points * channels)
+        print(f"#   {group} {profile}: {per_element:.4f} B per stored {group} element (dense {dense_element:.4f}), mask "
+              f"{mask_per_point:.3f} B/point -> {group} {region_mb:.3f} MB/view ({coco_channels} channels; dense "
+              f"{coco_points * coco_channels * dense_element / 1e6:.3f})")
 
 
 def coco_region_share(strides, images: int, seed: int = 0) -> tuple[float, int]:
@@ -173,7 +243,7 @@ def main() -> int:
         edges_levels = [[] for _ in strides]
         for i in range(views):
             view_box = [np.ascontiguousarray(level[i]) for level in box]
-            dense, zero, packed, decoded = encode_box(codec, view_box, masks[i], slices)
+            dense, zero, packed, decoded = encode_levels(codec, view_box, masks[i], slices)
             mask = mask_bytes(masks[i])
             totals["dense"] += dense
             totals["zero"] += zero + mask
@@ -200,17 +270,18 @@ def main() -> int:
               f"{per_view['mask']:,.0f} | {per_view['edges']:,.0f} | {100 * err(region_ld['ld_main'], 'ld_main'):.3f}% | "
               f"{100 * err(region_ld['ld_vlr'], 'ld_vlr'):.3f}% | {100 * err(bcd['bcd_iou'], 'bcd_iou'):.3f}% | "
               f"{region_ld['ld_main'] == dense_ld['ld_main'] and region_ld['ld_vlr'] == dense_ld['ld_vlr']} |")
+    cls_rows = report_cls(teacher_out, student_out, gt, strides, reg_max, masks, slices, reference)
+    fp32_cls = sum(level[0].numel() * 4 for level in teacher_out.cls_logits)
+    for profile in rows:
+        both = rows[profile]["packed"] + cls_rows[profile]["packed"] - cls_rows[profile]["mask"]
+        print(f"# cls + box in one region (--cls-region ld --box-region ld, one mask), {profile}: {both:,.0f} B/view "
+              f"({(fp32_box + fp32_cls) / both:.1f}x of the {fp32_box + fp32_cls:,} B of float32 cls + box)")
     coco_share, coco_points = coco_region_share(strides, args.coco_images)
     channels = 4 * (reg_max + 1)
     print(f"# COCO projection: {args.coco_images} random GT sets (7.3 per image, COCO's size bands) on 800x1333: region share "
-          f"{100 * coco_share:.1f}% of {coco_points} points")
-    for profile, per_view in rows.items():
-        per_element = (per_view["packed"] - per_view["mask"]) / (share * points * channels)
-        mask_per_point = per_view["mask"] / points
-        box_mb = (coco_share * coco_points * channels * per_element + mask_per_point * coco_points) / 1e6
-        dense_element = per_view["dense"] / (points * channels)
-        print(f"#   {profile}: {per_element:.4f} B per stored box element (dense {dense_element:.4f}), mask "
-              f"{mask_per_point:.3f} B/point -> box {box_mb:.3f} MB/view (dense {coco_points * channels * dense_element / 1e6:.3f})")
+          f"{100 * coco_share:.1f}% of {coco_points} points (one mask serves box and cls when both are in the region)")
+    project_coco("box", rows, channels, channels, share, points, coco_share, coco_points)
+    project_coco("cls", cls_rows, teacher.num_classes, 80, share, points, coco_share, coco_points)
     return 0
 
 

@@ -26,7 +26,9 @@ SCHEMA_VERSION = 2
 
 1: one canvas per store. 2: a list of canvases (`StoreCanvas`), a ``canvas`` column in the
 manifest, and the arrays of every canvas but the first under its own group in each part.
-3: schema 2 plus region storage (`StoreRegion`), region values in the ``channels`` order.
+3: schema 2 plus region storage (`StoreRegion`), region values in the ``channels`` order;
+the region records its groups, and a reader refuses a region group it does not know (``cls``
+came after ``box``).
 4 (`REGION_SCHEMA_VERSION`): schema 3 with region values in the ``points`` order
 (`label_store.codecs.REGION_LAYOUTS`: 5% fewer box bytes)."""
 FIRST_REGION_SCHEMA_VERSION = 3
@@ -141,8 +143,8 @@ there is none to fit it on: the specs of `default_target_specs` (they come witho
 and so the endpoint's wire, which has no store. Also the default of stores written before
 transform coding."""
 
-REGION_GROUPS = ("box", "edges")
-"""Groups a store may hold only inside its `StoreRegion`."""
+REGION_GROUPS = ("cls", "box", "edges")
+"""Groups a store may hold only inside its `StoreRegion`, in store order."""
 REGION_DIOU_MODES = ("standard", "released")
 """DIoU flavours of LD's valuable localization region (`detcore.assign.vlr_region`)."""
 REGION_ARRAY = "region"
@@ -520,7 +522,8 @@ class StoreRegion:
     """Region storage: the groups a store holds only at the points its losses read.
 
     LD reads the teacher's edge distributions only at the ATSS positives and in its valuable
-    localization region (VLR), and both follow from the view's GT boxes alone. A store with a
+    localization region (VLR), its class logits only at the positives (``ld_kd``), and both
+    regions follow from the view's GT boxes alone. A store with a
     region keeps, per view, a mask over the A points of all levels (level-major, row-major,
     as `detcore.outputs.level_anchors`), `detcore.assign.stored_region`: the ATSS candidates
     of ``topk`` (the positives are among them) and every point whose DIoU with a GT reaches
@@ -535,7 +538,8 @@ class StoreRegion:
     """
 
     groups: tuple[str, ...]
-    """Groups held only inside the mask, from `REGION_GROUPS` (``("box",)``: LD's distributions)."""
+    """Groups held only inside the mask, from `REGION_GROUPS` (``("box",)``: LD's distributions;
+    ``("cls", "box")``: its class logits too, which BCD then cannot read)."""
     topk: int
     """ATSS candidates per level per GT of the positives and of the VLR threshold."""
     vlr_alpha: float

@@ -46,11 +46,13 @@ class StoreFitError(ValueError):
 def check_store_region(region: Any, losses: Any, *, store: str, point_offset: float, needed: Sequence[str]) -> None:
     """Refuse a run whose losses would read a region store (`label_store.StoreRegion`) outside its region.
 
-    LD reads ``box`` at the ATSS positives of its ``topk`` (the student's own assignment
-    when its ``atss_topk`` is the same number) and in the VLR of its ``alpha`` and DIoU
-    flavour, on the student's points; the store holds ``box`` for one topk, every alpha from
-    its ``vlr_alpha`` up, one DIoU flavour and one point convention. BCD reads the teacher's
-    boxes at every point, so it needs them from a dense group (``edges``).
+    LD (any of its terms: `student_trainer.losses.recipes.ld_recipe` computes them together)
+    reads ``box`` at the ATSS positives of its ``topk`` (the student's own assignment when its
+    ``atss_topk`` is the same number) and in the VLR of its ``alpha`` and DIoU flavour, and
+    ``cls`` at the positives (``ld_kd``), on the student's points; the store holds its region
+    groups for one topk, every alpha from its ``vlr_alpha`` up, one DIoU flavour and one point
+    convention. BCD reads the teacher's class logits and boxes at every point, so it needs
+    ``cls`` dense and the boxes from a dense group (``edges``).
 
     Raises:
         StoreFitError: naming each setting of the run and the store's.
@@ -58,31 +60,52 @@ def check_store_region(region: Any, losses: Any, *, store: str, point_offset: fl
     if region is None:
         return
     read = {name.split("/", 1)[0] for name in needed}
-    problems = []
-    if "box" in region.groups and "box" in read and losses.uses("ld_main", "ld_vlr"):
-        if losses.ld.topk != region.topk:
-            problems.append(f"LD topk: the run has losses.ld.topk={losses.ld.topk}, the store's region serves topk {region.topk}")
-        if losses.uses("ld_vlr"):
-            if losses.ld.alpha < region.vlr_alpha:
-                problems.append(
-                    f"LD VLR alpha: the run has losses.ld.alpha={losses.ld.alpha:g}, the store's region serves alpha >= {region.vlr_alpha:g}"
-                )
-            if losses.ld.vlr_diou != region.vlr_diou:
-                problems.append(f"LD VLR DIoU: the run has losses.ld.vlr_diou={losses.ld.vlr_diou!r}, the store's region serves {region.vlr_diou!r}")
-        if float(point_offset) != region.point_offset:
-            problems.append(f"point offset: the student's points sit at {point_offset:g}, the store's region used {region.point_offset:g}")
-    # ``needed`` holds edges only when BCD reads them (`LossConfig.bcd_box_group`).
-    if losses.uses("bcd") and ("edges" if "edges" in read else "box") in region.groups:
-        problems.append(
-            f"BCD reads the teacher's boxes at every point; the store holds {'/'.join(region.groups)} only in its region and no dense "
-            "edges (precompute with --targets ...,edges, or with --box-region dense)"
-        )
+    problems = _ld_region_problems(region, losses, point_offset, read) + _bcd_region_problems(region, losses, read)
     if problems:
         raise StoreFitError(
             f"The label store {store} holds {region.describe()}; this run would read outside it:\n  - "
             + "\n  - ".join(problems)
             + "\nRun with the store's settings (--set losses.ld....), or precompute a store for yours."
         )
+
+
+def _ld_region_problems(region: Any, losses: Any, point_offset: float, read: set[str]) -> list[str]:
+    """LD's settings that would read the store's region groups (``cls`` at the positives, ``box`` there and in the VLR) outside it."""
+    held = read & set(region.groups) & {"cls", "box"}
+    if not held or not losses.uses("ld_main", "ld_vlr", "ld_kd"):
+        return []
+    problems = []
+    if losses.ld.topk != region.topk:
+        problems.append(f"LD topk: the run has losses.ld.topk={losses.ld.topk}, the store's region serves topk {region.topk}")
+    if "box" in held:
+        if losses.ld.alpha < region.vlr_alpha:
+            problems.append(
+                f"LD VLR alpha: the run has losses.ld.alpha={losses.ld.alpha:g}, the store's region serves alpha >= {region.vlr_alpha:g}"
+            )
+        if losses.ld.vlr_diou != region.vlr_diou:
+            problems.append(f"LD VLR DIoU: the run has losses.ld.vlr_diou={losses.ld.vlr_diou!r}, the store's region serves {region.vlr_diou!r}")
+    if float(point_offset) != region.point_offset:
+        problems.append(f"point offset: the student's points sit at {point_offset:g}, the store's region used {region.point_offset:g}")
+    return problems
+
+
+def _bcd_region_problems(region: Any, losses: Any, read: set[str]) -> list[str]:
+    """BCD's reads at every point of a group the store holds only in its region."""
+    if not losses.uses("bcd"):
+        return []
+    problems = []
+    if "cls" in region.groups:
+        problems.append(
+            "BCD reads the teacher's class logits at every point; the store holds cls only in its region "
+            "(precompute with --cls-region dense, or run without bcd)"
+        )
+    # ``needed`` holds edges only when BCD reads them (`LossConfig.bcd_box_group`).
+    if ("edges" if "edges" in read else "box") in region.groups:
+        problems.append(
+            f"BCD reads the teacher's boxes at every point; the store holds {'/'.join(region.groups)} only in its region and no dense "
+            "edges (precompute with --targets ...,edges, or with --box-region dense)"
+        )
+    return problems
 
 
 def check_store_fits(

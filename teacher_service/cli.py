@@ -168,12 +168,18 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
                             "the points LD reads (ATSS candidates and the VLR of --region-topk / --region-vlr-alpha, from "
                             "each view's GT), about a quarter of the box bytes at canvas 256; BCD reads boxes at every "
                             "point, so add edges to --targets to train BCD from such a store")
+    views.add_argument("--cls-region", choices=("dense", "ld"), default="dense",
+                       help="dense: class logits at every point (default); ld: only in LD's region, the one "
+                            "--box-region ld uses (same --region-* settings; with or without --box-region ld), which "
+                            "holds the ATSS positives where LD's KD term reads them: about half the cls bytes at canvas "
+                            "256; BCD reads class logits at every point and cannot train from such a store")
     views.add_argument("--region-topk", type=_positive_int, default=9, metavar="K",
-                       help="ATSS topk the --box-region ld store serves (default: 9, LD's and GFL's)")
+                       help="ATSS topk the --box-region / --cls-region ld store serves (default: 9, LD's and GFL's)")
     views.add_argument("--region-vlr-alpha", type=float, default=0.25, metavar="A",
-                       help="smallest VLR alpha the --box-region ld store serves; a run may use a larger one (default: 0.25)")
+                       help="smallest VLR alpha the --box-region / --cls-region ld store serves; a run may use a larger one "
+                            "(default: 0.25)")
     views.add_argument("--region-vlr-diou", choices=("standard", "released"), default="standard",
-                       help="VLR DIoU flavour the --box-region ld store serves (default: standard)")
+                       help="VLR DIoU flavour the --box-region / --cls-region ld store serves (default: standard)")
     classes = parser.add_argument_group("classes (the store holds the dataset's categories, in its order)")
     classes.add_argument("--class-map", metavar="FILE",
                          help="JSON object of teacher class name -> dataset category name, for names that differ beyond "
@@ -322,6 +328,7 @@ def run_precompute_command(args: argparse.Namespace) -> int:
         codec_profile=args.codec_profile or "auto",
         basis_views=args.basis_views,
         box_region=args.box_region,
+        cls_region=args.cls_region,
         region_topk=args.region_topk,
         region_vlr_alpha=args.region_vlr_alpha,
         region_vlr_diou=args.region_vlr_diou,

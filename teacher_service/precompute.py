@@ -196,11 +196,12 @@ def run_precompute(
     if layout.class_mapping is not None:
         logger.info("precompute: teacher classes mapped to the dataset's categories:\n%s", layout.class_mapping.describe())
     region = config.store_region()
-    regional = [s.name for s in layout.target_specs if region is not None and s.group in region.groups and s.target_codec.needs_basis]
+    regional = [s for s in layout.target_specs if region is not None and s.group in region.groups and s.target_codec.needs_basis]
     if regional:
+        flags = " / ".join(f"--{group}-region ld" for group in dict.fromkeys(s.group for s in regional))
         raise PrecomputeInputError(
-            f"--box-region {config.box_region} expects int or float codecs for the region's targets. Got transform "
-            f"codecs (pca-std<k>, stored at every point) for {regional}; choose another with --codec."
+            f"{flags} expects int or float codecs for the region's targets. Got transform codecs (pca-std<k>, "
+            f"stored at every point) for {[s.name for s in regional]}; choose another with --codec."
         )
     specs = list(layout.target_specs)
     if any(spec.target_codec.needs_basis and spec.transform is None for spec in specs) and not _store_exists(config):
@@ -212,7 +213,9 @@ def run_precompute(
         config.store, layout.fingerprint, specs, exist_ok=True, storage_options=storage_options, region=region,
     )
     layout = dataclasses.replace(layout, target_specs=tuple(store.targets))
-    if store.region is not None and "edges" not in config.target_groups:
+    if store.region is not None and "cls" in store.region.groups:
+        logger.info("precompute: cls stored only where LD reads it; BCD cannot train from %s", config.store)
+    elif store.region is not None and "edges" not in config.target_groups:
         logger.info("precompute: box stored only where LD reads it; without edges in --targets, BCD cannot train from %s", config.store)
     # A store of one non-square canvas (schema 1) resumes with the views it was planned with.
     orient = len(store.canvases) > 1 or layout.canvas_hw[0] == layout.canvas_hw[1]

@@ -11,7 +11,8 @@ from label_store.schema import DEFAULT_STORED_GROUPS, TARGET_GROUPS
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZE_MODES = ("auto", "on", "off")
 CODEC_PROFILE_MODES = ("auto", "small", "fast")
-BOX_REGION_MODES = ("dense", "ld")
+REGION_MODES = ("dense", "ld")
+"""``--box-region`` / ``--cls-region``: a group at every point, or only where LD reads it."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -62,6 +63,10 @@ class PrecomputeConfig:
     candidates and the VLR of `region_topk` / `region_vlr_alpha`, from each view's GT:
     `label_store.StoreRegion`). BCD reads the teacher's boxes at every point, so it trains
     from such a store's ``edges`` (store them too)."""
+    cls_region: str = "dense"
+    """``dense`` stores ``cls`` at every point; ``ld`` only in the same region as ``box_region``
+    (LD reads the class logits at the ATSS positives, ``ld_kd``). BCD reads them at every
+    point, so it cannot train from such a store."""
     region_topk: int = 9
     """ATSS topk the region serves (LD's and the student's ``topk``)."""
     region_vlr_alpha: float = 0.25
@@ -110,14 +115,20 @@ class PrecomputeConfig:
     show_progress: bool = True
     """Show a tqdm progress bar (views/s, ETA) on stderr."""
 
+    def region_groups(self) -> tuple[str, ...]:
+        """Groups stored only in the region: ``cls`` and / or ``box``, by ``cls_region`` and ``box_region``."""
+        modes = (("cls", self.cls_region), ("box", self.box_region))
+        return tuple(group for group, mode in modes if mode != "dense")
+
     def store_region(self):
-        """The `label_store.StoreRegion` of ``box_region`` (None for ``dense``); the student's point
-        convention is this project's (0.5)."""
-        if self.box_region == "dense":
+        """The `label_store.StoreRegion` of `region_groups` (None when both are ``dense``); the
+        student's point convention is this project's (0.5)."""
+        groups = self.region_groups()
+        if not groups:
             return None
         from label_store.schema import StoreRegion
 
-        return StoreRegion(("box",), self.region_topk, self.region_vlr_alpha, self.region_vlr_diou, 0.5)
+        return StoreRegion(groups, self.region_topk, self.region_vlr_alpha, self.region_vlr_diou, 0.5)
 
     @property
     def actor_cpus(self) -> float:
@@ -183,18 +194,7 @@ class PrecomputeConfig:
                 f"PrecomputeConfig(codec_profile=) (--codec-profile) expects one of {list(CODEC_PROFILE_MODES)}. "
                 f"Got {self.codec_profile!r}."
             )
-        if self.box_region not in BOX_REGION_MODES:
-            raise PrecomputeInputError(f"PrecomputeConfig(box_region=) (--box-region) expects one of {list(BOX_REGION_MODES)}. Got {self.box_region!r}.")
-        if self.box_region != "dense":
-            if "box" not in self.target_groups:
-                raise PrecomputeInputError(
-                    f"PrecomputeConfig(box_region=) (--box-region {self.box_region}) expects 'box' among the target groups. "
-                    f"Got {list(self.target_groups)}."
-                )
-            try:
-                self.store_region()
-            except ValueError as error:
-                raise PrecomputeInputError(f"--region-topk / --region-vlr-alpha / --region-vlr-diou: {error}") from None
+        self._validate_region()
         if self.quantize_on_device not in QUANTIZE_MODES:
             raise PrecomputeInputError(
                 f"PrecomputeConfig(quantize_on_device=) expects one of {list(QUANTIZE_MODES)}. Got {self.quantize_on_device!r}."
@@ -207,3 +207,19 @@ class PrecomputeConfig:
             raise PrecomputeInputError(f"PrecomputeConfig(pin_cpus=) expects True or False. Got {self.pin_cpus!r}.")
         if self.max_views is not None and self.max_views < 0:
             raise PrecomputeInputError(f"PrecomputeConfig(max_views=) expects None or >= 0. Got {self.max_views}.")
+
+    def _validate_region(self) -> None:
+        """Raise `PrecomputeInputError` naming ``--box-region`` / ``--cls-region`` or the region settings."""
+        for group, mode in (("box", self.box_region), ("cls", self.cls_region)):
+            flag = f"--{group}-region"
+            if mode not in REGION_MODES:
+                raise PrecomputeInputError(f"PrecomputeConfig({group}_region=) ({flag}) expects one of {list(REGION_MODES)}. Got {mode!r}.")
+            if mode != "dense" and group not in self.target_groups:
+                raise PrecomputeInputError(
+                    f"PrecomputeConfig({group}_region=) ({flag} {mode}) expects '{group}' among the target groups. "
+                    f"Got {list(self.target_groups)}."
+                )
+        try:
+            self.store_region()
+        except ValueError as error:
+            raise PrecomputeInputError(f"--region-topk / --region-vlr-alpha / --region-vlr-diou: {error}") from None

@@ -300,6 +300,7 @@ def ld_recipe(
                 config.main_weight
                 * ld_loss(s_box[positive], t_box[positive], quality, main_avg_factor, config.main_temperature)
             )
+            _check_read(t_cls[positive], "ld_recipe", "teacher_cls", level, "the ATSS positives")
             s_known, t_known = _known_classes(s_cls[positive], t_cls[positive], class_mask)
             kd.append(config.kd_weight * kd_cls_loss(s_known, t_known, None, float(positive.sum()), config.kd_temperature))
         else:

@@ -190,3 +190,21 @@ def test_background_commits_full_parts_and_flush_waits(tmp_path, fingerprint, sp
     assert filler.flush() == 3  # waits for it and commits the last one
     assert len(filler.parts) == 2 and open_store(url).keys() == [(1, 0), (2, 0), (3, 0)]
     filler.close()
+
+
+@pytest.mark.parametrize("groups", [("box",), ("cls",)])
+def test_fetched_views_go_into_a_region_store_with_every_point_stored(tmp_path, fingerprint, specs, make_record, groups):
+    from label_store import StoreRegion
+
+    url = str(tmp_path / "store.zarr")
+    create_store(url, fingerprint, specs, region=StoreRegion(groups, topk=9, vlr_alpha=0.25))
+    filler = StoreFiller(url, expected_fingerprint=fingerprint, part_views=2)
+    for image_id in (1, 2):
+        filler.add(*_view(make_record, specs, image_id))
+    assert filler.committed_views == 2
+    reader = open_store(url)
+    assert reader.region.groups == groups and reader.region_share() == 1.0
+    original = synthetic_targets(specs, seed=2000)
+    for spec in specs:  # dense targets from the endpoint: every point, as a dense store holds them
+        codec = spec.target_codec
+        np.testing.assert_array_equal(reader.read(2, 0)[spec.name], codec.decode(*codec.encode(original[spec.name])))

@@ -1,4 +1,4 @@
-"""Region storage (`label_store.StoreRegion`): box targets kept only at the points LD reads."""
+"""Region storage (`label_store.StoreRegion`): box (and cls) targets kept only at the points LD reads."""
 
 from __future__ import annotations
 
@@ -52,19 +52,21 @@ def _fill(url, fingerprint, specs, make_record, make_targets, region, masks):
     return open_store(url)
 
 
-def test_region_store_reads_back_the_dense_values_inside_and_nan_outside(tmp_path, fingerprint, specs, make_record, make_targets):
+@pytest.mark.parametrize("groups", [("box",), ("cls",), ("cls", "box")])
+def test_region_store_reads_back_the_dense_values_inside_and_nan_outside(tmp_path, fingerprint, specs, make_record, make_targets, groups):
+    region = StoreRegion(groups, topk=9, vlr_alpha=0.25)
     masks = [_mask(0), _mask(1), None]  # None: every point (e.g. dense targets from the endpoint)
     dense = _fill(str(tmp_path / "dense.zarr"), fingerprint, specs, make_record, make_targets, None, [None] * 3)
-    sparse = _fill(str(tmp_path / "region.zarr"), fingerprint, specs, make_record, make_targets, REGION, masks)
+    sparse = _fill(str(tmp_path / "region.zarr"), fingerprint, specs, make_record, make_targets, region, masks)
     assert dense.schema_version == SCHEMA_VERSION and dense.region is None
-    assert sparse.schema_version == REGION_SCHEMA_VERSION and sparse.region == REGION
+    assert sparse.schema_version == REGION_SCHEMA_VERSION and sparse.region == region
     for image_id, mask in enumerate(masks):
         expected = dense.read(image_id, 0)
         got = sparse.read(image_id, 0)
         stored = sparse.read_regions([(image_id, 0)])[0]
         np.testing.assert_array_equal(stored, np.ones(NUM_POINTS, bool) if mask is None else mask)
         for name, value in got.items():
-            if not name.startswith("box/"):
+            if name.split("/")[0] not in groups:
                 np.testing.assert_array_equal(value, expected[name])  # other groups stay dense, bit for bit
                 continue
             keep = _level_masks(stored)[name.split("/")[1]]
@@ -90,6 +92,33 @@ def test_region_store_is_smaller_and_its_checksums_verify(tmp_path, fingerprint,
     assert sparse_groups["cls"]["region_share"] == 1.0 and dense_groups["box"]["region_share"] == 1.0
     assert info["region"] == REGION.to_dict()
     assert verify_store(sparse.url).ok
+
+
+def test_a_cls_region_shows_its_share_and_the_box_stays_dense(tmp_path, fingerprint, specs, make_record, make_targets):
+    from label_store.maintenance import inspect_store
+
+    masks = [_block_mask(i) for i in range(4)]
+    dense = _fill(str(tmp_path / "dense.zarr"), fingerprint, specs, make_record, make_targets, None, [None] * 4)
+    sparse = _fill(
+        str(tmp_path / "region.zarr"), fingerprint, specs, make_record, make_targets, StoreRegion(("cls",), 9, 0.25), masks
+    )
+    dense_groups = {g["group"]: g for g in inspect_store(dense.url)["groups"]}
+    sparse_groups = {g["group"]: g for g in inspect_store(sparse.url)["groups"]}
+    assert sparse_groups["cls"]["region_share"] == pytest.approx(float(np.mean([m.mean() for m in masks])))
+    assert sparse_groups["box"]["region_share"] == 1.0
+    assert sparse_groups["box"]["stored_bytes_per_view"] == dense_groups["box"]["stored_bytes_per_view"]
+
+
+def test_a_reader_that_does_not_know_a_region_group_refuses_the_store(tmp_path, fingerprint, specs, monkeypatch):
+    import label_store.schema as schema
+    from label_store.errors import StoreFormatError
+
+    url = str(tmp_path / "s.zarr")
+    create_store(url, fingerprint, specs, region=StoreRegion(("cls", "box"), 9, 0.25))
+    assert open_store(url).region.groups == ("cls", "box")
+    monkeypatch.setattr(schema, "REGION_GROUPS", ("box", "edges"))  # a reader from before cls regions
+    with pytest.raises(StoreFormatError, match=r"StoreRegion\(groups=\).*'cls'"):
+        open_store(url)
 
 
 def test_region_settings_are_part_of_the_store_identity(tmp_path, fingerprint, specs):

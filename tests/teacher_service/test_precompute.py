@@ -173,7 +173,7 @@ def test_codec_profiles_store_the_same_values_with_faster_compression(data, loca
     assert "int5-view-dchw+zstd1" in capsys.readouterr().out
 
 
-def test_box_region_stores_box_only_at_each_views_region(data, local_ray, tmp_path, capsys):
+def test_box_and_cls_regions_store_them_only_at_each_views_region(data, local_ray, tmp_path, capsys):
     from detcore.assign import stored_region
     from detcore.views import image_to_view_boxes
     from label_store.cli import register as register_store
@@ -182,44 +182,71 @@ def test_box_region_stores_box_only_at_each_views_region(data, local_ray, tmp_pa
 
     coco = CocoDataset(data["annotations"], data["images"])
     ids = tuple(coco.image_ids[:3])
-    dense_url, region_url = tmp_path / "dense.zarr", tmp_path / "region.zarr"
     groups = ("cls", "box", "edges", "fpn")
-    for url, mode in ((dense_url, "dense"), (region_url, "ld")):
-        summary = run_precompute(_config(data, url, image_ids=ids, device="cpu", target_groups=groups, box_region=mode))
+    urls = {("box",): tmp_path / "region.zarr", ("cls",): tmp_path / "cls.zarr", (): tmp_path / "dense.zarr"}
+    for region_groups, url in urls.items():
+        modes = {f"{group}_region": "ld" if group in region_groups else "dense" for group in ("box", "cls")}
+        summary = run_precompute(_config(data, url, image_ids=ids, device="cpu", target_groups=groups, **modes))
         assert (summary.views_stored, summary.views_failed) == (6, 0)
-    dense, region = open_store(str(dense_url)), open_store(str(region_url))
-    assert dense.region is None and region.region.to_dict() == {
-        "groups": ["box"], "topk": 9, "vlr_alpha": 0.25, "vlr_diou": "standard", "point_offset": 0.5,
-    }
-    strides = region.fingerprint.strides
+    dense = open_store(str(urls[()]))
+    assert dense.region is None
+    for region_groups in (("box",), ("cls",)):
+        region = open_store(str(urls[region_groups]))
+        assert region.region.to_dict() == {
+            "groups": list(region_groups), "topk": 9, "vlr_alpha": 0.25, "vlr_diou": "standard", "point_offset": 0.5,
+        }
+        _check_region_reads(coco, region, dense, region_groups, stored_region, image_to_view_boxes)
+    with pytest.raises(StoreMismatchError, match="region: store has box at ATSS positives"):
+        run_precompute(_config(data, urls[("box",)], image_ids=ids, device="cpu", target_groups=groups))
+    parser = argparse.ArgumentParser(prog="distill")
+    register_store(parser.add_subparsers(dest="command", required=True))
+    for group in ("box", "cls"):
+        args = parser.parse_args(["store", "inspect", str(urls[(group,)])])
+        assert args.func(args) == 0
+        out = capsys.readouterr().out
+        assert f"region           {group} at ATSS positives (topk 9) and VLR (alpha >= 0.25" in out
+        share = open_store(str(urls[(group,)])).region_share()
+        lines = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["cls"], ["box"])}
+        assert f"{100 * share:6.1f}%" in lines[group]
+        assert "100.0%" in lines["box" if group == "cls" else "cls"]
+
+
+def _check_region_reads(coco, region, dense, region_groups, stored_region, image_to_view_boxes):
+    """Each view's mask is `stored_region` of its GT; region groups equal the dense store inside it, the rest everywhere."""
     for key in region.keys():
         view = View.from_json(region.record(*key)["view"])
         expected = stored_region(
-            image_to_view_boxes(coco.targets(view.image_id).gt_boxes, view), (view.canvas_h, view.canvas_w), strides,
-            topk=9, vlr_alpha=0.25,
+            image_to_view_boxes(coco.targets(view.image_id).gt_boxes, view), (view.canvas_h, view.canvas_w),
+            region.fingerprint.strides, topk=9, vlr_alpha=0.25,
         ).numpy()
         mask = region.read_regions([key])[0]
         np.testing.assert_array_equal(mask, expected)
         assert 0 < mask.sum() < mask.size
         got, want = region.read(*key), dense.read(*key)
-        start = 0
+        starts: dict[str, int] = {}
         for spec in region.targets:
-            if spec.group != "box":
+            if spec.group not in region_groups:
                 np.testing.assert_array_equal(got[spec.name], want[spec.name])
                 continue
+            start = starts.get(spec.group, 0)
             keep = mask[start : start + spec.shape[1] * spec.shape[2]].reshape(spec.shape[1:])
-            start += spec.shape[1] * spec.shape[2]
+            starts[spec.group] = start + spec.shape[1] * spec.shape[2]
             np.testing.assert_array_equal(got[spec.name][:, keep], want[spec.name][:, keep])
-    with pytest.raises(StoreMismatchError, match="region: store has box at ATSS positives"):
-        run_precompute(_config(data, region_url, image_ids=ids, device="cpu", target_groups=groups))
-    parser = argparse.ArgumentParser(prog="distill")
-    register_store(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["store", "inspect", str(region_url)])
-    assert args.func(args) == 0
-    out = capsys.readouterr().out
-    assert "region           box at ATSS positives (topk 9) and VLR (alpha >= 0.25" in out
-    share = region.region_share()
-    assert f"{100 * share:6.1f}%" in next(line for line in out.splitlines() if line.startswith("box "))
+            assert np.isnan(got[spec.name][:, ~keep]).all()
+
+
+def test_cls_region_flag_errors_exit_2_naming_the_flag(data, tmp_path, capsys):
+    argv = ["precompute", "--annotations", str(data["annotations"]), "--images", str(data["images"]),
+            "--teacher", str(data["teacher"]), "--store", str(tmp_path / "s.zarr"), "--no-progress", "--device", "cpu",
+            "--cls-region", "ld"]
+    assert _cli([*argv, "--targets", "box,fpn"]) == 2
+    assert "(--cls-region ld) expects 'cls' among the target groups" in capsys.readouterr().err
+    assert _cli([*argv, "--codec", "cls=pca-std5"]) == 2
+    err = capsys.readouterr().err
+    assert "--cls-region ld expects int or float codecs" in err and "cls/p3" in err
+    assert _cli([*argv, "--box-region", "ld", "--codec", "box=pca-std5"]) == 2
+    assert "--box-region ld expects int or float codecs" in capsys.readouterr().err
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(data, fp32_store, local_ray, tmp_path):

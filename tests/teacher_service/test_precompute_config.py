@@ -28,11 +28,25 @@ from precompute_fixtures import (  # noqa: F401  (fixtures are found by name)
         ({"box_region": "positives"}, "box-region"),
         ({"box_region": "ld", "target_groups": ("cls", "fpn")}, "expects 'box' among the target groups"),
         ({"box_region": "ld", "region_vlr_alpha": 0.0}, "region-vlr-alpha"),
+        ({"cls_region": "positives"}, "cls-region"),
+        ({"cls_region": "ld", "target_groups": ("box", "fpn")}, r"\(--cls-region ld\) expects 'cls' among the target groups"),
+        ({"cls_region": "ld", "region_topk": 0}, "region-topk"),
     ],
 )
 def test_config_validation(data, tmp_path, overrides, match):
     with pytest.raises(PrecomputeInputError, match=match):
         _config(data, tmp_path / "s.zarr", **overrides).validate()
+
+
+@pytest.mark.parametrize(
+    "cls_region, box_region, groups", [("ld", "dense", ("cls",)), ("ld", "ld", ("cls", "box")), ("dense", "ld", ("box",))]
+)
+def test_the_store_region_holds_the_groups_asked_for(data, tmp_path, cls_region, box_region, groups):
+    config = _config(data, tmp_path / "s.zarr", cls_region=cls_region, box_region=box_region, region_topk=7)
+    config.validate()
+    region = config.store_region()
+    assert (region.groups, region.topk, region.vlr_alpha) == (groups, 7, 0.25)
+    assert _config(data, tmp_path / "s.zarr").store_region() is None
 
 
 @pytest.mark.parametrize(
