@@ -110,12 +110,19 @@ def measure_cls(codec, cls_levels, masks, slices):
     return per_view, stack(region_levels), stack(dense_levels)
 
 
-def report_cls(teacher_out, student_out, gt, strides, reg_max, masks, slices, reference):
-    """Print the cls table (one row per profile); returns profile -> bytes per view."""
-    import torch
-
+def codec_rows(group: str, extra) -> list[tuple[str, str]]:
+    """(row label, codec name) of ``group``: the default codec under each profile, then each of ``extra``."""
     from label_store.codecs import parse_codec, profile_codec
     from label_store.schema import DEFAULT_CODECS
+
+    return [(p, profile_codec(DEFAULT_CODECS[group], p)) for p in ("small", "fast")] + [(name, parse_codec(name).name) for name in extra]
+
+
+def report_cls(teacher_out, student_out, gt, strides, reg_max, masks, slices, reference, extra=()):
+    """Print the cls table (one row per profile, then per codec of ``extra``); returns row label -> bytes per view."""
+    import torch
+
+    from label_store.codecs import parse_codec
     from student_trainer.losses import ld_recipe
 
     cls_levels = [level.float().numpy() for level in teacher_out.cls_logits]
@@ -126,8 +133,8 @@ def report_cls(teacher_out, student_out, gt, strides, reg_max, masks, slices, re
           "ld_kd err | ld_kd equals dense store |")
     print("|---|---|---|---|---|---|---|")
     rows = {}
-    for profile in ("small", "fast"):
-        codec = parse_codec(profile_codec(DEFAULT_CODECS["cls"], profile))
+    for profile, name in codec_rows("cls", extra):
+        codec = parse_codec(name)
         per_view, region_cls, dense_cls = measure_cls(codec, cls_levels, masks, slices)
         with torch.no_grad():
             region_kd = float(ld_recipe(s_cls, s_box, region_cls, t_box, gt, strides, reg_max)["ld_kd"])
@@ -187,6 +194,8 @@ def main() -> int:
     parser.add_argument("--views", type=int, default=16)
     parser.add_argument("--canvas", type=int, default=256)
     parser.add_argument("--coco-images", type=int, default=100, help="random COCO-like GT sets for the projection")
+    parser.add_argument("--box-codecs", nargs="*", default=[], help="also these box codecs (rows beside the defaults)")
+    parser.add_argument("--cls-codecs", nargs="*", default=[], help="also these cls codecs (rows beside the defaults)")
     args = parser.parse_args()
 
     import numpy as np
@@ -234,9 +243,9 @@ def main() -> int:
           "mask B/view | edges B/view | ld_main err | ld_vlr err | bcd_iou err (edges) | LD equals dense store |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = {}
-    for profile in ("small", "fast"):
-        codec = parse_codec(profile_codec(DEFAULT_CODECS["box"], profile))
-        edges_codec = parse_codec(profile_codec(DEFAULT_CODECS["edges"], profile))
+    for profile, name in codec_rows("box", args.box_codecs):
+        codec = parse_codec(name)
+        edges_codec = parse_codec(profile_codec(DEFAULT_CODECS["edges"], profile if profile in ("small", "fast") else "small"))
         totals = {"dense": 0, "zero": 0, "packed": 0, "mask": 0, "edges": 0}
         region_levels = [[] for _ in strides]
         dense_levels = [[] for _ in strides]
@@ -270,12 +279,13 @@ def main() -> int:
               f"{per_view['mask']:,.0f} | {per_view['edges']:,.0f} | {100 * err(region_ld['ld_main'], 'ld_main'):.3f}% | "
               f"{100 * err(region_ld['ld_vlr'], 'ld_vlr'):.3f}% | {100 * err(bcd['bcd_iou'], 'bcd_iou'):.3f}% | "
               f"{region_ld['ld_main'] == dense_ld['ld_main'] and region_ld['ld_vlr'] == dense_ld['ld_vlr']} |")
-    cls_rows = report_cls(teacher_out, student_out, gt, strides, reg_max, masks, slices, reference)
+    cls_rows = report_cls(teacher_out, student_out, gt, strides, reg_max, masks, slices, reference, args.cls_codecs)
     fp32_cls = sum(level[0].numel() * 4 for level in teacher_out.cls_logits)
-    for profile in rows:
-        both = rows[profile]["packed"] + cls_rows[profile]["packed"] - cls_rows[profile]["mask"]
-        print(f"# cls + box in one region (--cls-region ld --box-region ld, one mask), {profile}: {both:,.0f} B/view "
-              f"({(fp32_box + fp32_cls) / both:.1f}x of the {fp32_box + fp32_cls:,} B of float32 cls + box)")
+    pairs = [(p, p) for p in ("small", "fast")] + [(b, c) for b in args.box_codecs or ["small"] for c in args.cls_codecs]
+    for box_label, cls_label in pairs:
+        both = rows[box_label]["packed"] + cls_rows[cls_label]["packed"] - cls_rows[cls_label]["mask"]
+        print(f"# cls + box in one region (--cls-region ld --box-region ld, one mask), box {box_label} + cls {cls_label}: "
+              f"{both:,.0f} B/view ({(fp32_box + fp32_cls) / both:.1f}x of the {fp32_box + fp32_cls:,} B of float32 cls + box)")
     coco_share, coco_points = coco_region_share(strides, args.coco_images)
     channels = 4 * (reg_max + 1)
     print(f"# COCO projection: {args.coco_images} random GT sets (7.3 per image, COCO's size bands) on 800x1333: region share "
