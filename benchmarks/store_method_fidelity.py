@@ -12,6 +12,9 @@ float32 targets:
     bcd_cls, bcd_iou  BCD's class term (all points) and its box IoU term (decoded teacher boxes)
     fgd               FGD's total (attention-weighted foreground/background feature loss,
                       attention and global terms; per-level modules with fixed-seed init)
+    ld_im             LD's released feature imitation at its fine-grained region (teacher-RMS
+                      normalised MSE; fixed-seed adapters where the widths differ)
+    hgd               HGD over the FPN stages p3..p7 (its micro/macro weights; fixed-seed adapters)
     bce_all, kd_all   BCE with sigmoid targets and class KD at T=2 over every point (the
                       losses a method reading cls at all points sees)
 
@@ -48,8 +51,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GROUPS = ("cls", "box", "fpn")
-METHOD_KEYS = ("ld_main", "ld_vlr", "ld_kd", "bcd_cls", "bcd_iou", "fgd", "bce_all", "kd_all")
-METHODS_BY_GROUP = {"cls": ("ld_kd", "bcd_cls", "bce_all", "kd_all"), "box": ("ld_main", "ld_vlr", "bcd_iou"), "fpn": ("fgd",)}
+METHOD_KEYS = ("ld_main", "ld_vlr", "ld_kd", "bcd_cls", "bcd_iou", "fgd", "ld_im", "hgd", "bce_all", "kd_all")
+METHODS_BY_GROUP = {"cls": ("ld_kd", "bcd_cls", "bce_all", "kd_all"), "box": ("ld_main", "ld_vlr", "bcd_iou"), "fpn": ("fgd", "ld_im", "hgd")}
 
 
 def load_views(teacher_path: str, student_path: str, annotations: str, images: str, count: int, canvas: tuple[int, int]):
@@ -131,11 +134,13 @@ def encode_decode(specs, targets, codecs: dict[str, str], sample=()):
     return decoded, {g: b / views for g, b in stored.items()}, cpu / views, read_cpu / views
 
 
-def method_losses(batch, student_out, teacher_levels, strides, reg_max, canvas, fgd_modules) -> dict[str, float]:
-    """Each method's loss of the student against teacher targets given per level as Tensors[B, C, H, W]."""
+def method_losses(batch, student_out, teacher_levels, strides, reg_max, canvas, modules) -> dict[str, float]:
+    """Each method's loss of the student against teacher targets given per level as Tensors[B, C, H, W]
+    (``modules``: the FGD, ld_im and HGD modules of `feature_modules`)."""
     import torch
 
     from student_trainer.losses import bcd_recipe, fgd_recipe, kd_cls_loss, ld_recipe
+    from student_trainer.losses.recipes import hgd_recipe, ld_im_recipe
 
     def points(levels):  # Tensors[B, K, H, W] per level -> Tensor[P, K], every point of every level
         return torch.cat([x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) for x in levels])
@@ -146,11 +151,35 @@ def method_losses(batch, student_out, teacher_levels, strides, reg_max, canvas, 
     with torch.no_grad():
         out = {k: float(v) for k, v in ld_recipe(s_cls, s_box, t_cls, t_box, gt, strides, reg_max).items()}
         out.update({k: float(v) for k, v in bcd_recipe(s_cls, s_box, t_cls, t_box, gt, strides, reg_max).items()})
-        out["fgd"] = float(fgd_recipe(fgd_modules, list(student_out.fpn_features), t_fpn, gt, canvas)["fgd"])
+        s_fpn = list(student_out.fpn_features)
+        out["fgd"] = float(fgd_recipe(modules["fgd"], s_fpn, t_fpn, gt, canvas)["fgd"])
+        out["ld_im"] = float(ld_im_recipe(modules["ld_im"], s_fpn, t_fpn, gt, strides)["ld_im"])
+        names = [f"p{stride.bit_length() - 1}" for stride in strides]
+        out["hgd"] = float(hgd_recipe(modules["hgd"], dict(zip(names, s_fpn)), dict(zip(names, t_fpn)), gt, canvas)["hgd"])
         s_all, t_all = points(s_cls).double(), points(t_cls).double()
         out["bce_all"] = float(torch.nn.functional.binary_cross_entropy_with_logits(s_all, t_all.sigmoid()))
         out["kd_all"] = float(kd_cls_loss(s_all.float(), t_all.float(), None, float(s_all.shape[0]), 2.0))
     return out
+
+
+def feature_modules(student_channels: int, teacher_channels: int, strides) -> dict:
+    """The feature losses' modules (default configs, FPN stages for HGD), fixed-seed, in eval mode."""
+    import torch
+
+    from student_trainer.config import HGDConfig, LDConfig
+    from student_trainer.losses import FGDConfig, build_fgd_modules
+    from student_trainer.losses.recipes import build_hgd_module, build_imitation
+
+    torch.manual_seed(0)
+    names = [f"p{stride.bit_length() - 1}" for stride in strides]
+    modules = {
+        "fgd": build_fgd_modules(FGDConfig(), student_channels, teacher_channels, len(strides)),
+        "ld_im": build_imitation(LDConfig(), student_channels, teacher_channels, len(strides)),
+        "hgd": build_hgd_module(HGDConfig(stages=tuple(names)), dict.fromkeys(names, student_channels), dict.fromkeys(names, teacher_channels)),
+    }
+    for module in modules.values():
+        module.eval()
+    return modules
 
 
 def levels_of(decoded_views, specs, group):
@@ -190,7 +219,6 @@ def main() -> int:
     from label_store import default_target_specs
     from label_store.codecs import parse_codec, profile_codec
     from label_store.schema import DEFAULT_CODECS
-    from student_trainer.losses import FGDConfig, build_fgd_modules
 
     canvas = (args.canvas, args.canvas)
     batch, teacher, teacher_out, student_out, forward_cpu = load_views(
@@ -201,12 +229,11 @@ def main() -> int:
     views = [{spec.name: np.ascontiguousarray(arrays[spec.name][i]) for spec in specs} for i in range(len(batch["views"]))]
     fp32_bytes = {g: sum(spec.fp32_nbytes for spec in specs if spec.group == g) for g in GROUPS}
     points = sum(spec.shape[1] * spec.shape[2] for spec in specs if spec.group == "cls")
-    fgd_modules = build_fgd_modules(FGDConfig(), student_out.fpn_features[0].shape[1], teacher_out.fpn_features[0].shape[1], len(strides))
-    fgd_modules.eval()
+    modules = feature_modules(student_out.fpn_features[0].shape[1], teacher_out.fpn_features[0].shape[1], strides)
 
     def losses_of(decoded_views):
         levels = {g: levels_of(decoded_views, specs, g) for g in GROUPS}
-        return method_losses(batch, student_out, levels, strides, reg_max, canvas, fgd_modules)
+        return method_losses(batch, student_out, levels, strides, reg_max, canvas, modules)
 
     reference = losses_of(views)
     settings = {"small": dict(DEFAULT_CODECS), "fast": {g: profile_codec(DEFAULT_CODECS[g], "fast") for g in GROUPS}}
