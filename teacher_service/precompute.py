@@ -185,17 +185,38 @@ def run_precompute(
     """
     started = time.perf_counter()
     config.validate()
-    from detcore.coco import AnnotationError, CocoDataset
-    from label_store.writer import create_store
-
-    try:
-        dataset = CocoDataset(config.annotations, config.images_dir)
-    except AnnotationError as error:
-        raise PrecomputeInputError(str(error)) from error
+    dataset = _load_dataset(config)
     layout = store_layout(config, dataset.classes)
     if layout.class_mapping is not None:
         logger.info("precompute: teacher classes mapped to the dataset's categories:\n%s", layout.class_mapping.describe())
     region = config.store_region()
+    _check_region_codecs(layout, region)
+    store = _create_store(config, dataset, layout, region)
+    layout = dataclasses.replace(layout, target_specs=tuple(store.targets))
+    _log_region_limits(config, store)
+    views, todo, skipped = _plan_todo(config, dataset, layout, store)
+    totals, ray_init_seconds, pinning, interrupted = _run_todo(config, dataset, layout, store, todo, on_progress)
+    if totals["failures"]:
+        store.record_failures(totals["failures"])
+    return _summary(
+        config, views, skipped, todo, totals,
+        seconds=time.perf_counter() - started, ray_init_seconds=ray_init_seconds, pinning=pinning, interrupted=interrupted,
+    )
+
+
+def _load_dataset(config: PrecomputeConfig):
+    """The job's `detcore.coco.CocoDataset`; a bad annotation file raises `PrecomputeInputError`."""
+    from detcore.coco import AnnotationError, CocoDataset
+
+    try:
+        return CocoDataset(config.annotations, config.images_dir)
+    except AnnotationError as error:
+        raise PrecomputeInputError(str(error)) from error
+
+
+def _check_region_codecs(layout: StoreLayout, region) -> None:
+    """Refuse transform codecs for a region group's targets: they are stored at every point,
+    which defeats storing the group only in LD's region."""
     regional = [s for s in layout.target_specs if region is not None and s.group in region.groups and s.target_codec.needs_basis]
     if regional:
         flags = " / ".join(f"--{group}-region ld" for group in dict.fromkeys(s.group for s in regional))
@@ -203,20 +224,35 @@ def run_precompute(
             f"{flags} expects int or float codecs for the region's targets. Got transform codecs (pca-std<k>, "
             f"stored at every point) for {[s.name for s in regional]}; choose another with --codec."
         )
+
+
+def _create_store(config: PrecomputeConfig, dataset, layout: StoreLayout, region):
+    """The job's `label_store.writer.Store`: created, with channel bases fitted for its
+    transform codecs when it is new, or opened to resume."""
+    from label_store.writer import create_store
+
     specs = list(layout.target_specs)
     if any(spec.target_codec.needs_basis and spec.transform is None for spec in specs) and not _store_exists(config):
         # A new store: fit its bases once. An existing one kept its own (`store_layout`), or
         # holds another codec, which create_store refuses below without fitting anything.
         specs = fit_store_bases(config, dataset, layout, plan_job(config, dataset, layout.canvas_hw)[: config.basis_views])
     storage_options = dict(config.storage_options) or None
-    store = create_store(
+    return create_store(
         config.store, layout.fingerprint, specs, exist_ok=True, storage_options=storage_options, region=region,
     )
-    layout = dataclasses.replace(layout, target_specs=tuple(store.targets))
+
+
+def _log_region_limits(config: PrecomputeConfig, store) -> None:
+    """Log which method cannot train from ``store`` because a group is stored only in LD's region."""
     if store.region is not None and "cls" in store.region.groups:
         logger.info("precompute: cls stored only where LD reads it; BCD cannot train from %s", config.store)
     elif store.region is not None and "edges" not in config.target_groups:
         logger.info("precompute: box stored only where LD reads it; without edges in --targets, BCD cannot train from %s", config.store)
+
+
+def _plan_todo(config: PrecomputeConfig, dataset, layout: StoreLayout, store) -> tuple[list, list, int]:
+    """(every planned view, the views this run does, the number already committed): the
+    views not yet in ``store``, at most ``config.max_views`` of them."""
     # A store of one non-square canvas (schema 1) resumes with the views it was planned with.
     orient = len(store.canvases) > 1 or layout.canvas_hw[0] == layout.canvas_hw[1]
     views = plan_job(config, dataset, layout.canvas_hw, orient=orient)
@@ -225,35 +261,44 @@ def run_precompute(
     skipped = len(views) - len(todo)
     if config.max_views is not None:
         todo = todo[: config.max_views]
-    left = len(views) - skipped - len(todo)
     logger.info("precompute: %d views planned, %d already committed, %d to do", len(views), skipped, len(todo))
+    return views, todo, skipped
 
-    totals: dict[str, Any] = {"parts": 0, "stored": 0, "bytes": 0, "failures": []}
-    for name in ("decode_s", "forward_s", "encode_s", "write_s"):
-        totals[name] = 0.0
-    ray_init_seconds = 0.0
-    pinning = None
+
+def _run_todo(
+    config: PrecomputeConfig, dataset, layout: StoreLayout, store, todo: list, on_progress,
+) -> tuple[dict[str, Any], float, tuple[tuple[int, ...], tuple[int, ...]] | None, int | None]:
+    """Run the pipeline over ``todo`` on Ray, stoppable by SIGINT or SIGTERM: (the totals,
+    seconds to start Ray, `init_ray`'s CPU pinning, the signal that stopped the run or None)."""
+    if not todo:
+        return _empty_totals(), 0.0, None, None
+    parts_before = set(store.committed_parts())
+    ray_started = time.perf_counter()
+    started_ray, pinning = init_ray(config)
+    ray_init_seconds = time.perf_counter() - ray_started
+    # Installed after ray.init, which replaces the driver's SIGTERM handler.
+    stop = StopRequest(raise_at_once=True)
     interrupted: int | None = None
-    if todo:
-        parts_before = set(store.committed_parts())
-        ray_started = time.perf_counter()
-        started_ray, pinning = init_ray(config)
-        ray_init_seconds = time.perf_counter() - ray_started
-        # Installed after ray.init, which replaces the driver's SIGTERM handler.
-        stop = StopRequest(raise_at_once=True)
-        try:
-            with stop:
-                totals = _run_per_canvas(config, dataset, layout, store.canvases, todo, on_progress, pinning=pinning)
-        except Interrupted:
-            interrupted = stop.signum
-        finally:
-            if started_ray:
-                shutdown_ray()
-        if interrupted is not None:
-            totals = _interrupted_totals(store, parts_before, {v.key for v in todo})
-        if totals["failures"]:
-            store.record_failures(totals["failures"])
+    try:
+        with stop:
+            totals = _run_per_canvas(config, dataset, layout, store.canvases, todo, on_progress, pinning=pinning)
+    except Interrupted:
+        interrupted = stop.signum
+    finally:
+        if started_ray:
+            shutdown_ray()
+    if interrupted is not None:
+        totals = _interrupted_totals(store, parts_before, {v.key for v in todo})
+    return totals, ray_init_seconds, pinning, interrupted
+
+
+def _summary(
+    config: PrecomputeConfig, views: list, skipped: int, todo: list, totals: dict[str, Any], *,
+    seconds: float, ray_init_seconds: float, pinning, interrupted: int | None,
+) -> PrecomputeSummary:
+    """The job's summary from its plan (views planned, already committed, done this run) and the run's totals."""
     failures = tuple((f["image_id"], f["view_id"], f["reason"]) for f in totals["failures"])
+    left = len(views) - skipped - len(todo)
     return PrecomputeSummary(
         store=config.store,
         views_planned=len(views),
@@ -263,7 +308,7 @@ def run_precompute(
         views_left=left + max(0, len(todo) - int(totals["stored"]) - len(failures)),
         num_parts=int(totals["parts"]),
         bytes_written=int(totals["bytes"]),
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         ray_init_seconds=ray_init_seconds,
         decode_seconds=float(totals["decode_s"]),
         forward_seconds=float(totals["forward_s"]),
@@ -277,6 +322,14 @@ def run_precompute(
         views_quantized_on_device=int(totals.get("quantized", 0)),
         interrupted_by=signal.Signals(interrupted).name if interrupted is not None else None,
     )
+
+
+def _empty_totals() -> dict[str, Any]:
+    """Write totals of a run that stored nothing (the keys `_summary` reads)."""
+    totals: dict[str, Any] = {"parts": 0, "stored": 0, "bytes": 0, "failures": []}
+    for name in ("decode_s", "forward_s", "encode_s", "write_s"):
+        totals[name] = 0.0
+    return totals
 
 
 def _run_per_canvas(
@@ -318,12 +371,9 @@ def _run_per_canvas(
 def _interrupted_totals(store, parts_before: set[str], todo_keys: set) -> dict[str, Any]:
     """The totals of an interrupted run, from the manifest: the parts it committed (the
     write tasks' own reports died with the job)."""
-    totals: dict[str, Any] = {"failures": []}
-    for name in ("decode_s", "forward_s", "encode_s", "write_s"):
-        totals[name] = 0.0
+    totals = _empty_totals()
     totals["parts"] = len(set(store.committed_parts()) - parts_before)
     totals["stored"] = len(store.committed_keys() & todo_keys)
-    totals["bytes"] = 0
     return totals
 
 
