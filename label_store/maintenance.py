@@ -183,20 +183,62 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
     its share of the packed masks (``region`` arrays).
     """
     reader: StoreReader = open_store(url, storage_options=storage_options, threads=1)
-    location = reader._location
+    failures = _store_failures(reader)
+    bytes_on_disk, by_dir, by_array = _bytes_by_part(reader._location)
+    committed_dirs = {entry.part_dir for entry in reader._parts}
+    chunk_bytes = _committed_chunk_bytes(reader, by_array, committed_dirs)
+    rows = sum(entry.num_views for entry in reader._parts)
+    raw_params = {spec.name: 8 * spec.target_codec.num_params(spec.shape[0]) for spec in reader.targets}
+    targets = _target_summary(reader, chunk_bytes, raw_params, rows)
+    bytes_committed = sum(by_dir.get(part_dir, 0) for part_dir in committed_dirs)
+    fp32_per_view = sum(spec.fp32_nbytes for spec in reader.targets)
+    per_view = bytes_committed / rows if rows else 0.0
+    visible = reader.views()
+    canvases = _canvas_summary(reader, visible, chunk_bytes, raw_params)
+    visible_bytes = sum(c["bytes_per_view"] * c["views"] for c in canvases)
+    return {
+        "url": url,
+        "schema_version": reader.schema_version,
+        "created_at": reader._meta.created_at,
+        "teacher": reader.fingerprint.to_dict(),
+        "targets": targets,
+        "groups": _group_summary(reader, targets),
+        "views": len(reader),
+        "images": len(set(visible.column("image_id").to_pylist())),
+        "parts": len(reader._parts),
+        "duplicate_views": rows - len(reader),
+        "uncommitted_parts": len(set(by_dir) - committed_dirs),
+        "failures": failures,
+        "bytes_on_disk": bytes_on_disk,
+        "bytes_committed": bytes_committed,
+        "bytes_per_view": per_view,
+        "fp32_bytes_per_view": fp32_per_view,
+        "ratio_vs_fp32": fp32_per_view / per_view if per_view else None,
+        "fidelity": reader.fidelity,
+        "views_by_origin": _views_by_origin(reader, visible),
+        "canvases": canvases,
+        "padding_share": sum(c["padding_bytes"] for c in canvases) / visible_bytes if visible_bytes else None,
+        "region": None if reader.region is None else reader.region.to_dict(),
+    }
+
+
+def _store_failures(reader: StoreReader) -> list[dict]:
+    """The store's recorded failures (``{image_id, view_id, reason}`` each), read through its writer-side `Store`."""
     from label_store.writer import Store
 
-    store = Store(location, reader._meta, reader._meta.views_per_shard)
-    failures = store.failures()
+    return Store(reader._location, reader._meta, reader._meta.views_per_shard).failures()
+
+
+def _bytes_by_part(location: Location) -> tuple[int, dict[str, int], dict[tuple[str, str], int]]:
+    """(bytes of every file of the store, bytes per part directory, chunk bytes per
+    ``(part directory, array path)``), from a fresh listing of the store."""
     location.refresh(location.root)
     try:
         listing = location.fs.find(location.root, detail=True)
     except FileNotFoundError:
         listing = {}
     sizes = {path: int(info.get("size") or 0) for path, info in listing.items() if info.get("type", "file") != "directory"}
-    bytes_on_disk = sum(sizes.values())
     parts_root = location.path(LAYOUT["parts"])
-    committed_dirs = {entry.part_dir for entry in reader._parts}
     by_array: dict[tuple[str, str], int] = {}  # (part_dir, array name) -> chunk bytes
     by_dir: dict[str, int] = {}
     for path, size in sizes.items():
@@ -209,7 +251,14 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
         if "/c/" in rest:
             key = (part_dir, rest.split("/c/", 1)[0])
             by_array[key] = by_array.get(key, 0) + size
-    rows = sum(entry.num_views for entry in reader._parts)
+    return sum(sizes.values()), by_dir, by_array
+
+
+def _committed_chunk_bytes(
+    reader: StoreReader, by_array: Mapping[tuple[str, str], int], committed_dirs: set[str],
+) -> Callable[..., int]:
+    """``chunk_bytes(array_name, canvases=None)``: the chunk bytes of an array in the committed
+    parts, over ``canvases`` (None: all the store's canvases)."""
 
     def chunk_bytes(array_name: str, canvases=None) -> int:
         return sum(
@@ -218,12 +267,19 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
             for canvas in (canvases or reader.canvases)
         )
 
-    raw_params = {spec.name: 8 * spec.target_codec.num_params(spec.shape[0]) for spec in reader.targets}
+    return chunk_bytes
+
+
+def _target_summary(reader: StoreReader, chunk_bytes, raw_params: Mapping[str, int], rows: int) -> list[dict[str, Any]]:
+    """Per target: name, shape, codec, fp32 and stored bytes per view and their ratio.
+
+    Stored bytes: the target's chunks, its share of ``quant`` (by parameter count) and, for
+    a region target, its share of the packed masks, over every committed row.
+    """
     params_total = chunk_bytes(QUANT_ARRAY) if sum(raw_params.values()) else 0
     region_targets = reader._meta.region_targets()
     masks_total = chunk_bytes(REGION_ARRAY) if region_targets else 0
-    region_share = reader.region_share()
-    targets, groups = [], {}
+    targets = []
     for spec in reader.targets:
         share = params_total * raw_params[spec.name] / sum(raw_params.values()) if params_total else 0.0
         if spec.name in region_targets:  # the masks are what the region groups cost beyond their codes
@@ -239,6 +295,16 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
                 "ratio_vs_fp32": spec.fp32_nbytes / stored if stored else None,
             }
         )
+    return targets
+
+
+def _group_summary(reader: StoreReader, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per target group: its codecs, fp32 and stored bytes per view (sums of ``targets``,
+    `_target_summary`'s rows), their ratio and region_share (1.0 for a dense group)."""
+    region_targets = reader._meta.region_targets()
+    region_share = reader.region_share()
+    groups: dict[str, dict[str, Any]] = {}
+    for spec, target in zip(reader.targets, targets):
         group = groups.setdefault(
             spec.group,
             {
@@ -249,43 +315,19 @@ def inspect_store(url: str, *, storage_options: Mapping[str, Any] | None = None)
         if spec.codec not in group["codecs"]:
             group["codecs"].append(spec.codec)
         group["fp32_bytes_per_view"] += spec.fp32_nbytes
-        group["stored_bytes_per_view"] += stored
+        group["stored_bytes_per_view"] += target["stored_bytes_per_view"]
     for group in groups.values():
         group["ratio_vs_fp32"] = group["fp32_bytes_per_view"] / group["stored_bytes_per_view"] if group["stored_bytes_per_view"] else None
-    bytes_committed = sum(by_dir.get(part_dir, 0) for part_dir in committed_dirs)
-    fp32_per_view = sum(spec.fp32_nbytes for spec in reader.targets)
-    per_view = bytes_committed / rows if rows else 0.0
-    visible = reader.views()
+    return list(groups.values())
+
+
+def _views_by_origin(reader: StoreReader, visible) -> dict[str, int]:
+    """Visible views per part origin (every `PART_ORIGINS` entry, 0 when it has none)."""
     origin_of_part = {entry.part_id: entry.origin for entry in reader._parts}
     views_by_origin = {origin: 0 for origin in PART_ORIGINS}
     for part_id in visible.column("part").to_pylist():
         views_by_origin[origin_of_part[part_id]] = views_by_origin.get(origin_of_part[part_id], 0) + 1
-    canvases = _canvas_summary(reader, visible, chunk_bytes, raw_params)
-    visible_bytes = sum(c["bytes_per_view"] * c["views"] for c in canvases)
-    return {
-        "url": url,
-        "schema_version": reader.schema_version,
-        "created_at": reader._meta.created_at,
-        "teacher": reader.fingerprint.to_dict(),
-        "targets": targets,
-        "groups": list(groups.values()),
-        "views": len(reader),
-        "images": len(set(visible.column("image_id").to_pylist())),
-        "parts": len(reader._parts),
-        "duplicate_views": rows - len(reader),
-        "uncommitted_parts": len(set(by_dir) - committed_dirs),
-        "failures": failures,
-        "bytes_on_disk": bytes_on_disk,
-        "bytes_committed": bytes_committed,
-        "bytes_per_view": per_view,
-        "fp32_bytes_per_view": fp32_per_view,
-        "ratio_vs_fp32": fp32_per_view / per_view if per_view else None,
-        "fidelity": reader.fidelity,
-        "views_by_origin": views_by_origin,
-        "canvases": canvases,
-        "padding_share": sum(c["padding_bytes"] for c in canvases) / visible_bytes if visible_bytes else None,
-        "region": None if reader.region is None else reader.region.to_dict(),
-    }
+    return views_by_origin
 
 
 def _canvas_summary(reader: StoreReader, visible, chunk_bytes, raw_params: Mapping[str, int]) -> list[dict[str, Any]]:

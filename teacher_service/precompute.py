@@ -185,17 +185,38 @@ def run_precompute(
     """
     started = time.perf_counter()
     config.validate()
-    from detcore.coco import AnnotationError, CocoDataset
-    from label_store.writer import create_store
-
-    try:
-        dataset = CocoDataset(config.annotations, config.images_dir)
-    except AnnotationError as error:
-        raise PrecomputeInputError(str(error)) from error
+    dataset = _load_dataset(config)
     layout = store_layout(config, dataset.classes)
     if layout.class_mapping is not None:
         logger.info("precompute: teacher classes mapped to the dataset's categories:\n%s", layout.class_mapping.describe())
     region = config.store_region()
+    _check_region_codecs(layout, region)
+    store = _create_store(config, dataset, layout, region)
+    layout = dataclasses.replace(layout, target_specs=tuple(store.targets))
+    _log_region_limits(config, store)
+    views, todo, skipped = _plan_todo(config, dataset, layout, store)
+    totals, ray_init_seconds, pinning, interrupted = _run_todo(config, dataset, layout, store, todo, on_progress)
+    if totals["failures"]:
+        store.record_failures(totals["failures"])
+    return _summary(
+        config, views, skipped, todo, totals,
+        seconds=time.perf_counter() - started, ray_init_seconds=ray_init_seconds, pinning=pinning, interrupted=interrupted,
+    )
+
+
+def _load_dataset(config: PrecomputeConfig):
+    """The job's `detcore.coco.CocoDataset`; a bad annotation file raises `PrecomputeInputError`."""
+    from detcore.coco import AnnotationError, CocoDataset
+
+    try:
+        return CocoDataset(config.annotations, config.images_dir)
+    except AnnotationError as error:
+        raise PrecomputeInputError(str(error)) from error
+
+
+def _check_region_codecs(layout: StoreLayout, region) -> None:
+    """Refuse transform codecs for a region group's targets: they are stored at every point,
+    which defeats storing the group only in LD's region."""
     regional = [s for s in layout.target_specs if region is not None and s.group in region.groups and s.target_codec.needs_basis]
     if regional:
         flags = " / ".join(f"--{group}-region ld" for group in dict.fromkeys(s.group for s in regional))
@@ -203,20 +224,35 @@ def run_precompute(
             f"{flags} expects int or float codecs for the region's targets. Got transform codecs (pca-std<k>, "
             f"stored at every point) for {[s.name for s in regional]}; choose another with --codec."
         )
+
+
+def _create_store(config: PrecomputeConfig, dataset, layout: StoreLayout, region):
+    """The job's `label_store.writer.Store`: created, with channel bases fitted for its
+    transform codecs when it is new, or opened to resume."""
+    from label_store.writer import create_store
+
     specs = list(layout.target_specs)
     if any(spec.target_codec.needs_basis and spec.transform is None for spec in specs) and not _store_exists(config):
         # A new store: fit its bases once. An existing one kept its own (`store_layout`), or
         # holds another codec, which create_store refuses below without fitting anything.
         specs = fit_store_bases(config, dataset, layout, plan_job(config, dataset, layout.canvas_hw)[: config.basis_views])
     storage_options = dict(config.storage_options) or None
-    store = create_store(
+    return create_store(
         config.store, layout.fingerprint, specs, exist_ok=True, storage_options=storage_options, region=region,
     )
-    layout = dataclasses.replace(layout, target_specs=tuple(store.targets))
+
+
+def _log_region_limits(config: PrecomputeConfig, store) -> None:
+    """Log which method cannot train from ``store`` because a group is stored only in LD's region."""
     if store.region is not None and "cls" in store.region.groups:
         logger.info("precompute: cls stored only where LD reads it; BCD cannot train from %s", config.store)
     elif store.region is not None and "edges" not in config.target_groups:
         logger.info("precompute: box stored only where LD reads it; without edges in --targets, BCD cannot train from %s", config.store)
+
+
+def _plan_todo(config: PrecomputeConfig, dataset, layout: StoreLayout, store) -> tuple[list, list, int]:
+    """(every planned view, the views this run does, the number already committed): the
+    views not yet in ``store``, at most ``config.max_views`` of them."""
     # A store of one non-square canvas (schema 1) resumes with the views it was planned with.
     orient = len(store.canvases) > 1 or layout.canvas_hw[0] == layout.canvas_hw[1]
     views = plan_job(config, dataset, layout.canvas_hw, orient=orient)
@@ -225,35 +261,44 @@ def run_precompute(
     skipped = len(views) - len(todo)
     if config.max_views is not None:
         todo = todo[: config.max_views]
-    left = len(views) - skipped - len(todo)
     logger.info("precompute: %d views planned, %d already committed, %d to do", len(views), skipped, len(todo))
+    return views, todo, skipped
 
-    totals: dict[str, Any] = {"parts": 0, "stored": 0, "bytes": 0, "failures": []}
-    for name in ("decode_s", "forward_s", "encode_s", "write_s"):
-        totals[name] = 0.0
-    ray_init_seconds = 0.0
-    pinning = None
+
+def _run_todo(
+    config: PrecomputeConfig, dataset, layout: StoreLayout, store, todo: list, on_progress,
+) -> tuple[dict[str, Any], float, tuple[tuple[int, ...], tuple[int, ...]] | None, int | None]:
+    """Run the pipeline over ``todo`` on Ray, stoppable by SIGINT or SIGTERM: (the totals,
+    seconds to start Ray, `init_ray`'s CPU pinning, the signal that stopped the run or None)."""
+    if not todo:
+        return _empty_totals(), 0.0, None, None
+    parts_before = set(store.committed_parts())
+    ray_started = time.perf_counter()
+    started_ray, pinning = init_ray(config)
+    ray_init_seconds = time.perf_counter() - ray_started
+    # Installed after ray.init, which replaces the driver's SIGTERM handler.
+    stop = StopRequest(raise_at_once=True)
     interrupted: int | None = None
-    if todo:
-        parts_before = set(store.committed_parts())
-        ray_started = time.perf_counter()
-        started_ray, pinning = init_ray(config)
-        ray_init_seconds = time.perf_counter() - ray_started
-        # Installed after ray.init, which replaces the driver's SIGTERM handler.
-        stop = StopRequest(raise_at_once=True)
-        try:
-            with stop:
-                totals = _run_per_canvas(config, dataset, layout, store.canvases, todo, on_progress, pinning=pinning)
-        except Interrupted:
-            interrupted = stop.signum
-        finally:
-            if started_ray:
-                shutdown_ray()
-        if interrupted is not None:
-            totals = _interrupted_totals(store, parts_before, {v.key for v in todo})
-        if totals["failures"]:
-            store.record_failures(totals["failures"])
+    try:
+        with stop:
+            totals = _run_per_canvas(config, dataset, layout, store.canvases, todo, on_progress, pinning=pinning)
+    except Interrupted:
+        interrupted = stop.signum
+    finally:
+        if started_ray:
+            shutdown_ray()
+    if interrupted is not None:
+        totals = _interrupted_totals(store, parts_before, {v.key for v in todo})
+    return totals, ray_init_seconds, pinning, interrupted
+
+
+def _summary(
+    config: PrecomputeConfig, views: list, skipped: int, todo: list, totals: dict[str, Any], *,
+    seconds: float, ray_init_seconds: float, pinning, interrupted: int | None,
+) -> PrecomputeSummary:
+    """The job's summary from its plan (views planned, already committed, done this run) and the run's totals."""
     failures = tuple((f["image_id"], f["view_id"], f["reason"]) for f in totals["failures"])
+    left = len(views) - skipped - len(todo)
     return PrecomputeSummary(
         store=config.store,
         views_planned=len(views),
@@ -263,7 +308,7 @@ def run_precompute(
         views_left=left + max(0, len(todo) - int(totals["stored"]) - len(failures)),
         num_parts=int(totals["parts"]),
         bytes_written=int(totals["bytes"]),
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         ray_init_seconds=ray_init_seconds,
         decode_seconds=float(totals["decode_s"]),
         forward_seconds=float(totals["forward_s"]),
@@ -277,6 +322,14 @@ def run_precompute(
         views_quantized_on_device=int(totals.get("quantized", 0)),
         interrupted_by=signal.Signals(interrupted).name if interrupted is not None else None,
     )
+
+
+def _empty_totals() -> dict[str, Any]:
+    """Write totals of a run that stored nothing (the keys `_summary` reads)."""
+    totals: dict[str, Any] = {"parts": 0, "stored": 0, "bytes": 0, "failures": []}
+    for name in ("decode_s", "forward_s", "encode_s", "write_s"):
+        totals[name] = 0.0
+    return totals
 
 
 def _run_per_canvas(
@@ -318,12 +371,9 @@ def _run_per_canvas(
 def _interrupted_totals(store, parts_before: set[str], todo_keys: set) -> dict[str, Any]:
     """The totals of an interrupted run, from the manifest: the parts it committed (the
     write tasks' own reports died with the job)."""
-    totals: dict[str, Any] = {"failures": []}
-    for name in ("decode_s", "forward_s", "encode_s", "write_s"):
-        totals[name] = 0.0
+    totals = _empty_totals()
     totals["parts"] = len(set(store.committed_parts()) - parts_before)
     totals["stored"] = len(store.committed_keys() & todo_keys)
-    totals["bytes"] = 0
     return totals
 
 
@@ -340,27 +390,56 @@ def _run_pipeline(
     """
     specs = tuple(canvas.targets) if canvas is not None else layout.target_specs
     teacher_cpus, stage_cpus = pinning or (None, None)
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+    from ray.data import DataContext
 
-    from teacher_service.pipeline_ray import LabelStoreDatasink, ProgressCounter
-    from teacher_service.pipeline_stages import GT_BOXES_COLUMN, FAULT_ENV, TeacherPredictor, decode_and_render, parse_fault
+    from teacher_service.pipeline_stages import FAULT_ENV, parse_fault
 
     fault = parse_fault(os.environ.get(FAULT_ENV))
+    items = _view_items(dataset, todo, with_gt_boxes=config.store_region() is not None)
+    device = _cluster_device(config)
+    task_concurrency = _task_concurrency(config)
+    with _ray_data_settings(DataContext.get_current()):
+        predictor_kwargs = _predictor_kwargs(config, layout, specs, device, fault, teacher_cpus)
+        pipeline = _teacher_stages(
+            config, layout, items, predictor_kwargs, fault=fault, stage_cpus=stage_cpus, task_concurrency=task_concurrency,
+        )
+        result = _write_views(
+            config, layout, pipeline, len(todo), on_progress, fault=fault, stage_cpus=stage_cpus, task_concurrency=task_concurrency,
+        )
+    # Pinned stages share their cores, however many task slots Ray has for them.
+    result["stage_slots"] = min(task_concurrency, len(stage_cpus)) if stage_cpus else task_concurrency
+    return result
+
+
+def _view_items(dataset, todo: list, *, with_gt_boxes: bool) -> list[dict[str, Any]]:
+    """The pipeline's input rows, one per view of ``todo``: its ids, the view and its image path.
+
+    ``with_gt_boxes``: also the image's GT boxes (float32 bytes), from which a region store's
+    decode tasks render each view's GT and compute its stored points.
+    """
+    from teacher_service.pipeline_stages import GT_BOXES_COLUMN
 
     items = [{"image_id": v.image_id, "view_id": v.view_id, "view": v, "path": str(dataset.image_path(v.image_id))} for v in todo]
-    region = config.store_region()
-    if region is not None:  # the decode tasks render each view's GT and compute its stored points
+    if with_gt_boxes:
         import numpy as np
 
         for item, view in zip(items, todo):
             item[GT_BOXES_COLUMN] = np.ascontiguousarray(dataset.targets(view.image_id).gt_boxes, dtype=np.float32).tobytes()
-        region = {"region": region.to_dict(), "strides": list(layout.fingerprint["strides"])}
-    block = config.block_views
-    num_blocks = max(1, min(math.ceil(len(items) / block), 4096))
+    return items
+
+
+def _cluster_device(config: PrecomputeConfig) -> str:
+    """The teacher actors' device (``auto``: cuda when the cluster has a GPU), once the
+    cluster is known to hold the job's actors and at least one decode/write task.
+
+    Raises:
+        PrecomputeInputError: more GPU actors than GPUs, or actors and a task need more CPUs than there are.
+    """
+    import ray
+
     resources = ray.cluster_resources()
     num_gpus = int(resources.get("GPU", 0))
-    device = config.device if config.device != "auto" else ("cuda" if num_gpus and config.device != "cpu" else "cpu")
+    device = config.device if config.device != "auto" else ("cuda" if num_gpus else "cpu")
     if device.startswith("cuda") and config.num_actors > num_gpus:
         raise PrecomputeInputError(
             f"PrecomputeConfig(num_actors=) expects at most one teacher actor per GPU of the cluster ({num_gpus}). "
@@ -374,83 +453,115 @@ def _run_pipeline(
             f"{config.cpus_per_actor:g} + {config.cpus_per_task:g}; lower --num-actors, --cpus-per-actor or "
             f"--cpus-per-task, or add CPUs to the cluster."
         )
-    torch_threads = config.torch_threads or max(1, int(config.cpus_per_actor))
-    actor_resources: dict[str, Any] = {"num_cpus": config.cpus_per_actor}
-    if device.startswith("cuda"):
-        actor_resources["num_gpus"] = 1
-    task_concurrency = _task_concurrency(config)
-    # No more tasks than inputs (Ray Data warns about a cap it cannot reach).
-    decode_concurrency = min(task_concurrency, num_blocks)
-    write_concurrency = min(task_concurrency, max(1, math.ceil(len(items) / config.views_per_part)))
+    return device
 
-    with _ray_data_settings(DataContext.get_current()):
-        with warnings.catch_warnings():
-            # Bounded retries need max_retries / max_restarts / max_task_retries, which Ray 2.60
-            # takes only through the deprecated **ray_remote_args (its defaults retry forever).
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            pipeline = (
-                ray.data.from_items(items, override_num_blocks=num_blocks)
-                .map_batches(
-                    decode_and_render,
-                    batch_size=block,
-                    batch_format="numpy",
-                    fn_kwargs={"fault": fault, "niceness": config.cpu_stage_niceness, "cpus": stage_cpus, "region": region},
-                    num_cpus=config.cpus_per_task,
-                    compute=TaskPoolStrategy(size=decode_concurrency),
-                    max_retries=MAX_RETRIES,
-                )
-                .map_batches(
-                    TeacherPredictor,
-                    batch_size=block,
-                    batch_format="numpy",
-                    compute=ActorPoolStrategy(size=config.num_actors),
-                    fn_constructor_kwargs={
-                        "teacher_path": str(Path(config.teacher).resolve()),
-                        "target_shapes": {spec.name: tuple(int(v) for v in spec.shape) for spec in specs},
-                        "class_mapping": layout.class_mapping,
-                        "batch_size": config.batch_size,
-                        "device": device,
-                        "precision": config.precision,
-                        "torch_threads": None if device.startswith("cuda") else torch_threads,
-                        "transfer_dtypes": transfer_dtypes(specs, device),
-                        "quantize": device_quantized(specs, device, config.quantize_on_device),
-                        "fault": fault,
-                        "cpu_affinity": tuple(teacher_cpus) if teacher_cpus and not device.startswith("cuda") else None,
-                    },
-                    max_restarts=MAX_RETRIES,
-                    max_task_retries=MAX_RETRIES,
-                    **actor_resources,
-                )
+
+def _predictor_kwargs(
+    config: PrecomputeConfig, layout: StoreLayout, specs: Sequence[Any], device: str, fault, teacher_cpus,
+) -> dict[str, Any]:
+    """`TeacherPredictor`'s constructor arguments for ``specs`` on ``device`` (threads and
+    pinned cores apply to a CPU teacher only)."""
+    cuda = device.startswith("cuda")
+    return {
+        "teacher_path": str(Path(config.teacher).resolve()),
+        "target_shapes": {spec.name: tuple(int(v) for v in spec.shape) for spec in specs},
+        "class_mapping": layout.class_mapping,
+        "batch_size": config.batch_size,
+        "device": device,
+        "precision": config.precision,
+        "torch_threads": None if cuda else (config.torch_threads or max(1, int(config.cpus_per_actor))),
+        "transfer_dtypes": transfer_dtypes(specs, device),
+        "quantize": device_quantized(specs, device, config.quantize_on_device),
+        "fault": fault,
+        "cpu_affinity": tuple(teacher_cpus) if teacher_cpus and not cuda else None,
+    }
+
+
+def _teacher_stages(
+    config: PrecomputeConfig, layout: StoreLayout, items: list[dict[str, Any]], predictor_kwargs: dict[str, Any], *,
+    fault, stage_cpus, task_concurrency: int,
+):
+    """The lazy `ray.data.Dataset` of ``items`` through the decode tasks and the teacher actor pool."""
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from teacher_service.pipeline_stages import TeacherPredictor, decode_and_render
+
+    block = config.block_views
+    num_blocks = max(1, min(math.ceil(len(items) / block), 4096))
+    region = config.store_region()
+    decode_region = None if region is None else {"region": region.to_dict(), "strides": list(layout.fingerprint["strides"])}
+    actor_resources: dict[str, Any] = {"num_cpus": config.cpus_per_actor}
+    if predictor_kwargs["device"].startswith("cuda"):
+        actor_resources["num_gpus"] = 1
+    with warnings.catch_warnings():
+        # Bounded retries need max_retries / max_restarts / max_task_retries, which Ray 2.60
+        # takes only through the deprecated **ray_remote_args (its defaults retry forever).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return (
+            ray.data.from_items(items, override_num_blocks=num_blocks)
+            .map_batches(
+                decode_and_render,
+                batch_size=block,
+                batch_format="numpy",
+                fn_kwargs={"fault": fault, "niceness": config.cpu_stage_niceness, "cpus": stage_cpus, "region": decode_region},
+                num_cpus=config.cpus_per_task,
+                # No more tasks than inputs (Ray Data warns about a cap it cannot reach).
+                compute=TaskPoolStrategy(size=min(task_concurrency, num_blocks)),
+                max_retries=MAX_RETRIES,
             )
-        counter = ProgressCounter.remote()
-        sink = LabelStoreDatasink(
-            config.store,
-            layout.fingerprint,
-            layout.target_specs,
-            storage_options=dict(config.storage_options) or None,
-            views_per_part=config.views_per_part,
-            progress=counter,
-            niceness=config.cpu_stage_niceness,
-            cpus=stage_cpus,
-            fault=fault,
-            region=None if config.store_region() is None else config.store_region().to_dict(),
+            .map_batches(
+                TeacherPredictor,
+                batch_size=block,
+                batch_format="numpy",
+                compute=ActorPoolStrategy(size=config.num_actors),
+                fn_constructor_kwargs=predictor_kwargs,
+                max_restarts=MAX_RETRIES,
+                max_task_retries=MAX_RETRIES,
+                **actor_resources,
+            )
         )
-        try:
-            with ProgressPoller(counter, len(todo), config.show_progress, on_progress), warnings.catch_warnings():
-                # The write cap is an upper bound; a small job whose outputs arrive as fewer
-                # blocks than the cap is fine, and Ray Data's warning about it is noise.
-                warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'Write'")
-                pipeline.write_datasink(
-                    sink,
-                    ray_remote_args={"num_cpus": config.cpus_per_task, "max_retries": MAX_RETRIES},
-                    concurrency=write_concurrency,
-                )
-        finally:
-            ray.kill(counter)
+
+
+def _write_views(
+    config: PrecomputeConfig, layout: StoreLayout, pipeline, num_views: int, on_progress, *,
+    fault, stage_cpus, task_concurrency: int,
+) -> dict[str, Any]:
+    """Run ``pipeline`` into a `LabelStoreDatasink` (one committed part per write task) while
+    polling its progress; the sink's write totals."""
+    import ray
+
+    from teacher_service.pipeline_ray import LabelStoreDatasink, ProgressCounter
+
+    region = config.store_region()
+    counter = ProgressCounter.remote()
+    sink = LabelStoreDatasink(
+        config.store,
+        layout.fingerprint,
+        layout.target_specs,
+        storage_options=dict(config.storage_options) or None,
+        views_per_part=config.views_per_part,
+        progress=counter,
+        niceness=config.cpu_stage_niceness,
+        cpus=stage_cpus,
+        fault=fault,
+        region=None if region is None else region.to_dict(),
+    )
+    try:
+        with ProgressPoller(counter, num_views, config.show_progress, on_progress), warnings.catch_warnings():
+            # The write cap is an upper bound; a small job whose outputs arrive as fewer
+            # blocks than the cap is fine, and Ray Data's warning about it is noise.
+            warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'Write'")
+            pipeline.write_datasink(
+                sink,
+                ray_remote_args={"num_cpus": config.cpus_per_task, "max_retries": MAX_RETRIES},
+                # No more tasks than parts to write (Ray Data warns about a cap it cannot reach).
+                concurrency=min(task_concurrency, max(1, math.ceil(num_views / config.views_per_part))),
+            )
+    finally:
+        ray.kill(counter)
     if sink.result is None:
         raise RuntimeError("LabelStoreDatasink expects on_write_complete to run after a successful write. It did not.")
-    # Pinned stages share their cores, however many task slots Ray has for them.
-    sink.result["stage_slots"] = min(task_concurrency, len(stage_cpus)) if stage_cpus else task_concurrency
     return sink.result
 
 
