@@ -13,6 +13,9 @@ if "RAY_TMPDIR" not in os.environ:
     _OWN_RAY_TMPDIR = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="distillery-ray-")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# As `distill` sets it (distillery/cli.py): numpy's BLAS on one thread per process, so the
+# DataLoader workers the tests fork do not start a spinning BLAS pool each.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def pytest_configure(config):
