@@ -31,7 +31,9 @@ Settings: ``small`` (label_store.schema.DEFAULT_CODECS), ``fast`` (the same unde
 fitted on the ``--fit-views`` images after the measured ones, as a store fits them on its
 first views; their fit is not counted in the write CPU; ``--pca-spatial dct`` adds the
 ``pca-std<k>-dct`` codecs, coefficients also DCT-transformed along the map), and ``small``
-with each cls codec of ``--cls-codecs`` (any codec names, e.g. ``pca-std48-dct+blosc-zstd5-bitshuffle``).
+with each cls codec of ``--cls-codecs`` (any codec names, e.g. ``pca-std48-dct+blosc-zstd5-bitshuffle``),
+and ``small`` with fpn at one ``pca-std<k>`` per level (``--fpn-level-steps 2,4,8,16,32``: finest
+level first, as ``distill precompute --codec fpn/p3=... --codec fpn/p4=...`` writes it).
 
     python benchmarks/store_method_fidelity.py --teacher T.pt --student S.pt \\
         --annotations A.json --images DIR --views 8 --canvas 256 --floors -4 -6 -8 -10
@@ -111,14 +113,15 @@ def encode_decode(specs, targets, codecs: dict[str, str], sample=()):
     from label_store.codecs import parse_codec
     from label_store.schema import TargetSpec, fit_target_bases
 
-    bound = fit_target_bases([TargetSpec(spec.name, spec.shape, codecs[spec.group]) for spec in specs], sample) if any(
-        parse_codec(codecs[g]).needs_basis for g in GROUPS) else None
+    named = {spec.name: codecs.get(spec.name, codecs[spec.group]) for spec in specs}  # a target's own codec wins
+    bound = fit_target_bases([TargetSpec(spec.name, spec.shape, named[spec.name]) for spec in specs], sample) if any(
+        parse_codec(codec).needs_basis for codec in named.values()) else None
     decoded, stored = [], {g: 0 for g in GROUPS}
     cpu, read_cpu = 0.0, 0.0
     for view in targets:
         out = {}
         for index, spec in enumerate(specs):
-            codec = bound[index].target_codec if bound is not None else parse_codec(codecs[spec.group])
+            codec = bound[index].target_codec if bound is not None else parse_codec(named[spec.name])
             compressor = codec.numcodecs_compressor()
             start = time.process_time()
             codes, scale, offset = codec.encode(view[spec.name])
@@ -208,6 +211,8 @@ def main() -> int:
     parser.add_argument("--pca-spatial", nargs="*", choices=("none", "dct"), default=["none"],
                         help="spatial transforms of the pca codecs: none (pca-std<k>), dct (pca-std<k>-dct)")
     parser.add_argument("--cls-codecs", nargs="*", default=[], help="also these cls codecs (codec names)")
+    parser.add_argument("--fpn-level-steps", nargs="*", default=[], metavar="K3,K4,...",
+                        help="also fpn pca-std<k> with one k per level, finest first (as --codec fpn/p3=... sets it)")
     parser.add_argument("--fit-views", type=int, default=8, help="views after the measured ones that the pca bases are fitted on")
     args = parser.parse_args()
 
@@ -257,6 +262,15 @@ def main() -> int:
             for compressor in args.pca_compressors:
                 settings[f"small, fpn {storage}" + ("" if len(args.pca_compressors) == 1 else f" {compressor}")] = {
                     **DEFAULT_CODECS, "fpn": f"{storage}+{compressor}"}
+    for steps in args.fpn_level_steps:
+        per_level = [int(k) for k in steps.split(",")]
+        levels = [spec.name for spec in specs if spec.group == "fpn"]
+        if len(per_level) != len(levels):
+            raise SystemExit(f"store_method_fidelity: --fpn-level-steps expects {len(levels)} values per setting. Got {steps!r}.")
+        compressor = args.pca_compressors[0]
+        settings[f"small, fpn pca-std{'/'.join(map(str, per_level))}"] = {
+            **DEFAULT_CODECS, "fpn": f"pca-std{per_level[0]}+{compressor}",  # the finest level's, in the codecs column
+            **{name: f"pca-std{k}+{compressor}" for name, k in zip(levels, per_level)}}
     for codec in args.cls_codecs:
         settings[f"small, cls {codec}"] = {**DEFAULT_CODECS, "cls": parse_codec(codec).name}
     sample = fit_sample(teacher, args.annotations, args.images, args.views, args.fit_views, canvas,
