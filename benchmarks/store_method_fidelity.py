@@ -25,7 +25,8 @@ Per group: stored bytes per view (compressed codes + crc32c + scale/offset, as
 teacher's forward per view (same process, same thread count, fp32 on the CPU), and read CPU
 per view (decompress + decode of every target, one thread).
 
-Settings: ``small`` (label_store.schema.DEFAULT_CODECS), ``fast`` (the same under the
+Settings: ``small`` (label_store.schema.DEFAULT_CODECS, the fpn default's step growing per
+level as `label_store.schema.level_step_codecs` writes it), ``fast`` (the same under the
 ``fast`` codec profile), ``small`` with the cls codec floored at each ``--floors`` value, and
 ``small`` with fpn transform-coded (``--pca-steps``: ``pca-std<k>``, its per-level bases
 fitted on the ``--fit-views`` images after the measured ones, as a store fits them on its
@@ -46,6 +47,7 @@ train`, `distill student train`); views are the first ``--views`` images rendere
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -223,7 +225,7 @@ def main() -> int:
     torch.manual_seed(0)
     from label_store import default_target_specs
     from label_store.codecs import parse_codec, profile_codec
-    from label_store.schema import DEFAULT_CODECS
+    from label_store.schema import DEFAULT_CODECS, level_step_codecs
 
     canvas = (args.canvas, args.canvas)
     batch, teacher, teacher_out, student_out, forward_cpu = load_views(
@@ -273,6 +275,12 @@ def main() -> int:
             **{name: f"pca-std{k}+{compressor}" for name, k in zip(levels, per_level)}}
     for codec in args.cls_codecs:
         settings[f"small, cls {codec}"] = {**DEFAULT_CODECS, "cls": parse_codec(codec).name}
+    # The default fpn codec is written as `distill precompute` writes it: its step grows per level.
+    default_fpn = {profile_codec(DEFAULT_CODECS["fpn"], p) for p in ("small", "fast")}
+    for name, codecs in settings.items():
+        if codecs["fpn"] in default_fpn and not name.startswith("small, fpn") and not any("/" in key for key in codecs):
+            fpn_specs = [dataclasses.replace(spec, codec=codecs["fpn"]) for spec in specs if spec.group == "fpn"]
+            codecs.update({spec.name: spec.codec for spec in level_step_codecs(fpn_specs, ["fpn"])})
     sample = fit_sample(teacher, args.annotations, args.images, args.views, args.fit_views, canvas,
                         [spec.name for spec in specs]) if any(
         parse_codec(codec).needs_basis for codecs in settings.values() for codec in codecs.values()) else []

@@ -80,6 +80,7 @@ def store_layout(config: PrecomputeConfig, dataset_classes: Sequence[str] | None
     """
     from detcore.classes import ClassMappingError, map_classes
     from detcore.teacher import TeacherGroupError, load_teacher
+    from label_store.schema import level_step_codecs
 
     teacher = load_teacher(config.teacher, device="cpu", precision="fp32")
     if dataset_classes is not None:
@@ -102,6 +103,8 @@ def store_layout(config: PrecomputeConfig, dataset_classes: Sequence[str] | None
         codecs = {**profile_codecs(config), **per_group}
         chosen_groups = codecs if config.codec_profile != "auto" else per_group
         specs = teacher.target_specs(tuple(config.target_groups), canvas_hw, codecs=codecs)
+        # The default transform codec's step grows per coarser level; a group the caller named keeps one codec.
+        specs = level_step_codecs(specs, [g for g in config.target_groups if g not in per_group])
         unknown = sorted(set(per_target) - {spec.name for spec in specs})
         if unknown:
             raise PrecomputeInputError(

@@ -131,3 +131,16 @@ def test_a_store_written_with_it_reads_back_within_the_bound(tmp_path, fingerpri
     refitted = fit_target_bases(specs, views[2:])
     with pytest.raises(ValueError, match="fpn/p3"):
         create_store(url, fingerprint, refitted)
+
+
+def test_level_step_codecs_double_the_default_step_per_coarser_level():
+    from label_store.schema import level_step_codecs
+
+    specs = default_target_specs(3, 7, (64, 64), (8, 16, 32), 16, codecs={"fpn": "pca-std3-dct+blosc-zstd1-bitshuffle"})
+    stepped = level_step_codecs(specs, ["fpn"])
+    fpn = [spec.codec for spec in stepped if spec.group == "fpn"]
+    assert fpn == ["pca-std3-dct+blosc-zstd1-bitshuffle", "pca-std6-dct+blosc-zstd1-bitshuffle", "pca-std12-dct+blosc-zstd1-bitshuffle"]
+    assert [s for s in stepped if s.group != "fpn"] == [s for s in specs if s.group != "fpn"]
+    assert level_step_codecs(specs, ["cls", "box"]) == specs  # fpn not named: left as it is
+    int_specs = default_target_specs(3, 7, (64, 64), (8, 16, 32), 16)  # the basis-free int codec: no step to grow
+    assert level_step_codecs(int_specs, ["fpn"]) == int_specs

@@ -100,6 +100,7 @@ def test_default_codecs_within_stated_error(data, teacher_model, local_ray, tmp_
 def test_new_store_fits_the_fpn_basis_on_the_first_views_and_a_resume_keeps_it(data, teacher_model, local_ray, tmp_path, capsys):
     from label_store import TargetSpec, fit_target_bases
     from label_store.reader import open_store
+    from label_store.codecs import parse_codec
     from label_store.schema import DEFAULT_CODECS
     from teacher_service.precompute import plan_job
 
@@ -111,7 +112,11 @@ def test_new_store_fits_the_fpn_basis_on_the_first_views_and_a_resume_keeps_it(d
     assert run_precompute(first).views_stored == 4
     fitted = {spec.name: spec for spec in open_store(str(store)).targets}
     fpn = [name for name in fitted if name.startswith("fpn/")]
-    assert fpn and all(fitted[name].codec == DEFAULT_CODECS["fpn"] and fitted[name].transform is not None for name in fpn)
+    assert fpn and all(fitted[name].transform is not None for name in fpn)
+    # The default's k on the finest level, doubling on each coarser one (DEFAULT_LEVEL_STEP_GROWTH).
+    k = parse_codec(DEFAULT_CODECS["fpn"]).steps_per_std
+    assert [parse_codec(fitted[name].codec).steps_per_std for name in fpn] == [k * 2**i for i in range(len(fpn))]
+    assert fitted[fpn[0]].codec == DEFAULT_CODECS["fpn"]
     assert all(spec.transform is None for name, spec in fitted.items() if name not in fpn)
     # The basis is that of the teacher's targets on the plan's first 3 views, in order.
     views = plan_job(first, dataset, CANVAS)[:3]
@@ -130,7 +135,7 @@ def test_new_store_fits_the_fpn_basis_on_the_first_views_and_a_resume_keeps_it(d
     # Another transform codec on resume is another target set: exit 2, naming the targets.
     argv = ["precompute", "--annotations", str(data["annotations"]), "--images", str(data["images"]),
             "--teacher", str(data["teacher"]), "--store", str(store), "--no-progress", "--device", "cpu"]
-    assert _cli([*argv, "--codec", "fpn=pca-std3+blosc-zstd5-bitshuffle"]) == 2
+    assert _cli([*argv, "--codec", "fpn=pca-std4+blosc-zstd5-bitshuffle"]) == 2
     assert "fpn/p3" in capsys.readouterr().err
     # A transform codec where the store keeps only a region is refused before any work.
     with pytest.raises(PrecomputeInputError, match="box/p3"):
@@ -156,7 +161,13 @@ def test_codec_profiles_store_the_same_values_with_faster_compression(data, loca
         if name == "fpn/p4":  # an explicit --codec wins over either profile
             assert small.name == fast.name == "int8-channel+zstd9"
             continue
-        assert small.name == DEFAULT_CODECS[name.split("/")[0]]
+        group = name.split("/")[0]
+        if group == "fpn":  # the default's step, doubling on each coarser level
+            level = [n for n in codecs["small"] if n.startswith("fpn/")].index(name)
+            default = parse_codec(DEFAULT_CODECS["fpn"])
+            assert (small.storage_name, small.compressor_name) == (f"pca-std{default.steps_per_std * 2**level}", default.compressor_name)
+        else:
+            assert small.name == DEFAULT_CODECS[group]
         if small.compressor == "zstd":
             assert (fast.storage_name, fast.compressor, fast.level) == (small.storage_name, "zstd", 1) and small.level == 15
         else:  # fpn's transform codec: bit-shuffled blosc, at level 1
