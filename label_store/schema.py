@@ -474,8 +474,9 @@ def default_target_specs(
         groups: which target groups to store, any of `TARGET_GROUPS`.
         codecs: codec per group overriding `DEFAULT_CODECS`. A group left to its default
             gets `BASIS_FREE_CODECS`'s codec where the default needs a fitted basis, so the
-            specs encode as they are; to store the default transform codec, name it here
-            and fit the bases on the first views (`fit_target_bases`), as the precompute job does.
+            specs encode as they are; to store the default transform codec, name it here,
+            apply `level_step_codecs` and fit the bases on the first views
+            (`fit_target_bases`), as the precompute job does.
     Returns:
         Specs in group order, then level order.
     """
