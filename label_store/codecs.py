@@ -335,9 +335,14 @@ class TargetCodec:
     @property
     def dtype(self) -> np.dtype:
         """numpy dtype of the stored values."""
-        if self.storage == "pca" and self.spatial:
-            return np.dtype(np.uint16)
-        return np.dtype({"fp32": np.float32, "fp16": np.float16, "int": np.uint8, "pca": np.uint8}[self.storage])
+        if self.quantized:  # int and pca codes: 8 bits, or 16 for pca-std<k>-dct
+            return np.dtype(np.uint8 if self.bits <= 8 else np.uint16)
+        return np.dtype({"fp32": np.float32, "fp16": np.float16}[self.storage])
+
+    @property
+    def _signed_dtype(self) -> np.dtype:
+        """The signed integers that `dtype`'s codes zigzag-map (``pca`` coefficients)."""
+        return np.dtype(f"i{self.dtype.itemsize}")
 
     @property
     def quantized(self) -> bool:
@@ -375,16 +380,13 @@ class TargetCodec:
             coefficients *= np.float32(1.0) / step
         np.rint(coefficients, out=coefficients)
         np.clip(coefficients, -code_peak, code_peak, out=coefficients)
-        signed = coefficients.astype(np.int16 if self.spatial else np.int8)
-        bits = 8 * signed.itemsize - 1
-        codes = ((signed << 1) ^ (signed >> bits)).view(self.dtype).reshape(x.shape)
+        codes = _zigzag(coefficients.astype(self._signed_dtype)).reshape(x.shape)
         return codes, np.array([step], np.float32), np.zeros(1, np.float32)
 
     def _decode_pca(self, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
         basis = self._bound_basis(codes.shape[0], "decode")
         raw = np.asarray(codes, self.dtype).reshape(codes.shape[0], -1)
-        signed = ((raw >> 1) ^ (raw.dtype.type(0) - (raw & raw.dtype.type(1)))).view(np.int16 if self.spatial else np.int8)
-        coefficients = signed.astype(np.float32) * np.float32(scale.reshape(-1)[0])
+        coefficients = _unzigzag(raw).view(self._signed_dtype).astype(np.float32) * np.float32(scale.reshape(-1)[0])
         if self.spatial:
             coefficients = _dct_2d(coefficients.reshape(codes.shape), inverse=True).reshape(coefficients.shape)
         out = basis.basis_array @ coefficients
@@ -492,13 +494,12 @@ class TargetCodec:
         residual, axes = self._axes(codes, self.predict if predict is None else predict)
         for axis in axes:
             residual = np.diff(residual, axis=axis, prepend=np.uint8(0))  # uint8: wraps mod 256
-        signed = residual.reshape(codes.shape).view(np.int8)
-        return ((signed << 1) ^ (signed >> 7)).view(np.uint8)
+        return _zigzag(residual.reshape(codes.shape).view(np.int8))
 
     def _unpredict(self, residual: np.ndarray, predict: str | None = None) -> np.ndarray:
         """Inverse of `_predict`: zigzag-mapped residuals -> codes."""
         residual = np.asarray(residual, np.uint8)
-        codes = (residual >> 1) ^ (np.uint8(0) - (residual & np.uint8(1)))  # a new, writable array
+        codes = _unzigzag(residual)  # a new, writable array
         grouped, axes = self._axes(codes, self.predict if predict is None else predict)  # a view of codes
         for axis in reversed(axes):
             # Running sum in place, one slice at a time (uint8 wraps mod 256): 1.6x faster
@@ -609,6 +610,18 @@ class TargetCodec:
         raw = np.ascontiguousarray(codes)
         size = raw.nbytes if compressor is None else len(compressor.encode(raw))
         return size + 4
+
+
+def _zigzag(signed: np.ndarray) -> np.ndarray:
+    """Signed integers -> unsigned ones of the same width: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..."""
+    width = signed.dtype.itemsize
+    return ((signed << 1) ^ (signed >> (8 * width - 1))).view(f"u{width}")
+
+
+def _unzigzag(raw: np.ndarray) -> np.ndarray:
+    """Inverse of `_zigzag`, in the unsigned dtype (view it signed where the sign matters); a new array."""
+    one = raw.dtype.type(1)
+    return (raw >> one) ^ (raw.dtype.type(0) - (raw & one))
 
 
 def _dct_2d(planes: np.ndarray, inverse: bool = False) -> np.ndarray:

@@ -156,9 +156,7 @@ def level_step_codecs(specs: Sequence["TargetSpec"], groups: Sequence[str]) -> l
             out.append(spec)
             continue
         level = seen[spec.group] = seen.get(spec.group, -1) + 1
-        storage = f"pca-std{codec.steps_per_std * growth**level}" + (f"-{codec.spatial}" if codec.spatial else "")
-        name = storage + (f"+{codec.compressor_name}" if codec.compressor != "none" else "")
-        out.append(replace(spec, codec=parse_codec(name).name))
+        out.append(replace(spec, codec=replace(codec, steps_per_std=codec.steps_per_std * growth**level).name))
     return out
 
 

@@ -115,10 +115,13 @@ class PrecomputeConfig:
     show_progress: bool = True
     """Show a tqdm progress bar (views/s, ETA) on stderr."""
 
+    def _region_modes(self) -> tuple[tuple[str, str], ...]:
+        """``(group, mode)`` of ``--cls-region`` and ``--box-region``, in store order."""
+        return (("cls", self.cls_region), ("box", self.box_region))
+
     def region_groups(self) -> tuple[str, ...]:
         """Groups stored only in the region: ``cls`` and / or ``box``, by ``cls_region`` and ``box_region``."""
-        modes = (("cls", self.cls_region), ("box", self.box_region))
-        return tuple(group for group, mode in modes if mode != "dense")
+        return tuple(group for group, mode in self._region_modes() if mode != "dense")
 
     def store_region(self):
         """The `label_store.StoreRegion` of `region_groups` (None when both are ``dense``); the
@@ -210,7 +213,7 @@ class PrecomputeConfig:
 
     def _validate_region(self) -> None:
         """Raise `PrecomputeInputError` naming ``--box-region`` / ``--cls-region`` or the region settings."""
-        for group, mode in (("box", self.box_region), ("cls", self.cls_region)):
+        for group, mode in self._region_modes():
             flag = f"--{group}-region"
             if mode not in REGION_MODES:
                 raise PrecomputeInputError(f"PrecomputeConfig({group}_region=) ({flag}) expects one of {list(REGION_MODES)}. Got {mode!r}.")
