@@ -34,7 +34,11 @@ first views; their fit is not counted in the write CPU; ``--pca-spatial dct`` ad
 ``pca-std<k>-dct`` codecs, coefficients also DCT-transformed along the map), and ``small``
 with each cls codec of ``--cls-codecs`` (any codec names, e.g. ``pca-std48-dct+blosc-zstd5-bitshuffle``),
 and ``small`` with fpn at one ``pca-std<k>`` per level (``--fpn-level-steps 2,4,8,16,32``: finest
-level first, as ``distill precompute --codec fpn/p3=... --codec fpn/p4=...`` writes it).
+level first, as ``distill precompute --codec fpn/p3=... --codec fpn/p4=...`` writes it), and
+each fpn setting of the default and ``--fpn-level-steps`` also quantized with a step G times
+coarser outside LD's region (``--fpn-outside G``; a lever measured here, not a store codec: each
+view's region from its GT as `detcore.assign.stored_region` computes it for a region store, ATSS
+topk 9, VLR alpha 0.25, the mask's bytes not counted, as a region store keeps it anyway).
 
     python benchmarks/store_method_fidelity.py --teacher T.pt --student S.pt \\
         --annotations A.json --images DIR --views 8 --canvas 256 --floors -4 -6 -8 -10
@@ -105,10 +109,29 @@ def fit_sample(teacher, annotations: str, images: str, first: int, count: int, c
     return [{name: arrays[name][i] for name in names} for i in range(len(ids))]
 
 
-def encode_decode(specs, targets, codecs: dict[str, str], sample=()):
+def region_stepped(codec, x, keep, outside: int):
+    """``pca-std<k>`` codes of ``x`` with the step ``outside`` times coarser at the points outside
+    ``keep`` (bool array[H, W]): (zigzag uint8 codes array[C, H, W], decoded float32 array[C, H, W])."""
+    import numpy as np
+
+    basis = codec.basis
+    flat = x.reshape(x.shape[0], -1)
+    factor = np.where(keep.reshape(-1), np.float32(1), np.float32(outside))
+    coefficients = (basis.basis_array.T @ (flat - basis.mean_array[:, None])) / factor
+    rms = float(np.sqrt(np.mean(np.square(flat, dtype=np.float64))))
+    step = np.float32(max(rms / codec.steps_per_std, float(np.abs(coefficients).max()) / 127))
+    signed = np.clip(np.rint(coefficients / step), -127, 127).astype(np.int16)
+    codes = ((signed << 1) ^ (signed >> 15)).astype(np.uint8).reshape(x.shape)
+    decoded = basis.basis_array @ (signed * (step * factor)) + basis.mean_array[:, None]
+    return codes, decoded.astype(np.float32).reshape(x.shape)
+
+
+def encode_decode(specs, targets, codecs: dict[str, str], sample=(), regions=(), outside: int = 0):
     """Per view, encode and decode every target; (decoded per view, bytes per group per view, write CPU per view).
 
-    A transform codec (``pca-std<k>``) is bound to a basis fitted on ``sample`` (other views' targets).
+    A transform codec (``pca-std<k>``) is bound to a basis fitted on ``sample`` (other views' targets);
+    with ``outside``, its fpn targets step that many times coarser outside each view's region
+    (``regions``: per view, name -> bool array[H, W]; `region_stepped`).
     """
     import numpy as np
 
@@ -120,11 +143,17 @@ def encode_decode(specs, targets, codecs: dict[str, str], sample=()):
         parse_codec(codec).needs_basis for codec in named.values()) else None
     decoded, stored = [], {g: 0 for g in GROUPS}
     cpu, read_cpu = 0.0, 0.0
-    for view in targets:
+    for number, view in enumerate(targets):
         out = {}
         for index, spec in enumerate(specs):
             codec = bound[index].target_codec if bound is not None else parse_codec(named[spec.name])
             compressor = codec.numcodecs_compressor()
+            if outside and spec.group == "fpn" and codec.storage == "pca" and not codec.spatial:
+                start = time.process_time()
+                codes, out[spec.name] = region_stepped(codec, view[spec.name], regions[number][spec.name], outside)
+                stored[spec.group] += len(compressor.encode(codes)) + 4 + 8
+                cpu += time.process_time() - start
+                continue
             start = time.process_time()
             codes, scale, offset = codec.encode(view[spec.name])
             blob = compressor.encode(np.ascontiguousarray(codes)) if compressor is not None else codes.tobytes()
@@ -187,6 +216,23 @@ def feature_modules(student_channels: int, teacher_channels: int, strides) -> di
     return modules
 
 
+def view_regions(gt_boxes, specs, canvas, strides) -> list[dict]:
+    """Per view, name -> bool array[H, W]: LD's region (as a region store keeps it) at each target's level."""
+    from detcore.assign import stored_region
+    from label_store.schema import target_stride
+
+    starts, start = {}, 0
+    for stride in strides:
+        starts[stride] = start
+        start += -(-canvas[0] // stride) * -(-canvas[1] // stride)
+    out = []
+    for boxes in gt_boxes:
+        mask = stored_region(boxes, canvas, strides, topk=9, vlr_alpha=0.25).numpy()
+        out.append({spec.name: mask[starts[target_stride(spec)] : starts[target_stride(spec)] + spec.shape[1] * spec.shape[2]]
+                    .reshape(spec.shape[1:]) for spec in specs})
+    return out
+
+
 def levels_of(decoded_views, specs, group):
     """Per level Tensor[B, C, H, W] of one group, stacked over the views."""
     import numpy as np
@@ -215,6 +261,8 @@ def main() -> int:
     parser.add_argument("--cls-codecs", nargs="*", default=[], help="also these cls codecs (codec names)")
     parser.add_argument("--fpn-level-steps", nargs="*", default=[], metavar="K3,K4,...",
                         help="also fpn pca-std<k> with one k per level, finest first (as --codec fpn/p3=... sets it)")
+    parser.add_argument("--fpn-outside", type=int, nargs="*", default=[], metavar="G",
+                        help="also the default and --fpn-level-steps fpn settings with a step G times coarser outside LD's region")
     parser.add_argument("--fit-views", type=int, default=8, help="views after the measured ones that the pca bases are fitted on")
     args = parser.parse_args()
 
@@ -275,6 +323,17 @@ def main() -> int:
             **{name: f"pca-std{k}+{compressor}" for name, k in zip(levels, per_level)}}
     for codec in args.cls_codecs:
         settings[f"small, cls {codec}"] = {**DEFAULT_CODECS, "cls": parse_codec(codec).name}
+    levels = [spec.name for spec in specs if spec.group == "fpn"]
+    level_steps = [[parse_codec(c.codec).steps_per_std for c in level_step_codecs(
+        [dataclasses.replace(spec, codec=DEFAULT_CODECS["fpn"]) for spec in specs if spec.group == "fpn"], ["fpn"])]]
+    level_steps += [[int(k) for k in steps.split(",")] for steps in args.fpn_level_steps]
+    outside_of = {}  # setting -> G of --fpn-outside
+    for outside in args.fpn_outside:
+        for per_level in level_steps:
+            names = [f"pca-std{k}+{args.pca_compressors[0]}" for k in per_level]
+            label = f"small, fpn pca-std{'/'.join(map(str, per_level))}, {outside}x step outside LD's region"
+            settings[label] = {**DEFAULT_CODECS, "fpn": names[0], **dict(zip(levels, names))}
+            outside_of[label] = outside
     # The default fpn codec is written as `distill precompute` writes it: its step grows per level.
     default_fpn = {profile_codec(DEFAULT_CODECS["fpn"], p) for p in ("small", "fast")}
     for name, codecs in settings.items():
@@ -285,6 +344,7 @@ def main() -> int:
                         [spec.name for spec in specs]) if any(
         parse_codec(codec).needs_basis for codecs in settings.values() for codec in codecs.values()) else []
 
+    regions = view_regions(batch["gt_boxes"], specs, canvas, strides) if args.fpn_outside else ()
     print(f"# teacher {args.teacher} (K={teacher.num_classes}, R={reg_max}, C={teacher_out.fpn_features[0].shape[1]}), "
           f"student {args.student}, {len(views)} views at canvas {canvas}, {points} points per view, {args.threads} thread(s)")
     print(f"# teacher forward: {1000 * forward_cpu:.1f} ms CPU per view; fp32 bytes per view: "
@@ -302,7 +362,7 @@ def main() -> int:
     print("|" + "---|" * (9 + len(METHOD_KEYS)))
     rows = {}
     for name, codecs in settings.items():
-        decoded, stored, write_cpu, read_cpu = encode_decode(specs, views, codecs, sample)
+        decoded, stored, write_cpu, read_cpu = encode_decode(specs, views, codecs, sample, regions, outside_of.get(name, 0))
         losses = losses_of(decoded)
         errors = {k: abs(losses[k] - reference[k]) / reference[k] if reference[k] > 0 else 0.0 for k in METHOD_KEYS}
         total = sum(stored.values())

@@ -22,11 +22,19 @@ columns (``method_loss_rel_error``); no torch, so these are numpy re-implementat
     cls       ``class_kd_t2``: LD's class KD, ``T**2 * mean_k p_k (log p_k - log q_k)`` with
               softmaxes over the K classes at T = 2, mean over points (here at every point:
               the positives depend on the view's boxes, which the writer does not have);
-    box       LD's KL at T = 10 is the reference loss itself;
+              ``bcd_cls``: BCD's class term, ``sum_k BCE(s_k, p_k) * |p_k - sigmoid(s_k)|``
+              with ``p = sigmoid(t)``, mean over points (BCD reads every point);
+    box       LD's KL at T = 10 is the reference loss itself; ``bcd_giou``: BCD's box term,
+              ``1 - GIoU`` of the boxes each point's expected edges span around it, mean over
+              points (without its class-gap weight, which needs cls);
+    edges     ``bcd_giou``: the same on the expected edges as stored;
     fpn,      ``fgd_attention_mse``: FGD's feature term weighted by the teacher's own spatial
     backbone  and channel attention at T = 0.5, ``mean(A_s * A_c * (s - t)**2)`` with
               ``A_s = H*W softmax_hw(mean_c |t| / T)``, ``A_c = C softmax_c(mean_hw |t| / T)``
-              (without its foreground/background masks, which need the view's boxes).
+              (without its foreground/background masks, which need the view's boxes);
+              ``hgd_rms_mse``: HGD's stage term, the squared difference of the features each
+              divided by its RMS over the channels at every point, mean over points and
+              channels (without its object weights, which need the view's boxes).
 The reference student is the teacher plus Gaussian noise of std ``0.5 * std(teacher)``
 (fixed seed): a student close to its teacher, where the loss is small and a codec's
 error weighs most. A student further away makes every relative error smaller.
@@ -49,6 +57,8 @@ STUDENT_NOISE = 0.5
 REFERENCE_SEED = 20261122
 
 KD_TEMPERATURE = 2.0
+GIOU_EPS = 1e-6
+"""Floor of GIoU's union and enclosing area (as `student_trainer.losses.bcd.GIOU_EPS`)."""
 FGD_TEMPERATURE = 0.5
 
 LOSS_BUDGETS = {"cls": 0.005, "box": 0.005, "edges": 0.01, "fpn": 0.01, "backbone": 0.01}
@@ -125,10 +135,65 @@ def fgd_attention_mse(student: np.ndarray, teacher: np.ndarray, temperature: flo
     return float(np.mean(spatial * channel * (student.astype(np.float64) - t) ** 2))
 
 
+def bcd_cls(student: np.ndarray, teacher: np.ndarray) -> float:
+    """BCD's class term, ``sum_k BCE(s_k, p_k) * |p_k - sigmoid(s_k)|`` with ``p = sigmoid(t)``, mean over points.
+
+    Args:
+        student, teacher: class logits array[K, ...].
+    """
+    s = student.astype(np.float64)
+    p = _sigmoid(teacher.astype(np.float64))
+    return float(np.mean(np.sum((_softplus(s) - p * s) * np.abs(p - _sigmoid(s)), axis=0)))
+
+
+def _expected_edges(box: np.ndarray) -> np.ndarray:
+    """Box logits array[4 * (R + 1), ...] -> expected edge distances array[4, N] (left, top, right, bottom)."""
+    bins = box.shape[0] // 4
+    probs = np.exp(_log_softmax(box.astype(np.float64).reshape(4, bins, -1), 1))
+    return np.einsum("ejn,j->en", probs, np.arange(bins, dtype=np.float64))
+
+
+def edges_giou_loss(student: np.ndarray, teacher: np.ndarray) -> float:
+    """``1 - GIoU`` of the boxes ``(-l, -t, r, b)`` that edge distances array[4, ...] span around each point, mean over points.
+
+    GIoU is invariant to shifting and scaling both boxes, so the point and the stride drop out.
+    """
+    s = student.astype(np.float64).reshape(4, -1)
+    t = teacher.astype(np.float64).reshape(4, -1)
+    boxes_s = np.stack([-s[0], -s[1], s[2], s[3]])
+    boxes_t = np.stack([-t[0], -t[1], t[2], t[3]])
+    area = lambda b: np.clip(b[2] - b[0], 0, None) * np.clip(b[3] - b[1], 0, None)  # noqa: E731
+    overlap = np.clip(np.minimum(boxes_s[2:], boxes_t[2:]) - np.maximum(boxes_s[:2], boxes_t[:2]), 0, None).prod(axis=0)
+    union = np.maximum(area(boxes_s) + area(boxes_t) - overlap, GIOU_EPS)
+    enclose = np.maximum(
+        np.clip(np.maximum(boxes_s[2:], boxes_t[2:]) - np.minimum(boxes_s[:2], boxes_t[:2]), 0, None).prod(axis=0), GIOU_EPS
+    )
+    return float(np.mean(1.0 - (overlap / union - (enclose - union) / enclose)))
+
+
+def bcd_giou(student: np.ndarray, teacher: np.ndarray) -> float:
+    """BCD's box term on box logits array[4 * (R + 1), ...]: `edges_giou_loss` of their expected edges."""
+    return edges_giou_loss(_expected_edges(student), _expected_edges(teacher))
+
+
+def hgd_rms_mse(student: np.ndarray, teacher: np.ndarray, eps: float = 1e-6) -> float:
+    """HGD's stage term without its object weights: ``mean((s / rms_c(s) - t / rms_c(t))**2)``, the RMS over
+    the channels at each point (as `student_trainer.losses.hgd.channel_rms_normalize`).
+
+    Args:
+        student, teacher: features array[C, H, W].
+    """
+    s, t = student.astype(np.float64), teacher.astype(np.float64)
+    normalize = lambda x: x / np.sqrt(np.mean(x * x, axis=0, keepdims=True) + eps)  # noqa: E731
+    return float(np.mean((normalize(s) - normalize(t)) ** 2))
+
+
 METHOD_LOSSES = {
-    "cls": {"class_kd_t2": class_kd},
-    "fpn": {"fgd_attention_mse": fgd_attention_mse},
-    "backbone": {"fgd_attention_mse": fgd_attention_mse},
+    "cls": {"class_kd_t2": class_kd, "bcd_cls": bcd_cls},
+    "box": {"bcd_giou": bcd_giou},
+    "edges": {"bcd_giou": edges_giou_loss},
+    "fpn": {"fgd_attention_mse": fgd_attention_mse, "hgd_rms_mse": hgd_rms_mse},
+    "backbone": {"fgd_attention_mse": fgd_attention_mse, "hgd_rms_mse": hgd_rms_mse},
 }
 """Per group, the methods' own losses reported beside the reference loss (module docstring)."""
 

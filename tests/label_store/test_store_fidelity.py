@@ -11,10 +11,13 @@ from label_store import choose_codecs, measure_fidelity
 from label_store.fidelity import (
     FidelityAccumulator,
     bce_sigmoid_targets,
+    bcd_cls,
+    bcd_giou,
     class_kd,
     fgd_attention_mse,
     feature_mse,
     group_summary,
+    hgd_rms_mse,
     ld_kl,
     reference_student,
 )
@@ -135,7 +138,7 @@ def test_choose_codecs_picks_smallest_within_budget(specs, make_targets):
     for row in result["rows"]:  # a codec passes on the reference loss, every level and each method's own loss
         errors = [row["loss_rel_error"], row["worst_level_loss_rel_error"], *row["method_loss_rel_error"].values()]
         assert row["passes"] == (max(errors) < budgets[row["group"]])
-    assert set(rows[("cls", "int2-view+zstd5")]["method_loss_rel_error"]) == {"class_kd_t2"}
+    assert set(rows[("cls", "int2-view+zstd5")]["method_loss_rel_error"]) == {"class_kd_t2", "bcd_cls"}
     assert rows[("cls", "int2-view+zstd5")]["method_loss_rel_error"]["class_kd_t2"] > 0
 
 
@@ -174,11 +177,11 @@ def test_method_losses_are_reported_per_target_and_group_and_merge_without_shari
     for name, row in report.items():
         methods = row["method_loss_rel_error"]
         group = name.split("/")[0]
-        assert set(methods) == {"cls": {"class_kd_t2"}, "fpn": {"fgd_attention_mse"}}.get(group, set())
+        assert set(methods) == {"cls": {"class_kd_t2", "bcd_cls"}, "box": {"bcd_giou"}, "fpn": {"fgd_attention_mse", "hgd_rms_mse"}}.get(group, set())
         assert all(error > 0 for error in methods.values())
     groups = group_summary(report)
     assert groups["cls"]["method_loss_rel_error"]["class_kd_t2"] > 0
-    assert groups["box"]["method_loss_rel_error"] == {}
+    assert set(groups["box"]["method_loss_rel_error"]) == {"bcd_giou"}
     stats = {name: row for name, row in report.items()}
     merged = FidelityAccumulator()
     merged.merge(stats)
@@ -187,3 +190,32 @@ def test_method_losses_are_reported_per_target_and_group_and_merge_without_shari
     for name, row in report.items():
         assert twice[name]["method_loss_rel_error"] == pytest.approx(row["method_loss_rel_error"])
         assert stats[name]["methods"] == row["methods"]
+
+
+def test_bcd_and_hgd_columns_equal_the_trainers_losses():
+    """The report's numpy BCD and HGD terms against `student_trainer.losses` on the same values."""
+    import torch
+
+    from student_trainer.losses.bcd import aligned_giou, bcd_cls_loss
+    from student_trainer.losses.hgd import channel_rms_normalize
+    from detcore.outputs import distance_to_boxes, distribution_to_distance
+
+    rng = np.random.default_rng(3)
+    teacher_cls, student_cls = rng.normal(-3, 2, (2, 5, 4, 6)).astype(np.float32)
+    flat = lambda x: torch.from_numpy(x.reshape(x.shape[0], -1).T.copy())  # noqa: E731  [K, H, W] -> [N, K]
+    points = 4 * 6
+    expected = float(bcd_cls_loss(flat(student_cls), flat(teacher_cls), None, float(points)))
+    assert bcd_cls(student_cls, teacher_cls) == pytest.approx(expected, rel=1e-5)
+    assert bcd_cls(teacher_cls, teacher_cls) == 0.0
+    reg_max = 7
+    teacher_box, student_box = rng.normal(0, 2, (2, 4 * (reg_max + 1), 4, 6)).astype(np.float32)
+    anchors = torch.from_numpy(rng.uniform(0, 50, (points, 2)).astype(np.float32))
+    stride = 8.0
+    boxes = [distance_to_boxes(anchors, distribution_to_distance(flat(x), reg_max) * stride) for x in (student_box, teacher_box)]
+    expected = float((1 - aligned_giou(*boxes)).mean())
+    assert bcd_giou(student_box, teacher_box) == pytest.approx(expected, rel=1e-5)
+    assert bcd_giou(teacher_box, teacher_box) == pytest.approx(0.0, abs=1e-12)
+    teacher_fpn, student_fpn = rng.normal(0, 1, (2, 16, 4, 6)).astype(np.float32)
+    normalized = [channel_rms_normalize(torch.from_numpy(x)[None]) for x in (student_fpn, teacher_fpn)]
+    expected = float((normalized[0] - normalized[1]).pow(2).mean())
+    assert hgd_rms_mse(student_fpn, teacher_fpn) == pytest.approx(expected, rel=1e-5)
