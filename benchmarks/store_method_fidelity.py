@@ -23,7 +23,9 @@ Per group: stored bytes per view (compressed codes + crc32c + scale/offset, as
 `TargetCodec.compressed_nbytes`) and the ratio to float32; per setting: write CPU per view
 (quantize + predict + compress of every target, one thread, process time) against the
 teacher's forward per view (same process, same thread count, fp32 on the CPU), and read CPU
-per view (decompress + decode of every target, one thread).
+per view (decompress + decode of every target, one thread); after the table, per setting and
+group, the order-0 entropy of the stored codes (``n * H0 / 8`` bytes per view: the floor of any
+entropy coder that codes each code alone, whatever the compressor).
 
 Settings: ``small`` (label_store.schema.DEFAULT_CODECS, the fpn default's step growing per
 level as `label_store.schema.level_step_codecs` writes it), ``fast`` (the same under the
@@ -127,7 +129,8 @@ def region_stepped(codec, x, keep, outside: int):
 
 
 def encode_decode(specs, targets, codecs: dict[str, str], sample=(), regions=(), outside: int = 0):
-    """Per view, encode and decode every target; (decoded per view, bytes per group per view, write CPU per view).
+    """Per view, encode and decode every target; (decoded per view, bytes per group per view, write and
+    read CPU per view, `order0_bytes` of each group's stored codes per view).
 
     A transform codec (``pca-std<k>``) is bound to a basis fitted on ``sample`` (other views' targets);
     with ``outside``, its fpn targets step that many times coarser outside each view's region
@@ -142,6 +145,7 @@ def encode_decode(specs, targets, codecs: dict[str, str], sample=(), regions=(),
     bound = fit_target_bases([TargetSpec(spec.name, spec.shape, named[spec.name]) for spec in specs], sample) if any(
         parse_codec(codec).needs_basis for codec in named.values()) else None
     decoded, stored = [], {g: 0 for g in GROUPS}
+    histograms = {g: np.zeros(1 << 16, np.int64) for g in GROUPS}  # stored code values, for `order0_bytes`
     cpu, read_cpu = 0.0, 0.0
     for number, view in enumerate(targets):
         out = {}
@@ -153,19 +157,35 @@ def encode_decode(specs, targets, codecs: dict[str, str], sample=(), regions=(),
                 codes, out[spec.name] = region_stepped(codec, view[spec.name], regions[number][spec.name], outside)
                 stored[spec.group] += len(compressor.encode(codes)) + 4 + 8
                 cpu += time.process_time() - start
+                histograms[spec.group][: 1 << 8] += np.bincount(codes.reshape(-1), minlength=1 << 8)
                 continue
             start = time.process_time()
             codes, scale, offset = codec.encode(view[spec.name])
             blob = compressor.encode(np.ascontiguousarray(codes)) if compressor is not None else codes.tobytes()
             cpu += time.process_time() - start
             stored[spec.group] += len(blob) + 4 + 8 * scale.size
+            if codec.quantized:
+                histograms[spec.group][: 1 << (8 * codes.itemsize)] += np.bincount(codes.reshape(-1), minlength=1 << (8 * codes.itemsize))
             start = time.process_time()
             raw = compressor.decode(blob) if compressor is not None else blob
             out[spec.name] = codec.decode(np.frombuffer(raw, codec.dtype).reshape(codes.shape), scale, offset)
             read_cpu += time.process_time() - start
         decoded.append(out)
     views = len(targets)
-    return decoded, {g: b / views for g, b in stored.items()}, cpu / views, read_cpu / views
+    return decoded, {g: b / views for g, b in stored.items()}, cpu / views, read_cpu / views, {
+        g: order0_bytes(h) / views for g, h in histograms.items()}
+
+
+def order0_bytes(histogram) -> float:
+    """Bytes of the values a histogram counts at their order-0 entropy: ``n * H0 / 8``, the size no
+    entropy coder that codes each value alone (without context) goes below."""
+    import numpy as np
+
+    counts = histogram[histogram > 0].astype(np.float64)
+    if not counts.size:
+        return 0.0
+    p = counts / counts.sum()
+    return float(counts.sum() * -(p * np.log2(p)).sum() / 8)
 
 
 def method_losses(batch, student_out, teacher_levels, strides, reg_max, canvas, modules) -> dict[str, float]:
@@ -360,18 +380,25 @@ def main() -> int:
     print("| setting | codecs (cls / box / fpn) | cls B/view (x) | box B/view (x) | fpn B/view (x) | all (x) | write CPU ms/view | write / forward | "
           + "read CPU ms/view | " + " | ".join(METHOD_KEYS) + " |")
     print("|" + "---|" * (9 + len(METHOD_KEYS)))
-    rows = {}
+    rows, bounds = {}, {}
     for name, codecs in settings.items():
-        decoded, stored, write_cpu, read_cpu = encode_decode(specs, views, codecs, sample, regions, outside_of.get(name, 0))
+        decoded, stored, write_cpu, read_cpu, entropy = encode_decode(specs, views, codecs, sample, regions, outside_of.get(name, 0))
         losses = losses_of(decoded)
         errors = {k: abs(losses[k] - reference[k]) / reference[k] if reference[k] > 0 else 0.0 for k in METHOD_KEYS}
         total = sum(stored.values())
         rows[name] = (stored, errors, write_cpu)
+        bounds[name] = entropy
         print(f"| {name} | {' / '.join(codecs[g] for g in GROUPS)} | "
               + " | ".join(f"{stored[g]:,.0f} ({fp32_bytes[g] / stored[g]:.1f})" for g in GROUPS)
               + f" | {total:,.0f} ({sum(fp32_bytes.values()) / total:.1f}) | {1000 * write_cpu:.1f} | {write_cpu / forward_cpu:.2f} | "
               + f"{1000 * read_cpu:.1f} | "
               + " | ".join(f"{100 * errors[k]:.3f}%" for k in METHOD_KEYS) + " |")
+    print()
+    print("# order-0 entropy of the stored codes (what an entropy coder that codes each code alone, without context, "
+          "cannot go below), B/view (ratio to float32):")
+    for name, entropy in bounds.items():
+        print(f"#   {name}: " + ", ".join(
+            f"{g} {entropy[g]:,.0f} ({fp32_bytes[g] / entropy[g]:.1f}x)" for g in GROUPS if entropy[g] > 0))
     print()
     # Projection to COCO shapes: bytes per stored element of each group times COCO's elements per view.
     coco_points, coco_k, coco_c = 22300, 80, 256
