@@ -111,11 +111,13 @@ def measure_cls(codec, cls_levels, masks, slices):
 
 
 def codec_rows(group: str, extra) -> list[tuple[str, str]]:
-    """(row label, codec name) of ``group``: the default codec under each profile, then each of ``extra``."""
+    """(row label, codec name) of ``group``: the default codec of a region store under each profile
+    (`BASIS_FREE_CODECS`'s where `DEFAULT_CODECS` is transform-coded), then each of ``extra``."""
     from label_store.codecs import parse_codec, profile_codec
-    from label_store.schema import DEFAULT_CODECS
+    from label_store.schema import BASIS_FREE_CODECS, DEFAULT_CODECS
 
-    return [(p, profile_codec(DEFAULT_CODECS[group], p)) for p in ("small", "fast")] + [(name, parse_codec(name).name) for name in extra]
+    default = BASIS_FREE_CODECS.get(group, DEFAULT_CODECS[group])
+    return [(p, profile_codec(default, p)) for p in ("small", "fast")] + [(name, parse_codec(name).name) for name in extra]
 
 
 def report_cls(teacher_out, student_out, gt, strides, reg_max, masks, slices, reference, extra=()):

@@ -29,7 +29,8 @@ entropy coder that codes each code alone, whatever the compressor).
 
 Settings: ``small`` (label_store.schema.DEFAULT_CODECS, the fpn default's step growing per
 level as `label_store.schema.level_step_codecs` writes it), ``fast`` (the same under the
-``fast`` codec profile), ``small`` with the cls codec floored at each ``--floors`` value, and
+``fast`` codec profile), ``small`` with cls in its int codec (`label_store.schema.BASIS_FREE_CODECS`,
+the default of stores before cls was transform-coded) floored at each ``--floors`` value, and
 ``small`` with fpn transform-coded (``--pca-steps``: ``pca-std<k>``, its per-level bases
 fitted on the ``--fit-views`` images after the measured ones, as a store fits them on its
 first views; their fit is not counted in the write CPU; ``--pca-spatial dct`` adds the
@@ -293,7 +294,7 @@ def main() -> int:
     torch.manual_seed(0)
     from label_store import default_target_specs
     from label_store.codecs import parse_codec, profile_codec
-    from label_store.schema import DEFAULT_CODECS, level_step_codecs
+    from label_store.schema import BASIS_FREE_CODECS, DEFAULT_CODECS, level_step_codecs
 
     canvas = (args.canvas, args.canvas)
     batch, teacher, teacher_out, student_out, forward_cpu = load_views(
@@ -312,7 +313,7 @@ def main() -> int:
 
     reference = losses_of(views)
     settings = {"small": dict(DEFAULT_CODECS), "fast": {g: profile_codec(DEFAULT_CODECS[g], "fast") for g in GROUPS}}
-    cls_storage, cls_compressor = DEFAULT_CODECS["cls"].split("+")
+    cls_storage, cls_compressor = BASIS_FREE_CODECS["cls"].split("+")  # the floors apply to the int codec
     for bits in args.cls_bits:
         storage = cls_storage.replace("int5-", f"int{bits}-", 1)
         for floor in args.floors:

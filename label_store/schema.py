@@ -125,7 +125,10 @@ DEFAULT_STORED_GROUPS = loss_target_groups(DEFAULT_STORED_TERMS)
 # teacher (or call label_store.choose_codecs) before filling a large store;
 # `distill precompute --codec GROUP=CODEC` overrides one.
 DEFAULT_CODECS = {
-    "cls": "int5-view-dchw+zstd15",
+    # Transform-coded, one k on every level (benchmarks/RESULTS.md, "Store size and write cost
+    # per codec profile", class logits): fewer bytes than int5 with every method's cls error
+    # lower; cls held in a region, and the endpoint, use `BASIS_FREE_CODECS`'s int codec.
+    "cls": "pca-std24-dct+blosc-zstd9-bitshuffle",
     "box": "int6-view-dbhw+zstd15",
     # Edge distances (stride units, smooth across neighbouring points): 8 bits per channel.
     "edges": "int8-channel-dhw+zstd15",
@@ -161,12 +164,14 @@ def level_step_codecs(specs: Sequence["TargetSpec"], groups: Sequence[str]) -> l
 
 
 BASIS_FREE_CODECS = {
+    "cls": "int5-view-dchw+zstd15",
     "fpn": "int6-view-dhw+zstd15",
 }
 """The codec of a group whose `DEFAULT_CODECS` entry needs a store's channel basis, where
 there is none to fit it on: the specs of `default_target_specs` (they come without data)
-and so the endpoint's wire, which has no store. Also the default of stores written before
-transform coding."""
+and so the endpoint's wire, which has no store; and where the store keeps the group only in
+its region (`StoreRegion`), which transform codecs cannot serve. Also the default of stores
+written before transform coding."""
 
 REGION_GROUPS = ("cls", "box", "edges")
 """Groups a store may hold only inside its `StoreRegion`, in store order."""

@@ -162,7 +162,7 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
                             "zstd level, for writers that keep up with a GPU teacher); --codec overrides win "
                             "(default: fast when the teacher runs on a GPU, else small)")
     views.add_argument("--basis-views", type=_positive_int, default=16, metavar="N",
-                       help="a new store's transform codecs (pca-std<k>, the fpn default) fit their per-level "
+                       help="a new store's transform codecs (pca-std<k>, the fpn and dense cls defaults) fit their per-level "
                             "channel basis on the first N planned views, through the teacher before the job; a "
                             "resumed store keeps its basis (default: 16)")
     views.add_argument("--box-region", choices=("dense", "ld"), default="dense",

@@ -56,7 +56,7 @@ class PrecomputeConfig:
     a GPU teacher) or ``auto`` (``fast`` with a GPU teacher, else ``small``); ``codecs`` win."""
     basis_views: int = 16
     """Views a new store's channel bases are fitted on, for transform codecs (``pca-std<k>``,
-    the ``fpn`` default): the plan's first views, in order, through the teacher in the driver
+    the ``fpn`` and dense ``cls`` defaults): the plan's first views, in order, through the teacher in the driver
     (`teacher_service.precompute.fit_store_bases`). A resumed store keeps its bases."""
     box_region: str = "dense"
     """``dense`` stores ``box`` at every point; ``ld`` only where LD reads it (the ATSS

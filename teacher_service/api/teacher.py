@@ -172,8 +172,8 @@ class OnlineTeacher:
             raise ValueError(
                 f"OnlineTeacher.load(codecs=) expects codecs that need no fitted basis: the endpoint has no store to fit "
                 f"one on. Got transform codecs (pca-std<k>) for {transformed}; a read-through trainer re-encodes the "
-                f"targets with its store's own basis, so serve them with another codec (the default for fpn: "
-                f"{BASIS_FREE_CODECS['fpn']})."
+                f"targets with its store's own basis, so serve them with another codec (the endpoint's defaults: "
+                f"{', '.join(f'{group} {codec}' for group, codec in BASIS_FREE_CODECS.items())})."
             )
         # One warm-up pass at the real canvas: level shapes, and the allocator.
         with torch.inference_mode():

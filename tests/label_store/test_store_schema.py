@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from label_store import DEFAULT_CODECS, TargetSpec, TeacherFingerprint, default_target_specs
+from label_store import BASIS_FREE_CODECS, DEFAULT_CODECS, TargetSpec, TeacherFingerprint, default_target_specs
+from label_store.codecs import parse_codec
 
 
 def test_fingerprint_round_trip_and_hash(fingerprint):
@@ -112,7 +113,9 @@ def test_default_target_specs_shapes_and_codecs():
     assert by_name["box/p7"].shape == (68, 3, 4)
     assert by_name["fpn/p5"].shape == (256, 11, 16)
     assert by_name["backbone/c5"].shape == (2048, 11, 16)
-    assert by_name["cls/p3"].codec == DEFAULT_CODECS["cls"]
+    # Without data to fit a basis on, a transform-coded default gives way to its basis-free codec.
+    assert parse_codec(DEFAULT_CODECS["cls"]).needs_basis and parse_codec(DEFAULT_CODECS["fpn"]).needs_basis
+    assert by_name["cls/p3"].codec == BASIS_FREE_CODECS["cls"] and by_name["fpn/p3"].codec == BASIS_FREE_CODECS["fpn"]
     assert by_name["backbone/c3"].codec == DEFAULT_CODECS["backbone"]
 
 

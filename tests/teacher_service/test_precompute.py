@@ -104,7 +104,7 @@ def test_new_store_fits_the_fpn_basis_on_the_first_views_and_a_resume_keeps_it(d
     from label_store.schema import DEFAULT_CODECS
     from teacher_service.precompute import plan_job
 
-    assert DEFAULT_CODECS["fpn"].startswith("pca-std")  # the default this test exercises
+    assert DEFAULT_CODECS["fpn"].startswith("pca-std") and DEFAULT_CODECS["cls"].startswith("pca-std")  # the defaults this test exercises
     store = tmp_path / "pca.zarr"
     dataset = CocoDataset(data["annotations"], data["images"])
     ids = tuple(dataset.image_ids[:4])
@@ -117,7 +117,9 @@ def test_new_store_fits_the_fpn_basis_on_the_first_views_and_a_resume_keeps_it(d
     k = parse_codec(DEFAULT_CODECS["fpn"]).steps_per_std
     assert [parse_codec(fitted[name].codec).steps_per_std for name in fpn] == [k * 2**i for i in range(len(fpn))]
     assert fitted[fpn[0]].codec == DEFAULT_CODECS["fpn"]
-    assert all(spec.transform is None for name, spec in fitted.items() if name not in fpn)
+    # cls: the default's k on every level (BCD and LD weigh every point alike), a basis per level too.
+    assert all(spec.codec == DEFAULT_CODECS["cls"] and spec.transform is not None for name, spec in fitted.items() if name.startswith("cls/"))
+    assert all(spec.transform is None for name, spec in fitted.items() if name.split("/")[0] not in ("fpn", "cls"))
     # The basis is that of the teacher's targets on the plan's first 3 views, in order.
     views = plan_job(first, dataset, CANVAS)[:3]
     sample = [_direct_targets(teacher_model, render_array(dataset.load(v.image_id), v), with_backbone=False) for v in views]
@@ -170,8 +172,8 @@ def test_codec_profiles_store_the_same_values_with_faster_compression(data, loca
             assert small.name == DEFAULT_CODECS[group]
         if small.compressor == "zstd":
             assert (fast.storage_name, fast.compressor, fast.level) == (small.storage_name, "zstd", 1) and small.level == 15
-        else:  # fpn's transform codec: bit-shuffled blosc, at level 1
-            assert (fast.storage_name, fast.compressor, fast.level) == (small.storage_name, small.compressor, 1) and small.level == 5
+        else:  # the transform codecs of fpn and cls: bit-shuffled blosc, at level 1
+            assert (fast.storage_name, fast.compressor, fast.level) == (small.storage_name, small.compressor, 1) and small.level > 1
     # the same quantizers: both stores decode to the same values
     for key in sorted(readers["small"].keys()):
         small, fast = readers["small"].read(*key), readers["fast"].read(*key)
@@ -181,11 +183,12 @@ def test_codec_profiles_store_the_same_values_with_faster_compression(data, loca
     register_store(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["store", "inspect", str(stores["fast"])])
     assert args.func(args) == 0
-    assert "int5-view-dchw+zstd1" in capsys.readouterr().out
+    assert "pca-std24-dct+blosc-zstd1-bitshuffle" in capsys.readouterr().out  # the codec names carry the profile
 
 
 def test_box_and_cls_regions_store_them_only_at_each_views_region(data, local_ray, tmp_path, capsys):
     from detcore.assign import stored_region
+    from label_store.schema import BASIS_FREE_CODECS
     from detcore.views import image_to_view_boxes
     from label_store.cli import register as register_store
     from label_store.errors import StoreMismatchError
@@ -195,12 +198,15 @@ def test_box_and_cls_regions_store_them_only_at_each_views_region(data, local_ra
     ids = tuple(coco.image_ids[:3])
     groups = ("cls", "box", "edges", "fpn")
     urls = {("box",): tmp_path / "region.zarr", ("cls",): tmp_path / "cls.zarr", (): tmp_path / "dense.zarr"}
+    int_cls = (("cls", BASIS_FREE_CODECS["cls"]),)  # cls in a region takes the int codec: compare like with like
     for region_groups, url in urls.items():
         modes = {f"{group}_region": "ld" if group in region_groups else "dense" for group in ("box", "cls")}
-        summary = run_precompute(_config(data, url, image_ids=ids, device="cpu", target_groups=groups, **modes))
+        codecs = () if "cls" in region_groups else int_cls
+        summary = run_precompute(_config(data, url, image_ids=ids, device="cpu", target_groups=groups, codecs=codecs, **modes))
         assert (summary.views_stored, summary.views_failed) == (6, 0)
     dense = open_store(str(urls[()]))
     assert dense.region is None
+    assert {spec.codec for spec in open_store(str(urls[("cls",)])).targets if spec.group == "cls"} == {BASIS_FREE_CODECS["cls"]}
     for region_groups in (("box",), ("cls",)):
         region = open_store(str(urls[region_groups]))
         assert region.region.to_dict() == {

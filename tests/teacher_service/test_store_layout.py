@@ -33,7 +33,10 @@ def test_codec_profile_auto_follows_the_teacher_device(data, tmp_path):
     assert resolve_codec_profile(_config(data, tmp_path / "s.zarr", device="cuda")) == "fast"
     assert resolve_codec_profile(_config(data, tmp_path / "s.zarr", device="cuda", codec_profile="small")) == "small"
     fast = profile_codecs(_config(data, tmp_path / "s.zarr", codec_profile="fast", target_groups=("cls", "backbone")))
-    assert fast == {"cls": "int5-view-dchw+zstd1", "backbone": "int6-view+blosc-zstd1-bitshuffle"}
+    assert fast == {"cls": "pca-std24-dct+blosc-zstd1-bitshuffle", "backbone": "int6-view+blosc-zstd1-bitshuffle"}
+    # cls held only in LD's region takes the int codec: a transform codec stores every point.
+    regional = profile_codecs(_config(data, tmp_path / "s.zarr", codec_profile="fast", target_groups=("cls", "box"), cls_region="ld"))
+    assert regional == {"cls": "int5-view-dchw+zstd1", "box": "int6-view-dbhw+zstd1"}
 
 
 def test_resume_keeps_the_codecs_the_store_was_written_with(data, local_ray, tmp_path, monkeypatch, caplog):
