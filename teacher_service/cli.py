@@ -156,7 +156,8 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
     views.add_argument("--codec", type=_key_value("--codec"), action="append", default=[], metavar="NAME=CODEC",
                        help="codec override for a group or target, e.g. fpn=int8-channel or cls/p3=fp16 (repeatable); "
                             "a group named here gets the codec on every level (fpn's default, pca-std3 on the finest "
-                            "level, doubles k on each coarser one)")
+                            "level, doubles k on each coarser one; cls's default is pca-std24-dct, or int5-view-dchw "
+                            "with --cls-region ld)")
     views.add_argument("--codec-profile", choices=("small", "fast"), default=None,
                        help="default codecs: small (zstd 15, fewest bytes) or fast (the same quantizers with a fast "
                             "zstd level, for writers that keep up with a GPU teacher); --codec overrides win "
