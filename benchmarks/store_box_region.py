@@ -112,11 +112,11 @@ def measure_cls(codec, cls_levels, masks, slices):
 
 def codec_rows(group: str, extra) -> list[tuple[str, str]]:
     """(row label, codec name) of ``group``: the default codec of a region store under each profile
-    (`BASIS_FREE_CODECS`'s where `DEFAULT_CODECS` is transform-coded), then each of ``extra``."""
+    (`label_store.schema.basis_free_defaults`), then each of ``extra``."""
     from label_store.codecs import parse_codec, profile_codec
-    from label_store.schema import BASIS_FREE_CODECS, DEFAULT_CODECS
+    from label_store.schema import basis_free_defaults
 
-    default = BASIS_FREE_CODECS.get(group, DEFAULT_CODECS[group])
+    default = basis_free_defaults([group])[group]
     return [(p, profile_codec(default, p)) for p in ("small", "fast")] + [(name, parse_codec(name).name) for name in extra]
 
 

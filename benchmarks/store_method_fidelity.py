@@ -117,14 +117,16 @@ def region_stepped(codec, x, keep, outside: int):
     ``keep`` (bool array[H, W]): (zigzag uint8 codes array[C, H, W], decoded float32 array[C, H, W])."""
     import numpy as np
 
+    from label_store.codecs import _zigzag
+
     basis = codec.basis
     flat = x.reshape(x.shape[0], -1)
     factor = np.where(keep.reshape(-1), np.float32(1), np.float32(outside))
     coefficients = (basis.basis_array.T @ (flat - basis.mean_array[:, None])) / factor
     rms = float(np.sqrt(np.mean(np.square(flat, dtype=np.float64))))
     step = np.float32(max(rms / codec.steps_per_std, float(np.abs(coefficients).max()) / 127))
-    signed = np.clip(np.rint(coefficients / step), -127, 127).astype(np.int16)
-    codes = ((signed << 1) ^ (signed >> 15)).astype(np.uint8).reshape(x.shape)
+    signed = np.clip(np.rint(coefficients / step), -127, 127).astype(np.int8)
+    codes = _zigzag(signed).reshape(x.shape)
     decoded = basis.basis_array @ (signed * (step * factor)) + basis.mean_array[:, None]
     return codes, decoded.astype(np.float32).reshape(x.shape)
 
@@ -239,13 +241,11 @@ def feature_modules(student_channels: int, teacher_channels: int, strides) -> di
 
 def view_regions(gt_boxes, specs, canvas, strides) -> list[dict]:
     """Per view, name -> bool array[H, W]: LD's region (as a region store keeps it) at each target's level."""
+    from benchmarks.store_box_region import level_slices  # imports this module: not at its top
     from detcore.assign import stored_region
     from label_store.schema import target_stride
 
-    starts, start = {}, 0
-    for stride in strides:
-        starts[stride] = start
-        start += -(-canvas[0] // stride) * -(-canvas[1] // stride)
+    starts = {stride: start for stride, (start, _, _) in zip(strides, level_slices(strides, canvas))}
     out = []
     for boxes in gt_boxes:
         mask = stored_region(boxes, canvas, strides, topk=9, vlr_alpha=0.25).numpy()

@@ -173,6 +173,14 @@ and so the endpoint's wire, which has no store; and where the store keeps the gr
 its region (`StoreRegion`), which transform codecs cannot serve. Also the default of stores
 written before transform coding."""
 
+
+
+def basis_free_defaults(groups: Sequence[str]) -> dict[str, str]:
+    """`DEFAULT_CODECS` with `BASIS_FREE_CODECS`'s codec for each of ``groups`` that has one
+    (where no basis is fitted, or the group is stored only in a region)."""
+    return {group: BASIS_FREE_CODECS.get(group, name) if group in groups else name for group, name in DEFAULT_CODECS.items()}
+
+
 REGION_GROUPS = ("cls", "box", "edges")
 """Groups a store may hold only inside its `StoreRegion`, in store order."""
 REGION_DIOU_MODES = ("standard", "released")
@@ -486,7 +494,7 @@ def default_target_specs(
     unknown = [g for g in groups if g not in TARGET_GROUPS]
     if unknown or not groups or len(set(groups)) != len(groups):
         raise ValueError(f"default_target_specs(groups=) expects distinct names from {TARGET_GROUPS}. Got {tuple(groups)!r}.")
-    chosen = {group: BASIS_FREE_CODECS.get(group, name) if parse_codec(name).needs_basis else name for group, name in DEFAULT_CODECS.items()}
+    chosen = basis_free_defaults(TARGET_GROUPS)
     for group, name in (codecs or {}).items():
         if group not in TARGET_GROUPS:
             raise ValueError(f"default_target_specs(codecs=) expects keys from {TARGET_GROUPS}. Got {group!r}.")

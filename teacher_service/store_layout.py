@@ -66,11 +66,10 @@ def profile_codecs(config: PrecomputeConfig) -> dict[str, str]:
     """Codec per stored group under the resolved codec profile (before ``codecs`` overrides); a group
     stored only in the region takes `BASIS_FREE_CODECS`'s codec where the default is transform-coded."""
     from label_store.codecs import profile_codec
-    from label_store.schema import BASIS_FREE_CODECS, DEFAULT_CODECS
+    from label_store.schema import basis_free_defaults
 
     profile = resolve_codec_profile(config)
-    regional = config.region_groups()
-    defaults = {group: BASIS_FREE_CODECS.get(group, name) if group in regional else name for group, name in DEFAULT_CODECS.items()}
+    defaults = basis_free_defaults(config.region_groups())
     return {group: profile_codec(defaults[group], profile) for group in config.target_groups}
 
 
